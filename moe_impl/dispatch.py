@@ -1,0 +1,160 @@
+"""Dropless dispatch: pack routed slots into per-expert blocks for batched matmuls.
+
+A *slot* is one (token, expert) assignment with its gate value; a token routed to k experts owns k
+slots. Slots are sorted by expert (stably, so tokens keep their batch order inside an expert, as
+tensor2tensor's SparseDispatcher does, paper.md §6.8) and cut into blocks of C rows, each block
+holding one expert's slots, zero-gated padding filling its tail. The experts then run as batched
+matmuls over blocks: no Python loop over experts, no capacity and no dropped token by default, and
+no tensor of size tokens x experts (only O(slots) rows and O(experts) counts).
+
+Two layouts, chosen per batch from the slot counts by a cost model (`choose_block_size`):
+- in place: one block per expert, C = the largest count; the weights are used as they are stored,
+  no copy (best when most experts receive many tokens);
+- gathered: blocks only for experts that received slots, C a power of two (or the largest count);
+  each block's weights are gathered (best when few experts are active, e.g. 131072 experts).
+
+Shape suffixes: N = slots, E = experts, L = blocks, C = rows per block, R = L*C buffer rows,
+D = d_model, H = expert hidden.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+# Cost of gathering one block's weights, in rows of expert compute. A block's two weight matrices
+# hold 2·D·H floats; one row costs 2·D·H multiply-adds, and a copied float costs a few of those.
+GATHER_COST_ROWS = 8
+
+
+class DispatchPlan(NamedTuple):
+    slot_of_row_R: Tensor  # slot held by each buffer row; padding rows hold N (a zero-gated dummy)
+    token_of_row_R: Tensor  # token of each buffer row (0 for padding: read, then weighted by 0)
+    row_of_slot_N: Tensor  # buffer row of each slot; -1 where the slot was dropped (capacity)
+    block_expert_L: Tensor | None  # expert of each block; None in the in-place layout (block e = e)
+    block_size: int
+    counts_E: Tensor  # slots routed to each expert, before any capacity limit (int64)
+    num_dropped: int  # slots dropped by the capacity limit (0 when dropless)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.slot_of_row_R.numel() // self.block_size
+
+
+def choose_block_size(
+    counts_E: Tensor, gather_cost_rows: float = GATHER_COST_ROWS
+) -> tuple[int, bool]:
+    """Block size C and whether to use the in-place layout, minimising padded rows plus gathers."""
+    num_experts = counts_E.numel()
+    max_count = int(counts_E.max()) if num_experts else 0
+    if max_count == 0:
+        return 1, False
+    sizes = [max_count] + [2**j for j in range(max_count.bit_length()) if 2**j < max_count]
+    sizes_S = torch.tensor(sizes, device=counts_E.device)
+    blocks_S = ((counts_E[None, :] + sizes_S[:, None] - 1) // sizes_S[:, None]).sum(1)
+    cost_S = (blocks_S * sizes_S + gather_cost_rows * blocks_S).tolist()
+    best = min(range(len(sizes)), key=cost_S.__getitem__)
+    if num_experts * max_count <= cost_S[best]:
+        return max_count, True
+    return sizes[best], False
+
+
+def make_plan(
+    expert_N: Tensor,
+    token_N: Tensor,
+    num_experts: int,
+    *,
+    capacity: int | None = None,
+    gather_cost_rows: float = GATHER_COST_ROWS,
+) -> DispatchPlan:
+    """Sort slots by expert and assign each a buffer row.
+
+    `capacity` (not in the paper, which drops nothing) keeps at most that many slots per expert, in
+    batch order, and drops the rest: their gate contributes nothing, as in t2t's TruncatingDispatcher.
+    """
+    num_slots = expert_N.numel()
+    device = expert_N.device
+    counts_E = torch.bincount(expert_N, minlength=num_experts)
+    sorted_N, order_N = torch.sort(expert_N, stable=True)
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_N = torch.arange(num_slots, device=device) - start_E[sorted_N]
+    kept_E = counts_E
+    num_dropped = 0
+    if capacity is not None:
+        kept_E = counts_E.clamp(max=capacity)
+        keep_N = rank_N < capacity
+        num_dropped = num_slots - int(keep_N.sum())
+        if num_dropped:
+            sorted_N, order_N, rank_N = sorted_N[keep_N], order_N[keep_N], rank_N[keep_N]
+
+    block_size, in_place = choose_block_size(kept_E, gather_cost_rows)
+    if in_place:
+        blocks_E = torch.ones_like(kept_E)
+        block_expert_L = None
+    else:
+        blocks_E = (kept_E + block_size - 1) // block_size
+        block_expert_L = torch.repeat_interleave(torch.arange(num_experts, device=device), blocks_E)
+    first_block_E = torch.cumsum(blocks_E, 0) - blocks_E
+    num_rows = int(blocks_E.sum()) * block_size
+
+    row_N = (first_block_E[sorted_N] + rank_N // block_size) * block_size + rank_N % block_size
+    slot_of_row_R = torch.full((num_rows,), num_slots, dtype=torch.long, device=device)
+    slot_of_row_R[row_N] = order_N
+    row_of_slot_N = torch.full((num_slots,), -1, dtype=torch.long, device=device)
+    row_of_slot_N[order_N] = row_N
+    token_of_row_R = torch.cat([token_N, token_N.new_zeros(1)])[slot_of_row_R]
+    return DispatchPlan(
+        slot_of_row_R,
+        token_of_row_R,
+        row_of_slot_N,
+        block_expert_L,
+        block_size,
+        counts_E,
+        num_dropped,
+    )
+
+
+def rows_of(values_N: Tensor, plan: DispatchPlan) -> Tensor:
+    """Per-slot values laid out by buffer row; padding rows get 0 (differentiable)."""
+    padded = torch.cat([values_N, values_N.new_zeros((1, *values_N.shape[1:]))])
+    return padded.index_select(0, plan.slot_of_row_R)
+
+
+class _GatherSparseGrad(torch.autograd.Function):
+    """w[idx] whose gradient is a sparse COO tensor (one sparse dim) over the gathered rows only."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, idx: Tensor) -> Tensor:
+        ctx.save_for_backward(idx)
+        ctx.w_shape = w.shape
+        return w.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (idx,) = ctx.saved_tensors
+        sparse = torch.sparse_coo_tensor(idx[None], grad, ctx.w_shape, check_invariants=False)
+        return sparse.coalesce(), None
+
+
+class _SparseGradInPlace(torch.autograd.Function):
+    """Identity on w whose gradient is returned as sparse rows, so that a layer with `sparse_grad`
+    hands the optimizer the same gradient layout whichever dispatch layout a batch used."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor) -> Tensor:
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.to_sparse(sparse_dim=1)
+
+
+def block_weights(w_EXY: Tensor, plan: DispatchPlan, *, sparse_grad: bool) -> Tensor:
+    """The weight matrix of every block, (L, X, Y): w itself in place, else the gathered rows."""
+    if plan.block_expert_L is None:
+        return _SparseGradInPlace.apply(w_EXY) if sparse_grad else w_EXY
+    if sparse_grad:
+        return _GatherSparseGrad.apply(w_EXY, plan.block_expert_L)
+    return w_EXY.index_select(0, plan.block_expert_L)

@@ -1,0 +1,58 @@
+"""A bank of feed-forward experts, E_i(x) = relu(x · w_in[i]) · w_out[i] (paper Sec. 2, App. C).
+
+No biases, as in the paper's parameter counts and tensor2tensor's experts (paper.md §1.2). The
+weights of all experts live in two stacked parameters so that dispatch can run them as batched
+matmuls over blocks (dispatch.py); this module knows nothing about gating.
+
+Initialisation (our choice; t2t uses Glorot-uniform and scales the output layer by sqrt(d/h)):
+w_in ~ U(±sqrt(6/d)) (He: variance 2/d, for the ReLU) and w_out ~ U(±sqrt(3/h)) (variance 1/h), so
+that each expert maps a unit-variance input to an output of variance about 1 whatever d and h.
+
+Shape suffixes: B = tokens, N = slots, E = experts, D = d_model, H = d_hidden, R = buffer rows,
+L = blocks, C = rows per block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from moe_impl.dispatch import DispatchPlan, block_weights, rows_of
+
+
+class ExpertBank(nn.Module):
+    """`num_experts` two-layer ReLU experts with weights w_in (E, D, H) and w_out (E, H, D).
+
+    `sparse_grad=True` makes the weight gradients sparse COO tensors over the experts that received
+    tokens (sparse_dim 1, like nn.Embedding(sparse=True)): memory then grows with the active experts,
+    not with all of them. Optimizers must accept sparse gradients (torch.optim.SparseAdam, Adagrad,
+    or the project's row-wise optimizer).
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_hidden: int, *, sparse_grad: bool) -> None:
+        super().__init__()
+        self.sparse_grad = sparse_grad
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        d_model, d_hidden = self.w_in.shape[1:]
+        with torch.no_grad():
+            self.w_in.uniform_(-math.sqrt(6.0 / d_model), math.sqrt(6.0 / d_model))
+            self.w_out.uniform_(-math.sqrt(3.0 / d_hidden), math.sqrt(3.0 / d_hidden))
+
+    def forward(self, x_BD: Tensor, gate_N: Tensor, plan: DispatchPlan) -> Tensor:
+        """y_b = Σ over the slots of token b of gate · E_expert(x_b) (paper Eq. 1)."""
+        num_blocks, block_size = plan.num_blocks, plan.block_size
+        x_RD = x_BD.index_select(0, plan.token_of_row_R)
+        gate_R = rows_of(gate_N, plan)
+        w_in_LDH = block_weights(self.w_in, plan, sparse_grad=self.sparse_grad)
+        w_out_LHD = block_weights(self.w_out, plan, sparse_grad=self.sparse_grad)
+        x_LCD = x_RD.view(num_blocks, block_size, -1)
+        h_LCH = torch.relu(torch.bmm(x_LCD, w_in_LDH.to(x_LCD.dtype)))
+        y_RD = torch.bmm(h_LCH, w_out_LHD.to(h_LCH.dtype)).view(-1, x_BD.shape[-1])
+        y_RD = y_RD * gate_R.to(y_RD.dtype)[:, None]
+        return x_BD.new_zeros(x_BD.shape).index_add(0, plan.token_of_row_R, y_RD.to(x_BD.dtype))
