@@ -51,8 +51,9 @@ class ExpertBank(nn.Module):
         gate_R = rows_of(gate_N, plan)
         w_in_LDH = block_weights(self.w_in, plan, sparse_grad=self.sparse_grad)
         w_out_LHD = block_weights(self.w_out, plan, sparse_grad=self.sparse_grad)
-        x_LCD = x_RD.view(num_blocks, block_size, -1)
+        d_model = x_BD.shape[-1]
+        x_LCD = x_RD.view(num_blocks, block_size, d_model)
         h_LCH = torch.relu(torch.bmm(x_LCD, w_in_LDH.to(x_LCD.dtype)))
-        y_RD = torch.bmm(h_LCH, w_out_LHD.to(h_LCH.dtype)).view(-1, x_BD.shape[-1])
+        y_RD = torch.bmm(h_LCH, w_out_LHD.to(h_LCH.dtype)).view(-1, d_model)
         y_RD = y_RD * gate_R.to(y_RD.dtype)[:, None]
         return x_BD.new_zeros(x_BD.shape).index_add(0, plan.token_of_row_R, y_RD.to(x_BD.dtype))
