@@ -13,6 +13,7 @@ import sys
 # command -> module implementing it
 COMMANDS = {
     "bench": "moe_impl.bench",
+    "flops": "moe_impl.flops_cli",
 }
 
 

@@ -84,7 +84,9 @@ class ModelConfig:
                 )
         s = self.softmax_samples
         if s is not None and not 0 <= s < self.vocab_size:
-            raise ValueError(f"softmax_samples must be in [0, vocab_size={self.vocab_size}), got {s}")
+            raise ValueError(
+                f"softmax_samples must be in [0, vocab_size={self.vocab_size}), got {s}"
+            )
         if self.moe not in MOE_KINDS:
             raise ValueError(f"moe must be one of {MOE_KINDS}, got {self.moe!r}")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}

@@ -14,16 +14,15 @@ from moe_impl.flops import ModelConfig
 
 LM1B_VOCAB = 793_471  # App. C.1
 # NOTE: inferred, not stated (paper.md §2.3). Table 8's Total column (0.1B ... 137.7B) is our
-# count + 2·V·512 rounded to 0.1B for every V in [75,262, 109,621]; 100,000 is a round value there.
+# count + 2·V·512 rounded to 0.1B for every V in [75,269, 109,588]; 100,000 is a round value there.
 NEWS100B_VOCAB = 100_000
 # NOTE: inferred, not stated (paper.md §4.2). With 3x-forward training FLOPs, "expert FLOPs are
 # 37%-46% of the total for all MoE models" (Sec. 5.1) holds for every 1B MoE preset iff the
 # sampled softmax uses about 3,100-4,700 samples; 4096 is the power of two in that range
-# (Jozefowicz et al.'s 8192 would put the 8M-ops models at 32-35%).
+# (Jozefowicz et al.'s 8192 would put the 8M-ops models at 32-33%).
 SOFTMAX_SAMPLES = 4096
 
 _LSTM_512 = ((512, None), (512, None))  # App. C.1: two 512-unit LSTMs around the MoE
-_EXPERT_512 = {"d_model": 512, "d_hidden": 1024}  # 512 -> ReLU 1024 -> 512, 1M weights
 
 
 def _lm(name: str, vocab: int, d: int, lstm: tuple, **moe) -> ModelConfig:
@@ -41,7 +40,9 @@ def _flat(vocab: int, n: int) -> ModelConfig:
     return _lm(f"MoE-{n}", vocab, 512, _LSTM_512, moe="flat", num_experts=n, d_hidden=1024, k=4)
 
 
-def _hier(vocab: int, a: int, b: int, *, name: str = "", d: int = 512, h: int = 1024, lstm=_LSTM_512):
+def _hier(
+    vocab: int, a: int, b: int, *, name: str = "", d: int = 512, h: int = 1024, lstm=_LSTM_512
+) -> ModelConfig:
     return _lm(
         name or f"MoE-{a * b}-h",
         vocab,
@@ -74,9 +75,15 @@ PRESETS: dict[str, ModelConfig] = {
         "MoE-1-Wide", LM1B_VOCAB, 512, _LSTM_512, moe="dense", num_experts=1, d_hidden=4096
     ),
     "lm1b/MoE-1-Deep": _lm(
-        "MoE-1-Deep", LM1B_VOCAB, 512, _LSTM_512, moe="dense", num_experts=1, d_hidden=1024,
+        "MoE-1-Deep",
+        LM1B_VOCAB,
+        512,
+        _LSTM_512,
+        moe="dense",
+        num_experts=1,
+        d_hidden=1024,
         expert_hidden_layers=4,
-    ),  # fmt: skip
+    ),
     "lm1b/MoE-4": _flat(LM1B_VOCAB, 4),
     "lm1b/MoE-32": _flat(LM1B_VOCAB, 32),
     "lm1b/MoE-256": _flat(LM1B_VOCAB, 256),
@@ -85,13 +92,15 @@ PRESETS: dict[str, ModelConfig] = {
     "lm1b/MoE-1024-h": _hier(LM1B_VOCAB, 16, 64),
     "lm1b/MoE-4096-h": _hier(LM1B_VOCAB, 16, 256),
     # Table 7, App. C.2: 1024-d models. The group shape is not stated; we follow C.1's rule (a = the
-    # 32 GPUs of Table 1). 32x8 is also the only shape with a <= 32 that gives both printed
-    # numbers of MoE-143M (16x16 gives 4371.0M params, not 4371.1). For a in 16..64 the ops differ
-    # by at most 0.1M from any other choice.
-    "lm1b/MoE-34M": _hier(LM1B_VOCAB, 32, 32, name="MoE-34M", d=1024, h=2048,
-                          lstm=((1024, None),) * 2),  # fmt: skip
-    "lm1b/MoE-143M": _hier(LM1B_VOCAB, 32, 8, name="MoE-143M", d=1024, h=8192,
-                           lstm=((4096, 1024),) * 2),  # fmt: skip
+    # 32 GPUs of Table 1). Of all power-of-two a x b, 32x8 is the only one that gives both printed
+    # numbers of MoE-143M (16x16 gives 4371.0M params, not 4371.1); MoE-34M's match for 16x64 and
+    # 32x32. For a in 16..64 the ops differ by at most 0.1M between shapes.
+    "lm1b/MoE-34M": _hier(
+        LM1B_VOCAB, 32, 32, name="MoE-34M", d=1024, h=2048, lstm=((1024, None),) * 2
+    ),
+    "lm1b/MoE-143M": _hier(
+        LM1B_VOCAB, 32, 8, name="MoE-143M", d=1024, h=8192, lstm=((4096, 1024),) * 2
+    ),
     # Table 8, App. D: same structure as C.1; branching 32, 32, 64, 128, 256, 256.
     "news100b/4xLSTM-512": _lm("4xLSTM-512", NEWS100B_VOCAB, 512, _LSTM_512 * 2),
     "news100b/MoE-32": _flat(NEWS100B_VOCAB, 32),
@@ -193,7 +202,7 @@ PAPER_EXCEPTIONS: dict[tuple[str, str, str], tuple[str, str]] = {
     ),
     ("Table 7", "lm1b/MoE-34M", "total_B"): (
         "unexplained",
-        "4.314B + 2·793,471·1024 = 5.939B prints as 6.0 (MoE-143M's 5.996B also prints 6.0); "
+        "4.314B + 2*793,471*1024 = 5.939B prints as 6.0 (MoE-143M's 5.996B also prints 6.0); "
         "a softmax bias adds 0.0008B and no group shape adds 0.011B",
     ),
 }
