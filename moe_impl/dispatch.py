@@ -32,7 +32,7 @@ GATHER_COST_ROWS = 8
 class DispatchPlan(NamedTuple):
     slot_of_row_R: Tensor  # slot held by each buffer row; padding rows hold N (a zero-gated dummy)
     token_of_row_R: Tensor  # token of each buffer row (0 for padding: read, then weighted by 0)
-    row_of_slot_N: Tensor  # buffer row of each slot; -1 where the slot was dropped (capacity)
+    row_of_slot_N: Tensor  # buffer row of each slot; R (a zero row) where the slot was dropped
     block_expert_L: Tensor | None  # expert of each block; None in the in-place layout (block e = e)
     block_size: int
     counts_E: Tensor  # slots routed to each expert, before any capacity limit (int64)
@@ -102,7 +102,7 @@ def make_plan(
     row_N = (first_block_E[sorted_N] + rank_N // block_size) * block_size + rank_N % block_size
     slot_of_row_R = torch.full((num_rows,), num_slots, dtype=torch.long, device=device)
     slot_of_row_R[row_N] = order_N
-    row_of_slot_N = torch.full((num_slots,), -1, dtype=torch.long, device=device)
+    row_of_slot_N = torch.full((num_slots,), num_rows, dtype=torch.long, device=device)
     row_of_slot_N[order_N] = row_N
     token_of_row_R = torch.cat([token_N, token_N.new_zeros(1)])[slot_of_row_R]
     return DispatchPlan(
@@ -116,10 +116,51 @@ def make_plan(
     )
 
 
-def rows_of(values_N: Tensor, plan: DispatchPlan) -> Tensor:
-    """Per-slot values laid out by buffer row; padding rows get 0 (differentiable)."""
-    padded = torch.cat([values_N, values_N.new_zeros((1, *values_N.shape[1:]))])
-    return padded.index_select(0, plan.slot_of_row_R)
+def _take_rows(values: Tensor, idx: Tensor) -> Tensor:
+    """values[idx] where idx == len(values) selects a zero row."""
+    padded = torch.cat([values, values.new_zeros((1, *values.shape[1:]))])
+    return padded.index_select(0, idx)
+
+
+class _Dispatch(torch.autograd.Function):
+    """x_R = x_B[token_of_row]. The backward avoids index_add (a per-row loop on CPU): each token
+    owns k consecutive slots, so its gradient is its slots' rows gathered back and summed."""
+
+    @staticmethod
+    def forward(ctx, x_BD: Tensor, plan: DispatchPlan, k: int) -> Tensor:
+        ctx.save_for_backward(plan.row_of_slot_N)
+        ctx.k = k
+        return x_BD.index_select(0, plan.token_of_row_R)
+
+    @staticmethod
+    def backward(ctx, grad_RD: Tensor) -> tuple[Tensor, None, None]:
+        (row_of_slot_N,) = ctx.saved_tensors
+        grad_ND = _take_rows(grad_RD, row_of_slot_N)
+        return grad_ND.view(-1, ctx.k, grad_ND.shape[-1]).sum(1), None, None
+
+
+class _FromRows(torch.autograd.Function):
+    """Buffer rows back to slot order (dropped slots get 0); the backward is the inverse gather."""
+
+    @staticmethod
+    def forward(ctx, values_R: Tensor, plan: DispatchPlan) -> Tensor:
+        ctx.save_for_backward(plan.slot_of_row_R)
+        return _take_rows(values_R, plan.row_of_slot_N)
+
+    @staticmethod
+    def backward(ctx, grad_N: Tensor) -> tuple[Tensor, None]:
+        (slot_of_row_R,) = ctx.saved_tensors
+        return _take_rows(grad_N, slot_of_row_R), None
+
+
+def dispatch(x_BD: Tensor, plan: DispatchPlan, k: int) -> Tensor:
+    """Token rows laid out in the block buffer, (R, D); the slots of token b are b·k ... b·k+k-1."""
+    return _Dispatch.apply(x_BD, plan, k)
+
+
+def from_rows(values_R: Tensor, plan: DispatchPlan) -> Tensor:
+    """Per-row results back in slot order, (N, ...)."""
+    return _FromRows.apply(values_R, plan)
 
 
 class _GatherSparseGrad(torch.autograd.Function):
@@ -153,7 +194,8 @@ class _SparseGradInPlace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (active_idx,) = ctx.saved_tensors
-        values = grad.index_select(0, active_idx)
+        all_active = active_idx.numel() == grad.shape[0]
+        values = grad if all_active else grad.index_select(0, active_idx)  # no copy when all are
         sparse = torch.sparse_coo_tensor(
             active_idx[None], values, ctx.w_shape, is_coalesced=True, check_invariants=False
         )

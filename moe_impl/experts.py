@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moe_impl.dispatch import DispatchPlan, block_weights, rows_of
+from moe_impl.dispatch import DispatchPlan, block_weights, dispatch, from_rows
 
 
 class ExpertBank(nn.Module):
@@ -44,16 +44,15 @@ class ExpertBank(nn.Module):
             self.w_in.uniform_(-math.sqrt(6.0 / d_model), math.sqrt(6.0 / d_model))
             self.w_out.uniform_(-math.sqrt(3.0 / d_hidden), math.sqrt(3.0 / d_hidden))
 
-    def forward(self, x_BD: Tensor, gate_N: Tensor, plan: DispatchPlan) -> Tensor:
-        """y_b = Σ over the slots of token b of gate · E_expert(x_b) (paper Eq. 1)."""
-        num_blocks, block_size = plan.num_blocks, plan.block_size
-        x_RD = x_BD.index_select(0, plan.token_of_row_R)
-        gate_R = rows_of(gate_N, plan)
+    def forward(self, x_BD: Tensor, gate_N: Tensor, plan: DispatchPlan, k: int) -> Tensor:
+        """y_b = Σ over the k slots of token b of gate · E_expert(x_b) (paper Eq. 1); the slots of
+        token b are b·k ... b·k+k-1."""
+        num_tokens, d_model = x_BD.shape
+        x_LCD = dispatch(x_BD, plan, k).view(plan.num_blocks, plan.block_size, d_model)
         w_in_LDH = block_weights(self.w_in, plan, sparse_grad=self.sparse_grad)
         w_out_LHD = block_weights(self.w_out, plan, sparse_grad=self.sparse_grad)
-        d_model = x_BD.shape[-1]
-        x_LCD = x_RD.view(num_blocks, block_size, d_model)
         h_LCH = torch.relu(torch.bmm(x_LCD, w_in_LDH.to(x_LCD.dtype)))
         y_RD = torch.bmm(h_LCH, w_out_LHD.to(h_LCH.dtype)).view(-1, d_model)
-        y_RD = y_RD * gate_R.to(y_RD.dtype)[:, None]
-        return x_BD.new_zeros(x_BD.shape).index_add(0, plan.token_of_row_R, y_RD.to(x_BD.dtype))
+        y_BKD = from_rows(y_RD, plan).view(num_tokens, k, d_model)
+        y_BD = (y_BKD * gate_N.view(num_tokens, k, 1).to(y_BKD.dtype)).sum(1)
+        return y_BD.to(x_BD.dtype)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_impl import balancing
-from moe_impl.dispatch import DispatchPlan, block_weights, make_plan
+from moe_impl.dispatch import DispatchPlan, block_weights, dispatch, from_rows, make_plan
 from moe_impl.experts import ExpertBank
 from moe_impl.gating import NOISE_EPSILON, GateOutput, NoisyTopKGate, gate_matmul, noisy_top_k
 from moe_impl.layer import (
@@ -55,10 +55,14 @@ class GroupGates(nn.Module):
         self.w_noise = nn.Parameter(torch.zeros(num_groups, d_model, group_size))
 
     def forward(
-        self, x_BD: Tensor, plan: DispatchPlan, generator: torch.Generator | None = None
+        self,
+        x_BD: Tensor,
+        plan: DispatchPlan,
+        groups_per_token: int,
+        generator: torch.Generator | None = None,
     ) -> GateOutput:
         """Noisy top-k within the group of each (token, group) pair; rows come back in pair order."""
-        x_RD = x_BD.index_select(0, plan.token_of_row_R)
+        x_RD = dispatch(x_BD, plan, groups_per_token)
         clean_PS = self._pair_logits(x_RD, self.w_gate, plan)
         noise_PS = None
         if self.training and self.noisy_gating:
@@ -71,7 +75,7 @@ class GroupGates(nn.Module):
     def _pair_logits(x_RD: Tensor, w_GDS: Tensor, plan: DispatchPlan) -> Tensor:
         w_LDS = block_weights(w_GDS, plan, sparse_grad=False)
         logits_LCS = gate_matmul(x_RD.view(plan.num_blocks, plan.block_size, x_RD.shape[-1]), w_LDS)
-        return logits_LCS.reshape(-1, w_GDS.shape[-1]).index_select(0, plan.row_of_slot_N)
+        return from_rows(logits_LCS.reshape(-1, w_GDS.shape[-1]), plan)
 
 
 class HierarchicalMoE(nn.Module):
@@ -129,7 +133,7 @@ class HierarchicalMoE(nn.Module):
         group_P = primary.top_idx_BK.reshape(-1)
         token_P = torch.arange(num_tokens, device=device).repeat_interleave(k1)
         group_plan = make_plan(group_P, token_P, self.num_groups)
-        secondary = self.secondary_gate(x_BD, group_plan, generator=generator)
+        secondary = self.secondary_gate(x_BD, group_plan, k1, generator=generator)
 
         # Level 2: expert slots; the gate of expert (i, j) is G_primary(x)_i · G_i(x)_j (Eq. 12).
         expert_M = (group_P[:, None] * group_size + secondary.top_idx_BK).reshape(-1)
@@ -137,7 +141,7 @@ class HierarchicalMoE(nn.Module):
         token_M = token_P.repeat_interleave(k2)
         capacity = expert_capacity(expert_M.numel(), self.num_experts, self.capacity_factor)
         plan = make_plan(expert_M, token_M, self.num_experts, capacity=capacity)
-        y_BD = self.experts(x_BD, gate_M, plan)
+        y_BD = self.experts(x_BD, gate_M, plan, k1 * k2)
 
         importance_E = balancing.importance(expert_M, gate_M, self.num_experts)  # Eq. 13
         load_E = self._load(primary, secondary, group_P, group_plan, plan, gate_M.dtype)

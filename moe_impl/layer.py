@@ -144,7 +144,7 @@ class MoE(nn.Module):
         token_N = torch.arange(num_tokens, device=x.device).repeat_interleave(self.k)
         capacity = expert_capacity(expert_N.numel(), self.num_experts, self.capacity_factor)
         plan = make_plan(expert_N, token_N, self.num_experts, capacity=capacity)
-        y_BD = self.experts(x_BD, gate_N, plan)
+        y_BD = self.experts(x_BD, gate_N, plan, self.k)
 
         importance_E = balancing.importance(expert_N, gate_N, self.num_experts)
         if gate.prob_in_top_k_BE is not None:
