@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from moe_impl import HierarchicalMoE, MoE, balancing, bench_plot
+from moe_impl import HierarchicalMoE, MoE, balancing, bench_plot, runtime
 
 DEFAULT_EXPERTS = "4,32,256,256-h,1024-h,4096-h,16384-h,65536-h,131072-h"
 K_PRIMARY = K_SECONDARY = 2  # every hierarchical model of the paper uses 2 + 2
@@ -225,6 +225,8 @@ def summarize(cfg: dict, num_gate_outputs: int, times: dict, stats: list, peak: 
 
 def run_worker(cfg_path: str, result_path: str) -> int:
     cfg = json.loads(Path(cfg_path).read_text())
+    if cfg.get("tune_allocator", True):
+        runtime.tune_allocator()
     try:
         result = {"status": "ok", **measure(cfg)}
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
@@ -318,6 +320,7 @@ def make_row(spec: ExpertSpec, args: argparse.Namespace) -> dict:
         **{key: getattr(args, key) for key in ("reps", "warmup", "optimizer", "device", "dtype")},
         "threads": args.threads or torch.get_num_threads(),
         "seed": args.seed,
+        "tune_allocator": not args.default_malloc,
         "load_avg": os.getloadavg()[0],
         **dict.fromkeys(MEASURED, math.nan),
         "status": "",
@@ -346,6 +349,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if any")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="bf16 = autocast")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default mmap threshold (see moe_impl/runtime.py; default: raise it)",
+    )
     p.add_argument("--max-seconds-per-step", type=float, default=60.0, help="skip slower configs")
     total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     p.add_argument("--max-rss-gb", type=float, default=round(0.8 * total_gb, 1))

@@ -163,51 +163,8 @@ def from_rows(values_R: Tensor, plan: DispatchPlan) -> Tensor:
     return _FromRows.apply(values_R, plan)
 
 
-class _GatherSparseGrad(torch.autograd.Function):
-    """w[idx] whose gradient is a sparse COO tensor (one sparse dim) over the gathered rows only."""
-
-    @staticmethod
-    def forward(ctx, w: Tensor, idx: Tensor) -> Tensor:
-        ctx.save_for_backward(idx)
-        ctx.w_shape = w.shape
-        return w.index_select(0, idx)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        (idx,) = ctx.saved_tensors
-        sparse = torch.sparse_coo_tensor(idx[None], grad, ctx.w_shape, check_invariants=False)
-        return sparse.coalesce(), None
-
-
-class _SparseGradInPlace(torch.autograd.Function):
-    """Identity on w whose gradient comes back as sparse rows of the experts in `active_idx` (the
-    others have none), so a layer with `sparse_grad` hands the optimizer one gradient layout
-    whichever dispatch layout a batch used. (Tensor.to_sparse(1) would take minutes at 4096 experts.)
-    """
-
-    @staticmethod
-    def forward(ctx, w: Tensor, active_idx: Tensor) -> Tensor:
-        ctx.save_for_backward(active_idx)
-        ctx.w_shape = w.shape
-        return w.view_as(w)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        (active_idx,) = ctx.saved_tensors
-        all_active = active_idx.numel() == grad.shape[0]
-        values = grad if all_active else grad.index_select(0, active_idx)  # no copy when all are
-        sparse = torch.sparse_coo_tensor(
-            active_idx[None], values, ctx.w_shape, is_coalesced=True, check_invariants=False
-        )
-        return sparse, None
-
-
-def block_weights(w_EXY: Tensor, plan: DispatchPlan, *, sparse_grad: bool) -> Tensor:
+def block_weights(w_EXY: Tensor, plan: DispatchPlan) -> Tensor:
     """The weight matrix of every block, (L, X, Y): w itself in place, else the gathered rows."""
     if plan.block_expert_L is None:
-        if not sparse_grad:
-            return w_EXY
-        return _SparseGradInPlace.apply(w_EXY, plan.counts_E.nonzero().squeeze(1))
-    if sparse_grad:
-        return _GatherSparseGrad.apply(w_EXY, plan.block_expert_L)
+        return w_EXY
     return w_EXY.index_select(0, plan.block_expert_L)

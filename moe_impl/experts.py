@@ -19,7 +19,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moe_impl.dispatch import DispatchPlan, block_weights, dispatch, from_rows
+from moe_impl.dispatch import DispatchPlan, dispatch, from_rows
+from moe_impl.expert_mlp import block_expert_mlp
 
 
 class ExpertBank(nn.Module):
@@ -49,10 +50,16 @@ class ExpertBank(nn.Module):
         token b are b·k ... b·k+k-1."""
         num_tokens, d_model = x_BD.shape
         x_LCD = dispatch(x_BD, plan, k).view(plan.num_blocks, plan.block_size, d_model)
-        w_in_LDH = block_weights(self.w_in, plan, sparse_grad=self.sparse_grad)
-        w_out_LHD = block_weights(self.w_out, plan, sparse_grad=self.sparse_grad)
-        h_LCH = torch.relu(torch.bmm(x_LCD, w_in_LDH.to(x_LCD.dtype)))
-        y_RD = torch.bmm(h_LCH, w_out_LHD.to(h_LCH.dtype)).view(-1, d_model)
+        active_A = plan.counts_E.nonzero().squeeze(1)
+        y_LCD = block_expert_mlp(
+            x_LCD,
+            self.w_in,
+            self.w_out,
+            plan.block_expert_L,
+            active_A,
+            sparse_grad=self.sparse_grad,
+        )
+        y_RD = y_LCD.view(-1, d_model)
         y_BKD = from_rows(y_RD, plan).view(num_tokens, k, d_model)
         y_BD = (y_BKD * gate_N.view(num_tokens, k, 1).to(y_BKD.dtype)).sum(1)
         return y_BD.to(x_BD.dtype)

@@ -73,7 +73,7 @@ class GroupGates(nn.Module):
 
     @staticmethod
     def _pair_logits(x_RD: Tensor, w_GDS: Tensor, plan: DispatchPlan) -> Tensor:
-        w_LDS = block_weights(w_GDS, plan, sparse_grad=False)
+        w_LDS = block_weights(w_GDS, plan)
         logits_LCS = gate_matmul(x_RD.view(plan.num_blocks, plan.block_size, x_RD.shape[-1]), w_LDS)
         return from_rows(logits_LCS.reshape(-1, w_GDS.shape[-1]), plan)
 
