@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install test test-all lint format bench clean
+.PHONY: install test test-all lint format bench reproduce clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m moe_impl bench --out results/bench
+
+# the default reproduction (Snakefile + config/config.yaml): for now the layer benchmark
+reproduce: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all
 
 clean:
 	rm -rf results/bench .pytest_cache
