@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from moe_impl import HierarchicalMoE, MoE, balancing, bench_plot, runtime
+from moe_impl import HierarchicalMoE, MoE, balancing, bench_plot
 
 DEFAULT_EXPERTS = "4,32,256,256-h,1024-h,4096-h,16384-h,65536-h,131072-h"
 K_PRIMARY = K_SECONDARY = 2  # every hierarchical model of the paper uses 2 + 2
@@ -225,8 +225,6 @@ def summarize(cfg: dict, num_gate_outputs: int, times: dict, stats: list, peak: 
 
 def run_worker(cfg_path: str, result_path: str) -> int:
     cfg = json.loads(Path(cfg_path).read_text())
-    if cfg.get("tune_allocator", True):
-        runtime.tune_allocator()
     try:
         result = {"status": "ok", **measure(cfg)}
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
@@ -251,7 +249,8 @@ def run_child(cfg: dict, max_rss_gb: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="moe_bench_") as tmp:
         cfg_path, result_path, log_path = (Path(tmp, n) for n in ("cfg.json", "out.json", "log"))
         cfg_path.write_text(json.dumps(cfg))
-        cmd = [sys.executable, "-m", "moe_impl", "bench", "--worker", str(cfg_path)]
+        malloc = [] if cfg["tune_allocator"] else ["--default-malloc"]
+        cmd = [sys.executable, "-m", "moe_impl", "bench", *malloc, "--worker", str(cfg_path)]
         deadline = time.monotonic() + 300 + 2 * cfg["max_seconds"] * (cfg["warmup"] + cfg["reps"])
         reason = None
         with open(log_path, "w") as log:

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from moe_impl import runtime
+
 # command -> module implementing it
 COMMANDS = {
     "bench": "moe_impl.bench",
@@ -25,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         modules[name] = importlib.import_module(module_name)
         modules[name].add_parser(sub)
     args = parser.parse_args(argv)
+    # Faster CPU steps (moe_impl/runtime.py); `bench --default-malloc` measures without it.
+    if not getattr(args, "default_malloc", False):
+        runtime.tune_allocator()
     try:
         return modules[args.command].run(args)
     except ValueError as err:  # user or config errors: one clear line, no traceback

@@ -29,6 +29,9 @@ from torch import Tensor
 # first copies them (another ~16).
 BLOCK_COST_ROWS = 16
 GATHER_COST_ROWS = 16
+# Splitting an expert over several gathered blocks makes its sparse gradient need a segment sum
+# (a zero-filled buffer of all active experts' weights), charged per active expert.
+DEDUPE_COST_ROWS = 32
 
 
 class DispatchPlan(NamedTuple):
@@ -48,7 +51,8 @@ class DispatchPlan(NamedTuple):
 def choose_block_size(counts_E: Tensor) -> tuple[int, bool]:
     """Block size C and whether to use the in-place layout, by estimated cost in rows:
     in place E·(max count + BLOCK_COST_ROWS); gathered L(C)·(C + BLOCK_COST_ROWS + GATHER_COST_ROWS)
-    for C the max count or a smaller power of two, L(C) = Σ_e ceil(count_e / C)."""
+    (+ DEDUPE_COST_ROWS per active expert when C < max count splits some expert), for C the max
+    count or a smaller power of two, L(C) = Σ_e ceil(count_e / C)."""
     num_experts = counts_E.numel()
     max_count = int(counts_E.max()) if num_experts else 0
     if max_count == 0:
@@ -56,7 +60,10 @@ def choose_block_size(counts_E: Tensor) -> tuple[int, bool]:
     sizes = [max_count] + [2**j for j in range(max_count.bit_length()) if 2**j < max_count]
     sizes_S = torch.tensor(sizes, device=counts_E.device)
     blocks_S = ((counts_E[None, :] + sizes_S[:, None] - 1) // sizes_S[:, None]).sum(1)
-    cost_S = (blocks_S * (sizes_S + BLOCK_COST_ROWS + GATHER_COST_ROWS)).tolist()
+    active = int((counts_E > 0).sum())
+    split_S = (blocks_S > active).long()
+    cost_S = blocks_S * (sizes_S + BLOCK_COST_ROWS + GATHER_COST_ROWS)
+    cost_S = (cost_S + split_S * DEDUPE_COST_ROWS * active).tolist()
     best = min(range(len(sizes)), key=cost_S.__getitem__)
     if num_experts * (max_count + BLOCK_COST_ROWS) <= cost_S[best]:
         return max_count, True
