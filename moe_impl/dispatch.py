@@ -136,10 +136,11 @@ def add_rows(shape: torch.Size, idx: Tensor, values: Tensor) -> Tensor:
     return out.index_add_(0, idx, values.reshape(values.shape[0], -1)).view(shape)
 
 
-def _take_rows(values: Tensor, idx: Tensor) -> Tensor:
-    """values[idx] where idx == len(values) selects a zero row."""
-    padded = torch.cat([values, values.new_zeros((1, *values.shape[1:]))])
-    return select_rows(padded, idx)
+def _take_rows(values: Tensor, idx: Tensor, has_sentinel: bool) -> Tensor:
+    """values[idx] where idx == len(values) selects a zero row (only appended when it can occur)."""
+    if has_sentinel:
+        values = torch.cat([values, values.new_zeros((1, *values.shape[1:]))])
+    return select_rows(values, idx)
 
 
 class _Dispatch(torch.autograd.Function):
@@ -150,12 +151,13 @@ class _Dispatch(torch.autograd.Function):
     def forward(ctx, x_BD: Tensor, plan: DispatchPlan, k: int) -> Tensor:
         ctx.save_for_backward(plan.row_of_slot_N)
         ctx.k = k
+        ctx.dropped = plan.num_dropped > 0
         return x_BD.index_select(0, plan.token_of_row_R)
 
     @staticmethod
     def backward(ctx, grad_RD: Tensor) -> tuple[Tensor, None, None]:
         (row_of_slot_N,) = ctx.saved_tensors
-        grad_ND = _take_rows(grad_RD, row_of_slot_N)
+        grad_ND = _take_rows(grad_RD, row_of_slot_N, ctx.dropped)
         return grad_ND.view(-1, ctx.k, grad_ND.shape[-1]).sum(1), None, None
 
 
@@ -165,12 +167,13 @@ class _FromRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values_R: Tensor, plan: DispatchPlan) -> Tensor:
         ctx.save_for_backward(plan.slot_of_row_R)
-        return _take_rows(values_R, plan.row_of_slot_N)
+        ctx.padded = plan.slot_of_row_R.numel() > plan.row_of_slot_N.numel() - plan.num_dropped
+        return _take_rows(values_R, plan.row_of_slot_N, plan.num_dropped > 0)
 
     @staticmethod
     def backward(ctx, grad_N: Tensor) -> tuple[Tensor, None]:
         (slot_of_row_R,) = ctx.saved_tensors
-        return _take_rows(grad_N, slot_of_row_R), None
+        return _take_rows(grad_N, slot_of_row_R, ctx.padded), None
 
 
 def dispatch(x_BD: Tensor, plan: DispatchPlan, k: int) -> Tensor:

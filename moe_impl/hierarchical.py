@@ -34,7 +34,7 @@ from moe_impl.layer import (
     check_positive_int,
     expert_capacity,
     flatten_input,
-    routing_stats,
+    moe_output,
 )
 
 _EPS = 1e-10
@@ -145,11 +145,8 @@ class HierarchicalMoE(nn.Module):
 
         importance_E = balancing.importance(expert_M, gate_M, self.num_experts)  # Eq. 13
         load_E = self._load(primary, secondary, group_P, group_plan, plan, gate_M.dtype)
-        importance_loss = self.w_importance * balancing.cv_squared(importance_E)
-        load_loss = self.w_load * balancing.cv_squared(load_E)
-        stats = routing_stats(plan.counts_E, importance_E, load_E, plan.num_dropped)
-        return MoEOutput(
-            y_BD.view(x.shape), importance_loss + load_loss, importance_loss, load_loss, stats
+        return moe_output(
+            y_BD.view(x.shape), importance_E, load_E, plan, self.w_importance, self.w_load
         )
 
     def _load(

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_impl import balancing
-from moe_impl.dispatch import make_plan
+from moe_impl.dispatch import DispatchPlan, make_plan
 from moe_impl.experts import ExpertBank
 from moe_impl.gating import NoisyTopKGate
 
@@ -100,6 +100,21 @@ def routing_stats(
         )
 
 
+def moe_output(
+    y: Tensor,
+    importance_E: Tensor,
+    load_E: Tensor,
+    plan: DispatchPlan,
+    w_importance: float,
+    w_load: float,
+) -> MoEOutput:
+    """The losses (paper Eq. 7 and 11) and statistics of a forward pass, packed with its output."""
+    importance_loss = w_importance * balancing.cv_squared(importance_E)
+    load_loss = w_load * balancing.cv_squared(load_E)
+    stats = routing_stats(plan.counts_E, importance_E, load_E, plan.num_dropped)
+    return MoEOutput(y, importance_loss + load_loss, importance_loss, load_loss, stats)
+
+
 class MoE(nn.Module):
     """Flat MoE: `num_experts` experts d_model -> d_hidden -> d_model, k of them per token.
 
@@ -151,11 +166,8 @@ class MoE(nn.Module):
             load_E = gate.prob_in_top_k_BE.sum(0)
         else:
             load_E = plan.counts_E.to(gate_N.dtype)
-        importance_loss = self.w_importance * balancing.cv_squared(importance_E)
-        load_loss = self.w_load * balancing.cv_squared(load_E)
-        stats = routing_stats(plan.counts_E, importance_E, load_E, plan.num_dropped)
-        return MoEOutput(
-            y_BD.view(x.shape), importance_loss + load_loss, importance_loss, load_loss, stats
+        return moe_output(
+            y_BD.view(x.shape), importance_E, load_E, plan, self.w_importance, self.w_load
         )
 
     def extra_repr(self) -> str:

@@ -31,6 +31,19 @@ def grads(loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]
     return [g.to_dense() if g.is_sparse else g for g in dense]
 
 
+def assert_matches_reference(out, reference, x, params) -> None:
+    """Output, aux loss, token counts and the gradients of x and every parameter agree."""
+    y_ref, aux_ref, counts_ref = reference
+    torch.testing.assert_close(out.y, y_ref)
+    torch.testing.assert_close(out.aux_loss, aux_ref)
+    torch.testing.assert_close(out.stats.tokens_per_expert.double(), counts_ref)
+    r = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(3))
+    got = grads((out.y * r).sum() + out.aux_loss, [x, *params])
+    want = grads((y_ref * r).sum() + aux_ref, [x, *params])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 # (tokens, d_model, d_hidden, num_experts, k, train, noisy, sparse_grad)
 FLAT_CASES = [
     (12, 5, 7, 6, 2, True, True, False),
@@ -58,14 +71,7 @@ def test_flat_matches_loop_reference(b, d, h, n, k, train, noisy, sparse):
     params = [layer.gate.w_gate, layer.gate.w_noise, layer.experts.w_in, layer.experts.w_out]
     y_ref, aux_ref, counts_ref = flat_moe(x, *params, k, eps, 0.3, 0.2)
 
-    torch.testing.assert_close(out.y, y_ref)
-    torch.testing.assert_close(out.aux_loss, aux_ref)
-    torch.testing.assert_close(out.stats.tokens_per_expert.double(), counts_ref)
-    r = torch.randn(b, d, dtype=x.dtype, generator=torch.Generator().manual_seed(3))
-    got = grads((out.y * r).sum() + out.aux_loss, [x, *params])
-    want = grads((y_ref * r).sum() + aux_ref, [x, *params])
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w)
+    assert_matches_reference(out, (y_ref, aux_ref, counts_ref), x, params)
 
 
 # (tokens, d_model, d_hidden, groups, group_size, k1, k2, train, noisy, sparse_grad)
@@ -99,14 +105,7 @@ def test_hierarchical_matches_loop_reference(b, d, h, a, s, k1, k2, train, noisy
     params = [p.w_gate, p.w_noise, q.w_gate, q.w_noise, layer.experts.w_in, layer.experts.w_out]
     y_ref, aux_ref, counts_ref = hierarchical_moe(x, *params, k1, k2, eps1, eps2, 0.3, 0.2)
 
-    torch.testing.assert_close(out.y, y_ref)
-    torch.testing.assert_close(out.aux_loss, aux_ref)
-    torch.testing.assert_close(out.stats.tokens_per_expert.double(), counts_ref)
-    r = torch.randn(b, d, dtype=x.dtype, generator=torch.Generator().manual_seed(3))
-    got = grads((out.y * r).sum() + out.aux_loss, [x, *params])
-    want = grads((y_ref * r).sum() + aux_ref, [x, *params])
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w)
+    assert_matches_reference(out, (y_ref, aux_ref, counts_ref), x, params)
 
 
 @pytest.mark.parametrize("train", [True, False])
