@@ -28,29 +28,37 @@ def _t(x: Tensor) -> Tensor:
 class _BlockExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_LCD, w_in_EDH, w_out_EHD, block_expert_L, active_A, sparse_grad):
+        device = x_LCD.device.type
         dtype = x_LCD.dtype
+        if torch.is_autocast_enabled(device):  # compute in autocast's dtype, explicitly
+            dtype = torch.get_autocast_dtype(device)
         if block_expert_L is None:  # in place: block l is expert l
             w_in_LDH, w_out_LHD = w_in_EDH, w_out_EHD
         else:
             w_in_LDH = select_rows(w_in_EDH, block_expert_L)
             w_out_LHD = select_rows(w_out_EHD, block_expert_L)
-        w_in_LDH, w_out_LHD = w_in_LDH.to(dtype), w_out_LHD.to(dtype)
-        h_LCH = torch.bmm(x_LCD, w_in_LDH).relu_()
-        y_LCD = torch.bmm(h_LCH, w_out_LHD)
-        ctx.save_for_backward(x_LCD, h_LCH, w_in_LDH, w_out_LHD, block_expert_L, active_A)
+        with torch.autocast(device, enabled=False):
+            x_LCD_c = x_LCD.to(dtype)
+            w_in_LDH, w_out_LHD = w_in_LDH.to(dtype), w_out_LHD.to(dtype)
+            h_LCH = torch.bmm(x_LCD_c, w_in_LDH).relu_()
+            y_LCD = torch.bmm(h_LCH, w_out_LHD)
+        ctx.save_for_backward(x_LCD_c, h_LCH, w_in_LDH, w_out_LHD, block_expert_L, active_A)
         ctx.sparse_grad = sparse_grad
         ctx.w_shapes = (w_in_EDH.shape, w_out_EHD.shape)
         ctx.w_dtype = w_in_EDH.dtype
+        ctx.x_dtype = x_LCD.dtype
         return y_LCD
 
     @staticmethod
     def backward(ctx, gy_LCD):
         x_LCD, h_LCH, w_in_LDH, w_out_LHD, block_expert_L, active_A = ctx.saved_tensors
-        gy_LCD = gy_LCD.contiguous()
+        gy_LCD = gy_LCD.to(h_LCH.dtype).contiguous()
         gh_LCH = torch.ops.aten.threshold_backward(
             torch.bmm(gy_LCD, w_out_LHD.transpose(1, 2)), h_LCH, 0.0
         )  # relu': zero where h = relu(·) is 0
-        gx_LCD = torch.bmm(gh_LCH, w_in_LDH.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        gx_LCD = None
+        if ctx.needs_input_grad[0]:
+            gx_LCD = torch.bmm(gh_LCH, w_in_LDH.transpose(1, 2)).to(ctx.x_dtype)
         gw_in = gw_out = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             gw_in, gw_out = _weight_grads(

@@ -162,3 +162,24 @@ def test_sparse_expert_gradients_equal_dense(tokens):
         torch.testing.assert_close(got.to_dense(), getattr(dense.experts, name).grad)
         active = int((out.stats.tokens_per_expert > 0).sum())
         assert got.coalesce().indices().shape[1] <= active  # rows only for experts that got tokens
+
+
+@pytest.mark.parametrize(
+    "layer_fn", [lambda: MoE(16, 32, 8, 2), lambda: HierarchicalMoE(16, 32, 4, 4)]
+)
+def test_bf16_autocast_keeps_routing_and_trains(layer_fn):
+    """Gate logits stay float32 under autocast: bf16 experts, same routing as float32."""
+    layer = layer_fn().eval()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "gate" in name:
+                p.normal_()
+    x = torch.randn(256, 16, requires_grad=True)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert torch.equal(out.stats.tokens_per_expert, ref.stats.tokens_per_expert)
+    assert out.y.dtype == torch.float32
+    torch.testing.assert_close(out.y, ref.y, rtol=0.05, atol=0.05)
+    (out.y.square().mean() + out.aux_loss).backward()
+    assert x.grad.dtype == torch.float32 and layer.experts.w_in.grad.dtype == torch.float32
