@@ -1,0 +1,91 @@
+"""The LSTM-MoE language model: every preset kind builds, trains and counts as flops.py says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_impl.flops import ModelConfig, total_params
+from moe_impl.lm import MoELanguageModel
+
+V, D = 50, 16
+LSTM2 = ((D, None), (D, None))
+KINDS = {
+    "flat": dict(lstm_layers=LSTM2, moe="flat", num_experts=8, k=2, d_hidden=12),
+    "hierarchical": dict(
+        lstm_layers=LSTM2,
+        moe="hierarchical",
+        num_experts=12,
+        num_groups=3,
+        group_size=4,
+        k_primary=2,
+        k_secondary=2,
+        d_hidden=12,
+    ),
+    "wide": dict(lstm_layers=LSTM2, moe="dense", num_experts=1, d_hidden=24),
+    "deep": dict(lstm_layers=LSTM2, moe="dense", num_experts=1, d_hidden=8, expert_hidden_layers=4),
+    "4xlstm": dict(lstm_layers=LSTM2 * 2),
+    "projected": dict(lstm_layers=((32, D),)),
+}
+
+
+def config(kind: str, samples: int | None = None) -> ModelConfig:
+    return ModelConfig(name=kind, vocab_size=V, d_model=D, softmax_samples=samples, **KINDS[kind])
+
+
+def batch(b: int = 3, t: int = 7):
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randint(V, (b, t), generator=g)
+    targets = torch.randint(V, (b, t), generator=g)
+    scored = torch.rand(b, t, generator=g) > 0.2
+    return inputs, targets, scored
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_builds_trains_and_counts_like_the_accounting(kind):
+    cfg = config(kind, samples=10)
+    model = MoELanguageModel(cfg).train()
+    out = model(*batch(), generator=torch.Generator().manual_seed(1))
+    assert out.nll_sum.dim() == 0 and torch.isfinite(out.nll_sum)
+    (out.nll_sum / out.num_scored + out.aux_loss).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+    lstm_biases = sum(p.numel() for n, p in model.named_parameters() if "bias" in n)
+    assert sum(p.numel() for p in model.parameters()) - lstm_biases == total_params(cfg)
+
+
+def test_eval_uses_the_full_softmax_and_is_deterministic():
+    model = MoELanguageModel(config("flat", samples=5), dropout=0.3).eval()
+    inputs, targets, scored = batch()
+    a, b = model(inputs, targets, scored), model(inputs, targets, scored)
+    assert torch.equal(a.nll_sum, b.nll_sum)
+    h = model.hidden(inputs)[0]
+    want = F.cross_entropy(h[scored] @ model.softmax_weight.t(), targets[scored], reduction="sum")
+    torch.testing.assert_close(a.nll_sum, want)
+
+
+def test_sampled_softmax_converges_to_the_full_softmax():
+    torch.manual_seed(0)
+    model = MoELanguageModel(config("4xlstm"))
+    h = torch.randn(64, D)
+    y = torch.randint(V, (64,))
+    full = F.cross_entropy(h @ model.softmax_weight.t(), y)
+    errors = []
+    for samples in (20, 200, 2000, 20000):
+        g = torch.Generator().manual_seed(samples)
+        errors.append((model.sampled_nll(h, y, samples, g).mean() - full).abs().item())
+    assert errors[-1] < 0.01 and errors[-1] < errors[0]
+
+
+def test_state_carries_across_batches():
+    model = MoELanguageModel(config("hierarchical")).eval()
+    inputs, targets, scored = batch()
+    first = model(inputs, targets, scored)
+    second = model(inputs, targets, scored, state=first.state)
+    assert len(second.state) == 2 and not torch.equal(first.nll_sum, second.nll_sum)
+
+
+def test_bad_dropout_names_the_key():
+    with pytest.raises(ValueError, match=r"model\.dropout"):
+        MoELanguageModel(config("flat"), dropout=1.0)
