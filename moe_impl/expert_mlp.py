@@ -27,7 +27,7 @@ def _t(x: Tensor) -> Tensor:
 
 class _BlockExpertMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_LCD, w_in_EDH, w_out_EHD, block_expert_L, active_A, sparse_grad):
+    def forward(ctx, x_LCD, w_in_EDH, w_out_EHD, block_expert_L, counts_E, sparse_grad):
         device = x_LCD.device.type
         dtype = x_LCD.dtype
         if torch.is_autocast_enabled(device):  # compute in autocast's dtype, explicitly
@@ -42,7 +42,7 @@ class _BlockExpertMLP(torch.autograd.Function):
             w_in_LDH, w_out_LHD = w_in_LDH.to(dtype), w_out_LHD.to(dtype)
             h_LCH = torch.bmm(x_LCD_c, w_in_LDH).relu_()
             y_LCD = torch.bmm(h_LCH, w_out_LHD)
-        ctx.save_for_backward(x_LCD_c, h_LCH, w_in_LDH, w_out_LHD, block_expert_L, active_A)
+        ctx.save_for_backward(x_LCD_c, h_LCH, w_in_LDH, w_out_LHD, block_expert_L, counts_E)
         ctx.sparse_grad = sparse_grad
         ctx.w_shapes = (w_in_EDH.shape, w_out_EHD.shape)
         ctx.w_dtype = w_in_EDH.dtype
@@ -51,7 +51,7 @@ class _BlockExpertMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy_LCD):
-        x_LCD, h_LCH, w_in_LDH, w_out_LHD, block_expert_L, active_A = ctx.saved_tensors
+        x_LCD, h_LCH, w_in_LDH, w_out_LHD, block_expert_L, counts_E = ctx.saved_tensors
         gy_LCD = gy_LCD.to(h_LCH.dtype).contiguous()
         gh_LCH = torch.ops.aten.threshold_backward(
             torch.bmm(gy_LCD, w_out_LHD.transpose(1, 2)), h_LCH, 0.0
@@ -62,15 +62,16 @@ class _BlockExpertMLP(torch.autograd.Function):
         gw_in = gw_out = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             gw_in, gw_out = _weight_grads(
-                ctx, x_LCD, h_LCH, gh_LCH, gy_LCD, block_expert_L, active_A
+                ctx, x_LCD, h_LCH, gh_LCH, gy_LCD, block_expert_L, counts_E
             )
         return gx_LCD, gw_in, gw_out, None, None, None
 
 
-def _weight_grads(ctx, x_LCD, h_LCH, gh_LCH, gy_LCD, block_expert_L, active_A):
+def _weight_grads(ctx, x_LCD, h_LCH, gh_LCH, gy_LCD, block_expert_L, counts_E):
     shape_in, shape_out = ctx.w_shapes
     if block_expert_L is None and ctx.sparse_grad:
         # in place, sparse: only the experts that received tokens (the others' rows are padding)
+        active_A = counts_E.nonzero().squeeze(1)
         if active_A.numel() < x_LCD.shape[0]:
             x_LCD, h_LCH = select_rows(x_LCD, active_A), select_rows(h_LCH, active_A)
             gh_LCH, gy_LCD = select_rows(gh_LCH, active_A), select_rows(gy_LCD, active_A)
@@ -106,10 +107,10 @@ def block_expert_mlp(
     w_in_EDH: Tensor,
     w_out_EHD: Tensor,
     block_expert_L: Tensor | None,
-    active_A: Tensor,
+    counts_E: Tensor,
     *,
     sparse_grad: bool,
 ) -> Tensor:
     """relu(x · w_in) · w_out per block; `block_expert_L=None` means block l is expert l (in place).
-    `active_A` lists the experts that received tokens (sorted), used for in-place sparse grads."""
-    return _BlockExpertMLP.apply(x_LCD, w_in_EDH, w_out_EHD, block_expert_L, active_A, sparse_grad)
+    `counts_E` (slots per expert) tells which experts received tokens, for in-place sparse grads."""
+    return _BlockExpertMLP.apply(x_LCD, w_in_EDH, w_out_EHD, block_expert_L, counts_E, sparse_grad)

@@ -50,13 +50,12 @@ class ExpertBank(nn.Module):
         token b are b·k ... b·k+k-1."""
         num_tokens, d_model = x_BD.shape
         x_LCD = dispatch(x_BD, plan, k).view(plan.num_blocks, plan.block_size, d_model)
-        active_A = plan.counts_E.nonzero().squeeze(1)
         y_LCD = block_expert_mlp(
             x_LCD,
             self.w_in,
             self.w_out,
             plan.block_expert_L,
-            active_A,
+            plan.counts_E,
             sparse_grad=self.sparse_grad,
         )
         y_RD = y_LCD.view(-1, d_model)

@@ -29,7 +29,8 @@ def test_block_expert_mlp_matches_autograd(blocks, active, sparse):
     x.requires_grad_(True)
     r = torch.randn(num_blocks, 3, 4, dtype=torch.float64, generator=g)
 
-    y = block_expert_mlp(x, w_in, w_out, blocks, active, sparse_grad=sparse)
+    counts = torch.zeros(6, dtype=torch.long).index_fill_(0, active, 1)
+    y = block_expert_mlp(x, w_in, w_out, blocks, counts, sparse_grad=sparse)
     got = torch.autograd.grad((y * r).sum(), [x, w_in, w_out])
     idx = torch.arange(6) if blocks is None else blocks
     want_y = torch.bmm(torch.relu(torch.bmm(x, w_in[idx])), w_out[idx])
