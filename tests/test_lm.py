@@ -112,7 +112,7 @@ def test_a_tiny_run_on_the_synthetic_corpus_lowers_the_loss():
     opts = [FactoredAdam(experts, lr=1e-2), torch.optim.Adam(rest, lr=1e-2)]
     losses = []
     for step in range(60):
-        b = corpus.batch("train", step, batch_size=16, seq_len=31)
+        b = corpus.train_batch(step, batch_size=8, seq_len=48)
         inputs, targets, scored = (torch.from_numpy(a) for a in b[:3])
         out = model(inputs, targets, scored)
         loss = out.nll_sum / out.num_scored

@@ -51,19 +51,61 @@ def test_random_access_and_disjoint_splits():
     assert all(np.array_equal(a, b) for a, b in zip(together, again, strict=True))
 
 
-def test_batch_layout():
+def _unpack(batch, row):
+    """Row `row` of a batch as the sequences it packs: [(header, tokens, oracle logps)]."""
+    stream = np.append(batch.inputs[row], batch.targets[row, -1])
+    logp = np.append(0.0, batch.oracle_logp[row])
+    header = np.append(True, ~batch.scored[row])
+    starts = np.flatnonzero(header)
+    ends = np.append(starts[1:], stream.size)
+    return [
+        (stream[a], stream[a + 1 : b], logp[a + 1 : b]) for a, b in zip(starts, ends, strict=True)
+    ]
+
+
+def test_train_batch_packs_whole_sequences_by_step():
     corpus = TopicMarkov(SMALL)
-    batch = corpus.batch("valid", step=2, batch_size=4, seq_len=SMALL.max_len + 1)
-    topics, tokens, logps = corpus.sequences("valid", np.arange(8, 12))
-    for row, (t, seq, lp) in enumerate(zip(topics, tokens, logps, strict=True)):
-        n = seq.size
-        assert batch.inputs[row, 0] == SMALL.vocab_size + 1 + t  # the topic header
-        assert np.array_equal(batch.inputs[row, 1:n], seq[:-1])
-        assert np.array_equal(batch.targets[row, :n], seq)
-        assert batch.scored[row].sum() == n
-        assert np.allclose(batch.oracle_logp[row, :n], lp)
+    batch = corpus.train_batch(step=2, batch_size=3, seq_len=40)
+    assert batch.inputs.shape == batch.targets.shape == (3, 40)
+    assert np.array_equal(batch.inputs[:, 1:], batch.targets[:, :-1])
+    for row in range(3):
+        first = (2 * 3 + row) * 41  # the row's own range of train sequences
+        packed = _unpack(batch, row)
+        topics, tokens, logps = corpus.sequences("train", np.arange(first, first + len(packed)))
+        for (header, seq, lp), t, want, want_lp in zip(packed, topics, tokens, logps, strict=True):
+            assert header == SMALL.vocab_size + 1 + t
+            assert np.array_equal(seq, want[: seq.size])  # the last one is cut at the row's end
+            assert np.allclose(lp, want_lp[: seq.size])
+    again = TopicMarkov(SMALL).train_batch(step=2, batch_size=3, seq_len=40)
+    assert all(np.array_equal(a, b) for a, b in zip(batch, again, strict=True))
+
+
+def test_eval_batches_score_every_token_once_whatever_the_shape():
+    corpus = TopicMarkov(SMALL)
+    totals = set()
+    for batch_size, seq_len in [(1, 500), (4, 16), (7, 33)]:
+        batches = list(corpus.eval_batches("test", batch_size, seq_len, max_tokens=2000))
+        scored = sum(int(b.scored.sum()) for b in batches)
+        oracle = sum(float(b.oracle_logp[b.scored].sum()) for b in batches)
+        totals.add((scored, round(oracle, 6)))
+        for b in batches:  # windows continue their rows: state carried across batches
+            assert b.inputs.shape == (batch_size, seq_len)
+    ((scored, oracle),) = totals
+    _, tokens, logps = corpus.sequences("test", np.arange(400))
+    lengths = np.cumsum([t.size for t in tokens])
+    n = int(np.searchsorted(lengths, 2000)) + 1  # whole sequences, >= 2000 tokens
+    assert scored == lengths[n - 1] >= 2000
+    assert oracle == pytest.approx(sum(lp.sum() for lp in logps[:n]))
+
+
+def test_eval_batches_need_a_budget_and_a_split():
+    corpus = TopicMarkov(SMALL)
+    with pytest.raises(ValueError, match=r"eval\.tokens"):
+        next(corpus.eval_batches("test", 2, 8))
+    with pytest.raises(ValueError, match="split"):
+        next(corpus.eval_batches("train", 2, 8, max_tokens=10))
     with pytest.raises(ValueError, match="seq_len"):
-        corpus.batch("valid", 0, 4, seq_len=SMALL.max_len)
+        corpus.train_batch(0, 2, 0)
 
 
 @pytest.mark.parametrize(

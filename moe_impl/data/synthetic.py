@@ -22,10 +22,12 @@ Token ids: 0..V-1 content words, V = `</S>`, V+1 .. V+T the topic headers `<T_t>
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
+
+from moe_impl.data.base import Batch
 
 SPLITS = {"train": 0, "valid": 1, "test": 2}
 _MAX_TABLE_ENTRIES = 50_000_000  # precomputed successor table; larger configs would need lazy rows
@@ -71,13 +73,6 @@ class TopicMarkovConfig:
     def num_tokens(self) -> int:
         """Size of the model's vocabulary: content words, `</S>` and the topic headers."""
         return self.vocab_size + 1 + self.num_topics
-
-
-class Batch(NamedTuple):
-    inputs: np.ndarray  # (B, L) int64: the topic header, then the sequence's tokens
-    targets: np.ndarray  # (B, L) int64: the next token (`</S>` pads after the end)
-    scored: np.ndarray  # (B, L) bool: True for real targets, False for padding
-    oracle_logp: np.ndarray  # (B, L) float64: log p_true(target | context); 0 where not scored
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -173,27 +168,136 @@ class TopicMarkov:
             [logp[j, : lengths[j]] for j in range(n)],
         )
 
-    def batch(self, split: str, step: int, batch_size: int, seq_len: int) -> Batch:
-        """Sequences step·B ... step·B + B − 1 of `split`, one per row: input [<T_t>, x_1 ... x_n],
-        target [x_1 ... x_n, </S>], padded to `seq_len`. Needs seq_len > max_len so that no scored
-        token is cut (a cut would silently change the loss)."""
-        cfg = self.cfg
-        if seq_len <= cfg.max_len:
-            raise ValueError(
-                f"seq_len={seq_len} must exceed data.max_len={cfg.max_len}: every sequence "
-                "(at most max_len words and </S>) must fit in one row"
-            )
-        index = np.arange(step * batch_size, (step + 1) * batch_size)
+    # --- the Corpus protocol (moe_impl/data/base.py) ---------------------------------------------
+
+    name = "synthetic"
+    carries_state = False  # every training row starts with a topic header: no context to carry
+    ids_by_frequency = False  # word ids follow the Zipf base order, headers and </S> do not
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.num_tokens
+
+    def _stream(self, split: str, index: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Sequences `index` concatenated as [<T_t>, x_1 ... x_n, </S>] each: (tokens, oracle
+        log-probability of each token given its past (0 for headers), is-header flags, the
+        position where each sequence starts)."""
         topics, tokens, logps = self.sequences(split, index)
-        inputs = np.full((batch_size, seq_len), cfg.eos_id, dtype=np.int64)
-        targets = np.full((batch_size, seq_len), cfg.eos_id, dtype=np.int64)
-        scored = np.zeros((batch_size, seq_len), dtype=bool)
-        oracle = np.zeros((batch_size, seq_len), dtype=np.float64)
-        inputs[:, 0] = cfg.vocab_size + 1 + topics  # the header stands for START
-        for row, (seq, lp) in enumerate(zip(tokens, logps, strict=True)):
-            n = seq.size
-            inputs[row, 1:n] = seq[:-1]
-            targets[row, :n] = seq
-            scored[row, :n] = True
-            oracle[row, :n] = lp
-        return Batch(inputs, targets, scored, oracle)
+        lengths = np.array([seq.size + 1 for seq in tokens], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        header = np.zeros(int(lengths.sum()), dtype=bool)
+        header[starts] = True
+        stream = np.empty(header.size, dtype=np.int64)
+        stream[starts] = self.cfg.vocab_size + 1 + topics
+        stream[~header] = np.concatenate(tokens)
+        logp = np.zeros(header.size)
+        logp[~header] = np.concatenate(logps)
+        return stream, logp, header, starts
+
+    def train_batch(self, step: int, batch_size: int, seq_len: int) -> Batch:
+        """Training step `step`: each row packs whole sequences back to back, LM1B-style ("whenever
+        a sentence ends, a new one starts without any padding"), starting with a header, and cuts
+        the last one at the row's end. Row r of step s reads train sequences from
+        (s·B + r)·(L + 1) on, a range no other row touches, so a batch is a pure function of the
+        step. The cut changes no scored token's true conditional (it depends on earlier tokens
+        only), so the floor and the oracle stay exact."""
+        _check_shape(batch_size, seq_len)
+        stride = seq_len + 1  # a sequence takes >= 2 positions: never more than this many per row
+        mean_len = 2.0 + (1.0 - self.cfg.eos_prob) / self.cfg.eos_prob
+        count = min(int(1.5 * stride / mean_len) + 4, stride)
+        base = (step * batch_size + np.arange(batch_size)) * stride
+        # one vectorised draw for every row; the rare row it leaves short is redrawn longer
+        index = (base[:, None] + np.arange(count)[None, :]).reshape(-1)
+        stream, logp, header, starts = self._stream("train", index)
+        row_start = starts[::count]
+        row_end = np.append(row_start[1:], stream.size)
+        rows = []
+        for r in range(batch_size):
+            lo, hi = row_start[r], row_end[r]
+            part = stream[lo:hi], logp[lo:hi], header[lo:hi]
+            n = count
+            while part[0].size < stride and n < stride:
+                n = min(2 * n, stride)
+                part = self._stream("train", np.arange(base[r], base[r] + n))[:3]
+            rows.append(tuple(x[:stride] for x in part))
+        stream, logp, header = (np.stack(x) for x in zip(*rows, strict=True))
+        return Batch(
+            inputs=stream[:, :-1].astype(np.int64),
+            targets=stream[:, 1:].astype(np.int64),
+            scored=~header[:, 1:],
+            oracle_logp=np.where(header[:, 1:], 0.0, logp[:, 1:]),
+        )
+
+    def steps_per_epoch(self, batch_size: int, seq_len: int) -> None:
+        return None  # an endless stream: train by token budget
+
+    def eval_batches(
+        self, split: str, batch_size: int, seq_len: int, max_tokens: int | None = None
+    ) -> Iterator[Batch]:
+        """The first sequences of `split` holding at least `max_tokens` scored tokens, every token
+        scored exactly once: row r gets a contiguous run of whole sequences, rows are padded to one
+        length and cut into windows of `seq_len` that continue across batches (the trainer carries
+        the LSTM state), so no token loses its context. The set depends on max_tokens only, not on
+        the batch shape."""
+        _check_shape(batch_size, seq_len)
+        if split not in ("valid", "test"):
+            raise ValueError(f"evaluation split must be 'valid' or 'test', got {split!r}")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(
+                f"eval.tokens must be a positive integer for the endless synthetic corpus, "
+                f"got {max_tokens!r}"
+            )
+        topics, seqs, logps = [], [], []
+        total, start, chunk = 0, 0, 1024
+        while total < max_tokens:
+            t, s, lp = self.sequences(split, np.arange(start, start + chunk))
+            start += chunk
+            for j in range(len(s)):
+                if total >= max_tokens:
+                    break
+                topics.append(t[j])
+                seqs.append(s[j])
+                logps.append(lp[j])
+                total += s[j].size
+        n = len(seqs)
+        bounds = [round(r * n / batch_size) for r in range(batch_size + 1)]
+        rows = []
+        for r in range(batch_size):
+            part = range(bounds[r], bounds[r + 1])
+            tok = [np.concatenate([[self.cfg.vocab_size + 1 + topics[j]], seqs[j]]) for j in part]
+            lp = [np.concatenate([[0.0], logps[j]]) for j in part]
+            head = [np.arange(len(x)) == 0 for x in tok]
+            rows.append(tuple(np.concatenate(x) if x else np.zeros(0) for x in (tok, lp, head)))
+        width = max(row[0].size for row in rows)
+        padded = -(-max(width - 1, 1) // seq_len) * seq_len + 1
+        inputs = np.full((batch_size, padded), self.cfg.eos_id, dtype=np.int64)
+        logp = np.zeros((batch_size, padded))
+        scored = np.zeros((batch_size, padded), dtype=bool)
+        for r, (tok, lp, head) in enumerate(rows):
+            inputs[r, : tok.size] = tok
+            logp[r, : tok.size] = lp
+            scored[r, : tok.size] = ~head.astype(bool)
+        for lo in range(0, padded - 1, seq_len):
+            hi = lo + seq_len
+            yield Batch(
+                inputs=inputs[:, lo:hi],
+                targets=inputs[:, lo + 1 : hi + 1],
+                scored=scored[:, lo + 1 : hi + 1],
+                oracle_logp=logp[:, lo + 1 : hi + 1],
+            )
+
+    def describe(self) -> dict:
+        cfg = self.cfg
+        return {
+            "corpus": self.name,
+            **{f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
+            "vocab_size": self.vocab_size,
+            "floor_nats": self.floor_nats(),
+            "successor_rows": cfg.num_topics * (cfg.vocab_size + 1),
+        }
+
+
+def _check_shape(batch_size: int, seq_len: int) -> None:
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
