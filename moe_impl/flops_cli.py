@@ -13,7 +13,7 @@ import dataclasses
 import json
 
 from moe_impl import flops
-from moe_impl.presets import PAPER_EXCEPTIONS, PAPER_VALUES, PRESETS
+from moe_impl.presets import ALL_PRESETS, PAPER_EXCEPTIONS, PAPER_VALUES, PRESETS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME",
-        help="preset (repeatable; default all)",
+        help="preset (repeatable; default: every paper preset; cpu/... for the CPU family)",
     )
     p.add_argument("--paper", action="store_true", help="add the values the paper printed")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
@@ -33,16 +33,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def select(names: list[str]) -> list[str]:
-    """The requested preset names (all of them when none is given), in the order asked."""
-    unknown = [n for n in names if n not in PRESETS]
+    """The requested preset names (the paper's when none is given), in the order asked."""
+    unknown = [n for n in names if n not in ALL_PRESETS]
     if unknown:
-        raise ValueError(f"unknown model {unknown[0]!r}; valid names: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown model {unknown[0]!r}; valid names: {', '.join(ALL_PRESETS)}")
     return names or list(PRESETS)
 
 
 def counts(name: str) -> dict:
     """Our counts for one preset, as plain integers."""
-    cfg = PRESETS[name]
+    cfg = ALL_PRESETS[name]
     return {
         "model": name,
         "moe": cfg.moe,
@@ -68,6 +68,8 @@ def paper_notes(name: str) -> list[str]:
 
 def paper_columns(name: str) -> dict:
     """The published row as `paper_<column>` keys: numbers as floats, None where not printed."""
+    if name not in PAPER_VALUES:
+        return {"paper_notes": ["not in the paper (scaled-down CPU preset)"]}
     row = PAPER_VALUES[name]
     out = {}
     for field in dataclasses.fields(row):
@@ -90,9 +92,11 @@ def _table(rows: list[dict], paper: bool) -> str:
             f"{r['total_params'] / 1e9:.3f}",
             f"{r['train_flops_per_token'] / 1e9:.4f}",
         ]
-        if paper:
+        if paper and r["model"] in PAPER_VALUES:
             p = PAPER_VALUES[r["model"]]
             cells += [p.params_M, p.ops_M, p.total_B, p.tflops_per_gpu or "-", p.source]
+        elif paper:
+            cells += ["-", "-", "-", "-", "not in the paper"]
         lines.append(cells)
     if paper:
         header += ["paper params", "paper ops", "paper total", "paper TFLOPS/GPU", "source"]

@@ -113,6 +113,52 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# The scaled-down family for CPU runs (`cpu/...`): the paper's structure (App. C.1: two LSTMs around
+# the MoE, k = 4 flat or 2 + 2 hierarchical, h = 2·d, the LSTMs' ops equal the 4 active experts')
+# at d = 64, and the same compute-matched baselines. The vocabulary is the embedded synthetic
+# corpus's (a training run replaces it with its corpus's); full softmax, as the vocabulary is small.
+CPU_D_MODEL = 64
+CPU_D_HIDDEN = 128
+CPU_VOCAB = 577  # TopicMarkovConfig() defaults: 512 words + </S> + 64 topic headers
+_CPU_LSTM = ((CPU_D_MODEL, None),) * 2
+
+
+def _cpu(name: str, lstm=_CPU_LSTM, **moe) -> ModelConfig:
+    return ModelConfig(
+        name=name, vocab_size=CPU_VOCAB, d_model=CPU_D_MODEL, lstm_layers=lstm,
+        softmax_samples=None, **moe,
+    )  # fmt: skip
+
+
+def _cpu_flat(n: int) -> ModelConfig:
+    return _cpu(f"MoE-{n}", moe="flat", num_experts=n, d_hidden=CPU_D_HIDDEN, k=4)
+
+
+def _cpu_hier(a: int, b: int) -> ModelConfig:
+    return _cpu(
+        f"MoE-{a * b}-h", moe="hierarchical", num_experts=a * b, d_hidden=CPU_D_HIDDEN,
+        num_groups=a, group_size=b, k_primary=2, k_secondary=2,
+    )  # fmt: skip
+
+
+CPU_PRESETS: dict[str, ModelConfig] = {
+    "cpu/4xLSTM-64": _cpu("4xLSTM-64", lstm=_CPU_LSTM * 2),
+    # LSTM-2048-512's shape: 4·d units projected to d
+    "cpu/LSTM-256-64": _cpu("LSTM-256-64", lstm=((4 * CPU_D_MODEL, CPU_D_MODEL),)),
+    "cpu/MoE-1-Wide": _cpu("MoE-1-Wide", moe="dense", num_experts=1, d_hidden=4 * CPU_D_HIDDEN),
+    "cpu/MoE-1-Deep": _cpu(
+        "MoE-1-Deep", moe="dense", num_experts=1, d_hidden=CPU_D_HIDDEN, expert_hidden_layers=4
+    ),
+    **{f"cpu/MoE-{n}": _cpu_flat(n) for n in (4, 32, 256)},
+    # a = 2^floor(log2(n) / 2) groups, as the benchmark's N-h shapes
+    **{
+        f"cpu/MoE-{a * b}-h": _cpu_hier(a, b)
+        for a, b in ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (256, 512))
+    },
+}
+ALL_PRESETS: dict[str, ModelConfig] = {**PRESETS, **CPU_PRESETS}
+
+
 @dataclass(frozen=True, kw_only=True)
 class PaperRow:
     """One printed table row; numbers are strings exactly as printed (None where the cell is "—").
