@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install test test-all lint format bench reproduce clean
+.PHONY: install test test-all lint format bench reproduce clean mlflow-ui
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m moe_impl bench --out results/bench
+
+# the MLflow UI on http://127.0.0.1:5000 for results/mlflow.db (tracking ui --help for options)
+mlflow-ui: $(STAMP)
+	$(BIN)/python -m moe_impl tracking ui
 
 # the default reproduction (Snakefile + config/config.yaml): for now the layer benchmark
 reproduce: $(STAMP)
