@@ -16,6 +16,8 @@ from moe_impl import runtime
 COMMANDS = {
     "bench": "moe_impl.bench",
     "flops": "moe_impl.flops_cli",
+    "tracking": "moe_impl.tracking_cli",
+    "train": "moe_impl.train_cli",
 }
 
 

@@ -29,7 +29,7 @@ class ExpertBank(nn.Module):
     `sparse_grad=True` makes the weight gradients sparse COO tensors over the experts that received
     tokens (sparse_dim 1, like nn.Embedding(sparse=True)): memory then grows with the active experts,
     not with all of them. Optimizers must accept sparse gradients (torch.optim.SparseAdam, Adagrad,
-    or the project's row-wise optimizer).
+    or moe_impl.optim.FactoredAdam).
     """
 
     def __init__(self, num_experts: int, d_model: int, d_hidden: int, *, sparse_grad: bool) -> None:

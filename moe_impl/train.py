@@ -1,0 +1,469 @@
+"""The training loop of `python -m moe_impl train`: config -> run directory (moe_impl/rundir.py).
+
+Paper App. C.1: Adam, linear warmup then ∝ 1/√step, dropout, w_importance = w_load = 0.1; App. D:
+the factored, β1 = 0 Adam for expert parameters (`train.expert_optimizer`), which with sparse
+expert gradients touches only the experts that received tokens (so 131072 experts train on a
+laptop). Every step is a pure function of (config, step, parameters): batches come by step number,
+and the dropout and gate-noise generators are re-seeded from (seed, step) at each step, so a run
+resumed from a checkpoint produces exactly the losses of an uninterrupted one.
+
+A non-finite loss stops the run before the optimizer touches the parameters, with the last good
+checkpoint kept (`TrainingDiverged`, exit code 3 from the CLI).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe_impl import checkpoint, flops, rundir, runinfo, telemetry
+from moe_impl.data.synthetic import TopicMarkov
+from moe_impl.lm import MoELanguageModel
+from moe_impl.optim import FactoredAdam
+from moe_impl.progress import Progress
+from moe_impl.train_config import dump, model_config, synthetic_config
+
+STATS = ("cv_importance", "cv_load", "max_over_mean_load")
+_STATS_WINDOW = 20  # summary routing statistics: mean over the last this many steps
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run directory keeps the last good checkpoint."""
+
+
+def build_corpus(cfg: dict):
+    data = cfg["data"]
+    if data["corpus"] == "synthetic":
+        return TopicMarkov(synthetic_config(cfg))
+    if data["corpus"] == "lm1b":
+        from moe_impl.data.lm1b import LM1BCorpus
+
+        return LM1BCorpus(
+            data["path"],
+            vocab_file=data["vocab_file"],
+            cache_dir=data["cache_dir"],
+            seed=cfg["train"]["seed"],
+            max_train_shards=data["max_train_shards"],
+        )
+    from moe_impl.data.text import TextCorpus
+
+    return TextCorpus(data["path"], min_count=data["min_count"], max_vocab=data["max_vocab"])
+
+
+def lr_factor(step: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak rate at 0-based `step`: linear warmup over `warmup` steps, then
+    constant or ∝ 1/√step (App. C.1), continuous at the end of warmup."""
+    s = step + 1
+    if warmup and s <= warmup:
+        return s / warmup
+    if schedule == "constant":
+        return 1.0
+    return math.sqrt(max(warmup, 1) / s)
+
+
+def _step_seed(seed: int, step: int, salt: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + salt) % (2**63 - 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but torch sees no CUDA device")
+    return device
+
+
+class Trainer:
+    """One training run in `run_dir`, from a resolved config (train_config.load_config)."""
+
+    def __init__(self, cfg: dict, run_dir: str | Path, *, resume: bool = False) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.train_cfg, self.eval_cfg = cfg["train"], cfg["eval"]
+        tc = self.train_cfg
+        if tc["threads"]:
+            torch.set_num_threads(tc["threads"])
+        self.device = resolve_device(tc["device"])
+        self.corpus = build_corpus(cfg)
+        self.model_cfg = model_config(cfg, self.corpus.vocab_size)
+        self.name = cfg["name"] or self.model_cfg.name
+        self._prepare_run_dir(resume)
+        torch.manual_seed(tc["seed"])
+        m = cfg["model"]
+        proposal = None
+        if self.model_cfg.softmax_samples and not self.corpus.ids_by_frequency:
+            proposal = torch.full((self.corpus.vocab_size,), -math.log(self.corpus.vocab_size))
+        self.model = MoELanguageModel(
+            self.model_cfg,
+            dropout=m["dropout"],
+            w_importance=m["w_importance"],
+            w_load=m["w_load"],
+            noisy_gating=m["noisy_gating"],
+            sparse_grad=m["sparse_grad"],
+            proposal_log_probs=proposal,
+        ).to(self.device)
+        self.optimizers = self._optimizers()
+        self.generator = torch.Generator(device=self.device)
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if tc["dtype"] == "bfloat16"
+            else nullcontext()
+        )
+        self.total_steps = self._total_steps()
+        self.step, self.state, self.train_time, self.snapshots = 0, None, 0.0, []
+        self.scored_tokens = 0
+        self.recent_stats: list[dict] = []
+        if resume and checkpoint.latest(self.run_dir):
+            self._restore(checkpoint.latest(self.run_dir))
+
+    # --- set-up -----------------------------------------------------------------------------
+
+    def _prepare_run_dir(self, resume: bool) -> None:
+        d = self.run_dir
+        config_path = d / rundir.CONFIG_FILE
+        if d.exists() and any(d.iterdir()) and not resume:
+            raise ValueError(
+                f"run directory {str(d)!r} is not empty; pass --resume to continue it or choose "
+                "another --out"
+            )
+        d.mkdir(parents=True, exist_ok=True)
+        text = dump(self.cfg)
+        if resume and config_path.exists() and config_path.read_text() != text:
+            raise ValueError(
+                f"--resume: the config differs from the one in {str(config_path)!r}; a resumed "
+                "run must use the same settings (compare the files, or start a new --out)"
+            )
+        config_path.write_text(text)
+        self.identity = runinfo.write_run_identity(d, self.name, self.cfg["experiment"])
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        tc = self.train_cfg
+        experts = [p for n, p in self.model.named_parameters() if ".experts." in n]
+        bank = getattr(self.model.moe, "experts", None)
+        sparse = bool(getattr(bank, "sparse_grad", False))
+        choice = tc["expert_optimizer"]
+        if choice == "auto":
+            choice = "factored" if sparse else "adam"
+        if choice == "adam" and sparse:
+            raise ValueError(
+                "train.expert_optimizer='adam' cannot take sparse expert gradients; use "
+                "'factored' (App. D) or set model.sparse_grad=false"
+            )
+        self.expert_optimizer = choice if experts else None
+        # fused: one kernel for all tensors (CPU and CUDA); 4x faster than the per-tensor loop on
+        # our CPU for 256 experts' dense gradients
+        adam_kw = dict(lr=tc["lr"], betas=(tc["beta1"], tc["beta2"]), eps=tc["eps"], fused=True)
+        if choice == "factored" and experts:
+            ids = {id(p) for p in experts}
+            rest = [p for p in self.model.parameters() if id(p) not in ids]
+            return [
+                torch.optim.Adam(rest, **adam_kw),
+                FactoredAdam(experts, lr=tc["lr"], beta2=tc["beta2"], eps=tc["eps"]),
+            ]
+        return [torch.optim.Adam(self.model.parameters(), **adam_kw)]
+
+    def _total_steps(self) -> int:
+        tc = self.train_cfg
+        per_step = tc["batch_size"] * tc["seq_len"]
+        if tc["tokens"] is not None:
+            return max(1, -(-tc["tokens"] // per_step))
+        per_epoch = self.corpus.steps_per_epoch(tc["batch_size"], tc["seq_len"])
+        return tc["epochs"] * per_epoch
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        checkpoint.save(
+            self.run_dir,
+            self.step,
+            {
+                "step": self.step,
+                "model": self.model.state_dict(),
+                "optimizers": [opt.state_dict() for opt in self.optimizers],
+                "state": self.state,
+                "train_time": self.train_time,
+                "scored_tokens": self.scored_tokens,
+                "snapshots": self.snapshots,
+                "recent_stats": self.recent_stats,
+            },
+            keep=self.train_cfg["keep_checkpoints"],
+        )
+
+    def _restore(self, path: Path) -> None:
+        saved = checkpoint.load(path, self.device)
+        self.model.load_state_dict(saved["model"])
+        for opt, state in zip(self.optimizers, saved["optimizers"], strict=True):
+            opt.load_state_dict(state)
+        self.step, self.state = saved["step"], saved["state"]
+        self.train_time, self.snapshots = saved["train_time"], saved["snapshots"]
+        self.recent_stats = saved["recent_stats"]
+        self.scored_tokens = saved["scored_tokens"]
+        # lines logged after the checkpoint would be logged again: drop them
+        kept = [r for r in rundir.read_metrics(self.run_dir) if r.get("step", 0) <= self.step]
+        path = self.run_dir / rundir.METRICS_FILE
+        path.write_text("".join(rundir.dumps(r) + "\n" for r in kept))
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def _batch(self, batch):
+        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        return to(batch.inputs), to(batch.targets), to(batch.scored)
+
+    def train_step(self) -> dict:
+        tc, step = self.train_cfg, self.step
+        self.model.train()
+        torch.manual_seed(_step_seed(tc["seed"], step, 1))  # dropout (and CUDA kernels' RNG)
+        self.generator.manual_seed(_step_seed(tc["seed"], step, 2))  # gate noise, softmax samples
+        inputs, targets, scored = self._batch(
+            self.corpus.train_batch(step, tc["batch_size"], tc["seq_len"])
+        )
+        state = self.state if self.corpus.carries_state else None
+        with self.autocast:
+            out = self.model(inputs, targets, scored, state=state, generator=self.generator)
+        loss = out.nll_sum.float() / out.num_scored.clamp_min(1)
+        total = loss + out.aux_loss.float()
+        if not torch.isfinite(total):
+            raise TrainingDiverged(
+                f"step {step}: the loss is {total.item()} (nll {loss.item()}, aux "
+                f"{out.aux_loss.item()}); stopped before updating. The last good checkpoint is "
+                f"{checkpoint.latest(self.run_dir)}; try a lower train.lr or train.clip_norm"
+            )
+        total.backward()
+        grad_norm = self._clip()
+        factor = lr_factor(step, tc["warmup_steps"], tc["schedule"])
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = tc["lr"] * factor
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if self.corpus.carries_state:
+            self.state = [tuple(t.detach() for t in s) for s in out.state]
+        record = {
+            "kind": "train",
+            "step": step + 1,
+            "tokens": (step + 1) * tc["batch_size"] * tc["seq_len"],
+            "loss": loss.item(),
+            "aux_loss": out.aux_loss.item(),
+            "lr": tc["lr"] * factor,
+            "grad_norm": grad_norm,
+            "scored_tokens": int(out.num_scored),
+        }
+        if out.stats is not None:
+            for key in STATS:
+                record[key] = float(getattr(out.stats, key))
+            record["num_dropped"] = int(out.stats.num_dropped)
+        return record
+
+    def _clip(self) -> float:
+        """Global gradient norm over dense and sparse gradients (a sparse gradient's values hold
+        each active expert once); scales all gradients down to train.clip_norm."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norms = [torch.linalg.vector_norm(g._values() if g.is_sparse else g) for g in grads]
+        norm = float(torch.linalg.vector_norm(torch.stack(norms).float())) if norms else 0.0
+        clip = self.train_cfg["clip_norm"]
+        if clip is not None and math.isfinite(norm) and norm > clip:
+            for g in grads:
+                g.mul_(clip / norm)
+        return norm
+
+    @torch.no_grad()
+    def evaluate(self, split: str | None = None) -> dict:
+        """Mean NLL per scored token of the split (full softmax, no dropout or noise)."""
+        ec = self.eval_cfg
+        split = split or ec["split"]
+        self.model.eval()
+        nll, oracle, count, state = 0.0, 0.0, 0, None
+        has_oracle = True
+        for batch in self.corpus.eval_batches(split, ec["batch_size"], ec["seq_len"], ec["tokens"]):
+            inputs, targets, scored = self._batch(batch)
+            with self.autocast:
+                out = self.model(inputs, targets, scored, state=state)
+            state = out.state
+            nll += float(out.nll_sum)
+            count += int(out.num_scored)
+            if batch.oracle_logp is None:
+                has_oracle = False
+            else:
+                oracle -= float(batch.oracle_logp[batch.scored].sum())
+        self.model.train()
+        if count == 0:
+            raise ValueError(f"the {split} split has no scored tokens")
+        mean = nll / count
+        return {
+            "split": split,
+            "nll": mean,
+            "perplexity": math.exp(mean),
+            "excess_nll": mean - oracle / count if has_oracle else None,
+            "oracle_nll": oracle / count if has_oracle else None,
+            "scored_tokens": count,
+        }
+
+    def run(self) -> dict:
+        """Train to the budget (or on from the checkpoint), evaluate, write summary.json."""
+        if rundir.is_finished(self.run_dir):
+            return rundir.read_summary(self.run_dir)
+        self.peak_flops, self.peak_flops_source = telemetry.resolve_peak_flops(
+            str(self.device),
+            self.train_cfg["dtype"],
+            device_name=self._device_name(),
+            override=self.cfg["telemetry"]["peak_flops"],
+        )
+        tracker = self._start_tracking()
+        sampler = None
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else 0
+            sampler = telemetry.GpuSampler(self.cfg["telemetry"]["interval_s"], index).start()
+        try:
+            summary = self._run(tracker, sampler)
+        except BaseException as err:
+            if tracker is not None:
+                tracker.fail("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
+        finally:
+            if sampler is not None:
+                sampler.stop()
+        if tracker is not None:
+            tracker.finish(summary)
+        return summary
+
+    def _start_tracking(self):
+        tr = self.cfg["tracking"]
+        if not tr["enabled"]:
+            return None
+        from moe_impl.tracking import RunTracker  # the one module that imports mlflow
+
+        return RunTracker.start(
+            self.run_dir,
+            config=self.cfg,
+            experiment=self.cfg["experiment"],
+            run_name=self.name,
+            tags={
+                "preset": self.cfg["model"]["preset"],
+                "corpus": self.cfg["data"]["corpus"],
+                "device_name": self._device_name(),
+                "peak_flops_source": self.peak_flops_source,
+                "sweep": self.cfg["sweep"] or "",
+            },
+            tracking_uri=tr["uri"],
+        )
+
+    def _run(self, tracker, sampler) -> dict:
+        tc = self.train_cfg
+        per_step = tc["batch_size"] * tc["seq_len"]
+        snapshot_steps = sorted({-(-t // per_step) for t in self.eval_cfg["at_tokens"]})
+        done = {s["step"] for s in self.snapshots}
+        progress = Progress(
+            tc["progress"], self.total_steps, self.step, self.name, every=tc["log_every"]
+        )
+        start_wall = time.perf_counter()
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            record = self.train_step()
+            dt = time.perf_counter() - t0
+            self.train_time += dt
+            self.step += 1
+            record["tokens_per_second"] = per_step / dt
+            record["time"] = self.train_time
+            self.scored_tokens += record["scored_tokens"]
+            if "cv_importance" in record:
+                self.recent_stats = [*self.recent_stats, {k: record[k] for k in STATS}][
+                    -_STATS_WINDOW:
+                ]
+            if sampler is not None and self.step % tc["log_every"] == 0:
+                record.update(sampler.latest())
+            rundir.append_metrics(self.run_dir, record)
+            if tracker is not None:
+                tracker.log_record(record)
+            progress.update(self.step, record)
+            if self.step in snapshot_steps and self.step not in done:
+                self._log(tracker, self._snapshot())
+            if self.step % tc["checkpoint_every"] == 0 or self.step == self.total_steps:
+                self._checkpoint()
+        progress.close()
+        final = self.evaluate()
+        self._log(
+            tracker, {"kind": "eval", "step": self.step, "tokens": self.step * per_step, **final}
+        )
+        summary = self._summary(final, time.perf_counter() - start_wall)
+        if sampler is not None:
+            summary.update(sampler.summary())
+            summary.update({f"gpu_{k}": v for k, v in sampler.info.items()})
+        rundir.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)
+        return summary
+
+    def _log(self, tracker, record: dict) -> None:
+        rundir.append_metrics(self.run_dir, record)
+        if tracker is not None:
+            tracker.log_record(record)
+
+    def _snapshot(self) -> dict:
+        result = self.evaluate()
+        tokens = self.step * self.train_cfg["batch_size"] * self.train_cfg["seq_len"]
+        self.snapshots.append({"step": self.step, "tokens": tokens, **result})
+        return {"kind": "eval", "step": self.step, "tokens": tokens, **result}
+
+    def _summary(self, final: dict, wall: float) -> dict:
+        cfg, tc = self.model_cfg, self.train_cfg
+        per_step = tc["batch_size"] * tc["seq_len"]
+        tokens_per_second = self.step * per_step / self.train_time if self.train_time else None
+        train_flops = flops.train_flops_per_token(cfg)
+        tflops = train_flops * tokens_per_second / 1e12 if tokens_per_second else None
+        stats = {
+            k: float(np.mean([s[k] for s in self.recent_stats])) if self.recent_stats else None
+            for k in STATS
+        }
+        floor = self.corpus.floor_nats()
+        return {
+            "name": self.name,
+            "preset": self.cfg["model"]["preset"],
+            "corpus": self.corpus.describe(),
+            "test_perplexity": final["perplexity"],
+            "test_nll": final["nll"],
+            "excess_nll": final["excess_nll"],
+            "oracle_nll": final["oracle_nll"],
+            "floor_nll": floor,
+            "floor_perplexity": math.exp(floor) if floor is not None else None,
+            "eval_split": final["split"],
+            "eval_scored_tokens": final["scored_tokens"],
+            "params_total": flops.total_params(cfg),
+            "params_excl_embedding_softmax": flops.params_excl_embedding_softmax(cfg),
+            "ops_per_timestep": flops.ops_per_timestep(cfg),
+            "train_flops_per_token": train_flops,
+            "tflops_per_device": tflops,
+            "mfu": telemetry.mfu(tflops, self.peak_flops),
+            "peak_flops": self.peak_flops,
+            "peak_flops_source": self.peak_flops_source,
+            "tokens_per_second": tokens_per_second,
+            **stats,
+            "peak_memory_mb": self._peak_memory_mb(),
+            "wall_time_s": wall,
+            "train_time_s": self.train_time,
+            "train_tokens": self.step * per_step,
+            "train_scored_tokens": self.scored_tokens,
+            "steps": self.step,
+            "snapshots": self.snapshots,
+            "expert_optimizer": self.expert_optimizer,
+            "device": str(self.device),
+            "device_name": self._device_name(),
+            "dtype": tc["dtype"],
+            "threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
+            "python": sys.version.split()[0],
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+
+    def _peak_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    def _device_name(self) -> str:
+        name = runinfo.device_name(str(self.device))
+        return name if self.device.type == "cuda" else f"{name} ({os.cpu_count()} cores)"

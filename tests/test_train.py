@@ -1,0 +1,312 @@
+"""`python -m moe_impl train`: config handling, the run directory, determinism, resume, divergence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from moe_impl import checkpoint, rundir
+from moe_impl.cli import main
+from moe_impl.train import Trainer, TrainingDiverged, lr_factor
+from moe_impl.train_config import load_config
+
+# a run of a few seconds: 12 steps of 8 x 24 positions on a small corpus
+TINY = [
+    "model.d_model=16",
+    "model.lstm_layers=[[16, null], [16, null]]",
+    "model.d_hidden=16",
+    "model.num_experts=8",
+    "model.k=2",
+    "data.synthetic.vocab_size=48",
+    "data.synthetic.num_topics=4",
+    "data.synthetic.max_len=40",
+    "train.batch_size=8",
+    "train.seq_len=24",
+    "train.tokens=2304",
+    "train.warmup_steps=3",
+    "train.lr=0.01",
+    "train.checkpoint_every=5",
+    "train.progress=none",
+    "train.threads=1",
+    "eval.tokens=600",
+    "eval.batch_size=4",
+    "eval.seq_len=32",
+    "tracking.enabled=false",  # tests of MLflow logging turn it on with their own store
+]
+
+
+def tiny(*more: str) -> dict:
+    return load_config([], [*TINY, *more])
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in rundir.read_metrics(run_dir) if r["kind"] == "train"]
+
+
+# --- config -------------------------------------------------------------------------------------
+
+
+def test_config_layers_files_and_overrides(tmp_path):
+    a = tmp_path / "a.yaml"
+    a.write_text(yaml.safe_dump({"train": {"lr": 0.5, "batch_size": 4}, "model": {"k": 2}}))
+    cfg = load_config([a], ["train.lr=3e-4", "eval.at_tokens=[100, 1000]"])
+    assert cfg["train"]["lr"] == 3e-4 and cfg["train"]["batch_size"] == 4
+    assert cfg["model"]["k"] == 2 and cfg["eval"]["at_tokens"] == [100, 1000]
+    assert cfg["train"]["seq_len"] == 64  # untouched default
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lrr=1"], r"unknown config key 'train\.lrr'.*valid keys in 'train'"),
+        (["modle.k=2"], r"unknown config key 'modle'"),
+        (["train.lr=-1"], r"train\.lr must be a number > 0"),
+        (["train.batch_size=0"], r"train\.batch_size must be a positive integer"),
+        (["train.dtype=fp8"], r"train\.dtype must be one of"),
+        (["model.preset=cpu/MoE-7"], r"model\.preset 'cpu/MoE-7' is not a preset"),
+        (["model.preset=cpu/MoE-1024-h", "model.num_experts=1000"], r"num_groups x group_size"),
+        (["model.k=40"], r"k must be in \[1, 32\]"),
+        (["data.synthetic.fanout=0"], r"data\.synthetic\.fanout"),
+        (["train.epochs=2"], r"exactly one of train\.tokens and train\.epochs"),
+        (["train.tokens=null", "train.epochs=2"], r"finite corpus"),
+        (["data.corpus=lm1b"], r"data\.path is required"),
+        (["train.device=tpu"], r"train\.device"),
+        (["train"], r"--set expects key=value"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config([], overrides)
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
+    assert main(["train", "--set", "train.lr=zero", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.lr") and "Traceback" not in err
+    assert main(["train", "--config", str(tmp_path / "missing.yaml"), "--print-config"]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_print_config_is_the_resolved_config(capsys):
+    assert main(["train", "--print-config", "--set", "model.preset=cpu/MoE-256-h"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["preset"] == "cpu/MoE-256-h" and cfg["train"]["tokens"] == 1_000_000
+
+
+def test_lr_schedule_is_warmup_then_inverse_sqrt():
+    assert [lr_factor(s, 4, "inverse_sqrt") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(15, 4, "inverse_sqrt") == pytest.approx(0.5)  # step 16 = 4 x warmup
+    assert lr_factor(99, 4, "constant") == 1.0
+
+
+# --- a run --------------------------------------------------------------------------------------
+
+
+def test_a_run_writes_the_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out)] + [a for s in TINY for a in ("--set", s)]
+    assert main([*args, "--set", "eval.at_tokens=[768]"]) == 0
+    assert "test perplexity" in capsys.readouterr().out
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["num_experts"] == 8
+    summary = json.loads((out / "summary.json").read_text())
+    for key in rundir.SUMMARY_KEYS:
+        assert key in summary, key
+    assert summary["steps"] == 12 and summary["train_tokens"] == 12 * 8 * 24
+    assert summary["excess_nll"] == pytest.approx(summary["test_nll"] - summary["oracle_nll"])
+    assert summary["test_nll"] > summary["oracle_nll"] > 0
+    assert (
+        summary["params_excl_embedding_softmax"] == 2 * 4 * 16 * 32 + 8 * 2 * 16 * 16 + 2 * 16 * 8
+    )
+    assert summary["tflops_per_device"] > 0 and summary["peak_memory_mb"] > 0
+    assert [s["tokens"] for s in summary["snapshots"]] == [768]
+    records = rundir.read_metrics(out)
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert {"loss", "aux_loss", "cv_importance", "cv_load", "tokens_per_second"} <= set(train[0])
+    assert [r["tokens"] for r in records if r["kind"] == "eval"] == [768, 2304]
+    assert json.loads((out / "run.json").read_text())["run_id"]
+    # running it again is refused; --resume on a finished run leaves it as it is
+    assert main(args) == 2
+    assert main([*args, "--set", "eval.at_tokens=[768]", "--resume"]) == 0
+    assert rundir.read_metrics(out) == records
+
+
+def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
+    a = Trainer(tiny(), tmp_path / "a").run()
+    b = Trainer(tiny(), tmp_path / "b").run()
+    c = Trainer(tiny("train.seed=1"), tmp_path / "c").run()
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") != losses(tmp_path / "c")
+    assert a["test_nll"] == b["test_nll"] != c["test_nll"]
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("preset_args", [[], ["model.preset=cpu/MoE-256-h", *[]]])
+def test_resume_equals_an_uninterrupted_run(tmp_path, preset_args):
+    extra = preset_args and [
+        "model.num_experts=16", "model.num_groups=4", "model.group_size=4",
+        "model.k_primary=2", "model.k_secondary=2", "model.k=null", "model.sparse_grad=true",
+    ]  # fmt: skip
+    cfg = tiny(*preset_args, *(extra or []))
+    whole = Trainer(cfg, tmp_path / "whole").run()
+
+    trainer = Trainer(cfg, tmp_path / "cut")
+    step = trainer.train_step
+
+    def dies_at_step_8():
+        if trainer.step == 8:  # after the checkpoint at 5 and three more logged steps
+            raise Killed
+        return step()
+
+    trainer.train_step = dies_at_step_8
+    with pytest.raises(Killed):
+        trainer.run()
+    assert checkpoint.latest(tmp_path / "cut").name == "step-00000005.pt"
+    assert len(losses(tmp_path / "cut")) == 8
+    resumed = Trainer(cfg, tmp_path / "cut", resume=True)
+    assert resumed.step == 5
+    summary = resumed.run()
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    assert summary["test_nll"] == whole["test_nll"]
+    if preset_args:
+        assert resumed.expert_optimizer == "factored"
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    Trainer(tiny(), tmp_path / "r").run()
+    with pytest.raises(ValueError, match="config differs"):
+        Trainer(tiny("train.lr=0.02"), tmp_path / "r", resume=True)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "nan"
+    real = torch.nn.LSTM.forward
+
+    def poisoned(self, x, state=None):
+        y, s = real(self, x, state)
+        if torch.is_grad_enabled() and poisoned.calls >= 6:
+            y = y * float("nan")
+        poisoned.calls += 1
+        return y, s
+
+    poisoned.calls = 0
+    monkeypatch.setattr(torch.nn.LSTM, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="step 3"):
+        Trainer(tiny("train.checkpoint_every=2"), out).run()
+    assert checkpoint.latest(out).name == "step-00000002.pt"
+    assert not (out / "summary.json").exists()
+    saved = checkpoint.load(checkpoint.latest(out))
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())
+
+    poisoned.calls = 0
+    args = ["train", "--out", str(tmp_path / "cli")] + [a for s in TINY for a in ("--set", s)]
+    assert main(args) == 3
+    assert "the loss is nan" in capsys.readouterr().err
+
+
+# --- real-text corpora (fixtures in the archive layouts) ----------------------------------------
+
+
+def lm1b_config(root, *more: str) -> dict:
+    return tiny(
+        "data.corpus=lm1b",
+        f"data.path={root}",
+        f"data.cache_dir={root.parent / 'cache'}",
+        "data.max_train_shards=3",
+        "model.softmax_samples=6",  # the importance-sampled training softmax (App. C.1)
+        "train.tokens=null",
+        "train.epochs=3",
+        "train.batch_size=2",
+        "train.seq_len=8",
+        "train.checkpoint_every=4",
+        "eval.tokens=null",
+        *more,
+    )
+
+
+def test_lm1b_epochs_state_and_resume(tmp_path):
+    from test_lm1b import SCORED_TEST, make_archive
+
+    root = make_archive(tmp_path / "data")
+    cfg = lm1b_config(root)
+    whole = Trainer(cfg, tmp_path / "whole")
+    assert whole.corpus.carries_state and whole.total_steps == 3 * whole.corpus.steps_per_epoch(
+        2, 8
+    )
+    summary = whole.run()
+    assert summary["eval_scored_tokens"] == SCORED_TEST  # every test word and </S>, once
+    assert summary["excess_nll"] is None and summary["floor_nll"] is None
+    assert summary["corpus"]["corpus"] == "lm1b"
+
+    trainer = Trainer(cfg, tmp_path / "cut")
+    step = trainer.train_step
+
+    def dies_at_step_6():
+        if trainer.step == 6:
+            raise Killed
+        return step()
+
+    trainer.train_step = dies_at_step_6
+    with pytest.raises(Killed):
+        trainer.run()
+    resumed = Trainer(cfg, tmp_path / "cut", resume=True)
+    assert resumed.step == 4 and resumed.state is not None  # the LSTM state is checkpointed
+    assert resumed.run()["test_nll"] == summary["test_nll"]
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+
+
+def test_text_corpus_trains(tmp_path):
+    from test_text import make_wikitext
+
+    root = make_wikitext(tmp_path / "wiki")
+    cfg = tiny(
+        "data.corpus=text", f"data.path={root}", "train.tokens=null", "train.epochs=1",
+        "train.batch_size=2", "train.seq_len=8", "eval.tokens=null",
+    )  # fmt: skip
+    summary = Trainer(cfg, tmp_path / "run").run()
+    assert summary["corpus"]["corpus"] == "text" and summary["test_nll"] > 0
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    args = ["train", "--out", str(tmp_path / "r"), "--set", "data.corpus=lm1b"]
+    assert main([*args, "--set", f"data.path={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nowhere" in err
+
+
+def test_bfloat16_autocast_trains_on_cpu(tmp_path):
+    """The CUDA path's dtype option, exercised on CPU autocast: routing stays float32 inside."""
+    summary = Trainer(tiny("train.dtype=bfloat16"), tmp_path / "bf16").run()
+    first, last = losses(tmp_path / "bf16")[:3], losses(tmp_path / "bf16")[-3:]
+    assert summary["dtype"] == "bfloat16" and sum(last) < sum(first)
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match=r"train\.device='cuda' but torch sees no CUDA device"):
+        Trainer(tiny("train.device=cuda"), tmp_path / "r")
+
+
+def test_a_tracked_run_lands_in_mlflow_with_the_summary_metrics(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "run"
+    summary = Trainer(
+        tiny("tracking.enabled=true", f"tracking.uri={uri}", "experiment=t", "sweep=s1"), out
+    ).run()
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["t"])
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert run["metrics.test_perplexity"] == pytest.approx(summary["test_perplexity"])
+    assert run["params.model.num_experts"] == "8" and run["tags.sweep"] == "s1"
+    assert run["tags.peak_flops_source"] == "measured:cpu-gemm"
+    assert run["metrics.mfu"] == pytest.approx(summary["mfu"]) and 0 < summary["mfu"] < 1
+    assert "metrics.train/loss" in runs.columns
