@@ -36,10 +36,14 @@ def latest(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint, or None."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     marker = folder / LATEST
-    if not marker.exists():
-        return None
-    path = folder / marker.read_text().strip()
-    return path if path.exists() else None
+    if marker.exists():
+        path = folder / marker.read_text().strip()
+        if path.exists():
+            return path
+    # killed between writing a checkpoint and naming it: the newest complete file (a partial one
+    # still has its .tmp name)
+    found = sorted(folder.glob("step-*.pt"))
+    return found[-1] if found else None
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> dict:

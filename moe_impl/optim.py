@@ -66,8 +66,13 @@ class FactoredAdam(torch.optim.Optimizer):
             state["step"] = torch.zeros(num, dtype=torch.long, device=p.device)
         grad = p.grad
         if grad.is_sparse:
-            grad = grad.coalesce()
-            idx, g = grad.indices()[0], grad.values()
+            idx = grad._indices()[0]
+            # moe_impl's expert gradients hold each active expert once, in order; autograd drops
+            # the coalesced flag, and coalescing them again costs ~80 ms at 4096 experts
+            if not (grad.is_coalesced() or bool((idx[1:] > idx[:-1]).all())):
+                grad = grad.coalesce()
+                idx = grad._indices()[0]
+            g = grad._values()
         else:
             idx, g = None, grad.view(num, rows, cols)
         take = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))

@@ -8,6 +8,8 @@
                             "max_over_mean_load", "num_dropped", "time"}
                            {"kind": "eval", "step", "tokens", "split", "nll", "perplexity",
                             "excess_nll" (or null), "scored_tokens", "time"}
+      expert_load.json   MoE runs: {"steps": n, "tokens_per_expert": [...]}, the true load (slots
+                           routed to each expert) summed over the last n training steps
       summary.json       written once, at the end of a finished run (its presence = finished):
                            see SUMMARY_KEYS
       checkpoints/       step-NNNNNNNN.pt, the newest few kept; latest.txt names the newest
@@ -29,6 +31,7 @@ from pathlib import Path
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+EXPERT_LOAD_FILE = "expert_load.json"
 RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoints"
 

@@ -85,6 +85,7 @@ class Trainer:
     """One training run in `run_dir`, from a resolved config (train_config.load_config)."""
 
     def __init__(self, cfg: dict, run_dir: str | Path, *, resume: bool = False) -> None:
+        self._segment_start = time.perf_counter()  # wall time counts set-up too
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.train_cfg, self.eval_cfg = cfg["train"], cfg["eval"]
         tc = self.train_cfg
@@ -94,7 +95,6 @@ class Trainer:
         self.corpus = build_corpus(cfg)
         self.model_cfg = model_config(cfg, self.corpus.vocab_size)
         self.name = cfg["name"] or self.model_cfg.name
-        self._prepare_run_dir(resume)
         torch.manual_seed(tc["seed"])
         m = cfg["model"]
         proposal = None
@@ -119,9 +119,17 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.step, self.state, self.train_time, self.snapshots = 0, None, 0.0, []
         self.scored_tokens = 0
+        self.expert_load = None  # tokens per expert summed over the last _STATS_WINDOW steps
         self.recent_stats: list[dict] = []
-        if resume and checkpoint.latest(self.run_dir):
-            self._restore(checkpoint.latest(self.run_dir))
+        self.wall_before = 0.0  # wall time of earlier segments of a resumed run
+        # only now, with everything built and checked, touch the run directory
+        self._prepare_run_dir(resume)
+        if resume and not rundir.is_finished(self.run_dir):  # finished: run() returns its summary
+            latest = checkpoint.latest(self.run_dir)
+            if latest is not None:
+                self._restore(latest)
+            else:  # killed before its first checkpoint: start over, forget what it logged
+                (self.run_dir / rundir.METRICS_FILE).unlink(missing_ok=True)
 
     # --- set-up -----------------------------------------------------------------------------
 
@@ -190,8 +198,10 @@ class Trainer:
                 "state": self.state,
                 "train_time": self.train_time,
                 "scored_tokens": self.scored_tokens,
+                "expert_load": self.expert_load,
                 "snapshots": self.snapshots,
                 "recent_stats": self.recent_stats,
+                "wall_time": self.wall_before + time.perf_counter() - self._segment_start,
             },
             keep=self.train_cfg["keep_checkpoints"],
         )
@@ -205,8 +215,19 @@ class Trainer:
         self.train_time, self.snapshots = saved["train_time"], saved["snapshots"]
         self.recent_stats = saved["recent_stats"]
         self.scored_tokens = saved["scored_tokens"]
-        # lines logged after the checkpoint would be logged again: drop them
-        kept = [r for r in rundir.read_metrics(self.run_dir) if r.get("step", 0) <= self.step]
+        self.expert_load = saved["expert_load"]
+        self.wall_before = saved["wall_time"]
+        # lines logged after the checkpoint would be logged again: drop them (evaluations at the
+        # checkpoint's step too, unless they are snapshots it holds)
+        snapshot_steps = {snap["step"] for snap in self.snapshots}
+        kept = [
+            r
+            for r in rundir.read_metrics(self.run_dir)
+            if r.get("step", 0) < self.step
+            or (
+                r.get("step") == self.step and (r["kind"] == "train" or self.step in snapshot_steps)
+            )
+        ]
         path = self.run_dir / rundir.METRICS_FILE
         path.write_text("".join(rundir.dumps(r) + "\n" for r in kept))
 
@@ -233,10 +254,17 @@ class Trainer:
             raise TrainingDiverged(
                 f"step {step}: the loss is {total.item()} (nll {loss.item()}, aux "
                 f"{out.aux_loss.item()}); stopped before updating. The last good checkpoint is "
-                f"{checkpoint.latest(self.run_dir)}; try a lower train.lr or train.clip_norm"
+                f"{checkpoint.latest(self.run_dir)}; start a new run (--out) with a lower train.lr "
+                "or a train.clip_norm"
             )
         total.backward()
         grad_norm = self._clip()
+        if not math.isfinite(grad_norm):
+            raise TrainingDiverged(
+                f"step {step}: the gradient norm is {grad_norm} (loss {loss.item()}); stopped "
+                f"before updating. The last good checkpoint is {checkpoint.latest(self.run_dir)}; "
+                "start a new run (--out) with a lower train.lr or a train.clip_norm"
+            )
         factor = lr_factor(step, tc["warmup_steps"], tc["schedule"])
         for opt in self.optimizers:
             for group in opt.param_groups:
@@ -259,6 +287,9 @@ class Trainer:
             for key in STATS:
                 record[key] = float(getattr(out.stats, key))
             record["num_dropped"] = int(out.stats.num_dropped)
+            if step >= self.total_steps - _STATS_WINDOW:  # the per-expert load histogram
+                counts = out.stats.tokens_per_expert.cpu().numpy().astype(np.int64)
+                self.expert_load = counts if self.expert_load is None else self.expert_load + counts
         return record
 
     def _clip(self) -> float:
@@ -357,44 +388,58 @@ class Trainer:
     def _run(self, tracker, sampler) -> dict:
         tc = self.train_cfg
         per_step = tc["batch_size"] * tc["seq_len"]
-        snapshot_steps = sorted({-(-t // per_step) for t in self.eval_cfg["at_tokens"]})
+        # a snapshot at the last step is the final evaluation: not run twice
+        snapshot_steps = {-(-t // per_step) for t in self.eval_cfg["at_tokens"]}
+        snapshot_steps.discard(self.total_steps)
         done = {s["step"] for s in self.snapshots}
         progress = Progress(
             tc["progress"], self.total_steps, self.step, self.name, every=tc["log_every"]
         )
-        start_wall = time.perf_counter()
-        while self.step < self.total_steps:
-            t0 = time.perf_counter()
-            record = self.train_step()
-            dt = time.perf_counter() - t0
-            self.train_time += dt
-            self.step += 1
-            record["tokens_per_second"] = per_step / dt
-            record["time"] = self.train_time
-            self.scored_tokens += record["scored_tokens"]
-            if "cv_importance" in record:
-                self.recent_stats = [*self.recent_stats, {k: record[k] for k in STATS}][
-                    -_STATS_WINDOW:
-                ]
-            if sampler is not None and self.step % tc["log_every"] == 0:
-                record.update(sampler.latest())
-            rundir.append_metrics(self.run_dir, record)
-            if tracker is not None:
-                tracker.log_record(record)
-            progress.update(self.step, record)
-            if self.step in snapshot_steps and self.step not in done:
-                self._log(tracker, self._snapshot())
-            if self.step % tc["checkpoint_every"] == 0 or self.step == self.total_steps:
-                self._checkpoint()
-        progress.close()
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                record = self.train_step()
+                dt = time.perf_counter() - t0
+                self.train_time += dt
+                self.step += 1
+                record["tokens_per_second"] = per_step / dt
+                record["time"] = self.train_time
+                self.scored_tokens += record["scored_tokens"]
+                if "cv_importance" in record:
+                    self.recent_stats = [*self.recent_stats, {k: record[k] for k in STATS}][
+                        -_STATS_WINDOW:
+                    ]
+                logged = self.step % tc["log_every"] == 0 or self.step == self.total_steps
+                if sampler is not None and logged:
+                    record.update(sampler.latest())
+                rundir.append_metrics(self.run_dir, record)  # every step; MLflow every log_every
+                if tracker is not None and logged:
+                    tracker.log_record(record)
+                progress.update(self.step, record)
+                if self.step in snapshot_steps and self.step not in done:
+                    self._log(tracker, self._snapshot())
+                if self.step % tc["checkpoint_every"] == 0 or self.step == self.total_steps:
+                    if tracker is not None:
+                        tracker.flush()  # what MLflow has then covers the checkpoint
+                    self._checkpoint()
+        finally:
+            progress.close()
         final = self.evaluate()
         self._log(
             tracker, {"kind": "eval", "step": self.step, "tokens": self.step * per_step, **final}
         )
-        summary = self._summary(final, time.perf_counter() - start_wall)
+        summary = self._summary(final, self.wall_before + time.perf_counter() - self._segment_start)
         if sampler is not None:
             summary.update(sampler.summary())
             summary.update({f"gpu_{k}": v for k, v in sampler.info.items()})
+        if self.expert_load is not None:
+            rundir.write_json(
+                self.run_dir / rundir.EXPERT_LOAD_FILE,
+                {
+                    "steps": min(_STATS_WINDOW, self.total_steps),
+                    "tokens_per_expert": self.expert_load.tolist(),
+                },
+            )
         rundir.write_json(self.run_dir / rundir.SUMMARY_FILE, summary)
         return summary
 

@@ -63,7 +63,7 @@ def test_config_layers_files_and_overrides(tmp_path):
     [
         (["train.lrr=1"], r"unknown config key 'train\.lrr'.*valid keys in 'train'"),
         (["modle.k=2"], r"unknown config key 'modle'"),
-        (["train.lr=-1"], r"train\.lr must be a number > 0"),
+        (["train.lr=-1"], r"train\.lr must be a finite number > 0"),
         (["train.batch_size=0"], r"train\.batch_size must be a positive integer"),
         (["train.dtype=fp8"], r"train\.dtype must be one of"),
         (["model.preset=cpu/MoE-7"], r"model\.preset 'cpu/MoE-7' is not a preset"),
@@ -75,6 +75,17 @@ def test_config_layers_files_and_overrides(tmp_path):
         (["data.corpus=lm1b"], r"data\.path is required"),
         (["train.device=tpu"], r"train\.device"),
         (["train"], r"--set expects key=value"),
+        (["eval.tokens=null"], r"eval\.tokens must be set for data\.corpus='synthetic'"),
+        (["model.lstm_layers=5"], r"model\.lstm_layers must be a list of \[units, projection"),
+        (["model.lstm_layers=[[16]]"], r"model\.lstm_layers"),
+        (["model.preset=[1]"], r"model\.preset \[1\] is not a preset"),
+        (["train.device=cuda:x"], r"train\.device must be"),
+        (["train.seed=1.5"], r"train\.seed must be an integer"),
+        (["data.synthetic.seed=-1"], r"data\.synthetic\.seed must be an integer"),
+        (["data.synthetic.zipf_s=.inf"], r"data\.synthetic\.zipf_s must be finite"),
+        (["model.noisy_gating=maybe"], r"model\.noisy_gating must be true or false"),
+        (["train.lr=.inf"], r"train\.lr must be a finite number"),
+        (["data.corpus=text", "data.path=5"], r"data\.path must be a string"),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):
@@ -93,7 +104,7 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
 def test_print_config_is_the_resolved_config(capsys):
     assert main(["train", "--print-config", "--set", "model.preset=cpu/MoE-256-h"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg["model"]["preset"] == "cpu/MoE-256-h" and cfg["train"]["tokens"] == 1_000_000
+    assert cfg["model"]["preset"] == "cpu/MoE-256-h" and cfg["train"]["tokens"] == 4_000_000
 
 
 def test_lr_schedule_is_warmup_then_inverse_sqrt():
@@ -128,6 +139,9 @@ def test_a_run_writes_the_run_directory(tmp_path, capsys):
     assert {"loss", "aux_loss", "cv_importance", "cv_load", "tokens_per_second"} <= set(train[0])
     assert [r["tokens"] for r in records if r["kind"] == "eval"] == [768, 2304]
     assert json.loads((out / "run.json").read_text())["run_id"]
+    load = json.loads((out / "expert_load.json").read_text())
+    assert load["steps"] == 12 and len(load["tokens_per_expert"]) == 8
+    assert sum(load["tokens_per_expert"]) == 12 * 8 * 24 * 2  # every position, k = 2 slots
     # running it again is refused; --resume on a finished run leaves it as it is
     assert main(args) == 2
     assert main([*args, "--set", "eval.at_tokens=[768]", "--resume"]) == 0
@@ -310,3 +324,70 @@ def test_a_tracked_run_lands_in_mlflow_with_the_summary_metrics(tmp_path):
     assert run["tags.peak_flops_source"] == "measured:cpu-gemm"
     assert run["metrics.mfu"] == pytest.approx(summary["mfu"]) and 0 < summary["mfu"] < 1
     assert "metrics.train/loss" in runs.columns
+
+
+def test_resume_before_the_first_checkpoint_starts_over_cleanly(tmp_path):
+    cfg = tiny("train.checkpoint_every=100")
+    whole = Trainer(cfg, tmp_path / "whole").run()
+    trainer = Trainer(cfg, tmp_path / "cut")
+    step = trainer.train_step
+
+    def dies_at_step_8():
+        if trainer.step == 8:
+            raise Killed
+        return step()
+
+    trainer.train_step = dies_at_step_8
+    with pytest.raises(Killed):
+        trainer.run()
+    assert checkpoint.latest(tmp_path / "cut") is None and len(losses(tmp_path / "cut")) == 8
+    summary = Trainer(cfg, tmp_path / "cut", resume=True).run()
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    assert summary["test_nll"] == whole["test_nll"]
+
+
+def test_killed_after_the_final_evaluation_logs_it_once(tmp_path, monkeypatch):
+    cfg = tiny()
+    trainer = Trainer(cfg, tmp_path / "r")
+
+    def dies(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(trainer, "_summary", dies)
+    with pytest.raises(Killed):
+        trainer.run()
+    summary = Trainer(cfg, tmp_path / "r", resume=True).run()
+    evals = [r for r in rundir.read_metrics(tmp_path / "r") if r["kind"] == "eval"]
+    assert len(evals) == 1 and evals[0]["nll"] == summary["test_nll"]
+    assert summary["wall_time_s"] >= summary["train_time_s"]
+
+
+def test_a_non_finite_gradient_stops_before_the_update(tmp_path, monkeypatch):
+    trainer = Trainer(tiny("train.checkpoint_every=1"), tmp_path / "r")
+    real = trainer._clip
+
+    def clip():
+        norm = real()
+        return float("inf") if trainer.step == 2 else norm
+
+    monkeypatch.setattr(trainer, "_clip", clip)
+    with pytest.raises(TrainingDiverged, match="gradient norm is inf"):
+        trainer.run()
+    saved = checkpoint.load(checkpoint.latest(tmp_path / "r"))
+    assert saved["step"] == 2
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def test_a_set_up_error_leaves_no_run_directory(tmp_path):
+    with pytest.raises(ValueError, match="cannot take sparse expert gradients"):
+        Trainer(tiny("model.sparse_grad=true", "train.expert_optimizer=adam"), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_latest_checkpoint_falls_back_to_the_newest_file(tmp_path):
+    checkpoint.save(tmp_path, 3, {"step": 3})
+    checkpoint.save(tmp_path, 6, {"step": 6})
+    (tmp_path / "checkpoints" / "latest.txt").unlink()
+    assert checkpoint.latest(tmp_path).name == "step-00000006.pt"
+    (tmp_path / "checkpoints" / "step-00000009.pt.tmp").write_bytes(b"partial")
+    assert checkpoint.latest(tmp_path).name == "step-00000006.pt"

@@ -53,11 +53,18 @@ class TopicMarkovConfig:
             raise ValueError(
                 f"data.fanout={self.fanout} must be <= data.vocab_size={self.vocab_size}"
             )
+        if isinstance(self.eos_prob, bool) or not isinstance(self.eos_prob, int | float):
+            raise ValueError(f"data.eos_prob must be a number, got {self.eos_prob!r}")
         if not 0.0 < self.eos_prob < 1.0:
             raise ValueError(f"data.eos_prob must be in (0, 1), got {self.eos_prob!r}")
         for name in ("zipf_s", "row_beta"):
-            if not getattr(self, name) >= 0.0:
-                raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"data.{name} must be a number, got {value!r}")
+            if not 0.0 <= value < math.inf:
+                raise ValueError(f"data.{name} must be finite and >= 0, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"data.seed must be an integer >= 0, got {self.seed!r}")
         entries = self.num_topics * (self.vocab_size + 1) * self.fanout
         if entries > _MAX_TABLE_ENTRIES:
             raise ValueError(
