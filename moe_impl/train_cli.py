@@ -33,6 +33,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="continue the run in --out from its last checkpoint (a finished run is left as is)",
     )  # fmt: skip
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--check-data", action="store_true",
+        help="open the corpus (layout, vocabulary) and exit: what the workflow runs before training",
+    )  # fmt: skip
     return p
 
 
@@ -40,6 +44,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(dump(cfg), end="")
+        return 0
+    if args.check_data:
+        from moe_impl.train import build_corpus
+
+        corpus = build_corpus(cfg)
+        print(f"data ok: {corpus.name}, vocabulary {corpus.vocab_size:,}")
         return 0
     if not args.out:
         raise ValueError("--out DIR is required: the run directory to write")

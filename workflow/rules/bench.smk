@@ -1,3 +1,6 @@
+# The layer benchmark (python -m moe_impl bench) across the configured expert counts.
+
+
 rule bench:
     output:
         json="results/bench/bench.json",
@@ -6,9 +9,16 @@ rule bench:
     params:
         experts=",".join(config["bench"]["experts"]),
         tokens=config["bench"]["tokens"],
+        device=config["bench"].get("device", "cpu"),
     log:
         "logs/bench.log",
+    benchmark:
+        "benchmarks/bench.tsv"
     threads: workflow.cores
+    resources:
+        gpu=1 if config["bench"].get("device", "cpu") == "cuda" else 0,
+    conda:
+        "../envs/moe.yaml"
     shell:
         "python -m moe_impl bench --experts {params.experts} --tokens {params.tokens} "
-        "--threads {threads} --out results/bench > {log} 2>&1"
+        "--device {params.device} --threads {threads} --out results/bench > {log} 2>&1"
