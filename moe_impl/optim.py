@@ -76,16 +76,18 @@ class FactoredAdam(torch.optim.Optimizer):
         else:
             idx, g = None, grad.view(num, rows, cols)
         take = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
-        g2 = g.square()
-        v_row = take(state["v_row"]).mul_(beta2).add_(g2.mean(2), alpha=1 - beta2)
-        v_col = take(state["v_col"]).mul_(beta2).add_(g2.mean(1), alpha=1 - beta2)
+        g2 = g * g  # (a multiply: pow(2) is twice as slow on CPU)
+        v_row = take(state["v_row"]).mul_(beta2).add_(g2.sum(2), alpha=(1 - beta2) / cols)
+        v_col = take(state["v_col"]).mul_(beta2).add_(g2.sum(1), alpha=(1 - beta2) / rows)
         del g2
         step = take(state["step"]) + 1
         correction = 1 - beta2 ** step.to(g.dtype)
         scale = correction * v_row.mean(1).clamp_min(torch.finfo(g.dtype).tiny)
-        # one (E, r, c) buffer: v̂, then sqrt(v̂) + ε, then the update g / (sqrt(v̂) + ε)
-        update = torch.mul(v_row[:, :, None], v_col[:, None, :]).div_(scale[:, None, None])
-        update.sqrt_().add_(eps)
+        # sqrt(v̂) = outer(sqrt(v_row / scale), sqrt(v_col)): one (E, r, c) pass builds
+        # sqrt(v̂) + ε, a second turns it into the update g / (sqrt(v̂) + ε)
+        r = v_row.div(scale[:, None]).sqrt_()
+        c = v_col.sqrt()
+        update = torch.addcmul(g.new_full((1, 1, 1), eps), r[:, :, None], c[:, None, :])
         torch.div(g, update, out=update)
         if idx is None:
             state["v_row"], state["v_col"], state["step"] = v_row, v_col, step
