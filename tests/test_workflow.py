@@ -1,29 +1,127 @@
-"""The Snakemake workflow parses and plans its jobs (a dry run; the real run is the benchmark)."""
+"""The Snakemake workflow: dry runs of the default and paper configs plan every expert count, the
+lint is clean, config errors are reported with the key, and the smoke config runs end to end."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")  # the `workflow` extra, next to python
+EXPERT_COUNTS = ["4", "32", "256", "256-h", "1024-h", "4096-h", "16384-h", "65536-h", "131072-h"]
+
+pytestmark = pytest.mark.skipif(
+    not SNAKEMAKE.exists(), reason="snakemake (the `workflow` extra) not installed"
+)
 
 
-@pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake (the `workflow` extra) not installed")
-def test_dry_run_plans_the_benchmark(tmp_path):
-    for name in ("Snakefile", "config", "workflow"):
+def workdir(tmp_path: Path) -> Path:
+    """A copy of the workflow (not of results/): tests never touch the repository's outputs."""
+    for name in ("Snakefile", "config", "workflow", "profiles"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
-    proc = subprocess.run(
-        [str(SNAKEMAKE), "-n", "--cores", "2"],
-        cwd=tmp_path,
+    return tmp_path
+
+
+def snakemake(cwd: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    # the package comes from the repository (sys.path of `python -m`), not from the copy
+    env_path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
+    return subprocess.run(
+        [str(SNAKEMAKE), *args],
+        cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
+        env={"PATH": env_path, "PYTHONPATH": str(ROOT), "HOME": str(cwd)},
     )
-    assert proc.returncode == 0, proc.stderr
-    assert "rule bench" in proc.stdout and "results/bench/bench.json" in proc.stdout
+
+
+def planned_runs(stdout: str) -> set[str]:
+    return set(re.findall(r"results/runs/(\w+/[\w.-]+)/summary\.json", stdout))
+
+
+@pytest.mark.parametrize("configfile", ["config/config.yaml", "config/paper.yaml"])
+def test_dry_run_plans_every_expert_count(tmp_path, configfile):
+    wd = workdir(tmp_path)
+    proc = snakemake(wd, "-n", "--cores", "2", "--configfile", configfile)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    runs = planned_runs(proc.stdout)
+    models = {run.split("/")[1] for run in runs}
+    for n in EXPERT_COUNTS:
+        name = f"MoE-{n}"
+        assert name in models or f"{name}_wi0.1_wl0.1" in models, (n, sorted(models))
+    assert any(r.startswith("balance/") for r in runs) and "rule bench" in proc.stdout
+    assert "rule figures" in proc.stdout and "rule tracking_init" in proc.stdout
+    if configfile.endswith("paper.yaml"):  # the data check runs before any training
+        assert "rule check_data" in proc.stdout
+
+
+def test_lint_is_clean(tmp_path):
+    proc = snakemake(workdir(tmp_path), "--lint")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda c: c["sweeps"]["lm1b"]["models"].append(
+                {"name": "MoE-1000-h", "preset": "MoE-1024-h", "set": {"model.num_experts": 1000}}
+            ),
+            r"sweeps\.lm1b\.models\[10\] \(MoE-1000-h\).*num_groups x group_size",
+        ),
+        (lambda c: c["sweeps"]["lm1b"]["models"].append("MoE-7"), r"'cpu/MoE-7' is not a preset"),
+        (lambda c: c.update(threads=2), r"threads"),
+        (lambda c: c["bench"]["experts"].append("3-h"), r"bench\.experts.*3-h"),
+        (lambda c: c["sweeps"]["news100b"]["set"].update({"train.lrr": 1}), r"train\.lrr"),
+    ],
+)
+def test_config_errors_are_reported_with_the_key(tmp_path, edit, message):
+    wd = workdir(tmp_path)
+    cfg = yaml.safe_load((wd / "config/config.yaml").read_text())
+    edit(cfg)
+    (wd / "config/config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(wd, "-n", "--cores", "1")
+    assert proc.returncode != 0
+    assert re.search(message, proc.stdout + proc.stderr), proc.stdout + proc.stderr
+
+
+def test_paper_config_without_data_stops_before_training(tmp_path):
+    wd = workdir(tmp_path)
+    proc = snakemake(wd, "results/data.ok", "--cores", "1", "--configfile", "config/paper.yaml")
+    assert proc.returncode != 0
+    log = (wd / "logs/check_data.log").read_text()
+    assert "LM1B root folder" in log and "data/lm1b" in log
+    assert not (wd / "results/runs").exists()
+
+
+@pytest.mark.slow
+def test_smoke_config_runs_end_to_end(tmp_path):
+    """Every step of the reproduction on the smoke config: run directories, MLflow runs, figures."""
+    wd = workdir(tmp_path)
+    proc = snakemake(wd, "--cores", "2", "--configfile", "config/smoke.yaml", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    smoke = yaml.safe_load((wd / "config/smoke.yaml").read_text())
+    expected = sum(
+        len(s["models"]) * len(s.get("balance_weights") or [None]) for s in smoke["sweeps"].values()
+    )
+    summaries = sorted((wd / "results/runs").glob("*/*/summary.json"))
+    assert len(summaries) == expected
+    assert all(json.loads(p.read_text())["test_perplexity"] > 1 for p in summaries)
+    for name in ("figure2_left", "figure2_right", "figure3", "table6_balance", "perf_scaling"):
+        assert (wd / f"results/figures/{name}.png").stat().st_size > 10_000
+    assert (wd / "results/REPORT.md").exists()
+    assert sorted((wd / "benchmarks/train").glob("*/*.tsv"))
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{wd / 'results/mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs[runs["tags.sweep"].notna()]) == expected
