@@ -200,9 +200,16 @@ def summary_metrics(summary: dict) -> dict[str, float]:
 
 
 def run_artifacts(run_dir: str | Path) -> list[Path]:
-    """The files a run logs as artifacts: config, summary, metrics, identity, and its plots."""
+    """The files a run logs as artifacts: config, summary, metrics, identity, the per-expert
+    load, and its plots."""
     run_dir = Path(run_dir)
-    files = (rundir.CONFIG_FILE, rundir.SUMMARY_FILE, rundir.METRICS_FILE, rundir.RUN_FILE)
+    files = (
+        rundir.CONFIG_FILE,
+        rundir.SUMMARY_FILE,
+        rundir.METRICS_FILE,
+        rundir.RUN_FILE,
+        rundir.EXPERT_LOAD_FILE,
+    )
     return [run_dir / f for f in files if (run_dir / f).is_file()] + sorted(run_dir.glob("*.png"))
 
 
