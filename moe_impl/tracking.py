@@ -547,3 +547,68 @@ def _metric_points(run_dir: Path, started_ms: int, seen: dict[str, set[int]]):
         if step not in seen.get(key, ()):
             metrics.append(Metric(key, value, end_ms, step))
     return metrics, end_ms
+
+
+# --- export (for analysis) ---------------------------------------------------------------------
+
+
+def export_runs(
+    experiment: str, dest: str | Path, *, tracking_uri: str | None = None
+) -> list[dict]:
+    """The FINISHED runs of an MLflow experiment, for `python -m analysis collect --from-mlflow`.
+
+    Each run's artifacts (the run-directory files `finish` and `import_runs` log: config.yaml,
+    summary.json, run.json, metrics.jsonl) are downloaded into dest/<mlflow run id>/, so analysis
+    reads them exactly as it reads a run directory. Returns one dict per run, in start order:
+    {"mlflow_run_id", "run_name", "tags", "params", "metrics" (latest values), "history"
+    ({key: [(step, value), ...]} for every metric outside train/ and system/, i.e. the evals),
+    "dir" (the download folder, or None where the artifacts could not be fetched)}.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run
+    try:
+        client, _ = _open(uri)
+    except ConnectionError as err:
+        raise ValueError(str(err)) from err
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"MLflow experiment {experiment!r} does not exist in {uri}")
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [exp.experiment_id],
+            "attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    out = []
+    for run in runs:
+        run_id = run.info.run_id
+        folder = Path(dest) / run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            client.download_artifacts(run_id, "", str(folder))
+        except Exception as err:  # artifact store unreachable: params and metrics still serve
+            log.warning("run %s: artifacts not downloaded (%s)", run_id, err)
+            folder = None
+        history = {
+            key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+            for key in run.data.metrics
+            if not key.startswith(("train/", "system/"))
+        }
+        out.append(
+            {
+                "mlflow_run_id": run_id,
+                "run_name": run.info.run_name,
+                "tags": dict(run.data.tags),
+                "params": dict(run.data.params),
+                "metrics": dict(run.data.metrics),
+                "history": history,
+                "dir": folder,
+            }
+        )
+    return out

@@ -1,0 +1,588 @@
+"""analysis/: collect (run dirs and MLflow give the same frames), every figure's panels and series,
+the tables, REPORT.md's verdicts following their rules, and the CLI writing its files.
+
+Runs are built three ways: in memory per rundir.py's contract (synthetic frames, fast), written to
+disk the same way, and one real tiny training run (a few seconds) for the true file layout.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import uuid
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from analysis import cli, collect, figures, io, report, tables
+from moe_impl import cli as moe_cli
+from moe_impl import flops, rundir, runinfo, tracking
+from moe_impl.train_config import dump, load_config, model_config
+
+VOCAB = 577
+
+
+def make_run(
+    sweep: str,
+    preset: str,
+    ppl: float,
+    *,
+    early: float | None = None,
+    w: tuple[float, float] = (0.1, 0.1),
+    cv: tuple[float, float, float] = (0.1, 0.1, 1.3),
+    load: list[int] | None = None,
+    seed: int = 0,
+) -> dict:
+    """A finished run as io.read_run returns it (config resolved by the real config loader)."""
+    cfg = load_config(
+        overrides=[
+            f"model.preset={preset}",
+            f"sweep={sweep}",
+            f"model.w_importance={w[0]}",
+            f"model.w_load={w[1]}",
+            f"train.seed={seed}",
+            "tracking.enabled=false",
+        ]
+    )
+    model = model_config(cfg, VOCAB)
+    summary = dict.fromkeys(rundir.SUMMARY_KEYS)
+    summary.update(
+        name=model.name,
+        preset=preset,
+        corpus={"corpus": "synthetic", "vocab_size": VOCAB},
+        test_perplexity=ppl,
+        test_nll=math.log(ppl),
+        eval_split="test",
+        params_excl_embedding_softmax=flops.params_excl_embedding_softmax(model),
+        ops_per_timestep=flops.ops_per_timestep(model),
+        tflops_per_device=0.002,
+        mfu=0.1,
+        cv_importance=cv[0],
+        cv_load=cv[1],
+        max_over_mean_load=cv[2],
+        train_tokens=20480,
+        steps=40,
+        device="cpu",
+        device_name="test cpu",
+        snapshots=[]
+        if early is None
+        else [
+            {
+                "step": 4,
+                "tokens": 2048,
+                "split": "test",
+                "nll": math.log(early),
+                "perplexity": early,
+                "excess_nll": None,
+            }
+        ],
+    )
+    expert_load = None if load is None else {"steps": 20, "tokens_per_expert": load}
+    return {
+        "run_dir": f"mem/{sweep}/{model.name}-{w[0]}-{w[1]}-{seed}",
+        "config": cfg,
+        "summary": summary,
+        "identity": {"run_id": uuid.uuid4().hex},
+        "expert_load": expert_load,
+    }
+
+
+def write_run(root, run: dict):
+    """The run directory rundir.py describes, for `run` (as make_run builds it)."""
+    path = root / run["run_dir"].removeprefix("mem/")
+    path.mkdir(parents=True)
+    (path / rundir.CONFIG_FILE).write_text(dump(run["config"]))
+    runinfo.write_run_identity(path, run["summary"]["name"], "moe")
+    identity = rundir.read_json(path / rundir.RUN_FILE)
+    run["identity"] = identity
+    rundir.write_json(path / rundir.SUMMARY_FILE, run["summary"])
+    if run["expert_load"] is not None:
+        rundir.write_json(path / rundir.EXPERT_LOAD_FILE, run["expert_load"])
+    return path
+
+
+def good_runs() -> list[dict]:
+    """Every sweep, with numbers under which each claim holds."""
+    rng = np.random.default_rng(0)
+    skewed = (rng.pareto(1.5, 256) * 100 + 1).astype(int).tolist()
+    even = (rng.normal(100, 5, 256)).astype(int).tolist()
+    return [
+        make_run("lm1b", "cpu/4xLSTM-64", 131.0),
+        make_run("lm1b", "cpu/MoE-1-Wide", 130.0),
+        make_run("lm1b", "cpu/MoE-4", 128.0),
+        make_run("lm1b", "cpu/MoE-32", 120.0),
+        make_run("lm1b", "cpu/MoE-256", 112.0),
+        make_run("lm1b", "cpu/MoE-256-h", 113.0),
+        make_run("lm1b", "cpu/MoE-1024-h", 108.0),
+        make_run("news100b", "cpu/4xLSTM-64", 150.0, early=300.0),
+        make_run("news100b", "cpu/MoE-32", 140.0, early=290.0),
+        make_run("news100b", "cpu/MoE-256-h", 130.0, early=285.0),
+        make_run("news100b", "cpu/MoE-65536-h", 118.0, early=290.0),
+        make_run("news100b", "cpu/MoE-131072-h", 119.0, early=295.0),
+        make_run("balance", "cpu/MoE-256", 125.0, w=(0, 0), cv=(2.0, 1.8, 9.0), load=skewed),
+        make_run("balance", "cpu/MoE-256", 112.0, w=(0.1, 0.1), cv=(0.1, 0.08, 1.2), load=even),
+        make_run("balance", "cpu/MoE-256", 113.0, w=(0, 0.1), cv=(0.3, 0.1, 1.5)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def good() -> collect.Collected:
+    return collect.frames(good_runs())
+
+
+def bench_frame() -> pd.DataFrame:
+    """Two tokens modes; the fixed-tokens flat rows share peers.md's configuration."""
+    rows = []
+    for mode, tokens in (("fixed_tokens", 4096), ("fixed_tokens_per_expert", None)):
+        for kind, n in (("flat", 4), ("flat", 32), ("hierarchical", 256)):
+            t = tokens or n * 16
+            rows.append(
+                {
+                    "kind": kind,
+                    "num_experts": n,
+                    "tokens": t,
+                    "tokens_mode": mode,
+                    "target_tokens_per_expert": None if tokens else 64.0,
+                    "d_model": 64,
+                    "d_hidden": 128,
+                    "k": 4,
+                    "threads": 1,
+                    "device": "cpu",
+                    "status": "ok",
+                    "moe_us_per_token": 10.0 + n / 10,
+                    "dense_us_per_token": 5.0,
+                    "ratio_median": 2.0 + n / 100,
+                    "moe_gflops": 30.0,
+                    "mfu": 0.2,
+                }
+            )
+    rows.append({**rows[-1], "num_experts": 131072, "status": "skipped"})
+    return pd.DataFrame(rows)
+
+
+# --- collect ------------------------------------------------------------------------------------
+
+
+def test_collect_gives_the_tidy_contract(tmp_path):
+    runs = good_runs()
+    for run in runs:
+        write_run(tmp_path / "runs", run)
+    (tmp_path / "runs" / "unfinished").mkdir()
+    runinfo.write_run_identity(tmp_path / "runs" / "unfinished", "x", "moe")
+    data, unfinished = collect.collect_runs(tmp_path / "runs")
+    assert [p.name for p in unfinished] == ["unfinished"]
+    s = data.summary
+    assert len(s) == len(runs) and s["run_id"].is_unique
+    assert list(s.columns[: len(collect.IDENTITY_COLUMNS)]) == collect.IDENTITY_COLUMNS
+    assert set(rundir.SUMMARY_KEYS) <= set(s.columns) and "corpus.vocab_size" in s
+    h = s[(s["model"] == "MoE-131072-h")].iloc[0]
+    assert (h["family"], h["num_groups"], h["group_size"], h["k"]) == (
+        "hierarchical MoE",
+        256,
+        512,
+        4,
+    )
+    assert s.loc[s["model"] == "4xLSTM-64", "paper_model"].iloc[0] == "4xLSTM-512"
+    snaps = data.snapshots
+    assert len(snaps) == len(runs) + 5  # a final evaluation each, 5 news100b snapshots
+    assert set(snaps["kind"]) == {"snapshot", "final"}
+    assert len(data.loads) == 2 * 256
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One real training run (~3 s): an 8-expert flat MoE with a snapshot at 256 tokens."""
+    out = tmp_path_factory.mktemp("runs") / "news100b" / "tiny"
+    rc = moe_cli.main(
+        [
+            "train",
+            "--out",
+            str(out),
+            "--set",
+            "model.preset=cpu/MoE-4",
+            *[
+                f"--set={s}"
+                for s in (
+                    "sweep=news100b",
+                    "model.num_experts=8",
+                    "model.d_model=16",
+                    "model.lstm_layers=[[16, null], [16, null]]",
+                    "model.d_hidden=16",
+                    "data.synthetic.vocab_size=48",
+                    "data.synthetic.num_topics=4",
+                    "data.synthetic.max_len=40",
+                    "train.batch_size=4",
+                    "train.seq_len=16",
+                    "train.tokens=512",
+                    "train.warmup_steps=2",
+                    "train.progress=none",
+                    "train.threads=1",
+                    "eval.tokens=128",
+                    "eval.batch_size=4",
+                    "eval.seq_len=16",
+                    "eval.at_tokens=[128]",
+                    "tracking.enabled=false",
+                    "telemetry.peak_flops=1e11",
+                )
+            ],
+        ]
+    )
+    assert rc == 0
+    return out
+
+
+def test_collect_reads_a_real_run_directory(tiny_run):
+    data, _ = collect.collect_runs(tiny_run.parent)
+    row = data.summary.iloc[0]
+    summary = rundir.read_summary(tiny_run)
+    assert (row["sweep"], row["model"], row["num_experts"], row["moe"]) == (
+        "news100b",
+        "MoE-8",
+        8,
+        "flat",
+    )
+    assert row["test_perplexity"] == summary["test_perplexity"]
+    snaps = data.snapshots.sort_values("tokens")
+    assert list(snaps["kind"]) == ["snapshot", "final"] and snaps["tokens"].iloc[0] == 128
+    assert len(data.loads) == 8 and data.loads["tokens"].sum() > 0
+    el = collect.early_late(data.summary, data.snapshots, "news100b")
+    assert el["gap"].iloc[0] == pytest.approx(snaps["perplexity"].iloc[0] - row["test_perplexity"])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite MLflow store for the module (creating one costs seconds)."""
+    return "sqlite:///" + str(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
+
+
+def test_collect_from_mlflow_equals_collect_from_run_dirs(tmp_path, tiny_run, store):
+    root = tmp_path / "runs"
+    for run in good_runs()[:3]:
+        write_run(root, run)
+    shutil.copytree(
+        tiny_run, root / "news100b" / "tiny", ignore=shutil.ignore_patterns("checkpoints")
+    )
+    tracking.import_runs(
+        sorted(p for p in root.glob("*/*")), experiment="imported", tracking_uri=store
+    )
+    direct, _ = collect.collect_runs(root)
+    exports = tracking.export_runs("imported", tmp_path / "scratch", tracking_uri=store)
+    via = collect.frames(collect.run_from_mlflow(e) for e in exports)  # = collect_mlflow
+    pd.testing.assert_frame_equal(
+        direct.summary.drop(columns="run_dir"), via.summary.drop(columns="run_dir")
+    )
+    pd.testing.assert_frame_equal(direct.snapshots, via.snapshots)
+    # without the artifacts, params + metrics give the same numbers
+    bare = collect.frames(collect.run_from_mlflow({**e, "dir": None}) for e in exports)
+    cols = ["run_id", "sweep", "model", "num_experts", "test_perplexity", "w_load"]
+    pd.testing.assert_frame_equal(direct.summary[cols], bare.summary[cols], check_dtype=False)
+    pd.testing.assert_frame_equal(
+        direct.snapshots[["run_id", "kind", "tokens", "perplexity"]],
+        bare.snapshots[["run_id", "kind", "tokens", "perplexity"]],
+        check_dtype=False,
+    )
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+
+def _titles(fig) -> list[str]:
+    return [ax.get_title() for ax in fig.axes]
+
+
+def _labels(ax) -> list[str]:
+    return ax.get_legend_handles_labels()[1]
+
+
+def test_figure2_left_and_right_panels(good):
+    fig = figures.figure2_left(good.summary)
+    paper_ax, ours_ax = fig.axes
+    assert _titles(fig)[0].startswith("paper:") and _titles(fig)[1].startswith("this run:")
+    assert _labels(paper_ax) == [
+        "4xLSTM-512",
+        "MoE-1-Wide",
+        "MoE-1-Deep",
+        "LSTM-2048-512",
+        "flat MoE (k=4)",
+        "hierarchical MoE (k=2+2)",
+    ]
+    assert _labels(ours_ax) == [
+        "4xLSTM-64",
+        "MoE-1-Wide",
+        "flat MoE (k=4)",
+        "hierarchical MoE (k=2+2)",
+    ]
+    flat = ours_ax.get_lines()[2]
+    assert list(flat.get_ydata()) == [128.0, 120.0, 112.0]
+    assert paper_ax.get_xscale() == ours_ax.get_xscale() == "log"
+    assert "parameters" in paper_ax.get_xlabel() and "millions" in paper_ax.get_xlabel()
+    fig = figures.figure2_right(good.summary)
+    assert len(_labels(fig.axes[0])) == 3 and fig.axes[0].get_xscale() == "log"
+    assert _labels(fig.axes[1]) == [f"{f} runs" for f in collect.FAMILIES]
+
+
+def test_figure3_panels_and_gap(good):
+    fig = figures.figure3(good.summary, good.snapshots)
+    assert len(fig.axes) == 4
+    assert [t.split(":")[0] for t in _titles(fig)] == ["paper", "this run", "", ""]
+    top = fig.axes[0].get_lines()
+    assert len(top[0].get_xdata()) == 8 and len(top[1].get_xdata()) == 8  # Table 8's models
+    ours_gap = fig.axes[3].get_lines()[0].get_ydata()
+    assert list(ours_gap) == [150.0, 150.0, 155.0, 172.0, 176.0]
+    assert any("N" in lab for lab in _labels(fig.axes[1]))
+
+
+def test_table6_balance_panels(good):
+    fig = figures.table6_balance(good.summary, good.loads)
+    assert len(fig.axes) == 6
+    assert _labels(fig.axes[0]) == ["CV(Importance)", "CV(Load)", "max(Load)/mean(Load)"]
+    assert len(fig.axes[0].patches) == 3 * 6 and len(fig.axes[1].patches) == 3 * 3
+    hist_labels = _labels(fig.axes[2])
+    assert hist_labels[0].startswith("w = 0 / 0") and hist_labels[1].startswith("w = 0.1 / 0.1")
+
+
+def test_perf_scaling_panels_and_peer_points():
+    fig = figures.perf_scaling(bench_frame())
+    assert len(fig.axes) == 4
+    assert "fixed tokens per step" in fig.axes[0].get_title()
+    assert "1 configuration(s) skipped" in fig.axes[1].get_title()
+    labels = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert {"flat MoE", "hierarchical MoE", "peers.md: ref", "peers.md: davidmrau"} <= labels
+    ref = next(ln for ln in fig.axes[0].get_lines() if ln.get_label() == "peers.md: ref")
+    assert list(ref.get_ydata()) == [14.1, 12.4]  # peers.md's n=4 and n=32 rows (T=4096)
+    assert fig.axes[0].get_xscale() == "log" and fig.axes[0].get_yscale() == "log"
+
+
+def test_match_peers_requires_the_same_configuration():
+    bench = bench_frame()
+    m = collect.match_peers(bench)
+    assert set(m["implementation"]) == {"ref", "davidmrau", "ref_hier"}
+    assert collect.match_peers(bench.assign(threads=2)).empty
+    assert collect.match_peers(bench.assign(device="cuda")).empty
+
+
+def test_efficiency_panels(good):
+    fig = figures.efficiency(good.summary, bench_frame())
+    assert _titles(fig)[0].startswith("paper:") and _titles(fig)[1].startswith("this run:")
+    labels = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert "paper Table 8: hierarchical MoE" in labels and "this run lm1b: flat MoE" in labels
+    assert fig.axes[2].get_ylabel().startswith("MFU")
+
+
+def test_figures_say_not_run_for_missing_sweeps(good):
+    only_lm1b = good.summary[good.summary["sweep"] == "lm1b"]
+    for fig in (
+        figures.figure3(only_lm1b, good.snapshots),
+        figures.table6_balance(only_lm1b, good.loads.iloc[0:0]),
+        figures.perf_scaling(pd.DataFrame()),
+    ):
+        texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+        assert any(t.startswith("not run") for t in texts)
+
+
+# --- tables and report --------------------------------------------------------------------------
+
+
+def test_tables_put_paper_values_beside_ours(good):
+    t7 = tables.table7(good.summary)
+    row = t7[t7["paper model"] == "MoE-32"].iloc[0]
+    assert row["test ppl (this run)"] == 120.0 and row["test ppl, 10 epochs (paper)"] == 39.7
+    assert t7.loc[t7["paper model"] == "MoE-4096-h", "runs"].isna().all()  # paper only
+    t8 = tables.table8(good.summary, good.snapshots)
+    row = t8[t8["paper model"] == "MoE-131072-h"].iloc[0]
+    assert (row["gap (this run)"], row["gap (paper)"]) == (176.0, pytest.approx(10.6))
+    md = tables.to_markdown(tables.table6(good.summary))
+    assert md.count("\n") == 2 + 7 and "| 0 | 0 | 1 | 125 | 39.8 |" in md
+    tex = tables.to_latex(t7, "Table 7")
+    assert "\\toprule" in tex and "emb. \\& softmax" in tex and "MoE-4096-h &" in tex
+
+
+def test_report_verdicts_follow_the_numbers(good):
+    v = {x.key: x for x in report.verdicts(good.summary, good.snapshots)}
+    assert {k: x.status for k, x in v.items()} == dict.fromkeys(v, report.REPRODUCED)
+    assert all(x.paper_status == report.PAPER_HOLDS for x in v.values())
+    assert "4: 128, 32: 120, 256: 112, 1,024: 108" in v["more_experts"].reason
+    text = report.render(list(v.values()), good.summary)
+    assert text.count("**reproduced**") == 2 * 5 and "15 finished runs" in text
+
+
+def _status(key: str, runs: list[dict]) -> str:
+    c = collect.frames(runs)
+    return {v.key: v for v in report.verdicts(c.summary, c.snapshots)}[key].status
+
+
+@pytest.mark.parametrize(
+    ("key", "runs", "expected"),
+    [
+        (
+            "more_experts",
+            [make_run("lm1b", "cpu/MoE-4", 110.0), make_run("lm1b", "cpu/MoE-32", 120.0)],
+            report.NOT_REPRODUCED,
+        ),
+        (
+            "more_experts",
+            [
+                make_run("lm1b", "cpu/MoE-4", 120.0),
+                make_run("lm1b", "cpu/MoE-32", 121.0),
+                make_run("lm1b", "cpu/MoE-256", 110.0),
+            ],
+            report.REPRODUCED,
+        ),  # +0.8%: within 1%
+        (
+            "more_experts",
+            [
+                make_run("lm1b", "cpu/MoE-4", 120.0),
+                make_run("lm1b", "cpu/MoE-32", 125.0),
+                make_run("lm1b", "cpu/MoE-256", 110.0),
+            ],
+            report.NOT_REPRODUCED,
+        ),
+        ("more_experts", [make_run("lm1b", "cpu/MoE-4", 120.0)], report.NOT_RUN),
+        (
+            "hier_flat",
+            [make_run("lm1b", "cpu/MoE-256", 100.0), make_run("lm1b", "cpu/MoE-256-h", 104.0)],
+            report.NOT_REPRODUCED,
+        ),
+        ("hier_flat", [make_run("lm1b", "cpu/MoE-256", 100.0)], report.NOT_RUN),
+        (
+            "gap",
+            [
+                make_run("news100b", "cpu/MoE-32", 100.0, early=200.0),
+                make_run("news100b", "cpu/MoE-256-h", 100.0, early=190.0),
+                make_run("news100b", "cpu/MoE-1024-h", 100.0, early=180.0),
+            ],
+            report.NOT_REPRODUCED,
+        ),
+        ("gap", [make_run("news100b", "cpu/MoE-32", 100.0, early=200.0)], report.NOT_RUN),
+        (
+            "degrade",
+            [
+                make_run("news100b", "cpu/MoE-65536-h", 120.0),
+                make_run("news100b", "cpu/MoE-131072-h", 119.0),
+            ],
+            report.NOT_REPRODUCED,
+        ),
+        ("degrade", [make_run("news100b", "cpu/MoE-4096-h", 120.0)], report.NOT_RUN),
+        (
+            "balance",
+            [
+                make_run("balance", "cpu/MoE-256", 100.0, w=(0, 0), cv=(0.5, 0.3, 3.5)),
+                make_run("balance", "cpu/MoE-256", 100.0, cv=(0.38, 0.1, 2.2)),
+            ],
+            report.NOT_REPRODUCED,
+        ),  # CV(Importance) only x0.76
+        (
+            "balance",
+            [make_run("balance", "cpu/MoE-256", 100.0, cv=(0.38, 0.1, 2.2))],
+            report.NOT_RUN,
+        ),
+    ],
+)
+def test_a_failing_or_missing_claim_says_so(key, runs, expected):
+    assert _status(key, runs) == expected
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def _cli_inputs(tmp_path):
+    for run in good_runs():
+        write_run(tmp_path / "runs", run)
+    bench = tmp_path / "bench.json"
+    bench.write_text(bench_frame().to_json(orient="records"))
+    out = tmp_path / "results"
+    assert (
+        cli.main(["collect", "--runs", str(tmp_path / "runs"), "--out", str(out / "summary.csv")])
+        == 0
+    )
+    return out, bench
+
+
+def test_cli_writes_figures_tables_and_report(tmp_path, monkeypatch):
+    """Two figures here (drawing all six takes ~7 s; the slow test below draws them all)."""
+    out, bench = _cli_inputs(tmp_path)
+    monkeypatch.setattr(io, "FIGURE_DPI", 40)  # a small test scale: the files, not their looks
+    only = ["figure3", "perf_scaling"]
+    assert (
+        cli.main(
+            [
+                "figures",
+                "--summary",
+                str(out / "summary.csv"),
+                "--bench",
+                str(bench),
+                "--out",
+                str(out),
+                "--no-mlflow",
+                "--only",
+                *only,
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [
+        f"{n}.{e}" for n in only for e in sorted(io.FIGURE_FORMATS)
+    ]
+    for name in only:
+        for ext in io.FIGURE_FORMATS:
+            assert (out / "figures" / f"{name}.{ext}").stat().st_size > 1000
+    for name in ("table6", "table7", "table8"):
+        for ext in ("md", "csv", "tex"):
+            assert (out / "tables" / f"{name}.{ext}").stat().st_size > 100
+    assert "**reproduced**" in (out / "REPORT.md").read_text()
+    assert not (out / "analysis").exists()
+
+
+@pytest.mark.slow
+def test_cli_logs_the_analysis_run_and_collects_from_mlflow(tmp_path, store, monkeypatch):
+    out, bench = _cli_inputs(tmp_path)
+    monkeypatch.setattr(io, "FIGURE_DPI", 40)
+    assert (
+        cli.main(
+            [
+                "figures",
+                "--summary",
+                str(out / "summary.csv"),
+                "--bench",
+                str(bench),
+                "--out",
+                str(out),
+                "--uri",
+                store,
+            ]
+        )
+        == 0
+    )
+    for name in figures.FIGURES:
+        for ext in io.FIGURE_FORMATS:
+            assert (out / "figures" / f"{name}.{ext}").stat().st_size > 1000
+    exports = tracking.export_runs("analysis", tmp_path / "dl", tracking_uri=store)
+    assert len(exports) == 1 and exports[0]["metrics"]["claim.balance"] == 1.0
+    assert (exports[0]["dir"] / "figures" / "figure3.png").is_file()
+    assert (exports[0]["dir"] / "REPORT.md").is_file()
+    tracking.import_runs(
+        sorted((tmp_path / "runs").glob("*/*")), experiment="cli", tracking_uri=store
+    )
+    csv = tmp_path / "mlflow" / "summary.csv"
+    assert cli.main(["collect", "--from-mlflow", "cli", "--uri", store, "--out", str(csv)]) == 0
+    a, b = io.read_csv(out / "summary.csv"), io.read_csv(csv)
+    pd.testing.assert_frame_equal(a.drop(columns="run_dir"), b.drop(columns="run_dir"))
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    assert cli.main(["collect", "--runs", str(tmp_path / "nope")]) == 2
+    assert cli.main(["collect", "--runs", str(tmp_path)]) == 2  # no finished run
+    assert cli.main(["figures", "--summary", str(tmp_path / "none.csv"), "--no-mlflow"]) == 2
+    bad = tmp_path / "s.csv"
+    bad.write_text("run_id\n")
+    assert cli.main(["figures", "--summary", str(bad), "--no-mlflow"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("error: ") for line in err)
+
+
+def test_config_yaml_written_by_write_run_is_a_full_config(tmp_path):
+    path = write_run(tmp_path, make_run("lm1b", "cpu/MoE-32", 100.0))
+    cfg = yaml.safe_load((path / rundir.CONFIG_FILE).read_text())
+    assert cfg["model"]["preset"] == "cpu/MoE-32" and cfg["sweep"] == "lm1b"
