@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install test test-all lint format bench reproduce clean mlflow-ui
+.PHONY: install test test-all lint format bench reproduce smoke clean mlflow-ui
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,9 +38,14 @@ bench: $(STAMP)
 mlflow-ui: $(STAMP)
 	$(BIN)/python -m moe_impl tracking ui
 
-# the default reproduction (Snakefile + config/config.yaml): for now the layer benchmark
+# the default reproduction (Snakefile + config/config.yaml), then its HTML report
 reproduce: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --report results/report.html
+
+# every step of the reproduction at toy size (config/smoke.yaml), in a few minutes
+smoke: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all --configfile config/smoke.yaml
 
 clean:
 	rm -rf results/bench .pytest_cache

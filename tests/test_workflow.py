@@ -120,6 +120,10 @@ def test_smoke_config_runs_end_to_end(tmp_path):
     assert (wd / "results/REPORT.md").exists()
     assert sorted((wd / "benchmarks/train").glob("*/*.tsv"))
 
+    proc = snakemake(wd, "--configfile", "config/smoke.yaml", "--report", "results/report.html")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert b"figure2_left.png" in (wd / "results/report.html").read_bytes()
+
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{wd / 'results/mlflow.db'}")

@@ -14,7 +14,7 @@ rule bench:
         "logs/bench.log",
     benchmark:
         "benchmarks/bench.tsv"
-    threads: workflow.cores
+    threads: config["bench"].get("threads", 1)
     resources:
         gpu=1 if config["bench"].get("device", "cpu") == "cuda" else 0,
     conda:

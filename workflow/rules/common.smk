@@ -114,6 +114,7 @@ def first_real_run_args():
 
 
 FIGURES = ["figure2_left", "figure2_right", "figure3", "table6_balance", "perf_scaling", "efficiency"]
+TABLES = [f"results/tables/table{n}.{ext}" for n in (6, 7, 8) for ext in ("md", "csv", "tex")]
 
 
 def analysis_outputs():
