@@ -160,6 +160,20 @@ class Killed(Exception):
     pass
 
 
+def run_until_killed(trainer: Trainer, at_step: int) -> None:
+    """Run, and die like a killed process just before step `at_step` (0-based) trains."""
+    step = trainer.train_step
+
+    def dies():
+        if trainer.step == at_step:
+            raise Killed
+        return step()
+
+    trainer.train_step = dies
+    with pytest.raises(Killed):
+        trainer.run()
+
+
 @pytest.mark.parametrize("preset_args", [[], ["model.preset=cpu/MoE-256-h", *[]]])
 def test_resume_equals_an_uninterrupted_run(tmp_path, preset_args):
     extra = preset_args and [
@@ -169,17 +183,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, preset_args):
     cfg = tiny(*preset_args, *(extra or []))
     whole = Trainer(cfg, tmp_path / "whole").run()
 
-    trainer = Trainer(cfg, tmp_path / "cut")
-    step = trainer.train_step
-
-    def dies_at_step_8():
-        if trainer.step == 8:  # after the checkpoint at 5 and three more logged steps
-            raise Killed
-        return step()
-
-    trainer.train_step = dies_at_step_8
-    with pytest.raises(Killed):
-        trainer.run()
+    run_until_killed(Trainer(cfg, tmp_path / "cut"), at_step=8)
     assert checkpoint.latest(tmp_path / "cut").name == "step-00000005.pt"
     assert len(losses(tmp_path / "cut")) == 8
     resumed = Trainer(cfg, tmp_path / "cut", resume=True)
@@ -257,17 +261,7 @@ def test_lm1b_epochs_state_and_resume(tmp_path):
     assert summary["excess_nll"] is None and summary["floor_nll"] is None
     assert summary["corpus"]["corpus"] == "lm1b"
 
-    trainer = Trainer(cfg, tmp_path / "cut")
-    step = trainer.train_step
-
-    def dies_at_step_6():
-        if trainer.step == 6:
-            raise Killed
-        return step()
-
-    trainer.train_step = dies_at_step_6
-    with pytest.raises(Killed):
-        trainer.run()
+    run_until_killed(Trainer(cfg, tmp_path / "cut"), at_step=6)
     resumed = Trainer(cfg, tmp_path / "cut", resume=True)
     assert resumed.step == 4 and resumed.state is not None  # the LSTM state is checkpointed
     assert resumed.run()["test_nll"] == summary["test_nll"]
@@ -329,17 +323,7 @@ def test_a_tracked_run_lands_in_mlflow_with_the_summary_metrics(tmp_path):
 def test_resume_before_the_first_checkpoint_starts_over_cleanly(tmp_path):
     cfg = tiny("train.checkpoint_every=100")
     whole = Trainer(cfg, tmp_path / "whole").run()
-    trainer = Trainer(cfg, tmp_path / "cut")
-    step = trainer.train_step
-
-    def dies_at_step_8():
-        if trainer.step == 8:
-            raise Killed
-        return step()
-
-    trainer.train_step = dies_at_step_8
-    with pytest.raises(Killed):
-        trainer.run()
+    run_until_killed(Trainer(cfg, tmp_path / "cut"), at_step=8)
     assert checkpoint.latest(tmp_path / "cut") is None and len(losses(tmp_path / "cut")) == 8
     summary = Trainer(cfg, tmp_path / "cut", resume=True).run()
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")

@@ -30,8 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_impl.data.base import Batch
-from moe_impl.data.stream import count_scored, eval_windows, train_steps_per_epoch, train_windows
+from moe_impl.data.stream import StreamCorpus, count_scored
 
 ARCHIVE_DIR = "1-billion-word-language-modeling-benchmark-r13output"
 TRAIN_DIR = "training-monolingual.tokenized.shuffled"
@@ -229,12 +228,11 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
-class LM1BCorpus:
+class LM1BCorpus(StreamCorpus):
     """The `Corpus` of LM1B (moe_impl/data/base.py): training windows by step over the shuffled
     training stream, evaluation passes over heldout-00000 (test) and heldout-00001 (valid)."""
 
     name = "lm1b"
-    carries_state = True
 
     def __init__(
         self,
@@ -363,23 +361,9 @@ class LM1BCorpus:
 
     # --- the Corpus protocol ------------------------------------------------------------------
 
-    def train_batch(self, step: int, batch_size: int, seq_len: int) -> Batch:
-        """Windows of the shuffled training stream (see `stream.train_windows`); `<S>` unscored."""
-        return train_windows(self.stream("train"), step, batch_size, seq_len, (self.bos_id,))
-
-    def steps_per_epoch(self, batch_size: int, seq_len: int) -> int:
-        return train_steps_per_epoch(self.stream("train").size, batch_size, seq_len)
-
-    def eval_batches(
-        self, split: str, batch_size: int, seq_len: int, max_tokens: int | None = None
-    ) -> Iterator[Batch]:
-        """Every word and `</S>` of `split` ("valid" or "test") scored once, `<S>` never."""
-        if split not in ("valid", "test"):
-            raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-        return eval_windows(self.stream(split), batch_size, seq_len, max_tokens, (self.bos_id,))
-
-    def floor_nats(self) -> None:
-        return None
+    @property
+    def never_score(self) -> tuple[int, ...]:
+        return (self.bos_id,)  # <S> is never predicted (data.md §1.3)
 
     def describe(self) -> dict:
         test = self.stream("test")

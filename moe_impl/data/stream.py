@@ -157,3 +157,32 @@ def _eval_batches(
         targets_BL = np.where(real_BL, np.asarray(stream_N[safe_BL + 1], dtype=np.int64), 0)
         scored_BL = real_BL & _scored(targets_BL, never_ids)
         yield Batch(inputs_BL, targets_BL, scored_BL, None)
+
+
+class StreamCorpus:
+    """The Corpus methods (moe_impl/data/base.py) of a corpus that is one token stream per split:
+    a subclass provides `stream(split)` and `never_score`, the ids never scored as targets."""
+
+    carries_state = True  # row r of step s + 1 continues row r of step s
+    never_score: tuple[int, ...] = ()
+
+    def stream(self, split: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def train_batch(self, step: int, batch_size: int, seq_len: int) -> Batch:
+        """Windows of the training stream (`train_windows`)."""
+        return train_windows(self.stream("train"), step, batch_size, seq_len, self.never_score)
+
+    def steps_per_epoch(self, batch_size: int, seq_len: int) -> int:
+        return train_steps_per_epoch(self.stream("train").size, batch_size, seq_len)
+
+    def eval_batches(
+        self, split: str, batch_size: int, seq_len: int, max_tokens: int | None = None
+    ) -> Iterator[Batch]:
+        """Every target of `split` ("valid" or "test") but the never-scored ids, scored once."""
+        if split not in ("valid", "test"):
+            raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+        return eval_windows(self.stream(split), batch_size, seq_len, max_tokens, self.never_score)
+
+    def floor_nats(self) -> None:
+        return None  # real text: the true distribution is unknown

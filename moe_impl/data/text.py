@@ -27,8 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_impl.data.base import Batch
-from moe_impl.data.stream import count_scored, eval_windows, train_steps_per_epoch, train_windows
+from moe_impl.data.stream import StreamCorpus, count_scored
 
 LAYOUTS = {"wikitext": "wiki.{split}.tokens", "plain": "{split}.txt"}
 _WIKITEXT_DIRS = ("wikitext-103", "wikitext-2")
@@ -67,12 +66,11 @@ def _check_file(path: Path, what: str) -> Path:
     return path
 
 
-class TextCorpus:
+class TextCorpus(StreamCorpus):
     """The `Corpus` of a tokenized text folder (moe_impl/data/base.py): one stream per split,
     training windows by step and evaluation passes that score every token once."""
 
     name = "text"
-    carries_state = True
     ids_by_frequency = True
 
     def __init__(
@@ -177,24 +175,6 @@ class TextCorpus:
         return self._streams[split]
 
     # --- the Corpus protocol ------------------------------------------------------------------
-
-    def train_batch(self, step: int, batch_size: int, seq_len: int) -> Batch:
-        """Windows of the training stream (see `stream.train_windows`); every target scored."""
-        return train_windows(self.stream("train"), step, batch_size, seq_len)
-
-    def steps_per_epoch(self, batch_size: int, seq_len: int) -> int:
-        return train_steps_per_epoch(self.stream("train").size, batch_size, seq_len)
-
-    def eval_batches(
-        self, split: str, batch_size: int, seq_len: int, max_tokens: int | None = None
-    ) -> Iterator[Batch]:
-        """Every token of `split` ("valid" or "test"), `<eos>` included, scored exactly once."""
-        if split not in ("valid", "test"):
-            raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-        return eval_windows(self.stream(split), batch_size, seq_len, max_tokens)
-
-    def floor_nats(self) -> None:
-        return None
 
     def describe(self) -> dict:
         test = self.stream("test")
