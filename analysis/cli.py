@@ -18,23 +18,26 @@ from pathlib import Path
 from analysis import collect, figures, io, report, tables
 
 SNAPSHOTS_FILE, LOADS_FILE = "snapshots.csv", "expert_load.csv"
+DEFAULT_SUMMARY = Path("results/summary.csv")  # collect's output, figures' input
 DEFAULT_BENCH = Path("results/bench/bench.json")
 VERDICT_METRIC = {report.REPRODUCED: 1.0, report.NOT_REPRODUCED: 0.0}  # "not run": no metric
 
 
+def _add_path(parser: argparse.ArgumentParser, flag: str, default: Path, help_text: str) -> None:
+    """A file or folder option with a default (the layout under results/ that the workflow uses)."""
+    parser.add_argument(flag, type=Path, default=default, help=help_text)
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("collect", help="run directories or MLflow runs -> summary.csv")
-    c.add_argument(
+    _add_path(
+        c,
         "--runs",
-        type=Path,
-        default=Path("results/runs"),
-        help="folder searched recursively for run directories (default results/runs)",
+        Path("results/runs"),
+        "folder searched recursively for run directories (default results/runs)",
     )
-    c.add_argument(
-        "--out",
-        type=Path,
-        default=Path("results/summary.csv"),
-        help=f"summary CSV; {SNAPSHOTS_FILE} and {LOADS_FILE} go beside it",
+    _add_path(
+        c, "--out", DEFAULT_SUMMARY, f"summary CSV; {SNAPSHOTS_FILE} and {LOADS_FILE} go beside it"
     )
     c.add_argument(
         "--from-mlflow",
@@ -46,11 +49,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/results/mlflow.db)",
     )
     f = sub.add_parser("figures", help="summary.csv (+ bench.json) -> figures, tables, REPORT.md")
-    f.add_argument(
+    _add_path(
+        f,
         "--summary",
-        type=Path,
-        default=Path("results/summary.csv"),
-        help=f"from `collect` ({SNAPSHOTS_FILE}, {LOADS_FILE} read beside it)",
+        DEFAULT_SUMMARY,
+        f"from `collect` ({SNAPSHOTS_FILE}, {LOADS_FILE} read beside it)",
     )
     f.add_argument(
         "--bench",
@@ -59,11 +62,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help=f"bench.json file(s), e.g. one per tokens mode (default: {DEFAULT_BENCH} "
         "if it exists)",
     )
-    f.add_argument(
-        "--out",
-        type=Path,
-        default=Path("results"),
-        help="writes figures/, tables/ and REPORT.md here (default results)",
+    _add_path(
+        f, "--out", Path("results"), "writes figures/, tables/ and REPORT.md here (default results)"
     )
     f.add_argument(
         "--only",

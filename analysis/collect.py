@@ -310,6 +310,9 @@ def per_model(df: pd.DataFrame, values: list[str], keys: list[str] | None = None
     return out.sort_values(["num_experts", "model"], kind="stable").reset_index(drop=True)
 
 
+EARLY_LATE = ["early_tokens", "early_perplexity", "late_tokens", "late_perplexity", "gap"]
+
+
 def early_late(summary: pd.DataFrame, snapshots: pd.DataFrame, name: str) -> pd.DataFrame:
     """Figure 3's two points per run of sweep `name`: the earliest snapshot (N tokens) and the
     final evaluation (10N in the news100b sweep), and gap = early - late perplexity (paper.md §3).
@@ -328,7 +331,7 @@ def early_late(summary: pd.DataFrame, snapshots: pd.DataFrame, name: str) -> pd.
         "num_experts",
         "params_excl_embedding_softmax",
     ]
-    out_cols = [*cols, "early_tokens", "early_perplexity", "late_tokens", "late_perplexity", "gap"]
+    out_cols = [*cols, *EARLY_LATE]
     if runs.empty or snapshots.empty:
         return pd.DataFrame(columns=out_cols)
     snaps = snapshots[snapshots["run_id"].isin(runs["run_id"])].sort_values(["run_id", "tokens"])
@@ -343,6 +346,12 @@ def early_late(summary: pd.DataFrame, snapshots: pd.DataFrame, name: str) -> pd.
     out = out[out["late_tokens"] > out["early_tokens"]]
     out["gap"] = out["early_perplexity"] - out["late_perplexity"]
     return out[out_cols].sort_values("params_excl_embedding_softmax").reset_index(drop=True)
+
+
+def early_late_per_model(early_late_runs: pd.DataFrame) -> pd.DataFrame:
+    """early_late's frame averaged over the runs (seeds) of each model: the model size, N and
+    final tokens, the perplexities there and the gap, with n_runs (per_model)."""
+    return per_model(early_late_runs, ["params_excl_embedding_softmax", *EARLY_LATE])
 
 
 def balance(summary: pd.DataFrame, name: str = "balance") -> pd.DataFrame:

@@ -220,32 +220,9 @@ def hier_flat_data(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def gap_data(summary: pd.DataFrame, snapshots: pd.DataFrame) -> pd.DataFrame:
-    el = collect.early_late(summary, snapshots, "news100b")
-    m = collect.per_model(
-        el,
-        [
-            "params_excl_embedding_softmax",
-            "early_tokens",
-            "early_perplexity",
-            "late_tokens",
-            "late_perplexity",
-            "gap",
-        ],
-    )
+    m = collect.early_late_per_model(collect.early_late(summary, snapshots, "news100b"))
     m = m.rename(columns={"params_excl_embedding_softmax": "params"})
-    return m[
-        [
-            "model",
-            "num_experts",
-            "params",
-            "early_tokens",
-            "early_perplexity",
-            "late_tokens",
-            "late_perplexity",
-            "gap",
-            "n_runs",
-        ]
-    ]
+    return m[["model", "num_experts", "params", *collect.EARLY_LATE, "n_runs"]]
 
 
 def degrade_data(summary: pd.DataFrame) -> pd.DataFrame:

@@ -25,8 +25,34 @@ def _paper_wide(table: str, metrics: list[str]) -> pd.DataFrame:
     return w.assign(paper_model=w["model"], paper_order=np.arange(len(w)))
 
 
+# Tables 7 and 8's shared columns (source column -> label): the model's, which open each table,
+# the sizes (this run in millions beside the paper's) and the throughput
+_MODEL_COLS = {
+    "paper_model": "paper model",
+    "model": "this run's model",
+    "num_experts": "experts",
+    "n_runs": "runs",
+}
+_SIZE_COLS = {
+    "params_M": "params excl. emb. & softmax, M (this run)",
+    "params_excl_embedding_softmax_M": "params excl. emb. & softmax, M (paper)",
+    "ops_M": "ops/timestep, M (this run)",
+    "ops_per_timestep_M": "ops/timestep, M (paper)",
+}
+_TFLOPS_COLS = {
+    "tflops_per_device": "TFLOPS/device (this run)",
+    "tflops_per_gpu": "TFLOPS/GPU (paper)",
+}
+
+
 def _join(ours: pd.DataFrame, theirs: pd.DataFrame, cols: dict[str, str]) -> pd.DataFrame:
-    """Outer join on paper_model; paper order first, then our extra models by experts."""
+    """Outer join of our per-model rows and the paper's on paper_model (experts: the paper's);
+    paper order first, then our extra models by experts. Columns: _MODEL_COLS, then `cols`."""
+    ours = ours.drop(columns=["num_experts"]).assign(
+        ops_M=ours["ops_per_timestep"] / 1e6,
+        params_M=ours["params_excl_embedding_softmax"] / 1e6,
+    )
+    cols = {**_MODEL_COLS, **cols}
     out = theirs.merge(ours, on="paper_model", how="outer", suffixes=("_paper", ""))
     out["model"] = out["model"].fillna(MISSING)
     order = out["paper_order"].fillna(1e9 + out["num_experts"].fillna(0))
@@ -47,10 +73,6 @@ def table7(summary: pd.DataFrame) -> pd.DataFrame:
             "mfu",
         ],
     )
-    ours = ours.assign(
-        ops_M=ours["ops_per_timestep"] / 1e6,
-        params_M=ours["params_excl_embedding_softmax"] / 1e6,
-    ).drop(columns=["num_experts"])
     theirs = _paper_wide(
         "table7",
         [
@@ -67,18 +89,10 @@ def table7(summary: pd.DataFrame) -> pd.DataFrame:
         ours,
         theirs,
         {
-            "paper_model": "paper model",
-            "model": "this run's model",
-            "num_experts": "experts",
-            "n_runs": "runs",
             "test_perplexity": "test ppl (this run)",
             "test_perplexity_10_epochs": "test ppl, 10 epochs (paper)",
-            "params_M": "params excl. emb. & softmax, M (this run)",
-            "params_excl_embedding_softmax_M": "params excl. emb. & softmax, M (paper)",
-            "ops_M": "ops/timestep, M (this run)",
-            "ops_per_timestep_M": "ops/timestep, M (paper)",
-            "tflops_per_device": "TFLOPS/device (this run)",
-            "tflops_per_gpu": "TFLOPS/GPU (paper)",
+            **_SIZE_COLS,
+            **_TFLOPS_COLS,
             "mfu": "MFU (this run)",
             "mfu_paper": "MFU, TFLOPS/4.29 (paper)",
         },
@@ -93,14 +107,10 @@ def table8(summary: pd.DataFrame, snapshots: pd.DataFrame) -> pd.DataFrame:
     )
     el = collect.per_model(
         collect.early_late(summary, snapshots, "news100b"),
-        ["early_tokens", "early_perplexity", "late_tokens", "late_perplexity", "gap"],
+        collect.EARLY_LATE,
     )
     el = el.drop(columns=["family", "model", "moe", "num_experts", "n_runs"])
-    ours = ours.merge(el, on="paper_model", how="left").drop(columns=["num_experts"])
-    ours = ours.assign(
-        ops_M=ours["ops_per_timestep"] / 1e6,
-        params_M=ours["params_excl_embedding_softmax"] / 1e6,
-    )
+    ours = ours.merge(el, on="paper_model", how="left")
     theirs = _paper_wide(
         "table8",
         [
@@ -116,14 +126,7 @@ def table8(summary: pd.DataFrame, snapshots: pd.DataFrame) -> pd.DataFrame:
         ours,
         theirs,
         {
-            "paper_model": "paper model",
-            "model": "this run's model",
-            "num_experts": "experts",
-            "n_runs": "runs",
-            "params_M": "params excl. emb. & softmax, M (this run)",
-            "params_excl_embedding_softmax_M": "params excl. emb. & softmax, M (paper)",
-            "ops_M": "ops/timestep, M (this run)",
-            "ops_per_timestep_M": "ops/timestep, M (paper)",
+            **_SIZE_COLS,
             "early_tokens": "N tokens (this run)",
             "early_perplexity": "test ppl after N (this run)",
             "test_perplexity_10B_words": "test ppl after 10B words (paper)",
@@ -132,8 +135,7 @@ def table8(summary: pd.DataFrame, snapshots: pd.DataFrame) -> pd.DataFrame:
             "test_perplexity_100B_words": "test ppl after 100B words (paper)",
             "gap": "gap (this run)",
             "gap_paper": "gap (paper)",
-            "tflops_per_device": "TFLOPS/device (this run)",
-            "tflops_per_gpu": "TFLOPS/GPU (paper)",
+            **_TFLOPS_COLS,
         },
     )
 

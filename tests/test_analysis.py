@@ -500,28 +500,18 @@ def _cli_inputs(tmp_path):
     return out, bench
 
 
+def _run_figures(out, bench, *extra: str) -> int:
+    """`figures` on _cli_inputs' summary and bench, writing under out."""
+    inputs = ["--summary", str(out / "summary.csv"), "--bench", str(bench), "--out", str(out)]
+    return cli.main(["figures", *inputs, *extra])
+
+
 def test_cli_writes_figures_tables_and_report(tmp_path, monkeypatch):
     """Two figures here (drawing all six takes ~7 s; the slow test below draws them all)."""
     out, bench = _cli_inputs(tmp_path)
     monkeypatch.setattr(io, "FIGURE_DPI", 40)  # a small test scale: the files, not their looks
     only = ["figure3", "perf_scaling"]
-    assert (
-        cli.main(
-            [
-                "figures",
-                "--summary",
-                str(out / "summary.csv"),
-                "--bench",
-                str(bench),
-                "--out",
-                str(out),
-                "--no-mlflow",
-                "--only",
-                *only,
-            ]
-        )
-        == 0
-    )
+    assert _run_figures(out, bench, "--no-mlflow", "--only", *only) == 0
     assert sorted(p.name for p in (out / "figures").iterdir()) == [
         f"{n}.{e}" for n in only for e in sorted(io.FIGURE_FORMATS)
     ]
@@ -539,22 +529,7 @@ def test_cli_writes_figures_tables_and_report(tmp_path, monkeypatch):
 def test_cli_logs_the_analysis_run_and_collects_from_mlflow(tmp_path, store, monkeypatch):
     out, bench = _cli_inputs(tmp_path)
     monkeypatch.setattr(io, "FIGURE_DPI", 40)
-    assert (
-        cli.main(
-            [
-                "figures",
-                "--summary",
-                str(out / "summary.csv"),
-                "--bench",
-                str(bench),
-                "--out",
-                str(out),
-                "--uri",
-                store,
-            ]
-        )
-        == 0
-    )
+    assert _run_figures(out, bench, "--uri", store) == 0
     for name in figures.FIGURES:
         for ext in io.FIGURE_FORMATS:
             assert (out / "figures" / f"{name}.{ext}").stat().st_size > 1000
