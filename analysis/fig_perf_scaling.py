@@ -83,5 +83,5 @@ def perf_scaling(bench: pd.DataFrame, peers: pd.DataFrame | None = None) -> Figu
         ax_t.set(ylabel="µs per token (fwd+bwd, log)")
         ax_r.set(xlabel=style.EXPERTS_LABEL, ylabel="MoE time / dense FFN time (log)")
         ax_r.set_title("this run: ratio to the FLOP-matched dense FFN")
-    style.fig_legend(fig, axes, ncol=4)
+    style.fig_legend(fig, axes, ncol=2 if axes.shape[1] == 1 else 4)  # one column of panels: 2 fit
     return fig
