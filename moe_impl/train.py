@@ -34,6 +34,11 @@ from moe_impl.train_config import dump, model_config, synthetic_config
 
 STATS = ("cv_importance", "cv_load", "max_over_mean_load")
 _STATS_WINDOW = 20  # summary routing statistics: mean over the last this many steps
+# the loop's own state, saved in every checkpoint and restored on --resume (with the model and
+# optimizer states, and the wall time so far)
+_RESUMED = (
+    "step", "state", "train_time", "scored_tokens", "expert_load", "snapshots", "recent_stats",
+)  # fmt: skip
 
 
 class TrainingDiverged(RuntimeError):
@@ -116,6 +121,7 @@ class Trainer:
             if tc["dtype"] == "bfloat16"
             else nullcontext()
         )
+        self.tokens_per_step = tc["batch_size"] * tc["seq_len"]  # training positions per step
         self.total_steps = self._total_steps()
         self.step, self.state, self.train_time, self.snapshots = 0, None, 0.0, []
         self.scored_tokens = 0
@@ -149,7 +155,7 @@ class Trainer:
                 "run must use the same settings (compare the files, or start a new --out)"
             )
         config_path.write_text(text)
-        self.identity = runinfo.write_run_identity(d, self.name, self.cfg["experiment"])
+        runinfo.write_run_identity(d, self.name, self.cfg["experiment"])
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         tc = self.train_cfg
@@ -179,9 +185,8 @@ class Trainer:
 
     def _total_steps(self) -> int:
         tc = self.train_cfg
-        per_step = tc["batch_size"] * tc["seq_len"]
         if tc["tokens"] is not None:
-            return max(1, -(-tc["tokens"] // per_step))
+            return max(1, -(-tc["tokens"] // self.tokens_per_step))
         per_epoch = self.corpus.steps_per_epoch(tc["batch_size"], tc["seq_len"])
         return tc["epochs"] * per_epoch
 
@@ -192,15 +197,9 @@ class Trainer:
             self.run_dir,
             self.step,
             {
-                "step": self.step,
+                **{name: getattr(self, name) for name in _RESUMED},
                 "model": self.model.state_dict(),
                 "optimizers": [opt.state_dict() for opt in self.optimizers],
-                "state": self.state,
-                "train_time": self.train_time,
-                "scored_tokens": self.scored_tokens,
-                "expert_load": self.expert_load,
-                "snapshots": self.snapshots,
-                "recent_stats": self.recent_stats,
                 "wall_time": self.wall_before + time.perf_counter() - self._segment_start,
             },
             keep=self.train_cfg["keep_checkpoints"],
@@ -211,11 +210,8 @@ class Trainer:
         self.model.load_state_dict(saved["model"])
         for opt, state in zip(self.optimizers, saved["optimizers"], strict=True):
             opt.load_state_dict(state)
-        self.step, self.state = saved["step"], saved["state"]
-        self.train_time, self.snapshots = saved["train_time"], saved["snapshots"]
-        self.recent_stats = saved["recent_stats"]
-        self.scored_tokens = saved["scored_tokens"]
-        self.expert_load = saved["expert_load"]
+        for name in _RESUMED:
+            setattr(self, name, saved[name])
         self.wall_before = saved["wall_time"]
         # lines logged after the checkpoint would be logged again: drop them (evaluations at the
         # checkpoint's step too, unless they are snapshots it holds)
@@ -276,7 +272,7 @@ class Trainer:
         record = {
             "kind": "train",
             "step": step + 1,
-            "tokens": (step + 1) * tc["batch_size"] * tc["seq_len"],
+            "tokens": (step + 1) * self.tokens_per_step,
             "loss": loss.item(),
             "aux_loss": out.aux_loss.item(),
             "lr": tc["lr"] * factor,
@@ -386,8 +382,7 @@ class Trainer:
         )
 
     def _run(self, tracker, sampler) -> dict:
-        tc = self.train_cfg
-        per_step = tc["batch_size"] * tc["seq_len"]
+        tc, per_step = self.train_cfg, self.tokens_per_step
         # a snapshot at the last step is the final evaluation: not run twice
         snapshot_steps = {-(-t // per_step) for t in self.eval_cfg["at_tokens"]}
         snapshot_steps.discard(self.total_steps)
@@ -450,13 +445,12 @@ class Trainer:
 
     def _snapshot(self) -> dict:
         result = self.evaluate()
-        tokens = self.step * self.train_cfg["batch_size"] * self.train_cfg["seq_len"]
+        tokens = self.step * self.tokens_per_step
         self.snapshots.append({"step": self.step, "tokens": tokens, **result})
         return {"kind": "eval", "step": self.step, "tokens": tokens, **result}
 
     def _summary(self, final: dict, wall: float) -> dict:
-        cfg, tc = self.model_cfg, self.train_cfg
-        per_step = tc["batch_size"] * tc["seq_len"]
+        cfg, tc, per_step = self.model_cfg, self.train_cfg, self.tokens_per_step
         tokens_per_second = self.step * per_step / self.train_time if self.train_time else None
         train_flops = flops.train_flops_per_token(cfg)
         tflops = train_flops * tokens_per_second / 1e12 if tokens_per_second else None
