@@ -186,16 +186,19 @@ class TopicMarkov:
         return self.cfg.num_tokens
 
     def _stream(self, split: str, index: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Sequences `index` concatenated as [<T_t>, x_1 ... x_n, </S>] each: (tokens, oracle
+        """Sequences `index` of `split`, packed (see `_pack`)."""
+        return self._pack(*self.sequences(split, index))
+
+    def _pack(self, topics, tokens: list, logps: list) -> tuple[np.ndarray, ...]:
+        """Sequences concatenated as [<T_t>, x_1 ... x_n, </S>] each: (tokens, oracle
         log-probability of each token given its past (0 for headers), is-header flags, the
         position where each sequence starts)."""
-        topics, tokens, logps = self.sequences(split, index)
         lengths = np.array([seq.size + 1 for seq in tokens], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         header = np.zeros(int(lengths.sum()), dtype=bool)
         header[starts] = True
         stream = np.empty(header.size, dtype=np.int64)
-        stream[starts] = self.cfg.vocab_size + 1 + topics
+        stream[starts] = self.cfg.vocab_size + 1 + np.asarray(topics, dtype=np.int64)
         stream[~header] = np.concatenate(tokens)
         logp = np.zeros(header.size)
         logp[~header] = np.concatenate(logps)
@@ -266,15 +269,13 @@ class TopicMarkov:
                 seqs.append(s[j])
                 logps.append(lp[j])
                 total += s[j].size
-        n = len(seqs)
-        bounds = [round(r * n / batch_size) for r in range(batch_size + 1)]
-        rows = []
-        for r in range(batch_size):
-            part = range(bounds[r], bounds[r + 1])
-            tok = [np.concatenate([[self.cfg.vocab_size + 1 + topics[j]], seqs[j]]) for j in part]
-            lp = [np.concatenate([[0.0], logps[j]]) for j in part]
-            head = [np.arange(len(x)) == 0 for x in tok]
-            rows.append(tuple(np.concatenate(x) if x else np.zeros(0) for x in (tok, lp, head)))
+        stream, logp, header, starts = self._pack(topics, seqs, logps)
+        ends = np.append(starts, stream.size)  # row r: whole sequences bounds[r] .. bounds[r+1]
+        bounds = [round(r * len(seqs) / batch_size) for r in range(batch_size + 1)]
+        rows = [
+            tuple(x[ends[bounds[r]] : ends[bounds[r + 1]]] for x in (stream, logp, header))
+            for r in range(batch_size)
+        ]
         width = max(row[0].size for row in rows)
         padded = -(-max(width - 1, 1) // seq_len) * seq_len + 1
         inputs = np.full((batch_size, padded), self.cfg.eos_id, dtype=np.int64)
@@ -283,7 +284,7 @@ class TopicMarkov:
         for r, (tok, lp, head) in enumerate(rows):
             inputs[r, : tok.size] = tok
             logp[r, : tok.size] = lp
-            scored[r, : tok.size] = ~head.astype(bool)
+            scored[r, : tok.size] = ~head
         for lo in range(0, padded - 1, seq_len):
             hi = lo + seq_len
             yield Batch(
