@@ -36,21 +36,26 @@ def noisy_top_k(
     *,
     noise_epsilon: float = NOISE_EPSILON,
     generator: torch.Generator | None = None,
+    normal_BE: Tensor | None = None,
 ) -> GateOutput:
     """Noisy top-k gating given the clean logits x W_g and, when noise is on, x W_noise.
 
     `noise_logits_BE=None` means no noise (evaluation, or `noisy_gating=False`): routing is then the
     deterministic top-k of the clean logits and the load is the true count. With k >= E every expert
     is selected and the gates are the softmax over all (noisy) logits. With a single expert the noise
-    cannot change anything, so none is drawn.
+    cannot change anything, so none is drawn. `normal_BE`, standard-normal samples of the logits'
+    shape, replaces the draw from `generator` (the expert-parallel layers pass their rows of a
+    draw made for the whole global batch, moe_impl/parallel).
     """
     num_experts = clean_BE.shape[-1]
     noisy = noise_logits_BE is not None and num_experts > 1
     if noisy:
         std_BE = F.softplus(noise_logits_BE) + noise_epsilon
-        eps_BE = torch.randn(
-            clean_BE.shape, generator=generator, device=clean_BE.device, dtype=clean_BE.dtype
-        )
+        eps_BE = normal_BE
+        if eps_BE is None:
+            eps_BE = torch.randn(
+                clean_BE.shape, generator=generator, device=clean_BE.device, dtype=clean_BE.dtype
+            )
         logits_BE = clean_BE + eps_BE * std_BE
     else:
         logits_BE = clean_BE
@@ -94,12 +99,16 @@ class NoisyTopKGate(nn.Module):
         self.w_noise = nn.Parameter(torch.zeros(d_model, num_experts))
 
     def forward(self, x_BD: Tensor, generator: torch.Generator | None = None) -> GateOutput:
-        clean_BE = gate_matmul(x_BD, self.w_gate)
-        # Noise only in training (t2t multiplies the std by float(train)), paper.md §6.1.
-        noise_BE = gate_matmul(x_BD, self.w_noise) if self.uses_noise else None
+        clean_BE, noise_BE = self.logits(x_BD)
         return noisy_top_k(
             clean_BE, noise_BE, self.k, noise_epsilon=self.noise_epsilon, generator=generator
         )
+
+    def logits(self, x_BD: Tensor) -> tuple[Tensor, Tensor | None]:
+        """x W_g and, when noise applies, x W_noise (else None)."""
+        # Noise only in training (t2t multiplies the std by float(train)), paper.md §6.1.
+        noise_BE = gate_matmul(x_BD, self.w_noise) if self.uses_noise else None
+        return gate_matmul(x_BD, self.w_gate), noise_BE
 
     @property
     def uses_noise(self) -> bool:

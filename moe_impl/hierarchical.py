@@ -62,14 +62,21 @@ class GroupGates(nn.Module):
         generator: torch.Generator | None = None,
     ) -> GateOutput:
         """Noisy top-k within the group of each (token, group) pair; rows come back in pair order."""
+        clean_PS, noise_PS = self.logits(x_BD, plan, groups_per_token)
+        return noisy_top_k(
+            clean_PS, noise_PS, self.k, noise_epsilon=self.noise_epsilon, generator=generator
+        )
+
+    def logits(
+        self, x_BD: Tensor, plan: DispatchPlan, groups_per_token: int
+    ) -> tuple[Tensor, Tensor | None]:
+        """Each pair's clean logits over its group and, when noise applies, its noise logits."""
         x_RD = dispatch(x_BD, plan, groups_per_token)
         clean_PS = self._pair_logits(x_RD, self.w_gate, plan)
         noise_PS = None
         if self.training and self.noisy_gating:
             noise_PS = self._pair_logits(x_RD, self.w_noise, plan)
-        return noisy_top_k(
-            clean_PS, noise_PS, self.k, noise_epsilon=self.noise_epsilon, generator=generator
-        )
+        return clean_PS, noise_PS
 
     @staticmethod
     def _pair_logits(x_RD: Tensor, w_GDS: Tensor, plan: DispatchPlan) -> Tensor:
@@ -146,8 +153,9 @@ class HierarchicalMoE(nn.Module):
         importance_E = balancing.importance(expert_M, gate_M, self.num_experts)  # Eq. 13
         load_E = self._load(primary, secondary, group_P, group_plan, plan, gate_M.dtype)
         return moe_output(
-            y_BD.view(x.shape), importance_E, load_E, plan, self.w_importance, self.w_load
-        )
+            y_BD.view(x.shape), importance_E, load_E, plan.counts_E, plan.num_dropped,
+            self.w_importance, self.w_load,
+        )  # fmt: skip
 
     def _load(
         self,

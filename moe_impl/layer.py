@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_impl import balancing
-from moe_impl.dispatch import DispatchPlan, make_plan
+from moe_impl.dispatch import make_plan
 from moe_impl.experts import ExpertBank
 from moe_impl.gating import NoisyTopKGate
 
@@ -104,14 +104,15 @@ def moe_output(
     y: Tensor,
     importance_E: Tensor,
     load_E: Tensor,
-    plan: DispatchPlan,
+    counts_E: Tensor,
+    num_dropped: int,
     w_importance: float,
     w_load: float,
 ) -> MoEOutput:
     """The losses (paper Eq. 7 and 11) and statistics of a forward pass, packed with its output."""
     importance_loss = w_importance * balancing.cv_squared(importance_E)
     load_loss = w_load * balancing.cv_squared(load_E)
-    stats = routing_stats(plan.counts_E, importance_E, load_E, plan.num_dropped)
+    stats = routing_stats(counts_E, importance_E, load_E, num_dropped)
     return MoEOutput(y, importance_loss + load_loss, importance_loss, load_loss, stats)
 
 
@@ -167,8 +168,9 @@ class MoE(nn.Module):
         else:
             load_E = plan.counts_E.to(gate_N.dtype)
         return moe_output(
-            y_BD.view(x.shape), importance_E, load_E, plan, self.w_importance, self.w_load
-        )
+            y_BD.view(x.shape), importance_E, load_E, plan.counts_E, plan.num_dropped,
+            self.w_importance, self.w_load,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (

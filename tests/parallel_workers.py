@@ -1,0 +1,115 @@
+"""Functions the expert-parallel tests run in spawned gloo processes (moe_impl.parallel.spawn).
+
+Each case builds the single-process layer from a seed, so every rank and the parent test hold the
+same weights and the same global batch; a rank keeps its slice of the tokens, loads the weights into
+the distributed layer and returns its outputs and the whole model's gradients for the parent to
+compare with the single-process layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from moe_impl import HierarchicalMoE, MoE
+from moe_impl.parallel import (
+    DistributedHierarchicalMoE,
+    DistributedMoE,
+    load_full_state_dict,
+    sum_replicated_grads,
+)
+from moe_impl.parallel.shard import gather_rows, shard_of
+
+D_MODEL, D_HIDDEN = 5, 7
+
+
+def build_single(case: dict) -> torch.nn.Module:
+    """The single-process layer of a case, float64, gates randomised so routing depends on x."""
+    torch.manual_seed(case["seed"])
+    common = dict(noisy_gating=case.get("noisy", True), sparse_grad=case.get("sparse", False))
+    if case["kind"] == "flat":
+        layer = MoE(D_MODEL, D_HIDDEN, case["experts"], case["k"], **common)
+    else:
+        layer = HierarchicalMoE(D_MODEL, D_HIDDEN, *case["shape"], *case["k"], **common)
+    layer = layer.double()
+    g = torch.Generator().manual_seed(case["seed"] + 1)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "gate" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.7)
+    layer.train(case.get("train", True))
+    return layer
+
+
+def global_inputs(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch x (tokens of every rank, in rank order) and the output weights r."""
+    g = torch.Generator().manual_seed(case["seed"] + 2)
+    tokens = sum(case["sizes"])
+    x = torch.randn((tokens, D_MODEL), generator=g, dtype=torch.float64)
+    r = torch.randn((tokens, D_MODEL), generator=g, dtype=torch.float64)
+    return x, r
+
+
+def reference(case: dict) -> dict:
+    """The single-process layer on the global batch: y, aux, counts and every gradient."""
+    layer = build_single(case)
+    x, r = global_inputs(case)
+    x.requires_grad_(True)
+    out = layer(x, generator=torch.Generator().manual_seed(case["seed"] + 3))
+    ((out.y * r).sum() + out.aux_loss).backward()
+    grads = {n: _dense(p.grad, p) for n, p in layer.named_parameters()}
+    return {
+        "y": out.y.detach(),
+        "aux": out.aux_loss.detach(),
+        "counts": out.stats.tokens_per_expert,
+        "x_grad": x.grad,
+        "grads": grads,
+    }
+
+
+def _dense(grad, p):
+    if grad is None:
+        return torch.zeros_like(p)
+    return grad.to_dense() if grad.is_sparse else grad
+
+
+def distributed_case(rank: int, world: int, case: dict) -> dict:
+    """This rank's part of the case, with the whole model's gradients gathered."""
+    single = build_single(case)
+    common = dict(
+        noisy_gating=case.get("noisy", True),
+        sparse_grad=case.get("sparse", False),
+        replicate_noise=True,
+    )
+    if case["kind"] == "flat":
+        layer = DistributedMoE(D_MODEL, D_HIDDEN, case["experts"], case["k"], **common)
+    else:
+        layer = DistributedHierarchicalMoE(D_MODEL, D_HIDDEN, *case["shape"], *case["k"], **common)
+    layer = layer.double()
+    load_full_state_dict(layer, single.state_dict())
+    layer.train(case.get("train", True))
+    x, r = global_inputs(case)
+    lo = sum(case["sizes"][:rank])
+    hi = lo + case["sizes"][rank]
+    x_local = x[lo:hi].clone().requires_grad_(True)
+    out = layer(x_local, generator=torch.Generator().manual_seed(case["seed"] + 3))
+    ((out.y * r[lo:hi]).sum() + out.aux_loss).backward()
+    sum_replicated_grads(layer)
+    grads = {}
+    for name, p in layer.named_parameters():
+        g = _dense(p.grad, p)
+        shard = shard_of(p)
+        grads[name] = g if shard is None else gather_rows(g, shard[1], None)
+    return {
+        "y": out.y.detach(),
+        "aux": out.aux_loss.detach(),
+        "counts": out.stats.tokens_per_expert,
+        "x_grad": x_local.grad,
+        "grads": grads,
+        "local_tokens_received": int(out.stats.tokens_per_expert.sum()),
+        "world": dist.get_world_size(),
+    }
+
+
+def run_cases(rank: int, world: int, cases: list[dict]) -> list[dict]:
+    return [distributed_case(rank, world, case) for case in cases]
