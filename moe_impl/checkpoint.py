@@ -3,11 +3,18 @@
 A checkpoint is written to a temporary file and renamed, and latest.txt is replaced after it, so a
 run killed at any moment leaves the previous checkpoint intact and named. Only the newest `keep`
 are kept. Loading maps tensors to the requested device; sparse expert states are plain tensors.
+
+An expert-parallel run (moe_impl/parallel) writes one folder per checkpoint,
+`step-NNNNNNNN/rank-RRRRR-of-WWWWW.pt`, each rank its own shard of the experts (and its copy of the
+replicated rest); rank 0 names the folder in latest.txt once every rank has written (the caller
+passes a barrier). A folder missing a rank's file is incomplete and never chosen.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,34 +24,93 @@ from moe_impl.rundir import CHECKPOINT_DIR
 LATEST = "latest.txt"
 
 
-def save(run_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:08d}.pt"
+def _rank_file(rank: int, world_size: int) -> str:
+    return f"rank-{rank:05d}-of-{world_size:05d}.pt"
+
+
+def _atomic_save(state: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
-    latest_tmp = folder / (LATEST + ".tmp")
-    latest_tmp.write_text(path.name + "\n")
-    os.replace(latest_tmp, folder / LATEST)
-    for old in sorted(folder.glob("step-*.pt"))[:-keep]:
-        old.unlink()
+
+
+def save(
+    run_dir: str | Path,
+    step: int,
+    state: dict,
+    keep: int = 2,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path:
+    """Write this process's checkpoint of `step`; with world_size > 1 every rank must call it."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    if world_size == 1:
+        path = folder / f"step-{step:08d}.pt"
+        _atomic_save(state, path)
+    else:
+        path = folder / f"step-{step:08d}"
+        path.mkdir(exist_ok=True)
+        _atomic_save(state, path / _rank_file(rank, world_size))
+        barrier()  # every shard is on disk before the folder is named
+    if rank == 0:
+        latest_tmp = folder / (LATEST + ".tmp")
+        latest_tmp.write_text(path.name + "\n")
+        os.replace(latest_tmp, folder / LATEST)
+        for old in _complete(folder)[:-keep]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    barrier()  # nobody reads latest.txt (or resumes) before it names this step
     return path
 
 
+def _is_complete(path: Path) -> bool:
+    if path.is_file():
+        return path.suffix == ".pt"
+    files = sorted(path.glob("rank-*-of-*.pt"))
+    if not files:
+        return False
+    world_size = int(files[0].stem.rsplit("-", 1)[1])
+    return len(files) == world_size
+
+
+def _complete(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.glob("step-*")) if _is_complete(p)]
+
+
 def latest(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
+    """The newest complete checkpoint (a file, or a folder of rank files), or None."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     marker = folder / LATEST
     if marker.exists():
         path = folder / marker.read_text().strip()
-        if path.exists():
+        if path.exists() and _is_complete(path):
             return path
-    # killed between writing a checkpoint and naming it: the newest complete file (a partial one
-    # still has its .tmp name)
-    found = sorted(folder.glob("step-*.pt"))
+    # killed between writing a checkpoint and naming it: the newest complete one (a partial file
+    # still has its .tmp name; a partial folder lacks some rank's file)
+    found = _complete(folder)
     return found[-1] if found else None
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> dict:
+def load(
+    path: str | Path, device: str | torch.device = "cpu", *, rank: int = 0, world_size: int = 1
+) -> dict:
+    """This process's state from a checkpoint; ValueError if it was written by another number of
+    processes (experts are sharded by world size)."""
+    path = Path(path)
+    if path.is_dir():
+        file = path / _rank_file(rank, world_size)
+        if not file.exists():
+            found = sorted(f.name for f in path.glob("rank-*.pt"))
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds {', '.join(found) or 'no rank files'}: resume it "
+                f"with the number of processes that wrote it, not {world_size}"
+            )
+        path = file
+    elif world_size != 1:
+        raise ValueError(
+            f"checkpoint {str(path)!r} was written by a single process; resume it with one "
+            f"process, not {world_size}"
+        )
     return torch.load(path, map_location=device, weights_only=False)

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from moe_impl.dispatch import DispatchPlan, dispatch, from_rows
 from moe_impl.expert_mlp import block_expert_mlp
 
-
 # Experts are initialised in chunks of this many, each chunk from its own generator seeded by
 # (one seed drawn from torch's global RNG, chunk index): expert i's initial weights then depend only
 # on that seed and i, so a bank sharded over ranks (moe_impl/parallel) starts from exactly the
@@ -68,7 +67,9 @@ class ExpertBank(nn.Module):
     def reset_parameters(self) -> None:
         """w_in ~ U(±sqrt(6/d)), w_out ~ U(±sqrt(3/h)), drawn chunk by chunk (INIT_CHUNK)."""
         d_model, d_hidden = self.w_in.shape[1:]
-        seed = int(torch.randint(0, 2**62, ()))  # the one draw from the global RNG
+        seed = int(torch.randint(0, 2**62, (), device="cpu"))  # the one draw from the global RNG
+        if self.w_in.is_meta:  # shapes only (the benchmark's planning)
+            return
         bound_in, bound_out = math.sqrt(6.0 / d_model), math.sqrt(3.0 / d_hidden)
         lo, hi = self.first_expert, self.first_expert + self.w_in.shape[0]
         generator = torch.Generator()
@@ -77,10 +78,10 @@ class ExpertBank(nn.Module):
                 start = chunk * INIT_CHUNK
                 size = min(INIT_CHUNK, self.total_experts - start)
                 generator.manual_seed(seed + chunk)
-                w_in = torch.empty(size, d_model, d_hidden).uniform_(
+                w_in = torch.empty(size, d_model, d_hidden, device="cpu").uniform_(
                     -bound_in, bound_in, generator=generator
                 )
-                w_out = torch.empty(size, d_hidden, d_model).uniform_(
+                w_out = torch.empty(size, d_hidden, d_model, device="cpu").uniform_(
                     -bound_out, bound_out, generator=generator
                 )
                 a, b = max(lo, start), min(hi, start + size)

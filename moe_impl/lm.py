@@ -70,7 +70,9 @@ class MoELanguageModel(nn.Module):
     forward(inputs_BT, targets_BT, scored_BT, state=None, generator=None) returns an LMOutput. In
     training with `cfg.softmax_samples` set, the loss uses the importance-sampled softmax (samples
     shared by the batch, drawn from `proposal_log_probs`, log-uniform by default); in evaluation, or
-    with softmax_samples None or 0, the full softmax.
+    with softmax_samples None or 0, the full softmax. `expert_parallel=True` (inside an initialised
+    torch.distributed process group) builds the MoE as DistributedMoE / DistributedHierarchicalMoE:
+    every other layer is replicated, and each rank passes its own rows of the batch.
     """
 
     def __init__(
@@ -83,6 +85,8 @@ class MoELanguageModel(nn.Module):
         noisy_gating: bool = True,
         sparse_grad: bool | None = None,
         proposal_log_probs: Tensor | None = None,
+        expert_parallel: bool = False,
+        replicate_noise: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
@@ -102,10 +106,16 @@ class MoELanguageModel(nn.Module):
             w_load=w_load,
             sparse_grad=sparse_grad,
         )
+        flat, hierarchical = MoE, HierarchicalMoE
+        if expert_parallel:  # experts sharded over the process group's ranks (moe_impl/parallel)
+            from moe_impl.parallel import DistributedHierarchicalMoE, DistributedMoE
+
+            flat, hierarchical = DistributedMoE, DistributedHierarchicalMoE
+            moe_kwargs["replicate_noise"] = replicate_noise
         if cfg.moe == "flat":
-            self.moe = MoE(d, cfg.d_hidden, cfg.num_experts, cfg.k, **moe_kwargs)
+            self.moe = flat(d, cfg.d_hidden, cfg.num_experts, cfg.k, **moe_kwargs)
         elif cfg.moe == "hierarchical":
-            self.moe = HierarchicalMoE(
+            self.moe = hierarchical(
                 d, cfg.d_hidden, cfg.num_groups, cfg.group_size, cfg.k_primary, cfg.k_secondary,
                 **moe_kwargs,
             )  # fmt: skip

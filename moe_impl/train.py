@@ -29,6 +29,8 @@ from moe_impl import checkpoint, flops, rundir, runinfo, telemetry
 from moe_impl.data.synthetic import TopicMarkov
 from moe_impl.lm import MoELanguageModel
 from moe_impl.optim import FactoredAdam
+from moe_impl.parallel import context as parallel_context
+from moe_impl.parallel import global_grad_norm, sum_replicated_grads
 from moe_impl.progress import Progress
 from moe_impl.train_config import dump, model_config, synthetic_config
 
@@ -79,10 +81,13 @@ def _step_seed(seed: int, step: int, salt: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + salt) % (2**63 - 1)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """The configured device; a bare 'cuda' in a distributed run is the process's own GPU."""
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r} but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is None and local_rank is not None:
+        device = torch.device("cuda", local_rank)
     return device
 
 
@@ -96,7 +101,20 @@ class Trainer:
         tc = self.train_cfg
         if tc["threads"]:
             torch.set_num_threads(tc["threads"])
-        self.device = resolve_device(tc["device"])
+        dc = cfg["distributed"]
+        self.ctx = parallel_context.setup(
+            dc["backend"], torch.device(tc["device"]).type, dc["timeout_s"]
+        )
+        self.device = resolve_device(
+            tc["device"], self.ctx.local_rank if self.ctx.distributed else None
+        )
+        for key in ("train.batch_size", "eval.batch_size"):
+            section, name = key.split(".")
+            if cfg[section][name] % self.ctx.world_size:
+                raise ValueError(
+                    f"{key}={cfg[section][name]} must be divisible by the number of processes "
+                    f"({self.ctx.world_size}): each takes an equal share of the rows"
+                )
         self.corpus = build_corpus(cfg)
         self.model_cfg = model_config(cfg, self.corpus.vocab_size)
         self.name = cfg["name"] or self.model_cfg.name
@@ -113,6 +131,8 @@ class Trainer:
             noisy_gating=m["noisy_gating"],
             sparse_grad=m["sparse_grad"],
             proposal_log_probs=proposal,
+            expert_parallel=self.ctx.distributed,
+            replicate_noise=dc["replicate_noise"],
         ).to(self.device)
         self.optimizers = self._optimizers()
         self.generator = torch.Generator(device=self.device)
@@ -134,28 +154,33 @@ class Trainer:
             latest = checkpoint.latest(self.run_dir)
             if latest is not None:
                 self._restore(latest)
-            else:  # killed before its first checkpoint: start over, forget what it logged
+            elif self.ctx.is_main:  # killed before its first checkpoint: forget what it logged
                 (self.run_dir / rundir.METRICS_FILE).unlink(missing_ok=True)
+            self.ctx.barrier()
 
     # --- set-up -----------------------------------------------------------------------------
 
     def _prepare_run_dir(self, resume: bool) -> None:
         d = self.run_dir
         config_path = d / rundir.CONFIG_FILE
+        # every rank checks before any writes, so all raise alike
         if d.exists() and any(d.iterdir()) and not resume:
             raise ValueError(
                 f"run directory {str(d)!r} is not empty; pass --resume to continue it or choose "
                 "another --out"
             )
-        d.mkdir(parents=True, exist_ok=True)
         text = dump(self.cfg)
         if resume and config_path.exists() and config_path.read_text() != text:
             raise ValueError(
                 f"--resume: the config differs from the one in {str(config_path)!r}; a resumed "
                 "run must use the same settings (compare the files, or start a new --out)"
             )
-        config_path.write_text(text)
-        runinfo.write_run_identity(d, self.name, self.cfg["experiment"])
+        self.ctx.barrier()
+        if self.ctx.is_main:
+            d.mkdir(parents=True, exist_ok=True)
+            config_path.write_text(text)
+            runinfo.write_run_identity(d, self.name, self.cfg["experiment"])
+        self.ctx.barrier()
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         tc = self.train_cfg
@@ -203,16 +228,23 @@ class Trainer:
                 "wall_time": self.wall_before + time.perf_counter() - self._segment_start,
             },
             keep=self.train_cfg["keep_checkpoints"],
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            barrier=self.ctx.barrier,
         )
 
     def _restore(self, path: Path) -> None:
-        saved = checkpoint.load(path, self.device)
+        saved = checkpoint.load(
+            path, self.device, rank=self.ctx.rank, world_size=self.ctx.world_size
+        )
         self.model.load_state_dict(saved["model"])
         for opt, state in zip(self.optimizers, saved["optimizers"], strict=True):
             opt.load_state_dict(state)
         for name in _RESUMED:
             setattr(self, name, saved[name])
         self.wall_before = saved["wall_time"]
+        if not self.ctx.is_main:
+            return
         # lines logged after the checkpoint would be logged again: drop them (evaluations at the
         # checkpoint's step too, unless they are snapshots it holds)
         snapshot_steps = {snap["step"] for snap in self.snapshots}
@@ -229,35 +261,49 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
 
+    def _rows(self, array):
+        """This process's share of a batch's rows (all of them on one process)."""
+        rows = array.shape[0] // self.ctx.world_size
+        return array[self.ctx.rank * rows : (self.ctx.rank + 1) * rows]
+
     def _batch(self, batch):
-        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        def to(a):
+            return torch.from_numpy(np.ascontiguousarray(self._rows(a))).to(self.device)
+
         return to(batch.inputs), to(batch.targets), to(batch.scored)
 
     def train_step(self) -> dict:
-        tc, step = self.train_cfg, self.step
+        tc, step, rank = self.train_cfg, self.step, self.ctx.rank
         self.model.train()
-        torch.manual_seed(_step_seed(tc["seed"], step, 1))  # dropout (and CUDA kernels' RNG)
-        self.generator.manual_seed(_step_seed(tc["seed"], step, 2))  # gate noise, softmax samples
+        # dropout (and CUDA kernels' RNG), then gate noise and softmax samples: per rank, or, with
+        # distributed.replicate_noise, the same draw on every rank (each keeps its rows)
+        torch.manual_seed(_step_seed(tc["seed"], step, 1 + 2 * rank))
+        noise_salt = 2 if self.cfg["distributed"]["replicate_noise"] else 2 + 2 * rank
+        self.generator.manual_seed(_step_seed(tc["seed"], step, noise_salt))
         inputs, targets, scored = self._batch(
             self.corpus.train_batch(step, tc["batch_size"], tc["seq_len"])
         )
         state = self.state if self.corpus.carries_state else None
         with self.autocast:
             out = self.model(inputs, targets, scored, state=state, generator=self.generator)
-        loss = out.nll_sum.float() / out.num_scored.clamp_min(1)
-        total = loss + out.aux_loss.float()
-        if not torch.isfinite(total):
+        # this rank's share of the global mean NLL (sync.py's convention), and the global mean
+        nll_sum, num_scored = self.ctx.sum(
+            [float(out.nll_sum.detach().float()), float(out.num_scored)], self.device
+        )
+        num_scored = max(num_scored, 1.0)
+        share = out.nll_sum.float() / num_scored
+        loss, aux = nll_sum / num_scored, float(out.aux_loss.detach())
+        if not math.isfinite(loss + aux):
             raise TrainingDiverged(
-                f"step {step}: the loss is {total.item()} (nll {loss.item()}, aux "
-                f"{out.aux_loss.item()}); stopped before updating. The last good checkpoint is "
-                f"{checkpoint.latest(self.run_dir)}; start a new run (--out) with a lower train.lr "
-                "or a train.clip_norm"
+                f"step {step}: the loss is {loss + aux} (nll {loss}, aux {aux}); stopped before "
+                f"updating. The last good checkpoint is {checkpoint.latest(self.run_dir)}; start "
+                "a new run (--out) with a lower train.lr or a train.clip_norm"
             )
-        total.backward()
+        (share + out.aux_loss.float()).backward()
         grad_norm = self._clip()
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(
-                f"step {step}: the gradient norm is {grad_norm} (loss {loss.item()}); stopped "
+                f"step {step}: the gradient norm is {grad_norm} (loss {loss}); stopped "
                 f"before updating. The last good checkpoint is {checkpoint.latest(self.run_dir)}; "
                 "start a new run (--out) with a lower train.lr or a train.clip_norm"
             )
@@ -273,11 +319,11 @@ class Trainer:
             "kind": "train",
             "step": step + 1,
             "tokens": (step + 1) * self.tokens_per_step,
-            "loss": loss.item(),
-            "aux_loss": out.aux_loss.item(),
+            "loss": loss,
+            "aux_loss": aux,
             "lr": tc["lr"] * factor,
             "grad_norm": grad_norm,
-            "scored_tokens": int(out.num_scored),
+            "scored_tokens": int(num_scored),
         }
         if out.stats is not None:
             for key in STATS:
@@ -290,10 +336,16 @@ class Trainer:
 
     def _clip(self) -> float:
         """Global gradient norm over dense and sparse gradients (a sparse gradient's values hold
-        each active expert once); scales all gradients down to train.clip_norm."""
+        each active expert once); scales all gradients down to train.clip_norm. Distributed: the
+        replicated gradients are summed over ranks first, the norm covers every rank's experts."""
+        if self.ctx.distributed:
+            sum_replicated_grads(self.model)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norms = [torch.linalg.vector_norm(g._values() if g.is_sparse else g) for g in grads]
-        norm = float(torch.linalg.vector_norm(torch.stack(norms).float())) if norms else 0.0
+        if self.ctx.distributed:
+            norm = global_grad_norm(self.model)
+        else:
+            norms = [torch.linalg.vector_norm(g._values() if g.is_sparse else g) for g in grads]
+            norm = float(torch.linalg.vector_norm(torch.stack(norms).float())) if norms else 0.0
         clip = self.train_cfg["clip_norm"]
         if clip is not None and math.isfinite(norm) and norm > clip:
             for g in grads:
@@ -318,8 +370,10 @@ class Trainer:
             if batch.oracle_logp is None:
                 has_oracle = False
             else:
-                oracle -= float(batch.oracle_logp[batch.scored].sum())
+                oracle -= float(self._rows(batch.oracle_logp)[self._rows(batch.scored)].sum())
         self.model.train()
+        nll, count, oracle = self.ctx.sum([nll, count, oracle], self.device)
+        count = int(count)
         if count == 0:
             raise ValueError(f"the {split} split has no scored tokens")
         mean = nll / count
@@ -344,7 +398,7 @@ class Trainer:
         )
         tracker = self._start_tracking()
         sampler = None
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.ctx.is_main:
             index = self.device.index if self.device.index is not None else 0
             sampler = telemetry.GpuSampler(self.cfg["telemetry"]["interval_s"], index).start()
         try:
@@ -362,7 +416,7 @@ class Trainer:
 
     def _start_tracking(self):
         tr = self.cfg["tracking"]
-        if not tr["enabled"]:
+        if not tr["enabled"] or not self.ctx.is_main:  # rank 0 alone logs to MLflow
             return None
         from moe_impl.tracking import RunTracker  # the one module that imports mlflow
 
@@ -387,9 +441,11 @@ class Trainer:
         snapshot_steps = {-(-t // per_step) for t in self.eval_cfg["at_tokens"]}
         snapshot_steps.discard(self.total_steps)
         done = {s["step"] for s in self.snapshots}
+        main = self.ctx.is_main
         progress = Progress(
-            tc["progress"], self.total_steps, self.step, self.name, every=tc["log_every"]
-        )
+            tc["progress"] if main else "none", self.total_steps, self.step, self.name,
+            every=tc["log_every"],
+        )  # fmt: skip
         try:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
@@ -407,7 +463,8 @@ class Trainer:
                 logged = self.step % tc["log_every"] == 0 or self.step == self.total_steps
                 if sampler is not None and logged:
                     record.update(sampler.latest())
-                rundir.append_metrics(self.run_dir, record)  # every step; MLflow every log_every
+                if main:  # every step; MLflow every log_every
+                    rundir.append_metrics(self.run_dir, record)
                 if tracker is not None and logged:
                     tracker.log_record(record)
                 progress.update(self.step, record)
@@ -427,6 +484,8 @@ class Trainer:
         if sampler is not None:
             summary.update(sampler.summary())
             summary.update({f"gpu_{k}": v for k, v in sampler.info.items()})
+        if not main:
+            return summary
         if self.expert_load is not None:
             rundir.write_json(
                 self.run_dir / rundir.EXPERT_LOAD_FILE,
@@ -439,6 +498,8 @@ class Trainer:
         return summary
 
     def _log(self, tracker, record: dict) -> None:
+        if not self.ctx.is_main:
+            return
         rundir.append_metrics(self.run_dir, record)
         if tracker is not None:
             tracker.log_record(record)
@@ -453,7 +514,8 @@ class Trainer:
         cfg, tc, per_step = self.model_cfg, self.train_cfg, self.tokens_per_step
         tokens_per_second = self.step * per_step / self.train_time if self.train_time else None
         train_flops = flops.train_flops_per_token(cfg)
-        tflops = train_flops * tokens_per_second / 1e12 if tokens_per_second else None
+        world = self.ctx.world_size
+        tflops = train_flops * tokens_per_second / 1e12 / world if tokens_per_second else None
         stats = {
             k: float(np.mean([s[k] for s in self.recent_stats])) if self.recent_stats else None
             for k in STATS
@@ -490,6 +552,8 @@ class Trainer:
             "snapshots": self.snapshots,
             "expert_optimizer": self.expert_optimizer,
             "device": str(self.device),
+            "world_size": world,
+            "backend": self.ctx.backend,
             "device_name": self._device_name(),
             "dtype": tc["dtype"],
             "threads": torch.get_num_threads(),

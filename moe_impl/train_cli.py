@@ -1,8 +1,9 @@
 """`python -m moe_impl train --config FILE --set key=value --out DIR [--resume]`.
 
-Writes the run directory of moe_impl/rundir.py. Exit codes: 0 finished (or already finished),
-2 a config or data error (one line naming the key), 3 the loss diverged (the last good
-checkpoint is kept; see train.TrainingDiverged).
+Writes the run directory of moe_impl/rundir.py. Under torchrun (several processes) the run is
+expert-parallel (moe_impl/parallel, the config's `distributed` section) and rank 0 writes the
+files. Exit codes: 0 finished (or already finished), 2 a config or data error (one line naming the
+key), 3 the loss diverged (the last good checkpoint is kept; see train.TrainingDiverged).
 """
 
 from __future__ import annotations
@@ -59,8 +60,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = trainer.run()
     except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
+        if trainer.ctx.is_main:
+            print(f"error: {err}", file=sys.stderr)
         return 3
+    finally:
+        trainer.ctx.close()
+    if not trainer.ctx.is_main:  # under torchrun, rank 0 reports
+        return 0
     excess = summary.get("excess_nll")
     print(
         f"{summary['name']}: test perplexity {summary['test_perplexity']:.3f} "

@@ -84,6 +84,15 @@ DEFAULTS: dict = {
         "enabled": True,  # log to MLflow too (the run directory is written either way, first)
         "uri": None,  # default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/results/mlflow.db
     },
+    "distributed": {
+        # used when the run is launched with several processes (torchrun, or the workflow's SLURM
+        # profile): the experts are sharded over the ranks and train.batch_size rows (the global
+        # batch) are split among them (moe_impl/parallel, README "Cluster")
+        "backend": "auto",  # auto (nccl on cuda, gloo on cpu) | nccl | gloo
+        "replicate_noise": False,  # every rank draws the whole batch's gate noise and softmax
+        # samples and keeps its rows: with model.dropout=0 the run then equals the one-process run
+        "timeout_s": 600,  # collective timeout (seconds)
+    },
     "telemetry": {
         "interval_s": 1.0,  # GPU (NVML) sampling interval
         "peak_flops": None,  # device peak FLOP/s for MFU; None: the device table (GPU) or a
@@ -98,6 +107,7 @@ _CHOICES = {
     "train.expert_optimizer": ("auto", "adam", "factored"),
     "train.progress": ("auto", "bar", "lines", "none"),
     "eval.split": ("test", "valid"),
+    "distributed.backend": ("auto", "nccl", "gloo"),
 }
 _POSITIVE_INTS = (
     "train.batch_size", "train.seq_len", "train.log_every", "train.checkpoint_every",
@@ -224,7 +234,8 @@ def validate(cfg: dict) -> None:
     device = cfg["train"]["device"]
     if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise ValueError(f"train.device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    for key in ("model.noisy_gating", "tracking.enabled"):
+    _check_number("distributed.timeout_s", cfg["distributed"]["timeout_s"], low=0.0, low_open=True)
+    for key in ("model.noisy_gating", "tracking.enabled", "distributed.replicate_noise"):
         if not isinstance(get(cfg, key), bool):
             raise ValueError(f"{key} must be true or false, got {get(cfg, key)!r}")
     if cfg["model"]["sparse_grad"] not in (None, True, False):

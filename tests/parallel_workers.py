@@ -37,6 +37,10 @@ def build_single(case: dict) -> torch.nn.Module:
         for name, p in layer.named_parameters():
             if "gate" in name:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.7)
+        if case.get("starve"):  # the last `starve` experts (flat) or groups: never chosen
+            gate = layer.gate if case["kind"] == "flat" else layer.primary_gate
+            gate.w_gate[0, -case["starve"] :] = -50.0  # x[:, 0] >= 1: logits <= -50
+            gate.w_noise[0, -case["starve"] :] = -50.0  # noise std ~ 0.01
     layer.train(case.get("train", True))
     return layer
 
@@ -47,6 +51,8 @@ def global_inputs(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = sum(case["sizes"])
     x = torch.randn((tokens, D_MODEL), generator=g, dtype=torch.float64)
     r = torch.randn((tokens, D_MODEL), generator=g, dtype=torch.float64)
+    if case.get("starve"):
+        x[:, 0] = x[:, 0].abs() + 1.0
     return x, r
 
 
@@ -106,10 +112,38 @@ def distributed_case(rank: int, world: int, case: dict) -> dict:
         "counts": out.stats.tokens_per_expert,
         "x_grad": x_local.grad,
         "grads": grads,
-        "local_tokens_received": int(out.stats.tokens_per_expert.sum()),
         "world": dist.get_world_size(),
     }
 
 
 def run_cases(rank: int, world: int, cases: list[dict]) -> list[dict]:
     return [distributed_case(rank, world, case) for case in cases]
+
+
+class Killed(Exception):
+    """A process dying between two steps (raised by every rank at the same step)."""
+
+
+def train_run(rank: int, world: int, overrides: list[str], out: str, resume=False, kill_at=None):
+    """`python -m moe_impl train` in this rank: the run's summary (or the step it was killed at)
+    and the whole model's weights, gathered from every rank."""
+    from moe_impl.parallel import full_state_dict
+    from moe_impl.train import Trainer
+    from moe_impl.train_config import load_config
+
+    trainer = Trainer(load_config([], overrides), out, resume=resume)
+    if kill_at is not None:
+        step = trainer.train_step
+
+        def dies():
+            if trainer.step == kill_at:
+                raise Killed
+            return step()
+
+        trainer.train_step = dies
+        try:
+            trainer.run()
+        except Killed:
+            return {"killed_at": trainer.step}
+    summary = trainer.run()
+    return {"summary": summary, "weights": full_state_dict(trainer.model)}
