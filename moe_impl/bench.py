@@ -193,12 +193,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", type=Path)
     p.add_argument("--png", type=Path)
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # internal: one child config
+    dist = p.add_argument_group("expert parallelism (moe_impl/bench_dist.py)")
+    dist.add_argument(
+        "--distributed", action="store_true",
+        help="time the expert-parallel layer over several ranks: tokens per expert, bytes sent, "
+        "communication vs. compute per rank (--tokens per rank); under torchrun, one rank each",
+    )  # fmt: skip
+    dist.add_argument("--world-size", type=int, default=2, help="local processes to spawn")
+    dist.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
+    dist.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole run")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.worker:
         return run_worker(*args.worker)
     specs = parse_experts(args.experts)
+    if args.distributed:
+        from moe_impl import bench_dist
+
+        return bench_dist.run(args, specs)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_args(args)
     if args.k != 4 and any(s.hierarchical for s in specs):

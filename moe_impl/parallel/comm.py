@@ -36,15 +36,17 @@ class CommMeter:
     """Totals of the collectives run while the meter is active (forward and backward)."""
 
     calls: int = 0
-    bytes_sent: int = 0  # rows this rank sent to *other* ranks (its own rows stay local)
+    bytes_sent: int = 0  # all_to_all rows this rank sent to *other* ranks (its own stay local)
     bytes_received: int = 0
+    bytes_reduced: int = 0  # size of the tensors this rank all-reduced (gradients, loss sums)
     seconds: float = 0.0
     by_kind: dict = field(default_factory=dict)  # kind -> seconds
 
-    def add(self, kind: str, sent: int, received: int, seconds: float) -> None:
+    def add(self, kind: str, sent: int, received: int, reduced: int, seconds: float) -> None:
         self.calls += 1
         self.bytes_sent += sent
         self.bytes_received += received
+        self.bytes_reduced += reduced
         self.seconds += seconds
         self.by_kind[kind] = self.by_kind.get(kind, 0.0) + seconds
 
@@ -64,7 +66,10 @@ def meter() -> Iterator[CommMeter]:
 
 
 @contextlib.contextmanager
-def _timed(kind: str, device: torch.device, sent: int = 0, received: int = 0) -> Iterator[None]:
+def timed(
+    kind: str, device: torch.device, sent: int = 0, received: int = 0, reduced: int = 0
+) -> Iterator[None]:
+    """Time a collective for the active meters (a no-op without one)."""
     if not _ACTIVE:
         yield
         return
@@ -75,7 +80,7 @@ def _timed(kind: str, device: torch.device, sent: int = 0, received: int = 0) ->
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     for m in _ACTIVE:
-        m.add(kind, sent, received, time.perf_counter() - t0)
+        m.add(kind, sent, received, reduced, time.perf_counter() - t0)
 
 
 def rank_and_size(group=None) -> tuple[int, int]:
@@ -90,7 +95,7 @@ def rank_and_size(group=None) -> tuple[int, int]:
 def exchange_counts(send_W: Tensor, group=None) -> Tensor:
     """Each rank's count for every rank -> every rank's count for this rank (int64, (W,))."""
     recv_W = torch.empty_like(send_W)
-    with _timed("counts", send_W.device):
+    with timed("counts", send_W.device):
         dist.all_to_all_single(recv_W, send_W.contiguous(), group=group)
     return recv_W
 
@@ -99,7 +104,7 @@ def all_gather_sizes(size: int, device: torch.device, group=None) -> list[int]:
     """Every rank's `size` (e.g. its number of tokens), in rank order."""
     _, world = rank_and_size(group)
     out = [torch.zeros((), dtype=torch.long, device=device) for _ in range(world)]
-    with _timed("sizes", device):
+    with timed("sizes", device):
         dist.all_gather(out, torch.tensor(size, dtype=torch.long, device=device), group=group)
     return [int(t) for t in out]
 
@@ -110,7 +115,7 @@ def _all_to_all(x: Tensor, send: list[int], recv: list[int], group, kind: str) -
     out = x.new_empty((sum(recv), *x.shape[1:]))
     sent = (sum(send) - send[rank]) * row_bytes
     received = (sum(recv) - recv[rank]) * row_bytes
-    with _timed(kind, x.device, sent, received):
+    with timed(kind, x.device, sent, received):
         dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
     return out
 
@@ -147,7 +152,7 @@ class _ReplicatedSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         out = x.clone()
-        with _timed("all_reduce", x.device):
+        with timed("all_reduce", x.device, reduced=out.numel() * out.element_size()):
             dist.all_reduce(out, group=group)
         return out
 

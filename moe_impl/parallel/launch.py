@@ -70,6 +70,8 @@ def init_from_env(backend: str, device_type: str, timeout_s: float = 600.0) -> D
 def _worker(rank, world_size, init_file, backend, threads, fn, args, results) -> None:
     try:
         torch.set_num_threads(threads)
+        if backend == "nccl":  # one GPU per rank
+            torch.cuda.set_device(rank)
         dist.init_process_group(
             backend,
             init_method=f"file://{init_file}",

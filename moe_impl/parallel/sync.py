@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moe_impl.parallel.comm import _timed
+from moe_impl.parallel.comm import timed
 from moe_impl.parallel.shard import is_sharded
 
 BUCKET_ELEMENTS = 1 << 24  # 64 MB of float32 per all_reduce
@@ -54,7 +54,7 @@ def _reduce(params: list[nn.Parameter], group) -> None:
         by_dtype.setdefault(p.grad.dtype, []).append(p)
     for same in by_dtype.values():
         flat = torch.cat([p.grad.reshape(-1) for p in same])
-        with _timed("grad_all_reduce", flat.device):
+        with timed("grad_all_reduce", flat.device, reduced=flat.numel() * flat.element_size()):
             dist.all_reduce(flat, group=group)
         offset = 0
         for p in same:
@@ -77,7 +77,7 @@ def global_grad_norm(model: nn.Module, group=None) -> float:
     replicated = [p.grad for p in replicated_parameters(model) if p.grad is not None]
     sharded = [p.grad for p in sharded_parameters(model) if p.grad is not None]
     local = _sum_of_squares(sharded, device)
-    with _timed("norm_all_reduce", device):
+    with timed("norm_all_reduce", device, reduced=8):
         dist.all_reduce(local, group=group)
     total = float(local + _sum_of_squares(replicated, device))
     return math.sqrt(total) if math.isfinite(total) else total
