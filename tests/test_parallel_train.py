@@ -3,6 +3,8 @@ one-process run: same losses, same final weights, and a 2-rank checkpoint that r
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from parallel_workers import train_run
@@ -76,3 +78,39 @@ def test_a_two_rank_checkpoint_resumes_exactly(tmp_path):
     assert resumed[0]["summary"]["test_nll"] == whole[0]["summary"]["test_nll"]
     for name, value in whole[0]["weights"].items():
         assert torch.equal(resumed[0]["weights"][name], value), name
+
+
+def test_torchrun_launch_logs_one_mlflow_run(tmp_path):
+    """The README's command: torchrun starts 2 processes of `python -m moe_impl train`; rank 0
+    alone prints, writes the run directory and logs to MLflow (one run, every step once)."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [*TINY[:-1], "tracking.enabled=true", f"tracking.uri={uri}", "experiment=dist"]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+        "--nproc_per_node", "2", "-m", "moe_impl", "train", "--out", str(tmp_path / "run"),
+        *[a for s in sets for a in ("--set", s)],
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("test perplexity") == 1  # one report, from rank 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["backend"] == "gloo"
+    assert sorted(p.name for p in checkpoint.latest(tmp_path / "run").iterdir()) == [
+        "rank-00000-of-00002.pt",
+        "rank-00001-of-00002.pt",
+    ]
+    mlflow.set_tracking_uri(uri)
+    try:
+        runs = mlflow.search_runs(experiment_names=["dist"])
+        assert len(runs) == 1
+        history = mlflow.MlflowClient(uri).get_metric_history(runs.run_id[0], "train/loss")
+        steps = [m.step for m in history]
+        assert steps and len(steps) == len(set(steps))  # logged, and by one process only
+        assert runs["metrics.test_perplexity"][0] == pytest.approx(summary["test_perplexity"])
+    finally:
+        mlflow.set_tracking_uri(None)
