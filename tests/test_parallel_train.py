@@ -4,6 +4,11 @@ one-process run: same losses, same final weights, and a 2-rank checkpoint that r
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,9 +88,6 @@ def test_a_two_rank_checkpoint_resumes_exactly(tmp_path):
 def test_torchrun_launch_logs_one_mlflow_run(tmp_path):
     """The README's command: torchrun starts 2 processes of `python -m moe_impl train`; rank 0
     alone prints, writes the run directory and logs to MLflow (one run, every step once)."""
-    import subprocess
-    import sys
-
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -114,3 +116,47 @@ def test_torchrun_launch_logs_one_mlflow_run(tmp_path):
         assert runs["metrics.test_perplexity"][0] == pytest.approx(summary["test_perplexity"])
     finally:
         mlflow.set_tracking_uri(None)
+
+
+SRUN = """#!/usr/bin/env bash
+# stand-in for `srun --nodes=N --ntasks-per-node=1 CMD...`: N copies of CMD on this machine
+nodes=1
+while [[ $1 == --* ]]; do case $1 in --nodes=*) nodes=${1#--nodes=};; esac; shift; done
+pids=()
+for ((i = 0; i < nodes; i++)); do "$@" & pids+=($!); done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=$?; done
+exit $status
+"""
+
+
+def test_multi_node_launch_through_srun(tmp_path):
+    """workflow/scripts/launch.sh with 2 nodes inside a (simulated) SLURM allocation: srun starts
+    one torchrun per node, joined by the c10d rendezvous on the first node; the run equals the
+    one-process run (replicated noise)."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "srun").write_text(SRUN)
+    (shims / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "PATH": f"{shims}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "MOE_RDZV_PORT": str(port),
+    }
+    overrides = [*TINY, *REPLICATE]
+    launch = Path(__file__).parents[1] / "workflow" / "scripts" / "launch.sh"
+    cmd = ["bash", str(launch), "1", "2", "train", "--out", str(tmp_path / "run")]
+    cmd += [a for s in overrides for a in ("--set", s)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    single, _ = single_process(tmp_path, overrides)
+    assert summary["test_nll"] == pytest.approx(single["test_nll"], rel=1e-5)

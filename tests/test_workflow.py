@@ -63,6 +63,21 @@ def test_dry_run_plans_every_expert_count(tmp_path, configfile):
         assert "rule check_data" in proc.stdout
 
 
+def test_multi_gpu_runs_start_through_the_launcher(tmp_path):
+    """paper.yaml: every run on 2 nodes x 8 GPUs (srun + torchrun, workflow/scripts/launch.sh);
+    the default config: one process per run."""
+    wd = workdir(tmp_path)
+    paper = snakemake(wd, "-n", "-p", "--cores", "64", "--configfile", "config/paper.yaml")
+    assert paper.returncode == 0, paper.stderr
+    commands = [
+        line for line in paper.stdout.splitlines() if "moe_impl" in line or "launch.sh" in line
+    ]
+    train = [c for c in commands if " train --config" in c and "--check-data" not in c]
+    assert train and all("launch.sh 8 2 train" in c and "train.threads=8" in c for c in train)
+    default = snakemake(wd, "-n", "-p", "--cores", "2")
+    assert "launch.sh 0 1 train" in default.stdout
+
+
 def test_lint_is_clean(tmp_path):
     proc = snakemake(workdir(tmp_path), "--lint")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -81,6 +96,10 @@ def test_lint_is_clean(tmp_path):
         (lambda c: c.update(threads=2), r"threads"),
         (lambda c: c["bench"]["experts"].append("3-h"), r"bench\.experts.*3-h"),
         (lambda c: c["sweeps"]["news100b"]["set"].update({"train.lrr": 1}), r"train\.lrr"),
+        (
+            lambda c: c.update(gpus_per_run=3),
+            r"train\.batch_size=64 must be divisible by gpus_per_run x nodes_per_run = 3",
+        ),
     ],
 )
 def test_config_errors_are_reported_with_the_key(tmp_path, edit, message):

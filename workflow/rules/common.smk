@@ -17,6 +17,8 @@ from moe_impl.train_config import load_config, model_config
 validate(config, schema="../schemas/config.schema.yaml")
 
 RUNS_DIR = "results/runs"
+# starts `python -m moe_impl` on one process, torchrun, or srun + torchrun (gpus_per_run, nodes_per_run)
+LAUNCH = str(Path(workflow.basedir) / "workflow" / "scripts" / "launch.sh")
 
 
 def _model_entries(sweep, spec):
@@ -44,6 +46,22 @@ def _yaml(value):
     return str(value)
 
 
+def processes_per_run():
+    return max(1, config["gpus_per_run"]) * config["nodes_per_run"]
+
+
+def check_divisible(cfg):
+    """An expert-parallel run splits its batches' rows evenly over its processes."""
+    world = processes_per_run()
+    for section in ("train", "eval"):
+        rows = cfg[section]["batch_size"]
+        if rows % world:
+            raise ValueError(
+                f"{section}.batch_size={rows} must be divisible by gpus_per_run x nodes_per_run = "
+                f"{world} processes"
+            )
+
+
 def build_runs():
     """{(sweep, run): {"preset", "overrides", "config"}} for every run of every sweep."""
     runs = {}
@@ -60,6 +78,7 @@ def build_runs():
                 overrides += _overrides(spec.get("set", {})) + _overrides(extra)
                 try:
                     cfg = load_config([config["train_config"]], overrides)
+                    check_divisible(cfg)
                 except ValueError as err:
                     raise ValueError(f"config {where} ({name}): {err}") from None
                 if (sweep, run) in runs:

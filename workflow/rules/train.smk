@@ -1,6 +1,8 @@
 # Training: one job per (sweep, run); the run directory (moe_impl/rundir.py) is its output, and
 # summary.json, written last, marks it finished. `--resume` continues an interrupted run from its
 # last checkpoint (and leaves a finished one alone), so a restarted workflow loses no work.
+# With gpus_per_run > 1 or nodes_per_run > 1 a run is expert-parallel: workflow/scripts/launch.sh
+# starts it with torchrun (one node) or srun + torchrun (several nodes, SLURM).
 
 
 rule tracking_init:
@@ -41,6 +43,11 @@ rule train:
     params:
         args=train_args,
         out=lambda wildcards: run_dir(wildcards.sweep, wildcards.run),
+        launch=LAUNCH,
+        gpus=config["gpus_per_run"],
+        nodes=config["nodes_per_run"],
+        # the job's cores shared by the processes of one node
+        process_threads=lambda wildcards, threads: max(1, threads // max(1, config["gpus_per_run"])),
     log:
         "logs/train/{sweep}/{run}.log",
     benchmark:
@@ -48,9 +55,12 @@ rule train:
     threads: config["threads_per_run"]
     resources:
         mem_mb=train_mem_mb,
-        gpu=config["gpus_per_run"],
+        gpu=config["gpus_per_run"] * config["nodes_per_run"],  # in all (sbatch --gpus)
+        nodes=config["nodes_per_run"],
+        tasks=config["nodes_per_run"],  # one torchrun per node (workflow/scripts/launch.sh)
     conda:
         "../envs/moe.yaml"
     shell:
-        "python -m moe_impl train --config {input.train_config} {params.args} "
-        "--set train.threads={threads} --out {params.out} --resume > {log} 2>&1"
+        "bash {params.launch} {params.gpus} {params.nodes} "
+        "train --config {input.train_config} {params.args} "
+        "--set train.threads={params.process_threads} --out {params.out} --resume > {log} 2>&1"
