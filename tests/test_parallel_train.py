@@ -85,6 +85,7 @@ def test_a_two_rank_checkpoint_resumes_exactly(tmp_path):
         assert torch.equal(resumed[0]["weights"][name], value), name
 
 
+@pytest.mark.slow
 def test_torchrun_launch_logs_one_mlflow_run(tmp_path):
     """The README's command: torchrun starts 2 processes of `python -m moe_impl train`; rank 0
     alone prints, writes the run directory and logs to MLflow (one run, every step once)."""
@@ -130,6 +131,7 @@ exit $status
 """
 
 
+@pytest.mark.slow
 def test_multi_node_launch_through_srun(tmp_path):
     """workflow/scripts/launch.sh with 2 nodes inside a (simulated) SLURM allocation: srun starts
     one torchrun per node, joined by the c10d rendezvous on the first node; the run equals the

@@ -44,6 +44,10 @@ def resolve_backend(backend: str, device_type: str) -> str:
         return "nccl" if device_type == "cuda" else "gloo"
     if backend == "nccl" and device_type != "cuda":
         raise ValueError("distributed.backend='nccl' needs train.device=cuda; use gloo on CPU")
+    if backend == "gloo" and device_type == "cuda":
+        raise ValueError(
+            "distributed.backend='gloo' cannot all_to_all CUDA tensors; use nccl (or auto) on GPUs"
+        )
     return backend
 
 
