@@ -120,30 +120,18 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list[dict]:
     return [distributed_case(rank, world, case) for case in cases]
 
 
-class Killed(Exception):
-    """A process dying between two steps (raised by every rank at the same step)."""
-
-
 def train_run(rank: int, world: int, overrides: list[str], out: str, resume=False, kill_at=None):
     """`python -m moe_impl train` in this rank: the run's summary (or the step it was killed at)
     and the whole model's weights, gathered from every rank."""
+    from test_train import run_until_killed
+
     from moe_impl.parallel import full_state_dict
     from moe_impl.train import Trainer
     from moe_impl.train_config import load_config
 
     trainer = Trainer(load_config([], overrides), out, resume=resume)
-    if kill_at is not None:
-        step = trainer.train_step
-
-        def dies():
-            if trainer.step == kill_at:
-                raise Killed
-            return step()
-
-        trainer.train_step = dies
-        try:
-            trainer.run()
-        except Killed:
-            return {"killed_at": trainer.step}
+    if kill_at is not None:  # every rank dies at the same step, as a killed job's processes do
+        run_until_killed(trainer, kill_at)
+        return {"killed_at": trainer.step}
     summary = trainer.run()
     return {"summary": summary, "weights": full_state_dict(trainer.model)}
