@@ -56,7 +56,9 @@ def measure_rank(rank: int, world: int, cfg: dict) -> list[dict]:
     """Every configuration on this rank: one row each (medians over the timed steps)."""
     from moe_impl.parallel import meter, sum_replicated_grads
 
-    device = torch.device(cfg["device"], rank) if cfg["device"] == "cuda" else torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))  # torchrun on several nodes, or spawned
+    device = torch.device(cfg["device"], local_rank) if cfg["device"] == "cuda" else "cpu"
+    device = torch.device(device)
     dtype = torch.bfloat16 if cfg["dtype"] == "bfloat16" else None
     rows = []
     for entry in cfg["specs"]:
@@ -162,7 +164,7 @@ def check(args: argparse.Namespace, world: int) -> None:
 def run(args: argparse.Namespace, specs: list[ExpertSpec]) -> int:
     """The --distributed mode of `python -m moe_impl bench` (bench.py parses the arguments)."""
     from moe_impl.parallel import spawn
-    from moe_impl.parallel.launch import env_world_size, init_from_env
+    from moe_impl.parallel.launch import env_world_size, init_from_env, resolve_backend
 
     under_torchrun = env_world_size() > 1
     world = env_world_size() if under_torchrun else args.world_size
@@ -191,9 +193,7 @@ def run(args: argparse.Namespace, specs: list[ExpertSpec]) -> int:
         if info.rank != 0:
             return 0
     else:
-        backend = "nccl" if device == "cuda" else "gloo"
-        if args.backend != "auto":
-            backend = args.backend
+        backend = resolve_backend(args.backend, device)
         threads = args.threads or max(1, (os.cpu_count() or 1) // world)
         print(f"spawning {world} {backend} processes, {threads} threads each", file=sys.stderr)
         gathered = spawn(measure_rank, world, (cfg,), backend=backend, threads=threads,

@@ -86,6 +86,11 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r} but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and local_rank is not None:
+        raise ValueError(
+            f"train.device={name!r} names one GPU, but each process of a distributed run takes "
+            "its own (LOCAL_RANK): set train.device=cuda"
+        )
     if device.type == "cuda" and device.index is None and local_rank is not None:
         device = torch.device("cuda", local_rank)
     return device
@@ -115,7 +120,7 @@ class Trainer:
                     f"{key}={cfg[section][name]} must be divisible by the number of processes "
                     f"({self.ctx.world_size}): each takes an equal share of the rows"
                 )
-        self.corpus = build_corpus(cfg)
+        self.corpus = self._open_corpus(cfg)
         self.model_cfg = model_config(cfg, self.corpus.vocab_size)
         self.name = cfg["name"] or self.model_cfg.name
         torch.manual_seed(tc["seed"])
@@ -159,6 +164,21 @@ class Trainer:
             self.ctx.barrier()
 
     # --- set-up -----------------------------------------------------------------------------
+
+    def _open_corpus(self, cfg: dict):
+        """The corpus; in a distributed run rank 0 opens it first (and writes any cache), then the
+        others read it, and a data error stops every rank, not only rank 0."""
+        if not self.ctx.distributed:
+            return build_corpus(cfg)
+        corpus, error = None, None
+        if self.ctx.is_main:
+            try:
+                corpus = build_corpus(cfg)
+            except ValueError as err:
+                error = err
+        if not self.ctx.all_agree(error is None, self.device):
+            raise error or ValueError("rank 0 could not open the corpus (its error says why)")
+        return corpus if corpus is not None else build_corpus(cfg)
 
     def _prepare_run_dir(self, resume: bool) -> None:
         d = self.run_dir
@@ -263,7 +283,12 @@ class Trainer:
 
     def _rows(self, array):
         """This process's share of a batch's rows (all of them on one process)."""
-        rows = array.shape[0] // self.ctx.world_size
+        rows, left = divmod(array.shape[0], self.ctx.world_size)
+        if left:  # never drop rows silently (the corpora give full batches; this guards that)
+            raise RuntimeError(
+                f"a batch of {array.shape[0]} rows cannot be split over {self.ctx.world_size} "
+                "processes"
+            )
         return array[self.ctx.rank * rows : (self.ctx.rank + 1) * rows]
 
     def _batch(self, batch):
@@ -543,7 +568,7 @@ class Trainer:
             "peak_flops_source": self.peak_flops_source,
             "tokens_per_second": tokens_per_second,
             **stats,
-            "peak_memory_mb": self._peak_memory_mb(),
+            "peak_memory_mb": self.ctx.max(self._peak_memory_mb(), self.device),  # over ranks
             "wall_time_s": wall,
             "train_time_s": self.train_time,
             "train_tokens": self.step * per_step,

@@ -76,3 +76,23 @@ def test_shard_bounds_cover_every_item_once():
 def test_without_process_group_the_error_says_what_to_do():
     with pytest.raises(ValueError, match="init_process_group"):
         DistributedMoE(4, 8, 4, 2)
+
+
+def test_each_process_takes_its_own_gpu(monkeypatch):
+    from moe_impl.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("cuda", local_rank=3) == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)  # one process: as configured
+    with pytest.raises(ValueError, match=r"set train\.device=cuda"):
+        resolve_device("cuda:1", local_rank=0)
+
+
+def test_backend_must_fit_the_device():
+    from moe_impl.parallel.launch import resolve_backend
+
+    assert resolve_backend("auto", "cuda") == "nccl" and resolve_backend("auto", "cpu") == "gloo"
+    with pytest.raises(ValueError, match="nccl"):
+        resolve_backend("gloo", "cuda")
+    with pytest.raises(ValueError, match="gloo on CPU"):
+        resolve_backend("nccl", "cpu")

@@ -40,6 +40,14 @@ class Context:
         dist.all_reduce(t)
         return t.tolist()
 
+    def max(self, value: float, device: torch.device) -> float:
+        """The largest value over ranks."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
     def all_agree(self, ok: bool, device: torch.device) -> bool:
         """True on every rank iff `ok` on every rank (so all ranks stop together)."""
         return self.sum([0.0 if ok else 1.0], device)[0] == 0.0

@@ -53,10 +53,9 @@ def global_normal(
     rank, _ = rank_and_size(group)
     sizes = all_gather_sizes(rows, like.device, group)
     offset, total = sum(sizes[:rank]), sum(sizes)
-    normal = torch.randn((total, cols), generator=generator, device=like.device, dtype=like.dtype)[
-        offset : offset + rows
-    ]
-    return normal, offset, total
+    normal = torch.randn((total, cols), generator=generator, device=like.device, dtype=like.dtype)
+    # a copy of this rank's rows: the whole draw is not kept alive until the backward
+    return normal[offset : offset + rows].clone(), offset, total
 
 
 class DistributedMoE(nn.Module):

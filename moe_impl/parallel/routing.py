@@ -34,6 +34,7 @@ class Route(NamedTuple):
 
 def route(target_N: Tensor, bounds: list[int], group=None) -> Route:
     """Sort slots by the expert (or group) they target and agree on split sizes with every rank."""
+    target_N = target_N.contiguous()
     order_N = torch.argsort(target_N, stable=True)
     inverse_N = torch.empty_like(order_N)
     inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)

@@ -30,11 +30,21 @@ def sharded_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def sum_replicated_grads(model: nn.Module, group=None) -> None:
-    """all_reduce(SUM) of every replicated parameter's gradient, in buckets (a missing gradient
-    counts as zero, so every rank reduces the same tensors)."""
+    """all_reduce(SUM) of every replicated parameter's gradient, in buckets. A parameter with a
+    gradient on some rank gets one on every rank (zeros where it had none, so all ranks reduce the
+    same tensors); one with a gradient on no rank keeps none, as in a single process."""
+    params = replicated_parameters(model)
+    if not params:
+        return
+    device = params[0].device
+    has_grad = torch.tensor([p.grad is not None for p in params], device=device, dtype=torch.int32)
+    with timed("grad_mask_all_reduce", device, reduced=has_grad.numel() * 4):
+        dist.all_reduce(has_grad, group=group)
     bucket: list[nn.Parameter] = []
     size = 0
-    for p in replicated_parameters(model):
+    for p, anywhere in zip(params, has_grad.tolist(), strict=True):
+        if not anywhere:
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         elif p.grad.is_sparse:

@@ -50,6 +50,24 @@ def processes_per_run():
     return max(1, config["gpus_per_run"]) * config["nodes_per_run"]
 
 
+def train_resources():
+    """SLURM resources of a training job: one node with gpus_per_run GPUs (`gpu`: sbatch --gpus), or
+    nodes_per_run whole nodes with gpus_per_run GPUs and one task each. `mpi` tells the SLURM plugin
+    that the job starts its own srun (workflow/scripts/launch.sh), so it does not wrap the command
+    in `srun -n1`, which would leave one task for the per-node torchruns."""
+    gpus, nodes = config["gpus_per_run"], config["nodes_per_run"]
+    if nodes == 1:
+        return {"gpu": gpus, "nodes": 1, "slurm_extra": ""}
+    return {
+        "gpu": 0,  # GPUs per node, below: sbatch --gpus would let SLURM split them unevenly
+        "nodes": nodes,
+        "slurm_extra": f"--gpus-per-node={gpus} --ntasks-per-node=1 --exclusive",
+    }
+
+
+TRAIN_RESOURCES = train_resources()
+
+
 def check_divisible(cfg):
     """An expert-parallel run splits its batches' rows evenly over its processes."""
     world = processes_per_run()

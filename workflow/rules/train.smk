@@ -55,9 +55,10 @@ rule train:
     threads: config["threads_per_run"]
     resources:
         mem_mb=train_mem_mb,
-        gpu=config["gpus_per_run"] * config["nodes_per_run"],  # in all (sbatch --gpus)
-        nodes=config["nodes_per_run"],
-        tasks=config["nodes_per_run"],  # one torchrun per node (workflow/scripts/launch.sh)
+        gpu=TRAIN_RESOURCES["gpu"],
+        nodes=TRAIN_RESOURCES["nodes"],
+        slurm_extra=TRAIN_RESOURCES["slurm_extra"],
+        mpi="srun",  # launch.sh starts its own srun across nodes (common.smk, train_resources)
     conda:
         "../envs/moe.yaml"
     shell:

@@ -13,7 +13,10 @@ shift 2
 if [ "$nodes" -gt 1 ]; then
     : "${SLURM_JOB_ID:?NODES > 1 needs a SLURM allocation (sbatch / the slurm profile)}"
     head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-    exec srun --nodes="$nodes" --ntasks-per-node=1 \
+    # one task per node with all of the node's CPUs; inside the job's own step (sbatch) or in a
+    # job whose rule sets `mpi` (so Snakemake's SLURM plugin does not wrap it in `srun -n1`)
+    exec srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 \
+        ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
         torchrun --nnodes="$nodes" --nproc_per_node="$(( gpus > 1 ? gpus : 1 ))" \
         --rdzv-id="$SLURM_JOB_ID" --rdzv-backend=c10d \
         --rdzv-endpoint="$head:${MOE_RDZV_PORT:-29500}" -m moe_impl "$@"
