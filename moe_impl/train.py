@@ -174,6 +174,9 @@ class Trainer:
         if self.ctx.is_main:
             try:
                 corpus = build_corpus(cfg)
+                if hasattr(corpus, "stream"):  # real text: encode (and cache) what training reads
+                    for split in ("train", cfg["eval"]["split"]):
+                        corpus.stream(split)
             except ValueError as err:
                 error = err
         if not self.ctx.all_agree(error is None, self.device):

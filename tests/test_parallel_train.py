@@ -162,3 +162,21 @@ def test_multi_node_launch_through_srun(tmp_path):
     assert summary["world_size"] == 2
     single, _ = single_process(tmp_path, overrides)
     assert summary["test_nll"] == pytest.approx(single["test_nll"], rel=1e-5)
+
+
+def test_lm1b_with_carried_state_matches_one_process(tmp_path):
+    """LM1B's layout (fixture): rank 0 encodes the corpus first, each rank carries the LSTM state of
+    its own rows across steps, and 2 ranks score every test word once, as one process does."""
+    from test_lm1b import SCORED_TEST, make_archive
+    from test_train import lm1b_overrides
+
+    root = make_archive(tmp_path / "data")
+    overrides = [*TINY, *lm1b_overrides(root), *REPLICATE]
+    single, _ = single_process(tmp_path, overrides)
+    ranks = spawn(train_run, 2, (overrides, str(tmp_path / "dist")), timeout_s=240)
+    assert ranks[0]["summary"]["eval_scored_tokens"] == single["eval_scored_tokens"] == SCORED_TEST
+    torch.testing.assert_close(
+        torch.tensor(losses(tmp_path / "dist")), torch.tensor(losses(tmp_path / "single")),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+    assert ranks[0]["summary"]["test_nll"] == pytest.approx(single["test_nll"], rel=1e-5)

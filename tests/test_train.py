@@ -231,7 +231,11 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, capsys
 
 
 def lm1b_config(root, *more: str) -> dict:
-    return tiny(
+    return tiny(*lm1b_overrides(root), *more)
+
+
+def lm1b_overrides(root) -> list[str]:
+    return [
         "data.corpus=lm1b",
         f"data.path={root}",
         f"data.cache_dir={root.parent / 'cache'}",
@@ -243,8 +247,7 @@ def lm1b_config(root, *more: str) -> dict:
         "train.seq_len=8",
         "train.checkpoint_every=4",
         "eval.tokens=null",
-        *more,
-    )
+    ]
 
 
 def test_lm1b_epochs_state_and_resume(tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import socket
 import warnings
 from array import array
 from collections import Counter
@@ -206,11 +207,16 @@ def _assemble(
         pos += total
 
 
+def _writer_id() -> str:
+    """Host and process: unique among the processes of a multi-node run on a shared filesystem."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def _usable_cache_dir(path: Path) -> Path | None:
     """`path`, created if needed, or None (no caching) when it cannot be written."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".probe-{os.getpid()}"
+        probe = path / f".probe-{_writer_id()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
@@ -300,7 +306,7 @@ class LM1BCorpus(StreamCorpus):
                 stacklevel=3,
             )
         if cached is not None:
-            tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+            tmp = cached.with_name(f"{cached.name}.{_writer_id()}.tmp")
             with tmp.open("w", encoding="utf-8", newline="\n") as f:
                 f.writelines(f"{token}\n" for token in tokens)
             os.replace(tmp, cached)
@@ -344,7 +350,7 @@ class LM1BCorpus(StreamCorpus):
         )
         order = np.random.default_rng(self.seed).permutation(lengths.size) if shuffle else None
         if path is not None:
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp = path.with_name(f"{path.name}.{_writer_id()}.tmp")
             try:
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=flat.shape)
                 _assemble(flat, lengths, order, out)
