@@ -29,8 +29,8 @@ from moe_impl import checkpoint, flops, rundir, runinfo, telemetry
 from moe_impl.data.synthetic import TopicMarkov
 from moe_impl.lm import MoELanguageModel
 from moe_impl.optim import FactoredAdam
+from moe_impl.parallel import checkpointing, global_grad_norm, sum_replicated_grads
 from moe_impl.parallel import context as parallel_context
-from moe_impl.parallel import global_grad_norm, sum_replicated_grads
 from moe_impl.progress import Progress
 from moe_impl.train_config import dump, model_config, synthetic_config
 
@@ -241,13 +241,17 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------
 
     def _checkpoint(self) -> None:
+        # distributed: rank 0 writes the replicated layers, every rank its experts
+        model_state, opt_states = checkpointing.local_state(
+            self.model, self.optimizers, self.ctx.rank
+        )
         checkpoint.save(
             self.run_dir,
             self.step,
             {
                 **{name: getattr(self, name) for name in _RESUMED},
-                "model": self.model.state_dict(),
-                "optimizers": [opt.state_dict() for opt in self.optimizers],
+                "model": model_state,
+                "optimizers": opt_states,
                 "wall_time": self.wall_before + time.perf_counter() - self._segment_start,
             },
             keep=self.train_cfg["keep_checkpoints"],
@@ -257,11 +261,16 @@ class Trainer:
         )
 
     def _restore(self, path: Path) -> None:
-        saved = checkpoint.load(
-            path, self.device, rank=self.ctx.rank, world_size=self.ctx.world_size
-        )
-        self.model.load_state_dict(saved["model"])
-        for opt, state in zip(self.optimizers, saved["optimizers"], strict=True):
+        rank, world = self.ctx.rank, self.ctx.world_size
+        saved = checkpoint.load(path, self.device, rank=rank, world_size=world)
+        model_state, opt_states = saved["model"], saved["optimizers"]
+        if rank != 0:  # the replicated layers are in rank 0's file
+            main = checkpoint.load(path, "cpu", rank=0, world_size=world)
+            model_state, opt_states = checkpointing.merged_state(
+                self.model, self.optimizers, main, saved
+            )
+        self.model.load_state_dict(model_state)
+        for opt, state in zip(self.optimizers, opt_states, strict=True):
             opt.load_state_dict(state)
         for name in _RESUMED:
             setattr(self, name, saved[name])

@@ -76,6 +76,11 @@ def test_a_two_rank_checkpoint_resumes_exactly(tmp_path):
         "rank-00000-of-00002.pt",
         "rank-00001-of-00002.pt",
     ]
+    other = checkpoint.load(latest, rank=1, world_size=2)["model"]  # its experts only
+    assert set(other) == {
+        "moe.secondary_gate.w_gate", "moe.secondary_gate.w_noise",
+        "moe.experts.w_in", "moe.experts.w_out",
+    }  # fmt: skip
     with pytest.raises(ValueError, match="number of processes that wrote it"):
         Trainer(load_config([], overrides), cut, resume=True)  # one process cannot take it
     resumed = spawn(train_run, 2, (overrides, str(cut), True), timeout_s=240)
