@@ -6,8 +6,9 @@ are kept. Loading maps tensors to the requested device; sparse expert states are
 
 An expert-parallel run (moe_impl/parallel) writes one folder per checkpoint,
 `step-NNNNNNNN/rank-RRRRR-of-WWWWW.pt`, each rank its own shard of the experts (and its copy of the
-replicated rest); rank 0 names the folder in latest.txt once every rank has written (the caller
-passes a barrier). A folder missing a rank's file is incomplete and never chosen.
+replicated rest, written by rank 0 alone); rank 0 names the folder in latest.txt once every rank
+has written (the caller passes a barrier). A folder missing a rank's file is incomplete and never
+chosen.
 """
 
 from __future__ import annotations
@@ -93,11 +94,23 @@ def latest(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def world_size_of(path: str | Path) -> int:
+    """How many processes wrote a checkpoint (1 for a single file)."""
+    path = Path(path)
+    if path.is_file():
+        return 1
+    files = sorted(path.glob("rank-*-of-*.pt"))
+    if not files:
+        raise ValueError(f"checkpoint folder {str(path)!r} holds no rank files")
+    return int(files[0].stem.rsplit("-", 1)[1])
+
+
 def load(
     path: str | Path, device: str | torch.device = "cpu", *, rank: int = 0, world_size: int = 1
 ) -> dict:
-    """This process's state from a checkpoint; ValueError if it was written by another number of
-    processes (experts are sharded by world size)."""
+    """One process's file of a checkpoint (`rank` of `world_size`); ValueError if the checkpoint was
+    written by another number of processes (the trainer then reads every file and reshards,
+    moe_impl.parallel.checkpointing)."""
     path = Path(path)
     if path.is_dir():
         file = path / _rank_file(rank, world_size)

@@ -262,18 +262,30 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         rank, world = self.ctx.rank, self.ctx.world_size
-        saved = checkpoint.load(path, self.device, rank=rank, world_size=world)
-        model_state, opt_states = saved["model"], saved["optimizers"]
-        if rank != 0:  # the replicated layers are in rank 0's file
-            main = checkpoint.load(path, "cpu", rank=0, world_size=world)
-            model_state, opt_states = checkpointing.merged_state(
-                self.model, self.optimizers, main, saved
+        old_world = checkpoint.world_size_of(path)
+        if old_world == world:
+            saved = checkpoint.load(path, self.device, rank=rank, world_size=world)
+            model_state, opt_states = saved["model"], saved["optimizers"]
+            if rank != 0:  # the replicated layers are in rank 0's file
+                main = checkpoint.load(path, "cpu", rank=0, world_size=world)
+                model_state, opt_states = checkpointing.merged_state(
+                    self.model, self.optimizers, main, saved
+                )
+        else:  # written by another number of processes: reshard (reads every old file)
+            old = [
+                checkpoint.load(path, "cpu", rank=r, world_size=old_world) for r in range(old_world)
+            ]
+            model_state, opt_states, lstm_state = checkpointing.resharded_state(
+                self.model, self.optimizers, old, rank, world
             )
+            saved = {**old[0], "state": lstm_state}
         self.model.load_state_dict(model_state)
         for opt, state in zip(self.optimizers, opt_states, strict=True):
             opt.load_state_dict(state)
         for name in _RESUMED:
             setattr(self, name, saved[name])
+        if self.state is not None:
+            self.state = [tuple(t.to(self.device) for t in s) for s in self.state]
         self.wall_before = saved["wall_time"]
         if not self.ctx.is_main:
             return

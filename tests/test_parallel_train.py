@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from parallel_workers import train_run
-from test_train import TINY, losses
+from test_train import TINY, losses, run_until_killed
 
 from moe_impl import checkpoint
 from moe_impl.parallel import spawn
@@ -81,13 +81,40 @@ def test_a_two_rank_checkpoint_resumes_exactly(tmp_path):
         "moe.secondary_gate.w_gate", "moe.secondary_gate.w_noise",
         "moe.experts.w_in", "moe.experts.w_out",
     }  # fmt: skip
-    with pytest.raises(ValueError, match="number of processes that wrote it"):
-        Trainer(load_config([], overrides), cut, resume=True)  # one process cannot take it
     resumed = spawn(train_run, 2, (overrides, str(cut), True), timeout_s=240)
     assert losses(cut) == losses(tmp_path / "whole")
     assert resumed[0]["summary"]["test_nll"] == whole[0]["summary"]["test_nll"]
     for name, value in whole[0]["weights"].items():
         assert torch.equal(resumed[0]["weights"][name], value), name
+
+
+def test_a_checkpoint_reshards_to_another_number_of_processes(tmp_path):
+    """A 2-rank checkpoint resumed by 1 process and by 4, and a 1-process checkpoint resumed by 2:
+    all finish with the losses of the uninterrupted one-process run (replicated noise)."""
+    import shutil
+
+    overrides = [*TINY, *HIER, *REPLICATE]
+    single, _ = single_process(tmp_path, overrides)
+    want = torch.tensor(losses(tmp_path / "single"))
+
+    two = tmp_path / "two"
+    spawn(train_run, 2, (overrides, str(two), False, 8), timeout_s=240)
+    shutil.copytree(two, tmp_path / "two_to_four")
+    Trainer(load_config([], overrides), two, resume=True).run()  # resumed by one process
+    spawn(train_run, 4, (overrides, str(tmp_path / "two_to_four"), True), timeout_s=240)
+
+    one = tmp_path / "one"
+    run_until_killed(Trainer(load_config([], overrides), one), at_step=8)
+    assert checkpoint.latest(one).name == "step-00000005.pt"
+    spawn(train_run, 2, (overrides, str(one), True), timeout_s=240)
+
+    for run in (two, tmp_path / "two_to_four", one):
+        got = torch.tensor(losses(run))
+        torch.testing.assert_close(
+            got, want, rtol=1e-5, atol=1e-6, msg=lambda m, r=run: f"{r}: {m}"
+        )
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["test_nll"] == pytest.approx(single["test_nll"], rel=1e-5)
 
 
 @pytest.mark.slow
