@@ -5,10 +5,10 @@ run killed at any moment leaves the previous checkpoint intact and named. Only t
 are kept. Loading maps tensors to the requested device; sparse expert states are plain tensors.
 
 An expert-parallel run (moe_impl/parallel) writes one folder per checkpoint,
-`step-NNNNNNNN/rank-RRRRR-of-WWWWW.pt`, each rank its own shard of the experts (and its copy of the
-replicated rest, written by rank 0 alone); rank 0 names the folder in latest.txt once every rank
-has written (the caller passes a barrier). A folder missing a rank's file is incomplete and never
-chosen.
+`step-NNNNNNNN/rank-RRRRR-of-WWWWW.pt`: each rank its own shard of the experts, rank 0 also the
+replicated rest (moe_impl/parallel/checkpointing.py). Rank 0 names the folder in latest.txt once
+every rank has written (the caller passes a barrier). A folder missing a rank's file is incomplete
+and never chosen.
 """
 
 from __future__ import annotations
