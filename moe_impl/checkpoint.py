@@ -55,25 +55,51 @@ def save(
         path = folder / f"step-{step:08d}"
         path.mkdir(exist_ok=True)
         _atomic_save(state, path / _rank_file(rank, world_size))
+        if rank == 0:  # files of a run with another process count that was killed at this step
+            for stale in path.glob("rank-*-of-*"):  # (.tmp files of this run's ranks stay)
+                if stale.name.split("-of-")[1][:5] != f"{world_size:05d}":
+                    stale.unlink(missing_ok=True)
         barrier()  # every shard is on disk before the folder is named
     if rank == 0:
         latest_tmp = folder / (LATEST + ".tmp")
         latest_tmp.write_text(path.name + "\n")
         os.replace(latest_tmp, folder / LATEST)
-        for old in _complete(folder)[:-keep]:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        _prune(folder, keep)
     barrier()  # nobody reads latest.txt (or resumes) before it names this step
     return path
 
 
-def _is_complete(path: Path) -> bool:
+def _step_of(path: Path) -> int:
+    return int(path.name[len("step-") :][:8])
+
+
+def _prune(folder: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; remove everything older (complete or not:
+    partial folders and .tmp files of killed runs too)."""
+    kept = _complete(folder)[-keep:]
+    if not kept:
+        return
+    oldest = _step_of(kept[0])
+    for entry in folder.glob("step-*"):
+        if _step_of(entry) < oldest:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def _complete_world_size(path: Path) -> int | None:
+    """How many processes wrote a complete checkpoint at `path` (1 for a .pt file); None when it
+    is incomplete (a .tmp file, or a folder without all W rank files for any W)."""
     if path.is_file():
-        return path.suffix == ".pt"
-    files = sorted(path.glob("rank-*-of-*.pt"))
-    if not files:
-        return False
-    world_size = int(files[0].stem.rsplit("-", 1)[1])
-    return len(files) == world_size
+        return 1 if path.suffix == ".pt" else None
+    found: dict[int, set[int]] = {}
+    for f in path.glob("rank-*-of-*.pt"):
+        _, rank, _, world = f.stem.split("-")
+        found.setdefault(int(world), set()).add(int(rank))
+    complete = [w for w, ranks in found.items() if ranks == set(range(w))]
+    return max(complete) if complete else None
+
+
+def _is_complete(path: Path) -> bool:
+    return _complete_world_size(path) is not None
 
 
 def _complete(folder: Path) -> list[Path]:
@@ -96,17 +122,21 @@ def latest(run_dir: str | Path) -> Path | None:
 
 def world_size_of(path: str | Path) -> int:
     """How many processes wrote a checkpoint (1 for a single file)."""
-    path = Path(path)
-    if path.is_file():
-        return 1
-    files = sorted(path.glob("rank-*-of-*.pt"))
-    if not files:
-        raise ValueError(f"checkpoint folder {str(path)!r} holds no rank files")
-    return int(files[0].stem.rsplit("-", 1)[1])
+    world_size = _complete_world_size(Path(path))
+    if world_size is None:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is incomplete (a process did not write its file)"
+        )
+    return world_size
 
 
 def load(
-    path: str | Path, device: str | torch.device = "cpu", *, rank: int = 0, world_size: int = 1
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    mmap: bool = False,
 ) -> dict:
     """One process's file of a checkpoint (`rank` of `world_size`); ValueError if the checkpoint was
     written by another number of processes (the trainer then reads every file and reshards,
@@ -126,4 +156,6 @@ def load(
             f"checkpoint {str(path)!r} was written by a single process; resume it with one "
             f"process, not {world_size}"
         )
-    return torch.load(path, map_location=device, weights_only=False)
+    # mmap: tensors are read from the file as they are used (a rank reading rank 0's file for the
+    # replicated layers does not hold all of it in memory)
+    return torch.load(path, map_location=device, weights_only=False, mmap=mmap)

@@ -267,13 +267,14 @@ class Trainer:
             saved = checkpoint.load(path, self.device, rank=rank, world_size=world)
             model_state, opt_states = saved["model"], saved["optimizers"]
             if rank != 0:  # the replicated layers are in rank 0's file
-                main = checkpoint.load(path, "cpu", rank=0, world_size=world)
+                main = checkpoint.load(path, "cpu", rank=0, world_size=world, mmap=True)
                 model_state, opt_states = checkpointing.merged_state(
                     self.model, self.optimizers, main, saved
                 )
         else:  # written by another number of processes: reshard (reads every old file)
             old = [
-                checkpoint.load(path, "cpu", rank=r, world_size=old_world) for r in range(old_world)
+                checkpoint.load(path, "cpu", rank=r, world_size=old_world, mmap=True)
+                for r in range(old_world)
             ]
             model_state, opt_states, lstm_state = checkpointing.resharded_state(
                 self.model, self.optimizers, old, rank, world
@@ -282,6 +283,7 @@ class Trainer:
         self.model.load_state_dict(model_state)
         for opt, state in zip(self.optimizers, opt_states, strict=True):
             opt.load_state_dict(state)
+            checkpointing.state_to_param_devices(opt)
         for name in _RESUMED:
             setattr(self, name, saved[name])
         if self.state is not None:

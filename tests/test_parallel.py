@@ -96,3 +96,33 @@ def test_backend_must_fit_the_device():
         resolve_backend("gloo", "cuda")
     with pytest.raises(ValueError, match="gloo on CPU"):
         resolve_backend("nccl", "cpu")
+
+
+def test_checkpoint_folders_survive_a_change_of_process_count(tmp_path):
+    """A 2-process run killed while writing step 30 (one rank file), resumed by 4 processes that
+    write step 30 again: the folder is complete for 4, the stale file goes, and pruning removes
+    everything older than the kept checkpoints (partial folders and .tmp files too)."""
+    from moe_impl import checkpoint
+
+    folder = tmp_path / "checkpoints"
+    (folder / "step-00000030").mkdir(parents=True)
+    torch.save({"w": 2}, folder / "step-00000030" / "rank-00000-of-00002.pt")
+    (folder / "step-00000010.pt.tmp").write_bytes(b"partial")
+    assert checkpoint.latest(tmp_path) is None  # the partial folder is not a checkpoint
+
+    def save_all(step: int) -> None:
+        for rank in (1, 2, 3, 0):  # rank 0 last: it names the checkpoint once all have written
+            checkpoint.save(tmp_path, step, {"rank": rank}, keep=2, rank=rank, world_size=4)
+
+    save_all(30)
+    latest = checkpoint.latest(tmp_path)
+    assert latest.name == "step-00000030" and checkpoint.world_size_of(latest) == 4
+    assert len(list(latest.iterdir())) == 4
+    assert checkpoint.load(latest, rank=2, world_size=4) == {"rank": 2}
+    save_all(40)
+    save_all(50)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "latest.txt",
+        "step-00000040",
+        "step-00000050",
+    ]

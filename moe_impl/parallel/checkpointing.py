@@ -124,3 +124,13 @@ def _reshard_param_state(per_rank: list, old_rows: list[int], p: nn.Parameter) -
         ]
         out[key] = _rows_of(torch.cat(parts), p)
     return out
+
+
+def state_to_param_devices(opt) -> None:
+    """Every optimizer state tensor with rows on its parameter's device. Optimizer.load_state_dict
+    leaves a key named "step" where it was loaded (the CPU when resharding), which suits torch's
+    scalar steps but not FactoredAdam's per-expert step vector."""
+    for p, state in opt.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.device != p.device:
+                state[key] = value.to(p.device)
