@@ -1,0 +1,176 @@
+"""`python -m analysis <command>`: run directories -> tidy CSVs -> figures, tables and REPORT.md.
+
+  collect  results/runs/**/ (or an MLflow experiment) -> summary.csv, with snapshots.csv and
+           expert_load.csv beside it (analysis/collect.py)
+  figures  those CSVs (+ the layer benchmark's bench.json) -> <out>/figures/*.png|pdf,
+           <out>/tables/*.md|csv|tex, <out>/REPORT.md, and an MLflow "analysis" run holding them
+`main(argv)` returns an exit code (2 with a one-line error for bad input) and is what the tests
+and the workflow call, as moe_impl/cli.py does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from analysis import collect, figures, io, report, tables
+
+SNAPSHOTS_FILE, LOADS_FILE = "snapshots.csv", "expert_load.csv"
+DEFAULT_SUMMARY = Path("results/summary.csv")  # collect's output, figures' input
+DEFAULT_BENCH = Path("results/bench/bench.json")
+VERDICT_METRIC = {report.REPRODUCED: 1.0, report.NOT_REPRODUCED: 0.0}  # "not run": no metric
+
+
+def _add_path(parser: argparse.ArgumentParser, flag: str, default: Path, help_text: str) -> None:
+    """A file or folder option with a default (the layout under results/ that the workflow uses)."""
+    parser.add_argument(flag, type=Path, default=default, help=help_text)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("collect", help="run directories or MLflow runs -> summary.csv")
+    _add_path(
+        c,
+        "--runs",
+        Path("results/runs"),
+        "folder searched recursively for run directories (default results/runs)",
+    )
+    _add_path(
+        c, "--out", DEFAULT_SUMMARY, f"summary CSV; {SNAPSHOTS_FILE} and {LOADS_FILE} go beside it"
+    )
+    c.add_argument(
+        "--from-mlflow",
+        metavar="EXPERIMENT",
+        help="read this MLflow experiment's finished runs instead of --runs",
+    )
+    c.add_argument(
+        "--uri",
+        help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/results/mlflow.db)",
+    )
+    f = sub.add_parser("figures", help="summary.csv (+ bench.json) -> figures, tables, REPORT.md")
+    _add_path(
+        f,
+        "--summary",
+        DEFAULT_SUMMARY,
+        f"from `collect` ({SNAPSHOTS_FILE}, {LOADS_FILE} read beside it)",
+    )
+    f.add_argument(
+        "--bench",
+        type=Path,
+        nargs="+",
+        help=f"bench.json file(s), e.g. one per tokens mode (default: {DEFAULT_BENCH} "
+        "if it exists)",
+    )
+    _add_path(
+        f, "--out", Path("results"), "writes figures/, tables/ and REPORT.md here (default results)"
+    )
+    f.add_argument(
+        "--only",
+        nargs="+",
+        choices=figures.FIGURES,
+        metavar="FIGURE",
+        help=f"draw only these figures (of {', '.join(figures.FIGURES)})",
+    )
+    f.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow analysis run")
+    f.add_argument("--uri", help="tracking URI for the analysis run (default as for collect)")
+    f.add_argument("--experiment", default="analysis", help="its MLflow experiment")
+
+
+def run_collect(args: argparse.Namespace) -> int:
+    if args.from_mlflow:
+        with tempfile.TemporaryDirectory(prefix="analysis_mlflow_") as scratch:
+            data = collect.collect_mlflow(args.from_mlflow, args.uri, scratch)
+        source = f"MLflow experiment {args.from_mlflow!r}"
+    else:
+        data, unfinished = collect.collect_runs(args.runs)
+        for d in unfinished:
+            print(f"skipped (unfinished, no summary.json): {d}", file=sys.stderr)
+        source = str(args.runs)
+    paths = [
+        io.write_csv(data.summary, args.out),
+        io.write_csv(data.snapshots, args.out.with_name(SNAPSHOTS_FILE)),
+        io.write_csv(data.loads, args.out.with_name(LOADS_FILE)),
+    ]
+    print(f"{len(data.summary)} runs from {source} -> " + ", ".join(map(str, paths)))
+    return 0
+
+
+def run_figures(args: argparse.Namespace) -> int:
+    summary = io.read_csv(args.summary)
+    if summary.empty:
+        raise ValueError(f"{args.summary} has no runs")
+    snapshots = io.read_csv(args.summary.with_name(SNAPSHOTS_FILE), required=False)
+    loads = io.read_csv(args.summary.with_name(LOADS_FILE), required=False)
+    if args.bench is None:
+        args.bench = [DEFAULT_BENCH] if DEFAULT_BENCH.is_file() else []
+    bench = io.read_bench(args.bench)
+    written = []
+    for name, fig in figures.all_figures(summary, snapshots, loads, bench, args.only).items():
+        written += io.save_figure(fig, args.out / "figures", name)
+    for name, table in tables.all_tables(summary, snapshots).items():
+        base = args.out / "tables" / name
+        written += [
+            io.write_csv(table, base.with_suffix(".csv")),
+            io.write_text(base.with_suffix(".md"), tables.to_markdown(table)),
+            io.write_text(base.with_suffix(".tex"), tables.to_latex(table, tables.CAPTIONS[name])),
+        ]
+    verdicts = report.verdicts(summary, snapshots)
+    written.append(io.write_text(args.out / "REPORT.md", report.render(verdicts, summary)))
+    for v in verdicts:
+        print(f"{report.CLAIMS[v.key][0]}: {v.status}")
+    print(f"wrote {len(written)} files under {args.out}")
+    if not args.no_mlflow:
+        _log_analysis_run(args, verdicts)
+    return 0
+
+
+def _log_analysis_run(args: argparse.Namespace, verdicts: list[report.Verdict]) -> None:
+    """One MLflow run per invocation with the figures, tables, REPORT.md and the inputs as
+    artifacts and each verdict as a metric; a failing store only warns (tracking.RunTracker)."""
+    from moe_impl import tracking  # the only module that talks to MLflow
+
+    run_dir = args.out / "analysis"  # holds the analysis run's run.json
+    (run_dir / "run.json").unlink(missing_ok=True)  # a new MLflow run each time
+    config = {
+        "summary": str(args.summary),
+        "bench": [str(p) for p in args.bench],
+        "out": str(args.out),
+    }
+    tracker = tracking.RunTracker.start(
+        run_dir,
+        config=config,
+        experiment=args.experiment,
+        run_name="analysis",
+        tags={"kind": "analysis"},
+        tracking_uri=args.uri,
+        system_metrics_interval_s=None,
+    )
+    inputs = [args.summary, args.summary.with_name(SNAPSHOTS_FILE), *args.bench]
+    tracker.log_artifacts([args.out / "figures", args.out / "tables", args.out / "REPORT.md"])
+    tracker.log_artifacts(inputs, artifact_path="inputs")
+    metrics = {
+        f"claim.{v.key}": VERDICT_METRIC[v.status] for v in verdicts if v.status in VERDICT_METRIC
+    }
+    tracker.log_metrics(metrics, step=0)
+    logged = tracker.active
+    tracker.finish({})
+    if logged:
+        print(
+            f"MLflow run {tracker.run_id} in experiment {args.experiment!r} "
+            f"({tracker.tracking_uri})"
+        )
+
+
+COMMANDS = {"collect": run_collect, "figures": run_figures}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.split("\n")[0])
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ValueError as err:  # user or input errors: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2

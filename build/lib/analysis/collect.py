@@ -1,0 +1,423 @@
+"""Run directories (the source of truth, moe_impl/rundir.py) -> tidy frames, and the views on them
+that the figures, tables and report share.
+
+`collect_runs(root)` gives three frames (`Collected`):
+  summary    one row per finished run: identity (run_id, run_dir, sweep, name, preset), the model's
+             structure (model, paper_model, family, moe, num_experts, num_groups, group_size, k,
+             d_model, d_hidden), the balancing weights, seed, then every summary.json key
+             (nested dicts flattened as `corpus.vocab_size`; the snapshots list goes to the next
+             frame).
+  snapshots  one row per evaluation: every entry of summary.json's "snapshots" (kind "snapshot",
+             e.g. after N tokens for Figure 3, paper.md §2.3) plus the final one (kind "final").
+  loads      one row per (run, expert): expert_load.json's true load (routed slots) per expert.
+`collect_mlflow(experiment, uri, scratch)` builds the same frames from an MLflow store (through
+moe_impl.tracking.export_runs; runs without artifacts fall back to params + metrics).
+Nothing here draws or judges; reading and writing files is analysis/io.py's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from analysis import io, paper
+from moe_impl import rundir
+from moe_impl.presets import ALL_PRESETS
+from moe_impl.train_config import MODEL_FIELDS, model_config
+
+# the CPU family's stand-ins for the paper's baselines (moe_impl/presets.py); others share names
+PAPER_NAME = {"4xLSTM-64": "4xLSTM-512", "LSTM-256-64": "LSTM-2048-512"}
+FAMILY = {"flat": "flat MoE", "hierarchical": "hierarchical MoE", "dense": "baseline"}
+FAMILIES = ("baseline", "flat MoE", "hierarchical MoE")
+K40_PEAK_TFLOPS = 4.29  # paper.md §4.2: NVIDIA's theoretical K40 peak, as the paper quotes it
+IDENTITY_COLUMNS = [
+    "run_id",
+    "run_dir",
+    "sweep",
+    "name",
+    "experiment",
+    "preset",
+    "model",
+    "paper_model",
+    "family",
+    "moe",
+    "num_experts",
+    "num_groups",
+    "group_size",
+    "k",
+    "d_model",
+    "d_hidden",
+    "w_importance",
+    "w_load",
+    "dropout",
+    "seed",
+]
+SNAPSHOT_COLUMNS = [
+    "run_id",
+    "sweep",
+    "name",
+    "model",
+    "kind",
+    "step",
+    "tokens",
+    "split",
+    "nll",
+    "perplexity",
+    "excess_nll",
+]
+LOAD_COLUMNS = ["run_id", "sweep", "name", "expert", "tokens", "steps"]
+
+
+class Collected(NamedTuple):
+    summary: pd.DataFrame
+    snapshots: pd.DataFrame
+    loads: pd.DataFrame
+
+
+def family(moe: str) -> str:
+    """'flat MoE', 'hierarchical MoE', or 'baseline' (no MoE, or one always-active expert)."""
+    return FAMILY.get(moe, "baseline")
+
+
+def model_info(model_section: dict, vocab_size: int) -> dict:
+    """The structure columns of a run from its config's `model` section (preset + overrides)."""
+    section = {**dict.fromkeys(MODEL_FIELDS), **model_section}
+    cfg = model_config({"model": section}, vocab_size)
+    k = cfg.k if cfg.moe == "flat" else None
+    if cfg.moe == "hierarchical":
+        k = cfg.k_primary * cfg.k_secondary
+    return {
+        "model": cfg.name,
+        "paper_model": PAPER_NAME.get(cfg.name, cfg.name),
+        "family": family(cfg.moe),
+        "moe": cfg.moe,
+        "num_experts": cfg.num_experts,
+        "num_groups": cfg.num_groups,
+        "group_size": cfg.group_size,
+        "k": k,
+        "d_model": cfg.d_model,
+        "d_hidden": cfg.d_hidden or None,
+    }
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, list | tuple):
+            out[f"{prefix}{key}"] = json.dumps(value)
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_record(run: dict) -> dict:
+    """One summary row from io.read_run's dict."""
+    cfg, summary, identity = run["config"], run["summary"], run["identity"]
+    model = cfg.get("model") or {}
+    corpus = summary.get("corpus")
+    vocab = corpus.get("vocab_size") if isinstance(corpus, dict) else None
+    try:
+        info = model_info(model, int(vocab or 1000))
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{run['run_dir']}: cannot resolve the model ({err})") from None
+    row = {
+        "run_id": identity.get("run_id") or run["run_dir"],
+        "run_dir": run["run_dir"],
+        "sweep": cfg.get("sweep") or "",
+        "name": summary.get("name") or cfg.get("name") or identity.get("name") or info["model"],
+        "experiment": cfg.get("experiment") or identity.get("experiment"),
+        "preset": model.get("preset"),
+        **info,
+        "w_importance": model.get("w_importance"),
+        "w_load": model.get("w_load"),
+        "dropout": model.get("dropout"),
+        "seed": (cfg.get("train") or {}).get("seed"),
+    }
+    rest = {k: v for k, v in summary.items() if k != "snapshots"}
+    for key, value in _flatten(rest).items():
+        row.setdefault(key, value)
+    return row
+
+
+def snapshot_records(run: dict, row: dict) -> list[dict]:
+    """summary.json's snapshots plus the final evaluation (a snapshot at the final step, the
+    same model, is dropped)."""
+    summary = run["summary"]
+    ident = {k: row[k] for k in ("run_id", "sweep", "name", "model")}
+    final = {
+        **ident,
+        "kind": "final",
+        "step": summary.get("steps"),
+        "tokens": summary.get("train_tokens"),
+        "split": summary.get("eval_split", "test"),
+        "nll": summary.get("test_nll"),
+        "perplexity": summary.get("test_perplexity"),
+        "excess_nll": summary.get("excess_nll"),
+    }
+    out = [
+        {**ident, "kind": "snapshot", **{k: s.get(k) for k in SNAPSHOT_COLUMNS[5:]}}
+        for s in summary.get("snapshots") or []
+        if s.get("step") != final["step"]
+    ]
+    return [*out, final]
+
+
+def load_records(run: dict, row: dict) -> list[dict]:
+    load = run.get("expert_load")
+    if not load:
+        return []
+    ident = {k: row[k] for k in ("run_id", "sweep", "name")}
+    steps = load.get("steps")
+    return [
+        {**ident, "expert": i, "tokens": t, "steps": steps}
+        for i, t in enumerate(load.get("tokens_per_expert") or [])
+    ]
+
+
+def frames(runs: Iterable[dict]) -> Collected:
+    """The three frames from io.read_run dicts (rows in the order given)."""
+    rows, snaps, loads = [], [], []
+    for run in runs:
+        row = run_record(run)
+        rows.append(row)
+        snaps += snapshot_records(run, row)
+        loads += load_records(run, row)
+    summary = pd.DataFrame(rows)
+    if summary.empty:
+        return Collected(
+            summary, pd.DataFrame(columns=SNAPSHOT_COLUMNS), pd.DataFrame(columns=LOAD_COLUMNS)
+        )
+    # a fixed order whatever the source: identity, SUMMARY_KEYS, the other keys by name
+    keys = [k for k in rundir.SUMMARY_KEYS if k in summary and k not in IDENTITY_COLUMNS]
+    rest = sorted(set(summary.columns) - set(IDENTITY_COLUMNS) - set(keys))
+    summary = summary[IDENTITY_COLUMNS + keys + rest]
+    summary = summary.sort_values(["sweep", "name", "run_id"], kind="stable")
+    order = {r: i for i, r in enumerate(summary["run_id"])}
+    snaps_df = pd.DataFrame(snaps, columns=SNAPSHOT_COLUMNS)
+    snaps_df = snaps_df.sort_values(["run_id", "tokens"], key=_by(order), kind="stable")
+    loads_df = pd.DataFrame(loads, columns=LOAD_COLUMNS)
+    loads_df = loads_df.sort_values(["run_id", "expert"], key=_by(order), kind="stable")
+    return Collected(*(df.reset_index(drop=True) for df in (summary, snaps_df, loads_df)))
+
+
+def _by(order: dict):
+    """Sort key: run_id by the summary's row order, other columns as they are."""
+    return lambda col: col.map(order) if col.name == "run_id" else col
+
+
+def collect_runs(root: str | Path) -> tuple[Collected, list[Path]]:
+    """(frames of every finished run directory under root, the unfinished ones skipped)."""
+    finished, unfinished = io.find_run_dirs(root)
+    if not finished:
+        raise ValueError(f"no finished run directory (with {rundir.SUMMARY_FILE}) under {root}")
+    return frames(io.read_run(d) for d in finished), unfinished
+
+
+# --- MLflow ------------------------------------------------------------------------------------
+
+
+def _param_value(text: str):
+    if text == "None":
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def run_from_mlflow(export: dict) -> dict:
+    """An io.read_run-shaped dict from one moe_impl.tracking.export_runs entry: the downloaded
+    run files where present, else the config from params and the summary from metrics."""
+    folder = export.get("dir")
+    if folder is not None and (Path(folder) / rundir.SUMMARY_FILE).is_file():
+        run = io.read_run(folder)
+        return {**run, "run_dir": f"mlflow:{export['mlflow_run_id']}"}
+    config: dict = {}
+    for key, text in export["params"].items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = _param_value(text)
+    metrics = export["metrics"]
+    summary = {k: metrics.get(k) for k in rundir.SUMMARY_KEYS}
+    summary["name"] = export["run_name"]
+    evals = _evals_from_history(export["history"])
+    final_step = summary["steps"] if summary["steps"] is not None else max(evals, default=None)
+    summary["steps"] = None if final_step is None else int(final_step)
+    summary["snapshots"] = [e for step, e in sorted(evals.items()) if step != final_step]
+    identity = {"run_id": export["tags"].get("moe.run_id") or export["mlflow_run_id"]}
+    return {
+        "run_dir": f"mlflow:{export['mlflow_run_id']}",
+        "config": config,
+        "summary": summary,
+        "identity": identity,
+        "expert_load": None,
+    }
+
+
+def _evals_from_history(history: dict) -> dict[int, dict]:
+    """{step: snapshot dict} from `<split>/perplexity`, `<split>/nll`, ... metric histories."""
+    evals: dict[int, dict] = {}
+    for key, points in history.items():
+        split, _, name = key.partition("/")
+        if name not in ("perplexity", "nll", "excess_nll", "tokens", "scored_tokens"):
+            continue
+        for step, value in points:
+            evals.setdefault(int(step), {"step": int(step), "split": split})[name] = value
+    return {s: e for s, e in evals.items() if "perplexity" in e}
+
+
+def collect_mlflow(experiment: str, uri: str | None, scratch: str | Path) -> Collected:
+    """The frames of an MLflow experiment's finished runs (artifacts downloaded into scratch)."""
+    from moe_impl import tracking  # the only module that talks to MLflow
+
+    exports = tracking.export_runs(experiment, scratch, tracking_uri=uri)
+    if not exports:
+        raise ValueError(f"MLflow experiment {experiment!r} has no finished runs")
+    return frames(run_from_mlflow(e) for e in exports)
+
+
+# --- views shared by figures, tables and the report ---------------------------------------------
+
+
+def sweep(summary: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The runs of one sweep (config key `sweep`); an empty frame when none or no column."""
+    if summary.empty or "sweep" not in summary:
+        return summary.iloc[0:0]
+    return summary[summary["sweep"].fillna("") == name]
+
+
+def per_model(df: pd.DataFrame, values: list[str], keys: list[str] | None = None) -> pd.DataFrame:
+    """Mean of `values` over the runs (seeds) of each model, with n_runs; sorted by experts."""
+    keys = keys or ["family", "model", "paper_model", "moe", "num_experts"]
+    if df.empty:
+        return pd.DataFrame(columns=[*keys, *values, "n_runs"])
+    present = [v for v in values if v in df]
+    g = df.groupby(keys, dropna=False, sort=False)
+    out = g[present].mean(numeric_only=True).join(g.size().rename("n_runs")).reset_index()
+    for v in values:
+        if v not in out:
+            out[v] = np.nan
+    return out.sort_values(["num_experts", "model"], kind="stable").reset_index(drop=True)
+
+
+EARLY_LATE = ["early_tokens", "early_perplexity", "late_tokens", "late_perplexity", "gap"]
+
+
+def early_late(summary: pd.DataFrame, snapshots: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Figure 3's two points per run of sweep `name`: the earliest snapshot (N tokens) and the
+    final evaluation (10N in the news100b sweep), and gap = early - late perplexity (paper.md §3).
+
+    Columns: run_id, model, paper_model, family, num_experts, params_excl_embedding_softmax,
+    early_tokens, early_perplexity, late_tokens, late_perplexity, gap. Runs without a snapshot
+    before the final evaluation are left out.
+    """
+    runs = sweep(summary, name)
+    cols = [
+        "run_id",
+        "model",
+        "paper_model",
+        "family",
+        "moe",
+        "num_experts",
+        "params_excl_embedding_softmax",
+    ]
+    out_cols = [*cols, *EARLY_LATE]
+    if runs.empty or snapshots.empty:
+        return pd.DataFrame(columns=out_cols)
+    snaps = snapshots[snapshots["run_id"].isin(runs["run_id"])].sort_values(["run_id", "tokens"])
+    early = snaps[snaps["kind"] == "snapshot"].groupby("run_id").first()
+    late = snaps[snaps["kind"] == "final"].groupby("run_id").last()
+    both = early.index.intersection(late.index)
+    out = runs.set_index("run_id").loc[both, cols[1:]].reset_index()
+    out["early_tokens"] = early.loc[both, "tokens"].to_numpy()
+    out["early_perplexity"] = early.loc[both, "perplexity"].to_numpy()
+    out["late_tokens"] = late.loc[both, "tokens"].to_numpy()
+    out["late_perplexity"] = late.loc[both, "perplexity"].to_numpy()
+    out = out[out["late_tokens"] > out["early_tokens"]]
+    out["gap"] = out["early_perplexity"] - out["late_perplexity"]
+    return out[out_cols].sort_values("params_excl_embedding_softmax").reset_index(drop=True)
+
+
+def early_late_per_model(early_late_runs: pd.DataFrame) -> pd.DataFrame:
+    """early_late's frame averaged over the runs (seeds) of each model: the model size, N and
+    final tokens, the perplexities there and the gap, with n_runs (per_model)."""
+    return per_model(early_late_runs, ["params_excl_embedding_softmax", *EARLY_LATE])
+
+
+def balance(summary: pd.DataFrame, name: str = "balance") -> pd.DataFrame:
+    """Table 6's rows from sweep `name`: per (w_importance, w_load), the mean test perplexity,
+    CV(importance), CV(load) and max/mean load over its runs, with n_runs and the run ids."""
+    cols = ["test_perplexity", "cv_importance", "cv_load", "max_over_mean_load"]
+    runs = sweep(summary, name)
+    if runs.empty:
+        return pd.DataFrame(columns=["w_importance", "w_load", *cols, "n_runs", "run_ids"])
+    g = runs.groupby(["w_importance", "w_load"], sort=True)
+    out = g[cols].mean().join(g.size().rename("n_runs"))
+    out = out.join(g["run_id"].agg(list).rename("run_ids"))
+    return out.reset_index()
+
+
+def paper_models(table: str, metrics: list[str]) -> pd.DataFrame:
+    """Wide paper rows of `table` (Table 7 or 8's own columns) with moe, num_experts, family
+    from the row's preset (moe_impl/presets.py); Kneser-Ney (no preset) is left out."""
+    df = paper.load(table)
+    df = df[(df["source"] == f"Table {table[-1]}") & (df["preset"] != "")]
+    w = paper.wide(df, metrics)
+    for m in metrics:
+        if m not in w:
+            w[m] = np.nan
+    w["moe"] = [ALL_PRESETS[p].moe for p in w["preset"]]
+    w["num_experts"] = [ALL_PRESETS[p].num_experts for p in w["preset"]]
+    w["family"] = w["moe"].map(family)
+    return w
+
+
+def match_peers(bench: pd.DataFrame, peers: pd.DataFrame | None = None) -> pd.DataFrame:
+    """peers.csv measurements whose configuration equals one of our benchmark rows: same kind
+    (flat: ref, davidmrau, lucidrains; hierarchical: ref_hier, lucidrains_hier), experts, tokens,
+    d_model, d_hidden, k and threads, on CPU (the peers measured on CPU only, peers.md Part 2).
+
+    Columns: implementation, kind, num_experts, tokens, tokens_mode, paired, us_per_token,
+    ratio_vs_dense (medians, NaN where the peer has none).
+    """
+    cols = [
+        "implementation",
+        "kind",
+        "num_experts",
+        "tokens",
+        "tokens_mode",
+        "paired",
+        "us_per_token",
+        "ratio_vs_dense",
+    ]
+    if bench.empty or "device" not in bench:
+        return pd.DataFrame(columns=cols)
+    peers = paper.load("peers") if peers is None else peers
+    p = peers[peers["implementation"] != "dense"].copy()
+    p["kind"] = np.where(p["implementation"].str.endswith("_hier"), "hierarchical", "flat")
+    keys = ["kind", "num_experts", "tokens", "d_model", "d_hidden", "k", "threads"]
+    w = p.pivot_table(
+        index=["implementation", "paired", *keys], columns="metric", values="value", aggfunc="first"
+    ).reset_index()
+    ours = bench[bench["device"] == "cpu"][[*keys, "tokens_mode"]].drop_duplicates()
+    for key in keys[1:]:
+        w[key] = w[key].astype("int64")
+        ours = ours.astype({key: "int64"})
+    out = w.merge(ours, on=keys)
+    out = out.rename(
+        columns={"us_per_token_median": "us_per_token", "ratio_vs_dense_median": "ratio_vs_dense"}
+    )
+    for c in cols:
+        if c not in out:
+            out[c] = np.nan
+    return out[cols].reset_index(drop=True)

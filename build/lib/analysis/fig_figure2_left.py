@@ -1,0 +1,102 @@
+"""Fig. 2-left (paper.md §3): test perplexity vs parameters excl. embedding and softmax (Table 7).
+
+Pure: frames in, a matplotlib Figure out. The paper's Table 7 models and our `lm1b` sweep sit in
+separate panels (a perplexity on the synthetic corpus is not one on 1B Word).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis import collect, paper, style
+from moe_impl.presets import ALL_PRESETS
+
+
+def _params_panel(ax, pts: pd.DataFrame) -> None:
+    """Baselines as distinct grey markers, flat and hierarchical MoE as lines with the expert
+    count beside each point. pts: family, model, num_experts, x, y.
+
+    Baselines share (nearly) one x, so they are dodged sideways by up to ±10% of x (a log axis:
+    a small, constant visual offset) to keep every marker visible."""
+    base = pts[pts["family"] == "baseline"]
+    dodge = np.linspace(-0.1, 0.1, len(base)) if len(base) > 1 else [0.0]
+    for i, (_, r) in enumerate(base.iterrows()):
+        ax.plot(
+            r["x"] * (1 + dodge[i]),
+            r["y"],
+            style.BASELINE_MARKERS[i % len(style.BASELINE_MARKERS)],
+            ms=7,
+            color=style.COLORS["baseline"],
+            mec="white",
+            mew=0.5,
+            label=r["model"],
+            ls="none",
+        )
+    for fam, offset, va in (("flat MoE", (-5, -11), "top"), ("hierarchical MoE", (5, 4), "bottom")):
+        part = pts[pts["family"] == fam].sort_values("x")
+        if part.empty:
+            continue
+        label = f"{fam} (k=4)" if fam == "flat MoE" else f"{fam} (k=2+2)"
+        ax.plot(
+            part["x"],
+            part["y"],
+            "-" + style.FAMILY_MARKERS[fam],
+            color=style.COLORS[fam],
+            ms=6,
+            label=label,
+        )
+        for _, r in part.iterrows():
+            ax.annotate(
+                f"{int(r['num_experts']):,}",
+                (r["x"], r["y"]),
+                textcoords="offset points",
+                xytext=offset,
+                ha="center",
+                va=va,
+                fontsize=7.5,
+                color=style.COLORS[fam],
+            )
+    style.scale(ax, "x", pts["x"])
+    ax.margins(x=0.08, y=0.1)
+    style.legend(ax, title="experts beside points", title_fontsize=7.5)
+
+
+@style.styled
+def figure2_left(summary: pd.DataFrame, paper_points: pd.DataFrame | None = None) -> Figure:
+    """Fig. 2-left (paper.md §3): test perplexity vs capacity at ~constant ops/timestep.
+
+    Left panel: the paper's Table 7 models after 10 epochs; right: our `lm1b` sweep's runs (mean
+    over seeds), with the flat and hierarchical MoE lines and the compute-matched baselines.
+    """
+    pts = paper.figure2_left_series() if paper_points is None else paper_points
+    pts = pts.assign(
+        family=pts["series"],
+        num_experts=[ALL_PRESETS[p].num_experts for p in pts["preset"]],
+        x=pts["params_excl_embedding_softmax_M"],
+        y=pts["test_perplexity_10_epochs"],
+    )
+    fig, axes = style.new_figure(1, 2, (11.5, 4.6))
+    ax_p, ax_r = axes[0]
+    _params_panel(ax_p, pts)
+    ax_p.set(xlabel=style.PARAMS_LABEL, ylabel="test perplexity after 10 epochs")
+    ax_p.set_title("paper: 1B Word, Table 7 (~8M ops/timestep)")
+    ours = collect.per_model(
+        collect.sweep(summary, "lm1b"),
+        ["params_excl_embedding_softmax", "test_perplexity", "ops_per_timestep", "train_tokens"],
+    )
+    title = "this run: sweep lm1b"
+    if ours.empty:
+        style.empty_panel(ax_r, title, f"{style.NOT_RUN}: no runs with sweep=lm1b")
+        return fig
+    ops = ours["ops_per_timestep"] / 1e6
+    _params_panel(
+        ax_r, ours.assign(x=ours["params_excl_embedding_softmax"] / 1e6, y=ours["test_perplexity"])
+    )
+    ax_r.set(
+        xlabel=style.PARAMS_LABEL,
+        ylabel=f"test perplexity after {style.fmt_tokens(ours['train_tokens'].max())} tokens",
+    )
+    ax_r.set_title(f"{title} ({ops.min():.3g}-{ops.max():.3g}M ops/timestep)")
+    return fig

@@ -1,0 +1,121 @@
+"""Every file the analysis reads or writes: run directories, the benchmark, CSVs, figures, tables.
+
+The rest of `analysis/` is pure (frames in, frames or figures out). Run directories follow
+`moe_impl/rundir.py` (config.yaml, summary.json, run.json, expert_load.json; the presence of
+summary.json marks a finished run); the benchmark files are `python -m moe_impl bench`'s bench.json
+(a list of rows, moe_impl/bench.py). Paper numbers come from `analysis.paper` (packaged CSVs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import yaml
+
+from moe_impl import rundir
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+FIGURE_FORMATS = ("png", "pdf")
+FIGURE_DPI = 150
+
+
+def find_run_dirs(root: str | Path) -> tuple[list[Path], list[Path]]:
+    """(finished, unfinished) run directories under root, sorted; a run directory is a folder
+    with run.json or summary.json (checkpoints/ and hidden folders are not searched)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"--runs {str(root)!r} is not a directory")
+    dirs = {
+        p.parent
+        for name in (rundir.RUN_FILE, rundir.SUMMARY_FILE)
+        for p in root.rglob(name)
+        if rundir.CHECKPOINT_DIR not in p.parts and not any(s.startswith(".") for s in p.parts)
+    }
+    finished = sorted(d for d in dirs if rundir.is_finished(d))
+    return finished, sorted(dirs - set(finished))
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """One run directory's files as dicts: {"run_dir", "config", "summary", "identity",
+    "expert_load"} (None for a missing optional file; config.yaml and summary.json required)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / rundir.CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"{run_dir}: no {rundir.CONFIG_FILE}")
+    config = yaml.safe_load(config_path.read_text()) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a mapping")
+    summary = _read_json(run_dir / rundir.SUMMARY_FILE)
+    if summary is None:
+        raise ValueError(f"{run_dir}: unfinished (no {rundir.SUMMARY_FILE})")
+    return {
+        "run_dir": str(run_dir),
+        "config": config,
+        "summary": summary,
+        "identity": _read_json(run_dir / rundir.RUN_FILE) or {},
+        "expert_load": _read_json(run_dir / rundir.EXPERT_LOAD_FILE),
+    }
+
+
+def read_bench(paths: list[str | Path]) -> pd.DataFrame:
+    """The rows of one or more bench.json files (one per tokens mode, say), with `source_file`."""
+    frames = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ValueError(f"--bench {str(path)!r} does not exist")
+        rows = json.loads(path.read_text())
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a list of benchmark rows (moe_impl bench --json)")
+        frames.append(pd.DataFrame(rows).assign(source_file=str(path)))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+    return path
+
+
+def read_csv(path: str | Path, *, required: bool = True) -> pd.DataFrame:
+    """A CSV written by write_csv; an absent optional file gives an empty frame."""
+    path = Path(path)
+    if not path.is_file():
+        if required:
+            raise ValueError(f"{str(path)!r} does not exist (run `python -m analysis collect`)")
+        return pd.DataFrame()
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
+def save_figure(fig: Figure, folder: str | Path, name: str) -> list[Path]:
+    """folder/name.png and folder/name.pdf."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.{ext}" for ext in FIGURE_FORMATS]
+    for path in paths:
+        fig.savefig(path, dpi=FIGURE_DPI)
+    return paths
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

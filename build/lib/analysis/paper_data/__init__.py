@@ -1,0 +1,1 @@
+"""The paper's published numbers as tidy CSV files (data only; read them via `analysis.paper`)."""

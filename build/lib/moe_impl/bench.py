@@ -1,0 +1,229 @@
+"""`python -m moe_impl bench`: one MoE layer's training step against a FLOP-matched dense FFN.
+
+The protocol of peers.md Part 2: forward + backward in training mode, grads set to None between
+steps, the MoE and the dense FFN `Linear(d, k·h) -> ReLU -> Linear(k·h, d)` (no biases, the same
+active FLOPs) timed alternately in one process so that their ratio holds under load, and one child
+process per configuration so that peak memory is per configuration. Sweeps flat and hierarchical
+(App. B) layers at fixed tokens per step or at fixed tokens per expert (the paper's regime).
+Not here: the measuring child (bench_worker.py), the text table and figure (bench_plot.py), and
+timing targets (never asserted in tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moe_impl import bench_plot
+from moe_impl.bench_worker import (
+    DTYPES,
+    EXIT_TOO_SLOW,
+    K_PRIMARY,
+    K_SECONDARY,
+    MEASURED,
+    ExpertSpec,
+    build_moe,
+    gate_outputs,
+    run_worker,
+    train_flops,
+)
+
+DEFAULT_EXPERTS = "4,32,256,256-h,1024-h,4096-h,16384-h,65536-h,131072-h"
+
+
+def parse_experts(text: str) -> list[ExpertSpec]:
+    """'4,256-h,16x64-h' -> specs. `N-h` is a x b with a = 2**floor(log2(N)/2), b = N/a."""
+    specs = []
+    for entry in (e.strip() for e in text.split(",")):
+        if m := re.fullmatch(r"([1-9]\d*)", entry):
+            specs.append(ExpertSpec(entry, int(m[1])))
+            continue
+        if m := re.fullmatch(r"([1-9]\d*)-h", entry):
+            n = int(m[1])
+            a = 2 ** ((n.bit_length() - 1) // 2)  # floor(log2 n) // 2 == floor(log2(n) / 2)
+            b = n // a
+        elif m := re.fullmatch(r"([1-9]\d*)x([1-9]\d*)-h", entry):
+            a, b = int(m[1]), int(m[2])
+            n = a * b
+        else:
+            raise ValueError(
+                f"--experts: bad entry {entry!r}; expected N (flat), N-h or AxB-h (hierarchical)"
+            )
+        if a * b != n or a < K_PRIMARY or b < K_SECONDARY:
+            raise ValueError(
+                f"--experts: bad entry {entry!r}; hierarchical needs N = a x b with a >= "
+                f"{K_PRIMARY} groups of b >= {K_SECONDARY} experts, got a={a}, b={n / a:g}"
+            )
+        specs.append(ExpertSpec(entry, n, a, b))
+    return specs
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process from /proc (0 where /proc is unavailable)."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def run_child(cfg: dict, max_rss_gb: float) -> dict:
+    """Measure one configuration in a fresh process; OOM, slowness or a crash become a reason."""
+    with tempfile.TemporaryDirectory(prefix="moe_bench_") as tmp:
+        cfg_path, result_path, log_path = (Path(tmp, n) for n in ("cfg.json", "out.json", "log"))
+        cfg_path.write_text(json.dumps(cfg))
+        malloc = [] if cfg["tune_allocator"] else ["--default-malloc"]
+        cmd = [sys.executable, "-m", "moe_impl", "bench", *malloc, "--worker", str(cfg_path)]
+        deadline = time.monotonic() + 300 + 2 * cfg["max_seconds"] * (cfg["warmup"] + cfg["reps"])
+        reason = None
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([*cmd, str(result_path)], stdout=log, stderr=subprocess.STDOUT)
+            while proc.poll() is None:
+                if rss_bytes(proc.pid) > max_rss_gb * 2**30:
+                    reason = f"out of memory: RSS above --max-rss-gb={max_rss_gb:g}"
+                elif time.monotonic() > deadline:
+                    reason = "timed out (the whole configuration)"
+                if reason:
+                    proc.kill()
+                time.sleep(0.1)
+        if result_path.exists():
+            return json.loads(result_path.read_text())
+        if reason is None and proc.returncode == EXIT_TOO_SLOW:
+            reason = f"first step exceeded --max-seconds-per-step={cfg['max_seconds']:g}"
+        elif reason is None and proc.returncode == -9:
+            reason = "killed by SIGKILL (out of memory?)"
+        if reason is not None:
+            return {"status": "skipped", "reason": reason}
+        tail = log_path.read_text().strip().splitlines() or ["no output"]
+        return {"status": "failed", "reason": f"exit code {proc.returncode}: {tail[-1]}"}
+
+
+def count_params(spec: ExpertSpec, d_model: int, d_hidden: int, k: int) -> int:
+    with torch.device("meta"):  # shapes only, no memory
+        return sum(p.numel() for p in build_moe(spec, d_model, d_hidden, k).parameters())
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for flag in ("d_model", "d_hidden", "k", "tokens", "reps", "threads", "max_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.warmup < 0 or not args.max_seconds_per_step > 0 or not args.max_rss_gb > 0:
+        raise ValueError("--warmup must be >= 0; --max-seconds-per-step, --max-rss-gb > 0")
+    if args.tokens_per_expert is not None and not args.tokens_per_expert > 0:
+        raise ValueError(f"--tokens-per-expert must be > 0, got {args.tokens_per_expert}")
+    if args.tokens_per_expert is None and args.max_tokens is not None:
+        raise ValueError("--max-tokens applies only with --tokens-per-expert")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+
+
+def make_row(spec: ExpertSpec, args: argparse.Namespace) -> dict:
+    """One row with every key, measurements NaN; it is also the child process's config."""
+    k = K_PRIMARY * K_SECONDARY if spec.hierarchical else args.k
+    if k > spec.num_experts:
+        raise ValueError(f"--k={k} must be <= the experts of --experts entry {spec.config!r}")
+    d, h, m, tokens = args.d_model, args.d_hidden, args.tokens_per_expert, args.tokens or 4096
+    if m is not None:
+        tokens = min(math.ceil(m * spec.num_experts / k), args.max_tokens or 131072)
+    return {
+        **spec._asdict(),
+        "kind": "hierarchical" if spec.hierarchical else "flat",
+        "d_model": d,
+        "d_hidden": h,
+        "k": k,
+        "params": count_params(spec, d, h, k),
+        "tokens": tokens,
+        "tokens_mode": "fixed_tokens" if m is None else "fixed_tokens_per_expert",
+        "target_tokens_per_expert": m,
+        "max_tokens": None if m is None else args.max_tokens or 131072,
+        "tokens_per_expert": tokens * k / spec.num_experts,
+        "train_gflop": train_flops(tokens, d, h, k, gate_outputs(spec)) / 1e9,
+        **{key: getattr(args, key) for key in ("reps", "warmup", "optimizer", "device", "dtype")},
+        "threads": args.threads or torch.get_num_threads(),
+        "seed": args.seed,
+        "tune_allocator": not args.default_malloc,
+        "load_avg": os.getloadavg()[0],
+        **dict.fromkeys(MEASURED, math.nan),
+        "status": "",
+        "reason": "",
+    }
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="time MoE layers against a FLOP-matched dense FFN")
+    p.add_argument("--experts", default=DEFAULT_EXPERTS, help="N (flat), N-h or AxB-h (k=2+2)")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--d-hidden", type=int, default=128)
+    p.add_argument("--k", type=int, default=4, help="experts per token, flat entries (default 4)")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--tokens", type=int, help="fixed tokens per step (default 4096)")
+    tok.add_argument("--tokens-per-expert", type=float, metavar="M", help="tokens = ceil(M·n/k)")
+    p.add_argument("--max-tokens", type=int, help="cap with --tokens-per-expert (default 131072)")
+    p.add_argument("--reps", type=int, default=5, help="timed steps (median and min reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch.get_num_threads())")
+    p.add_argument(
+        "--optimizer",
+        action="store_true",
+        help="include torch.optim.SGD(lr=1e-3) in each step (it accepts sparse expert gradients)",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if any")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="bf16 = autocast")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default mmap threshold (see moe_impl/runtime.py; default: raise it)",
+    )
+    p.add_argument("--max-seconds-per-step", type=float, default=60.0, help="skip slower configs")
+    total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    p.add_argument("--max-rss-gb", type=float, default=round(0.8 * total_gb, 1))
+    p.add_argument("--out", type=Path, help="write bench.json, bench.csv and bench.png here")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--csv", type=Path)
+    p.add_argument("--png", type=Path)
+    p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # internal: one child config
+    dist = p.add_argument_group("expert parallelism (moe_impl/bench_dist.py)")
+    dist.add_argument(
+        "--distributed", action="store_true",
+        help="time the expert-parallel layer over several ranks: tokens per expert, bytes sent, "
+        "communication vs. compute per rank (--tokens per rank); under torchrun, one rank each",
+    )  # fmt: skip
+    dist.add_argument("--world-size", type=int, default=2, help="local processes to spawn")
+    dist.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
+    dist.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole run")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.worker:
+        return run_worker(*args.worker)
+    specs = parse_experts(args.experts)
+    if args.distributed:
+        from moe_impl import bench_dist
+
+        return bench_dist.run(args, specs)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_args(args)
+    if args.k != 4 and any(s.hierarchical for s in specs):
+        print("warning: --k applies to flat entries; hierarchical ones use k=2+2", file=sys.stderr)
+    rows = [make_row(spec, args) for spec in specs]  # validates every entry before running
+    for i, row in enumerate(rows, 1):
+        print(f"[{i}/{len(rows)}] {row['config']} T={row['tokens']} ...", file=sys.stderr)
+        row["load_avg"] = os.getloadavg()[0]
+        row.update(run_child({**row, "max_seconds": args.max_seconds_per_step}, args.max_rss_gb))
+    print(bench_plot.format_table(rows))
+    paths = {"json": args.json, "csv": args.csv, "png": args.png}
+    if args.out is not None:
+        paths = {ext: p or args.out / f"bench.{ext}" for ext, p in paths.items()}
+    bench_plot.write_outputs(rows, **{f"{ext}_path": p for ext, p in paths.items()})
+    return 1 if any(r["status"] == "failed" for r in rows) else 0

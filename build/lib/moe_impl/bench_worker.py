@@ -1,0 +1,197 @@
+"""The child process of `python -m moe_impl bench`: build one configuration, time it against the
+dense FFN, report MEASURED. bench.py is the parent: arguments, one child per configuration, output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from moe_impl import HierarchicalMoE, MoE, balancing
+
+K_PRIMARY = K_SECONDARY = 2  # every hierarchical model of the paper uses 2 + 2
+EXIT_TOO_SLOW = 86  # a child's exit code when its first step exceeds --max-seconds-per-step
+# Dense peaks from the vendors' datasheets, TFLOP/s: (bf16, float32 without TF32). First match wins.
+CUDA_PEAK_TFLOPS = {
+    "H100 PCIe": (756, 51),
+    "H100": (989, 67),
+    "H200": (989, 67),
+    "A100": (312, 19.5),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MEASURED = (  # noqa: SIM905 (what the child process reports; NaN in a skipped row)
+    "moe_ms_median moe_ms_min dense_ms_median dense_ms_min moe_us_per_token dense_us_per_token "
+    "ratio_median ratio_min moe_gflops dense_gflops peak_gflops mfu peak_mem_mb "
+    "active_experts tokens_per_active_expert cv_load cv_tokens_per_expert max_over_mean_load"
+).split()
+
+
+class ExpertSpec(NamedTuple):
+    """One `--experts` entry: flat (num_groups = group_size = None) or hierarchical a x b."""
+
+    config: str  # the entry as written, e.g. "256-h"
+    num_experts: int
+    num_groups: int | None = None
+    group_size: int | None = None
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.num_groups is not None
+
+
+def train_flops(tokens: int, d_model: int, d_hidden: int, k: int, num_gate_outputs: int) -> int:
+    """Analytic FLOPs of one MoE training step (forward + backward), as achieved GFLOP/s counts them.
+
+        experts: 3 · 2 · tokens · k · 2·d·h        gate: 3 · 2 · tokens · 2·d·num_gate_outputs
+
+    2 FLOPs per multiply-add; backward = 2x forward (grads w.r.t. inputs and weights), hence 3.
+    Each active expert applies 2·d·h weights; the gate applies W_g and W_noise (2·d weights per
+    output) where num_gate_outputs = n (flat) or a + k_primary·b (hierarchical: the primary gate
+    plus the secondary gates of the selected groups). Elementwise work is not counted. The dense
+    baseline is the expert term alone (k·h hidden units).
+    """
+    return 3 * 2 * tokens * (k * 2 * d_model * d_hidden + 2 * d_model * num_gate_outputs)
+
+
+def gate_outputs(spec: ExpertSpec) -> int:
+    if spec.hierarchical:
+        return spec.num_groups + K_PRIMARY * spec.group_size
+    return spec.num_experts
+
+
+def build_moe(spec: ExpertSpec, d_model: int, d_hidden: int, k: int) -> nn.Module:
+    if spec.hierarchical:
+        return HierarchicalMoE(d_model, d_hidden, spec.num_groups, spec.group_size)
+    return MoE(d_model, d_hidden, spec.num_experts, k=k)
+
+
+def cpu_gemm_gflops(dtype: torch.dtype, size: int = 1024, reps: int = 10) -> float:
+    """Peak GFLOP/s on this CPU: the best of `reps` size^3 matmuls in `dtype` (the benchmark's),
+    at the current thread count, measured in the process that runs the configuration."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b  # warm-up
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def peak_gflops(device: torch.device, dtype: torch.dtype) -> float:
+    if device.type == "cpu":
+        return cpu_gemm_gflops(dtype)
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, fp32) in CUDA_PEAK_TFLOPS.items():
+        if key in name:
+            return 1e3 * (bf16 if dtype == torch.bfloat16 else fp32)
+    return math.nan
+
+
+def measure(cfg: dict) -> dict:
+    """Child process: build both layers, alternate timed MoE and dense steps, return MEASURED."""
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(cfg["seed"])
+    device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
+    peak = peak_gflops(device, dtype)
+    spec = ExpertSpec(*(cfg[key] for key in ExpertSpec._fields))
+    d, h, k, tokens = cfg["d_model"], cfg["d_hidden"], cfg["k"], cfg["tokens"]
+    moe = build_moe(spec, d, h, k).to(device).train()
+    dense = nn.Sequential(
+        nn.Linear(d, k * h, bias=False), nn.ReLU(), nn.Linear(k * h, d, bias=False)
+    )
+    dense = dense.to(device).train()
+    x_BD = torch.randn(tokens, d, device=device, requires_grad=True)
+    # NOTE: plain SGD accepts the sparse expert gradients (>= 4096 experts) and keeps no state.
+    opts = {m: torch.optim.SGD(m.parameters(), lr=1e-3) for m in (moe, dense) if cfg["optimizer"]}
+
+    def step(model: nn.Module) -> tuple[float, object]:
+        model.zero_grad(set_to_none=True)
+        x_BD.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = model(x_BD)
+        is_moe = model is moe
+        loss = (out.y if is_moe else out).float().square().mean()
+        (loss + out.aux_loss if is_moe else loss).backward()
+        if model in opts:
+            opts[model].step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start, out.stats if is_moe else None
+
+    # The first MoE step estimates the step time: a watchdog ends the child if it runs too long.
+    watchdog = threading.Timer(cfg["max_seconds"], os._exit, args=(EXIT_TOO_SLOW,))
+    watchdog.daemon = True
+    watchdog.start()
+    times: dict[str, list[float]] = {"moe": [], "dense": []}
+    stats = []
+    for i in range(cfg["warmup"] + cfg["reps"]):
+        moe_s, moe_stats = step(moe)
+        watchdog.cancel()
+        dense_s, _ = step(dense)
+        if i >= cfg["warmup"]:
+            times["moe"].append(moe_s)
+            times["dense"].append(dense_s)
+            stats.append(moe_stats)
+    return summarize(cfg, gate_outputs(spec), times, stats, peak)
+
+
+def summarize(cfg: dict, num_gate_outputs: int, times: dict, stats: list, peak: float) -> dict:
+    """MEASURED from the timed steps' seconds and routing stats, and the process's peak memory.
+
+    Routing stats are means over the timed steps: cv_load is the CV of the load the loss used (the
+    smooth estimate of Eq. 10 / 14 in training), cv_tokens_per_expert that of the true counts.
+    """
+    tokens, k, d, h = cfg["tokens"], cfg["k"], cfg["d_model"], cfg["d_hidden"]
+    moe_med, moe_min = statistics.median(times["moe"]), min(times["moe"])
+    dense_med, dense_min = statistics.median(times["dense"]), min(times["dense"])
+    moe_gflops = train_flops(tokens, d, h, k, num_gate_outputs) / moe_med / 1e9
+    counts_E = torch.stack([s.tokens_per_expert for s in stats]).float()
+    active = (counts_E > 0).sum(1).float()
+    if cfg["device"] == "cuda":
+        peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:  # ru_maxrss is in KiB on Linux
+        peak_mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    values = [
+        *(1e3 * t for t in (moe_med, moe_min, dense_med, dense_min)),
+        *(1e6 * t / tokens for t in (moe_med, dense_med)),
+        moe_med / dense_med,
+        moe_min / dense_min,
+        moe_gflops,
+        train_flops(tokens, d, h, k, 0) / dense_med / 1e9,
+        peak,
+        moe_gflops / peak,
+        peak_mem_mb,
+        active.mean().item(),
+        (tokens * k / active).mean().item(),
+        statistics.mean(s.cv_load.item() for s in stats),
+        statistics.mean(balancing.cv_squared(c).sqrt().item() for c in counts_E),
+        statistics.mean(s.max_over_mean_load.item() for s in stats),
+    ]
+    return dict(zip(MEASURED, values, strict=True))
+
+
+def run_worker(cfg_path: str, result_path: str) -> int:
+    cfg = json.loads(Path(cfg_path).read_text())
+    try:
+        result = {"status": "ok", **measure(cfg)}
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        oom = ("out of memory", "can't allocate memory")
+        if isinstance(err, RuntimeError) and not any(s in str(err).lower() for s in oom):
+            raise
+        result = {"status": "skipped", "reason": f"out of memory: {str(err).splitlines()[0]}"}
+    Path(result_path).write_text(json.dumps(result))
+    return 0

@@ -1,0 +1,112 @@
+"""A bank of feed-forward experts, E_i(x) = relu(x · w_in[i]) · w_out[i] (paper Sec. 2, App. C).
+
+No biases, as in the paper's parameter counts and tensor2tensor's experts (paper.md §1.2). The
+weights of all experts live in two stacked parameters so that dispatch can run them as batched
+matmuls over blocks (dispatch.py); this module knows nothing about gating.
+
+Initialisation (our choice; t2t uses Glorot-uniform and scales the output layer by sqrt(d/h)):
+w_in ~ U(±sqrt(6/d)) (He: variance 2/d, for the ReLU) and w_out ~ U(±sqrt(3/h)) (variance 1/h), so
+that each expert maps a unit-variance input to an output of variance about 1 whatever d and h.
+
+Shape suffixes: B = tokens, N = slots, E = experts, D = d_model, H = d_hidden, R = buffer rows,
+L = blocks, C = rows per block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from moe_impl.dispatch import DispatchPlan, dispatch, from_rows
+from moe_impl.expert_mlp import block_expert_mlp
+
+# Experts are initialised in chunks of this many, each chunk from its own generator seeded by
+# (one seed drawn from torch's global RNG, chunk index): expert i's initial weights then depend only
+# on that seed and i, so a bank sharded over ranks (moe_impl/parallel) starts from exactly the
+# weights of the single-process bank without any rank materialising the whole bank.
+INIT_CHUNK = 256
+
+
+class ExpertBank(nn.Module):
+    """`num_experts` two-layer ReLU experts with weights w_in (E, D, H) and w_out (E, H, D).
+
+    `sparse_grad=True` makes the weight gradients sparse COO tensors over the experts that received
+    tokens (sparse_dim 1, like nn.Embedding(sparse=True)): memory then grows with the active experts,
+    not with all of them. Optimizers must accept sparse gradients (torch.optim.SparseAdam, Adagrad,
+    or moe_impl.optim.FactoredAdam).
+
+    A shard of a larger bank holds experts first_expert ... first_expert + num_experts - 1 of
+    `total_experts` and is initialised exactly as those rows of the whole bank would be.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_hidden: int,
+        *,
+        sparse_grad: bool,
+        first_expert: int = 0,
+        total_experts: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.sparse_grad = sparse_grad
+        self.first_expert = first_expert
+        self.total_experts = num_experts if total_experts is None else total_experts
+        if not 0 <= first_expert <= first_expert + num_experts <= self.total_experts:
+            raise ValueError(
+                f"an expert shard [{first_expert}, {first_expert + num_experts}) must lie inside "
+                f"[0, total_experts={self.total_experts})"
+            )
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """w_in ~ U(±sqrt(6/d)), w_out ~ U(±sqrt(3/h)), drawn chunk by chunk (INIT_CHUNK)."""
+        d_model, d_hidden = self.w_in.shape[1:]
+        seed = int(torch.randint(0, 2**62, (), device="cpu"))  # the one draw from the global RNG
+        if self.w_in.is_meta:  # shapes only (the benchmark's planning)
+            return
+        bound_in, bound_out = math.sqrt(6.0 / d_model), math.sqrt(3.0 / d_hidden)
+        lo, hi = self.first_expert, self.first_expert + self.w_in.shape[0]
+        generator = torch.Generator()
+        with torch.no_grad():
+            for chunk in range(lo // INIT_CHUNK, -(-hi // INIT_CHUNK)):
+                start = chunk * INIT_CHUNK
+                size = min(INIT_CHUNK, self.total_experts - start)
+                generator.manual_seed(seed + chunk)
+                w_in = torch.empty(size, d_model, d_hidden, device="cpu").uniform_(
+                    -bound_in, bound_in, generator=generator
+                )
+                w_out = torch.empty(size, d_hidden, d_model, device="cpu").uniform_(
+                    -bound_out, bound_out, generator=generator
+                )
+                a, b = max(lo, start), min(hi, start + size)
+                self.w_in[a - lo : b - lo] = w_in[a - start : b - start]
+                self.w_out[a - lo : b - lo] = w_out[a - start : b - start]
+
+    def slot_outputs(self, x_BD: Tensor, plan: DispatchPlan, k: int) -> Tensor:
+        """E_expert(x_token) of every slot, (N, D) in slot order; the slots of token b are
+        b·k ... b·k+k-1."""
+        d_model = x_BD.shape[1]
+        x_LCD = dispatch(x_BD, plan, k).view(plan.num_blocks, plan.block_size, d_model)
+        y_LCD = block_expert_mlp(
+            x_LCD,
+            self.w_in,
+            self.w_out,
+            plan.block_expert_L,
+            plan.counts_E,
+            sparse_grad=self.sparse_grad,
+        )
+        return from_rows(y_LCD.view(-1, d_model), plan)
+
+    def forward(self, x_BD: Tensor, gate_N: Tensor, plan: DispatchPlan, k: int) -> Tensor:
+        """y_b = Σ over the k slots of token b of gate · E_expert(x_b) (paper Eq. 1); the slots of
+        token b are b·k ... b·k+k-1."""
+        num_tokens, d_model = x_BD.shape
+        y_BKD = self.slot_outputs(x_BD, plan, k).view(num_tokens, k, d_model)
+        y_BD = (y_BKD * gate_N.view(num_tokens, k, 1).to(y_BKD.dtype)).sum(1)
+        return y_BD.to(x_BD.dtype)

@@ -1,0 +1,115 @@
+"""Noisy top-k gating (Shazeer et al. 2017, Sec. 2.1, Eq. 3-5) with tensor2tensor's details.
+
+    G(x) = Softmax(KeepTopK(H(x), k)),   H(x)_i = (x W_g)_i + N(0, 1) · (Softplus((x W_noise)_i) + ε)
+
+Paper symbols: W_g -> w_gate, W_noise -> w_noise, H(x) -> noisy logits, P(x, i) -> prob_in_top_k.
+The gates stay sparse: each row keeps k (index, value) pairs, never a dense tokens x experts matrix.
+Loss terms live in balancing.py; token movement in dispatch.py.
+
+Shape suffixes: B = rows, D = d_model, E = experts (outputs of one gating network), K = k.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_impl.balancing import prob_in_top_k_from_top
+
+# tensor2tensor adds 1e-2 to the softplus (paper.md §6.1) so the load estimator never divides by 0.
+NOISE_EPSILON = 1e-2
+
+
+class GateOutput(NamedTuple):
+    top_idx_BK: Tensor  # selected experts, in descending order of noisy logit
+    top_gates_BK: Tensor  # softmax over the k kept noisy logits; each row sums to 1
+    prob_in_top_k_BE: Tensor | None  # P(x, i) of Eq. 9 where the smooth load applies, else None
+
+
+def noisy_top_k(
+    clean_BE: Tensor,
+    noise_logits_BE: Tensor | None,
+    k: int,
+    *,
+    noise_epsilon: float = NOISE_EPSILON,
+    generator: torch.Generator | None = None,
+    normal_BE: Tensor | None = None,
+) -> GateOutput:
+    """Noisy top-k gating given the clean logits x W_g and, when noise is on, x W_noise.
+
+    `noise_logits_BE=None` means no noise (evaluation, or `noisy_gating=False`): routing is then the
+    deterministic top-k of the clean logits and the load is the true count. With k >= E every expert
+    is selected and the gates are the softmax over all (noisy) logits. With a single expert the noise
+    cannot change anything, so none is drawn. `normal_BE`, standard-normal samples of the logits'
+    shape, replaces the draw from `generator` (the expert-parallel layers pass their rows of a
+    draw made for the whole global batch, moe_impl/parallel).
+    """
+    num_experts = clean_BE.shape[-1]
+    noisy = noise_logits_BE is not None and num_experts > 1
+    if noisy:
+        std_BE = F.softplus(noise_logits_BE) + noise_epsilon
+        eps_BE = normal_BE
+        if eps_BE is None:
+            eps_BE = torch.randn(
+                clean_BE.shape, generator=generator, device=clean_BE.device, dtype=clean_BE.dtype
+            )
+        logits_BE = clean_BE + eps_BE * std_BE
+    else:
+        logits_BE = clean_BE
+    # k+1 values: the (k+1)-th is the "in" threshold of the load estimator (paper.md §6.2-6.3).
+    # NOTE: ties (e.g. all-zero logits in eval at init) resolve in torch.topk's order, not t2t's
+    # lowest-index order; with noise or trained weights ties have probability zero.
+    top_vals_BK, top_idx_BK = logits_BE.topk(min(k + 1, num_experts), dim=-1)
+    gates_BK = top_vals_BK[..., :k].softmax(dim=-1)
+    prob_BE = None
+    if noisy and k < num_experts:
+        prob_BE = prob_in_top_k_from_top(clean_BE, logits_BE, std_BE, top_vals_BK, k)
+    return GateOutput(top_idx_BK[..., :k], gates_BK, prob_BE)
+
+
+def gate_matmul(x: Tensor, w: Tensor) -> Tensor:
+    """x @ w in at least float32, autocast off: bf16 rounding must not flip which experts win."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        return torch.matmul(x, w.to(x.dtype))
+
+
+class NoisyTopKGate(nn.Module):
+    """One gating network over `num_experts` outputs. W_g and W_noise start at zero (paper App. A):
+    no signal and some noise, so routing starts uniformly at random."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        k: int,
+        *,
+        noisy_gating: bool = True,
+        noise_epsilon: float = NOISE_EPSILON,
+    ) -> None:
+        super().__init__()
+        self.k = k
+        self.noisy_gating = noisy_gating
+        self.noise_epsilon = noise_epsilon
+        self.w_gate = nn.Parameter(torch.zeros(d_model, num_experts))
+        self.w_noise = nn.Parameter(torch.zeros(d_model, num_experts))
+
+    def forward(self, x_BD: Tensor, generator: torch.Generator | None = None) -> GateOutput:
+        clean_BE, noise_BE = self.logits(x_BD)
+        return noisy_top_k(
+            clean_BE, noise_BE, self.k, noise_epsilon=self.noise_epsilon, generator=generator
+        )
+
+    def logits(self, x_BD: Tensor) -> tuple[Tensor, Tensor | None]:
+        """x W_g and, when noise applies, x W_noise (else None)."""
+        # Noise only in training (t2t multiplies the std by float(train)), paper.md §6.1.
+        noise_BE = gate_matmul(x_BD, self.w_noise) if self.uses_noise else None
+        return gate_matmul(x_BD, self.w_gate), noise_BE
+
+    @property
+    def uses_noise(self) -> bool:
+        return self.training and self.noisy_gating

@@ -1,0 +1,197 @@
+"""The hierarchical MoE with its groups spread over ranks, as the paper ran it (App. B, §3.1: "the
+primary gating network is data-parallel, and each secondary MoE resides on one device"; t2t's
+DistributedMixtureOfExperts, paper.md §1.4).
+
+Every rank holds the primary gate (replicated, gradient summed over ranks) and a contiguous shard of
+the groups: their secondary gating networks and their experts (gradients stay on the rank).
+A forward pass on rank r, for its own tokens:
+
+1. the primary gate picks k_primary groups per token;
+2. each (token, group) pair's input row travels to the group's rank with its primary gate value
+   (all_to_all, variable splits, dropless);
+3. there the group's gate picks k_secondary experts, which run, and the pair's output
+   Σ_j G_i(x)_j E_ij(x) travels back: one row per pair, not per expert (paper §3.2's bandwidth);
+4. the source combines the pairs with the primary gates (Eq. 12);
+5. Importance_H (Eq. 13) and Load_H (Eq. 14) of the owner's experts are computed where the pairs
+   are, with the primary smooth load summed over ranks; the a·b vectors are then summed over ranks
+   (each rank filling its own entries) so every rank takes the CV² over all a·b experts.
+
+Same weights -> the single-process `HierarchicalMoE` on the concatenated batch (see moe.py for the
+gradient convention and `replicate_noise`).
+
+Shape suffixes: B = local tokens, D = d_model, G = groups (a), S = group size (b), P = local pairs
+(B·k_primary), M = pairs received, Q = expert slots of the received pairs (M·k_secondary),
+E = experts (a·b).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moe_impl import balancing
+from moe_impl.dispatch import make_plan
+from moe_impl.experts import ExpertBank
+from moe_impl.gating import NoisyTopKGate, noisy_top_k
+from moe_impl.hierarchical import GroupGates
+from moe_impl.layer import (
+    SPARSE_GRAD_MIN_EXPERTS,
+    MoEOutput,
+    check_k,
+    check_options,
+    check_positive_int,
+    flatten_input,
+    moe_output,
+)
+from moe_impl.parallel.comm import exchange, rank_and_size, replicated_sum
+from moe_impl.parallel.moe import global_normal
+from moe_impl.parallel.routing import combine, gather_slots, route, shard_bounds
+from moe_impl.parallel.shard import mark_sharded
+
+_EPS = 1e-10
+
+
+class DistributedHierarchicalMoE(nn.Module):
+    """Expert-parallel drop-in for `moe_impl.HierarchicalMoE` (dropless), a shard of groups per
+    rank; arguments as HierarchicalMoE plus `group` and `replicate_noise` (DistributedMoE).
+    `secondary_gate.*` and `experts.*` hold this rank's groups `first_group` ... ."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        num_groups: int,
+        group_size: int,
+        k_primary: int = 2,
+        k_secondary: int = 2,
+        *,
+        noisy_gating: bool = True,
+        w_importance: float = 0.1,
+        w_load: float = 0.1,
+        sparse_grad: bool | None = None,
+        group=None,
+        replicate_noise: bool = False,
+    ) -> None:
+        super().__init__()
+        check_positive_int(
+            d_model=d_model, d_hidden=d_hidden, num_groups=num_groups, group_size=group_size
+        )
+        check_k("k_primary", k_primary, "num_groups", num_groups)
+        check_k("k_secondary", k_secondary, "group_size", group_size)
+        check_options(w_importance, w_load, None)
+        rank, world = rank_and_size(group)
+        self.d_model, self.d_hidden = d_model, d_hidden
+        self.num_groups, self.group_size = num_groups, group_size
+        self.num_experts = num_groups * group_size
+        self.k_primary, self.k_secondary = k_primary, k_secondary
+        self.w_importance, self.w_load = w_importance, w_load
+        self.group, self.replicate_noise = group, replicate_noise
+        self.bounds = shard_bounds(num_groups, world)
+        self.first_group = self.bounds[rank]
+        local_groups = self.bounds[rank + 1] - self.first_group
+        if sparse_grad is None:
+            sparse_grad = self.num_experts >= SPARSE_GRAD_MIN_EXPERTS
+        self.primary_gate = NoisyTopKGate(d_model, num_groups, k_primary, noisy_gating=noisy_gating)
+        self.secondary_gate = GroupGates(
+            local_groups, d_model, group_size, k_secondary, noisy_gating=noisy_gating
+        )
+        self.experts = ExpertBank(
+            local_groups * group_size, d_model, d_hidden, sparse_grad=sparse_grad,
+            first_expert=self.first_group * group_size, total_experts=self.num_experts,
+        )  # fmt: skip
+        for p in (self.secondary_gate.w_gate, self.secondary_gate.w_noise):
+            mark_sharded(p, self.first_group, num_groups)
+        for p in (self.experts.w_in, self.experts.w_out):
+            mark_sharded(p, self.experts.first_expert, self.num_experts)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> MoEOutput:
+        x_BD = flatten_input(x, self.d_model)
+        num_tokens, device = x_BD.shape[0], x_BD.device
+        num_groups, group_size = self.num_groups, self.group_size
+        k1, k2 = self.k_primary, self.k_secondary
+        local_groups = self.secondary_gate.w_gate.shape[0]
+
+        # Level 1, on the token's rank. With replicate_noise the draws are the single-process
+        # layer's: randn(global tokens, a), then randn(global pairs, b) in pair order.
+        clean_BG, noise_BG = self.primary_gate.logits(x_BD)
+        replicate = self.replicate_noise and noise_BG is not None
+        normal_BG, offset, total = None, 0, 0
+        if replicate:
+            normal_BG, offset, total = global_normal(
+                num_tokens, num_groups if num_groups > 1 else 0, generator, clean_BG, self.group
+            )
+        primary = noisy_top_k(
+            clean_BG, noise_BG, k1, noise_epsilon=self.primary_gate.noise_epsilon,
+            generator=generator, normal_BE=normal_BG if num_groups > 1 else None,
+        )  # fmt: skip
+        group_P = primary.top_idx_BK.reshape(-1)
+        gate_P = primary.top_gates_BK.reshape(-1)
+        r = route(group_P, self.bounds, self.group)
+        send = [gather_slots(x_BD, r, k1), gate_P[r.order_N], group_P[r.order_N]]
+        if replicate:  # each pair's global index, to find its row of the replicated noise
+            send.append(offset * k1 + r.order_N)
+        x_MD, gate_M, group_M, *pair_M = exchange(send, r.send, r.recv, self.group)
+
+        # Level 2, on the group's rank: secondary gate, experts, Σ_j G_i(x)_j E_ij(x) per pair
+        local_group_M = group_M - self.first_group
+        num_pairs = local_group_M.numel()
+        pair_plan = make_plan(local_group_M, torch.arange(num_pairs, device=device), local_groups)
+        clean_MS, noise_MS = self.secondary_gate.logits(x_MD, pair_plan, 1)
+        normal_MS = None
+        if replicate and group_size > 1:
+            normal_MS = torch.randn(
+                (total * k1, group_size), generator=generator, device=device, dtype=clean_MS.dtype
+            )[pair_M[0]]
+        secondary = noisy_top_k(
+            clean_MS, noise_MS, k2, noise_epsilon=self.secondary_gate.noise_epsilon,
+            generator=generator, normal_BE=normal_MS,
+        )  # fmt: skip
+        expert_Q = (local_group_M[:, None] * group_size + secondary.top_idx_BK).reshape(-1)
+        gate_Q = secondary.top_gates_BK.reshape(-1)
+        token_Q = torch.arange(num_pairs, device=device).repeat_interleave(k2)
+        plan = make_plan(expert_Q, token_Q, local_groups * group_size)
+        y_MD = self.experts(x_MD, gate_Q, plan, k2)
+        (y_back_PD,) = exchange([y_MD], r.recv, r.send, self.group)
+        y_BD = combine(y_back_PD, r, gate_P, k1, x_BD.dtype)
+
+        # Eq. 13 and 14. Importance and the secondary load of this rank's experts, padded to a·b,
+        # and the primary smooth load are summed over ranks in one all_reduce; Load_H is then
+        # computed alike on every rank from the sums (replicated_sum's gradient convention needs
+        # every use of a sum to be replicated).
+        dtype = gate_P.dtype
+        num_local = local_groups * group_size
+        importance_Q = gate_M.repeat_interleave(k2) * gate_Q
+        importance_local = balancing.importance(expert_Q, importance_Q, num_local)
+        if secondary.prob_in_top_k_BE is not None:
+            secondary_load_local = (
+                secondary.prob_in_top_k_BE.new_zeros(local_groups, group_size)
+                .index_add(0, local_group_M, secondary.prob_in_top_k_BE)
+                .reshape(-1)
+            )
+        else:
+            secondary_load_local = plan.counts_E.to(dtype)
+        local = torch.stack([importance_local, secondary_load_local, plan.counts_E.to(dtype)])
+        first = self.experts.first_expert
+        pad_before = local.new_zeros(3, first)
+        pad_after = local.new_zeros(3, self.num_experts - first - num_local)
+        parts = [torch.cat([pad_before, local, pad_after], dim=1).reshape(-1)]
+        if primary.prob_in_top_k_BE is not None:
+            parts.append(primary.prob_in_top_k_BE.sum(0))
+        total = replicated_sum(torch.cat(parts), self.group)
+        importance_E, secondary_load_E, counts_E = total[: 3 * self.num_experts].view(3, -1)
+        count_G = counts_E.view(num_groups, group_size).sum(1) / k2  # |X^(i)|: pairs per group
+        primary_load_G = total[3 * self.num_experts :] if len(parts) > 1 else count_G
+        scale_G = primary_load_G / (count_G + _EPS)
+        load_E = (secondary_load_E.view(num_groups, group_size) * scale_G[:, None]).reshape(-1)
+        return moe_output(
+            y_BD.view(x.shape), importance_E, load_E, counts_E.round().long(), 0,
+            self.w_importance, self.w_load,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_hidden={self.d_hidden}, num_groups={self.num_groups}, "
+            f"group_size={self.group_size}, k_primary={self.k_primary}, "
+            f"k_secondary={self.k_secondary}, local_groups=[{self.first_group}, "
+            f"{self.first_group + self.secondary_gate.w_gate.shape[0]})"
+        )

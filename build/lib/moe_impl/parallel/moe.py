@@ -1,0 +1,146 @@
+"""The flat MoE with its experts spread over ranks (paper §3.1, "mixed data and model parallelism").
+
+Every rank holds the gating network (data-parallel: its gradient is summed over ranks, sync.py) and
+a contiguous shard of the experts (each expert on exactly one rank; its gradient stays there).
+A forward pass on rank r, for its own tokens:
+
+1. the noisy top-k gate picks k experts per token (paper Eq. 3-5);
+2. each (token, expert) slot's input row travels to the expert's rank (all_to_all, variable splits,
+   nothing dropped), the owner runs its experts on every row it received, the outputs travel back;
+3. the outputs are combined with the gates where the token lives (Eq. 1);
+4. Importance, Load and the true counts are summed over ranks before the CV² (paper.md §6.6: the
+   CV is over the global batch, as tensor2tensor sums them over datashards).
+
+With the same weights it computes the single-process `MoE` on the concatenation of every rank's
+tokens (rank order): the same y rows, the same aux loss on every rank, and, once the replicated
+gradients are summed over ranks, the same gradients (tests/test_parallel.py). Gate noise is drawn
+per rank from `generator` (as each tensor2tensor datashard does); `replicate_noise=True` draws the
+noise of the whole global batch on every rank and keeps this rank's rows, which reproduces the
+single-process noise exactly at world-size times the sampling cost.
+
+Shape suffixes: B = local tokens, D = d_model, E = experts, K = k, N = local slots (B·K),
+M = slots received from all ranks, W = ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moe_impl import balancing
+from moe_impl.dispatch import make_plan
+from moe_impl.experts import ExpertBank
+from moe_impl.gating import NoisyTopKGate, noisy_top_k
+from moe_impl.layer import (
+    SPARSE_GRAD_MIN_EXPERTS,
+    MoEOutput,
+    check_k,
+    check_options,
+    check_positive_int,
+    flatten_input,
+    moe_output,
+)
+from moe_impl.parallel.comm import all_gather_sizes, exchange, rank_and_size, replicated_sum
+from moe_impl.parallel.routing import combine, gather_slots, route, shard_bounds
+from moe_impl.parallel.shard import mark_sharded
+
+
+def global_normal(
+    rows: int, cols: int, generator, like: Tensor, group=None
+) -> tuple[Tensor, int, int]:
+    """This rank's rows of randn(global rows, cols) drawn from `generator` (seeded alike on every
+    rank), with the rank's row offset and the global row count; cols=0 draws nothing."""
+    rank, _ = rank_and_size(group)
+    sizes = all_gather_sizes(rows, like.device, group)
+    offset, total = sum(sizes[:rank]), sum(sizes)
+    normal = torch.randn((total, cols), generator=generator, device=like.device, dtype=like.dtype)
+    # a copy of this rank's rows: the whole draw is not kept alive until the backward
+    return normal[offset : offset + rows].clone(), offset, total
+
+
+class DistributedMoE(nn.Module):
+    """Expert-parallel drop-in for `moe_impl.MoE`: the same arguments (dropless only) plus `group`
+    (a torch.distributed process group; None = the default one) and `replicate_noise`. Parameter
+    names are MoE's; `experts.w_in` / `experts.w_out` hold this rank's experts
+    `experts.first_expert` ... (moe_impl.parallel.load_full_state_dict loads a single-process
+    state dict). forward(x, generator=None) -> MoEOutput with global aux loss and statistics."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        num_experts: int,
+        k: int = 4,
+        *,
+        noisy_gating: bool = True,
+        w_importance: float = 0.1,
+        w_load: float = 0.1,
+        sparse_grad: bool | None = None,
+        group=None,
+        replicate_noise: bool = False,
+    ) -> None:
+        super().__init__()
+        check_positive_int(d_model=d_model, d_hidden=d_hidden, num_experts=num_experts)
+        check_k("k", k, "num_experts", num_experts)
+        check_options(w_importance, w_load, None)
+        rank, world = rank_and_size(group)
+        self.d_model, self.d_hidden, self.num_experts, self.k = d_model, d_hidden, num_experts, k
+        self.w_importance, self.w_load = w_importance, w_load
+        self.group, self.replicate_noise = group, replicate_noise
+        self.bounds = shard_bounds(num_experts, world)
+        first, stop = self.bounds[rank], self.bounds[rank + 1]
+        if sparse_grad is None:
+            sparse_grad = num_experts >= SPARSE_GRAD_MIN_EXPERTS
+        self.gate = NoisyTopKGate(d_model, num_experts, k, noisy_gating=noisy_gating)
+        self.experts = ExpertBank(
+            stop - first, d_model, d_hidden, sparse_grad=sparse_grad,
+            first_expert=first, total_experts=num_experts,
+        )  # fmt: skip
+        mark_sharded(self.experts.w_in, first, num_experts)
+        mark_sharded(self.experts.w_out, first, num_experts)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> MoEOutput:
+        x_BD = flatten_input(x, self.d_model)
+        num_tokens, k, num_experts = x_BD.shape[0], self.k, self.num_experts
+        clean_BE, noise_BE = self.gate.logits(x_BD)
+        normal_BE = None
+        if self.replicate_noise and noise_BE is not None and num_experts > 1:
+            normal_BE, _, _ = global_normal(
+                num_tokens, num_experts, generator, clean_BE, self.group
+            )
+        gate = noisy_top_k(
+            clean_BE, noise_BE, k, noise_epsilon=self.gate.noise_epsilon, generator=generator,
+            normal_BE=normal_BE,
+        )  # fmt: skip
+        expert_N = gate.top_idx_BK.reshape(-1)
+        gate_N = gate.top_gates_BK.reshape(-1)
+
+        # to the experts' ranks, through the local experts, and back (paper §3.1)
+        r = route(expert_N, self.bounds, self.group)
+        x_recv_MD, expert_M = exchange(
+            [gather_slots(x_BD, r, k), expert_N[r.order_N]], r.send, r.recv, self.group
+        )
+        local_M = expert_M - self.experts.first_expert
+        plan = make_plan(
+            local_M, torch.arange(local_M.numel(), device=x.device), self.experts.w_in.shape[0]
+        )
+        y_recv_MD = self.experts.slot_outputs(x_recv_MD, plan, 1)
+        (y_back_ND,) = exchange([y_recv_MD], r.recv, r.send, self.group)
+        y_BD = combine(y_back_ND, r, gate_N, k, x_BD.dtype)
+
+        # Importance (Eq. 6), Load (Eq. 10, or the true count) and counts over the global batch
+        importance_E = balancing.importance(expert_N, gate_N, num_experts)
+        counts_E = torch.bincount(expert_N, minlength=num_experts).to(importance_E.dtype)
+        load_E = gate.prob_in_top_k_BE.sum(0) if gate.prob_in_top_k_BE is not None else counts_E
+        total = replicated_sum(torch.stack([importance_E, load_E, counts_E]), self.group)
+        return moe_output(
+            y_BD.view(x.shape), total[0], total[1], total[2].round().long(), 0,
+            self.w_importance, self.w_load,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_hidden={self.d_hidden}, num_experts={self.num_experts}, "
+            f"k={self.k}, local_experts=[{self.experts.first_expert}, "
+            f"{self.experts.first_expert + self.experts.w_in.shape[0]})"
+        )

@@ -1,0 +1,40 @@
+"""Process-level settings that make CPU runs faster; called by the CLI, never on import.
+
+glibc returns large freed blocks to the kernel (mmap'd allocations above 32 MB are unmapped, and the
+heap top is trimmed), so every training step page-faults again on each large temporary: at 131072
+experts the gathered expert weights and their gradients are ~0.5 GB per step, and the step spent
+more time in page faults than in arithmetic (130k minor faults, 300-650 ms per step at 1024 tokens).
+Serving all allocations from the heap and never trimming it keeps those pages: 130 ms per step after
+two warm-up steps (measured 2026-11-28 on our 2-core machine). The cost is that the process keeps its
+peak memory until it exits, which suits a training or benchmark process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_MAX = -4
+_INT_MAX = 2**31 - 1  # mallopt takes a C int: larger values would wrap around
+
+
+def tune_allocator(top_pad: int = 256 * 2**20) -> bool:
+    """Keep freed memory in glibc's heap for reuse. False where it does not apply (not glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    settings = (
+        (_M_MMAP_MAX, 0),
+        (_M_TRIM_THRESHOLD, _INT_MAX),
+        (_M_TOP_PAD, min(top_pad, _INT_MAX)),
+    )
+    return all(mallopt(option, value) == 1 for option, value in settings)
