@@ -24,6 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from moe_impl import bench_plot
 from moe_impl.bench_worker import K_PRIMARY, K_SECONDARY, ExpertSpec, gate_outputs, train_flops
 
 COLUMNS = (  # (header, key, format) of the printed table; one line per (configuration, rank)
@@ -133,13 +134,7 @@ def measure_rank(rank: int, world: int, cfg: dict) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    cells = [[h for h, _, _ in COLUMNS]]
-    for row in rows:
-        cells.append([fmt.format(row[key]) for _, key, fmt in COLUMNS])
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    return "\n".join(
-        "  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in cells
-    )
+    return "\n".join(bench_plot.aligned_lines(COLUMNS, rows))
 
 
 def check(args: argparse.Namespace, world: int) -> None:

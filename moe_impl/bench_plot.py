@@ -65,13 +65,18 @@ def describe(rows: list[dict]) -> str:
     )
 
 
+def aligned_lines(columns, rows: list[dict]) -> list[str]:
+    """A header line and one right-aligned line per row, for (header, key, format) columns."""
+    table = [[header for header, _, _ in columns]]
+    table += [[cell(row, key, fmt) for _, key, fmt in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    return ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in table]
+
+
 def format_table(rows: list[dict]) -> str:
     """Right-aligned text table, one line per configuration, then the reasons for skipped ones."""
-    table = [[header for header, _, _ in COLUMNS]]
-    table += [[cell(row, key, fmt) for _, key, fmt in COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
     lines = [describe(rows)] if rows else []
-    lines += ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in table]
+    lines += aligned_lines(COLUMNS, rows)
     peaks = {row["peak_gflops"] for row in rows if not is_missing(row["peak_gflops"])}
     if peaks:
         lines.append(f"peak for MFU: {', '.join(f'{p:.1f}' for p in sorted(peaks))} GFLOP/s")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from test_layer import randomise_gates
 
 from moe_impl import HierarchicalMoE, MoE
 from moe_impl.parallel import (
@@ -32,11 +33,8 @@ def build_single(case: dict) -> torch.nn.Module:
     else:
         layer = HierarchicalMoE(D_MODEL, D_HIDDEN, *case["shape"], *case["k"], **common)
     layer = layer.double()
-    g = torch.Generator().manual_seed(case["seed"] + 1)
+    randomise_gates(layer, 0.7, seed=case["seed"] + 1)
     with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if "gate" in name:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.7)
         if case.get("starve"):  # the last `starve` experts (flat) or groups: never chosen
             gate = layer.gate if case["kind"] == "flat" else layer.primary_gate
             gate.w_gate[0, -case["starve"] :] = -50.0  # x[:, 0] >= 1: logits <= -50

@@ -11,9 +11,9 @@ from moe_impl import HierarchicalMoE, MoE
 SEED = 1234
 
 
-def randomise_gates(layer: torch.nn.Module, scale: float = 0.7) -> None:
+def randomise_gates(layer: torch.nn.Module, scale: float = 0.7, seed: int = 7) -> None:
     """Zero-initialised gates route at random; random weights make the routing depend on x."""
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if "gate" in name:

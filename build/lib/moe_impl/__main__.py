@@ -1,5 +1,0 @@
-import sys
-
-from moe_impl.cli import main
-
-sys.exit(main())
