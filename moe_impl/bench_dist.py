@@ -137,13 +137,18 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(bench_plot.aligned_lines(COLUMNS, rows))
 
 
-def check(args: argparse.Namespace, world: int) -> None:
+def check(args: argparse.Namespace, world: int, specs: list[ExpertSpec]) -> None:
     if world < 2:
         raise ValueError(f"--world-size must be >= 2, got {world}")
     for flag in ("tokens", "reps", "d_model", "d_hidden", "k"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    for spec in specs:
+        if not spec.hierarchical and args.k > spec.num_experts:
+            raise ValueError(
+                f"--k={args.k} must be <= the experts of --experts entry {spec.config!r}"
+            )
     if args.tokens_per_expert is not None:
         raise ValueError("--tokens-per-expert does not apply with --distributed; use --tokens")
     if (
@@ -165,7 +170,7 @@ def run(args: argparse.Namespace, specs: list[ExpertSpec]) -> int:
     world = env_world_size() if under_torchrun else args.world_size
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.device = device
-    check(args, world)
+    check(args, world, specs)
     cfg = {
         "specs": [tuple(s) for s in specs],
         "tokens": args.tokens or 4096,

@@ -51,3 +51,8 @@ def test_hierarchical_rows_are_conserved(rows):
 def test_bad_world_size_is_one_line(capsys):
     assert main(["bench", "--distributed", "--world-size", "1", "--experts", "4"]) == 2
     assert "--world-size must be >= 2" in capsys.readouterr().err
+
+
+def test_k_above_the_experts_is_one_line_before_any_process_starts(capsys):
+    assert main(["bench", "--distributed", "--experts", "4,3"]) == 2
+    assert "--k=4 must be <= the experts of --experts entry '3'" in capsys.readouterr().err
