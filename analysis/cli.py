@@ -5,7 +5,7 @@
   figures  those CSVs (+ the layer benchmark's bench.json) -> <out>/figures/*.png|pdf,
            <out>/tables/*.md|csv|tex, <out>/REPORT.md, and an MLflow "analysis" run holding them
 `main(argv)` returns an exit code (2 with a one-line error for bad input) and is what the tests
-and the workflow call, as moe_impl/cli.py does.
+and the workflow call, as moe_impl/cli/__init__.py does.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def run_figures(args: argparse.Namespace) -> int:
 def _log_analysis_run(args: argparse.Namespace, verdicts: list[report.Verdict]) -> None:
     """One MLflow run per invocation with the figures, tables, REPORT.md and the inputs as
     artifacts and each verdict as a metric; a failing store only warns (tracking.RunTracker)."""
-    from moe_impl import tracking  # the only module that talks to MLflow
+    from moe_impl.tracking import core as tracking  # the only module that talks to MLflow
 
     run_dir = args.out / "analysis"  # holds the analysis run's run.json
     (run_dir / "run.json").unlink(missing_ok=True)  # a new MLflow run each time

@@ -1,4 +1,4 @@
-"""Run directories (the source of truth, moe_impl/rundir.py) -> tidy frames, and the views on them
+"""Run directories (the source of truth, moe_impl/runs/rundir.py) -> tidy frames, and the views on them
 that the figures, tables and report share.
 
 `collect_runs(root)` gives three frames (`Collected`):
@@ -11,7 +11,7 @@ that the figures, tables and report share.
              e.g. after N tokens for Figure 3, paper.md §2.3) plus the final one (kind "final").
   loads      one row per (run, expert): expert_load.json's true load (routed slots) per expert.
 `collect_mlflow(experiment, uri, scratch)` builds the same frames from an MLflow store (through
-moe_impl.tracking.export_runs; runs without artifacts fall back to params + metrics).
+moe_impl.tracking.core.export_runs; runs without artifacts fall back to params + metrics).
 Nothing here draws or judges; reading and writing files is analysis/io.py's.
 """
 
@@ -27,11 +27,11 @@ import pandas as pd
 import yaml
 
 from analysis import io, paper
-from moe_impl import rundir
-from moe_impl.presets import ALL_PRESETS
-from moe_impl.train_config import MODEL_FIELDS, model_config
+from moe_impl.model.presets import ALL_PRESETS
+from moe_impl.runs import rundir
+from moe_impl.train.config import MODEL_FIELDS, model_config
 
-# the CPU family's stand-ins for the paper's baselines (moe_impl/presets.py); others share names
+# the CPU family's stand-ins for the paper's baselines (moe_impl/model/presets.py); others share names
 PAPER_NAME = {"4xLSTM-64": "4xLSTM-512", "LSTM-256-64": "LSTM-2048-512"}
 FAMILY = {"flat": "flat MoE", "hierarchical": "hierarchical MoE", "dense": "baseline"}
 FAMILIES = ("baseline", "flat MoE", "hierarchical MoE")
@@ -234,7 +234,7 @@ def _param_value(text: str):
 
 
 def run_from_mlflow(export: dict) -> dict:
-    """An io.read_run-shaped dict from one moe_impl.tracking.export_runs entry: the downloaded
+    """An io.read_run-shaped dict from one moe_impl.tracking.core.export_runs entry: the downloaded
     run files where present, else the config from params and the summary from metrics."""
     folder = export.get("dir")
     if folder is not None and (Path(folder) / rundir.SUMMARY_FILE).is_file():
@@ -278,7 +278,7 @@ def _evals_from_history(history: dict) -> dict[int, dict]:
 
 def collect_mlflow(experiment: str, uri: str | None, scratch: str | Path) -> Collected:
     """The frames of an MLflow experiment's finished runs (artifacts downloaded into scratch)."""
-    from moe_impl import tracking  # the only module that talks to MLflow
+    from moe_impl.tracking import core as tracking  # the only module that talks to MLflow
 
     exports = tracking.export_runs(experiment, scratch, tracking_uri=uri)
     if not exports:
@@ -369,7 +369,7 @@ def balance(summary: pd.DataFrame, name: str = "balance") -> pd.DataFrame:
 
 def paper_models(table: str, metrics: list[str]) -> pd.DataFrame:
     """Wide paper rows of `table` (Table 7 or 8's own columns) with moe, num_experts, family
-    from the row's preset (moe_impl/presets.py); Kneser-Ney (no preset) is left out."""
+    from the row's preset (moe_impl/model/presets.py); Kneser-Ney (no preset) is left out."""
     df = paper.load(table)
     df = df[(df["source"] == f"Table {table[-1]}") & (df["preset"] != "")]
     w = paper.wide(df, metrics)

@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import collect, paper, style
-from moe_impl.presets import ALL_PRESETS
+from moe_impl.model.presets import ALL_PRESETS
 
 
 def _params_panel(ax, pts: pd.DataFrame) -> None:

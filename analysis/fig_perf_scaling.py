@@ -1,4 +1,4 @@
-"""The layer benchmark (moe_impl/bench.py; paper.md §4.4's shrinking batch): µs/token and the
+"""The layer benchmark (moe_impl/cli/bench.py; paper.md §4.4's shrinking batch): µs/token and the
 ratio to the FLOP-matched dense FFN vs experts, with peers.md's measurements where the
 configuration is the same.
 
@@ -27,7 +27,7 @@ def _mode_title(df: pd.DataFrame, mode: str) -> str:
 
 @style.styled
 def perf_scaling(bench: pd.DataFrame, peers: pd.DataFrame | None = None) -> Figure:
-    """The layer benchmark (moe_impl/bench.py; paper.md §4.4's shrinking batch): µs per token
+    """The layer benchmark (moe_impl/cli/bench.py; paper.md §4.4's shrinking batch): µs per token
     (MoE solid, its FLOP-matched dense FFN dashed) and the MoE/dense ratio against experts, one
     column per tokens mode; peers.md's measurements as black markers where the configuration
     (kind, n, T, d, h, k, threads, CPU) equals ours (hollow: not paired with a dense step)."""

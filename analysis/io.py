@@ -1,9 +1,9 @@
 """Every file the analysis reads or writes: run directories, the benchmark, CSVs, figures, tables.
 
 The rest of `analysis/` is pure (frames in, frames or figures out). Run directories follow
-`moe_impl/rundir.py` (config.yaml, summary.json, run.json, expert_load.json; the presence of
+`moe_impl/runs/rundir.py` (config.yaml, summary.json, run.json, expert_load.json; the presence of
 summary.json marks a finished run); the benchmark files are `python -m moe_impl bench`'s bench.json
-(a list of rows, moe_impl/bench.py). Paper numbers come from `analysis.paper` (packaged CSVs).
+(a list of rows, moe_impl/cli/bench.py). Paper numbers come from `analysis.paper` (packaged CSVs).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import yaml
 
-from moe_impl import rundir
+from moe_impl.runs import rundir
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

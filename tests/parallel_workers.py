@@ -124,8 +124,8 @@ def train_run(rank: int, world: int, overrides: list[str], out: str, resume=Fals
     from test_train import run_until_killed
 
     from moe_impl.parallel import full_state_dict
-    from moe_impl.train import Trainer
-    from moe_impl.train_config import load_config
+    from moe_impl.train.config import load_config
+    from moe_impl.train.loop import Trainer
 
     trainer = Trainer(load_config([], overrides), out, resume=resume)
     if kill_at is not None:  # every rank dies at the same step, as a killed job's processes do

@@ -10,9 +10,9 @@ import math
 
 import pytest
 
-from moe_impl import bench, bench_plot
-from moe_impl.bench import ExpertSpec, gate_outputs, parse_experts, train_flops
-from moe_impl.cli import main
+from moe_impl.bench import plot as bench_plot
+from moe_impl.bench.spec import ExpertSpec, gate_outputs, parse_experts, train_flops
+from moe_impl.cli import bench, main
 
 # (entry, num_experts, num_groups, group_size)
 _EXPERT_CASES = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_impl.expert_mlp import block_expert_mlp
+from moe_impl.layer.expert_mlp import block_expert_mlp
 
 # (block_expert_L or None for in place, active experts) over 6 experts
 LAYOUTS = [

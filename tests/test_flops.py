@@ -11,8 +11,9 @@ import re
 
 import pytest
 
-from moe_impl import flops, flops_cli
-from moe_impl.presets import (
+from moe_impl.cli import flops as flops_cli
+from moe_impl.model import flops
+from moe_impl.model.presets import (
     NEWS100B_VOCAB,
     PAPER_EXCEPTIONS,
     PAPER_VALUES,

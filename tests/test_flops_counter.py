@@ -1,4 +1,4 @@
-"""The analytic ops/timestep (moe_impl.flops) against torch's FlopCounterMode on small built models.
+"""The analytic ops/timestep (moe_impl.model.flops) against torch's FlopCounterMode on small built models.
 
 FlopCounterMode counts 2 FLOPs per multiply-add of every matmul, so a model of `tokens` timesteps
 must count 2 · tokens · ops_per_timestep (embedding lookup 0, softmax excluded by the definition).
@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from moe_impl import HierarchicalMoE, MoE
-from moe_impl.flops import ModelConfig, ops_per_timestep
+from moe_impl.model.flops import ModelConfig, ops_per_timestep
 
 
 class TinyLSTM(nn.Module):

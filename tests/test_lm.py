@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_impl.flops import ModelConfig, total_params
-from moe_impl.lm import MoELanguageModel
+from moe_impl.model.flops import ModelConfig, total_params
+from moe_impl.model.lm import MoELanguageModel
 
 V, D = 50, 16
 LSTM2 = ((D, None), (D, None))
@@ -94,7 +94,7 @@ def test_bad_dropout_names_the_key():
 def test_a_tiny_run_on_the_synthetic_corpus_lowers_the_loss():
     """Model + corpus + optimizers together: 60 steps of Adam (and FactoredAdam for the experts)."""
     from moe_impl.data import TopicMarkov, TopicMarkovConfig
-    from moe_impl.optim import FactoredAdam
+    from moe_impl.train.optim import FactoredAdam
 
     torch.manual_seed(0)
     data_cfg = TopicMarkovConfig(vocab_size=40, num_topics=4, fanout=2, eos_prob=0.1, max_len=30)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_impl import HierarchicalMoE
-from moe_impl.optim import FactoredAdam
+from moe_impl.train.optim import FactoredAdam
 
 
 def test_matches_the_formula_written_out():

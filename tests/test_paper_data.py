@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from analysis import paper
-from moe_impl.presets import PAPER_EXCEPTIONS, PAPER_VALUES, TABLE1
+from moe_impl.model.presets import PAPER_EXCEPTIONS, PAPER_VALUES, TABLE1
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 

@@ -79,7 +79,7 @@ def test_without_process_group_the_error_says_what_to_do():
 
 
 def test_each_process_takes_its_own_gpu(monkeypatch):
-    from moe_impl.train import resolve_device
+    from moe_impl.train.loop import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("cuda", local_rank=3) == torch.device("cuda", 3)
@@ -102,7 +102,7 @@ def test_checkpoint_folders_survive_a_change_of_process_count(tmp_path):
     """A 2-process run killed while writing step 30 (one rank file), resumed by 4 processes that
     write step 30 again: the folder is complete for 4, the stale file goes, and pruning removes
     everything older than the kept checkpoints (partial folders and .tmp files too)."""
-    from moe_impl import checkpoint
+    from moe_impl.train import checkpoint
 
     folder = tmp_path / "checkpoints"
     (folder / "step-00000030").mkdir(parents=True)

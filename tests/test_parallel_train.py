@@ -15,10 +15,10 @@ import torch
 from parallel_workers import train_run
 from test_train import TINY, losses, run_until_killed
 
-from moe_impl import checkpoint
 from moe_impl.parallel import spawn
-from moe_impl.train import Trainer
-from moe_impl.train_config import load_config
+from moe_impl.train import checkpoint
+from moe_impl.train.config import load_config
+from moe_impl.train.loop import Trainer
 
 HIER = [
     "model.preset=cpu/MoE-256-h", "model.num_experts=16", "model.num_groups=4",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_impl import HierarchicalMoE, MoE
-from moe_impl.dispatch import make_plan
+from moe_impl.layer.dispatch import make_plan
 
 
 def test_zero_init_routes_uniformly_at_random():

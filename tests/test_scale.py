@@ -15,7 +15,7 @@ import pytest
 CHILD = """
 import json, resource, time, torch
 from moe_impl import HierarchicalMoE
-from moe_impl.optim import FactoredAdam
+from moe_impl.train.optim import FactoredAdam
 torch.manual_seed(0)
 layer = HierarchicalMoE(64, 128, 256, 512)
 opt = FactoredAdam([layer.experts.w_in, layer.experts.w_out], lr=1e-3)

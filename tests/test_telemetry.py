@@ -13,8 +13,8 @@ import warnings
 
 import pytest
 
-from moe_impl import telemetry
-from moe_impl.telemetry import GpuSampler, mfu, peak_flops
+from moe_impl.telemetry import core as telemetry
+from moe_impl.telemetry.core import GpuSampler, mfu, peak_flops
 
 
 def _real_nvml_works() -> bool:
@@ -122,7 +122,7 @@ def test_gpu_sampler_inert_without_driver(nvml, monkeypatch, caplog):
     if nvml == "real" and _real_nvml_works():
         pytest.skip("this host has a working NVML driver")
     monkeypatch.setattr(telemetry, "_unavailable_logged", False)
-    caplog.set_level(logging.DEBUG, logger="moe_impl.telemetry")
+    caplog.set_level(logging.DEBUG, logger="moe_impl.telemetry.core")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
@@ -130,7 +130,7 @@ def test_gpu_sampler_inert_without_driver(nvml, monkeypatch, caplog):
                 time.sleep(0.03)
             _assert_inert(sampler)
     assert caught == []
-    records = [r for r in caplog.records if r.name == "moe_impl.telemetry"]
+    records = [r for r in caplog.records if r.name == "moe_impl.telemetry.core"]
     assert len(records) == 1 and records[0].levelno <= logging.INFO
 
 

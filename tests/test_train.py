@@ -8,10 +8,11 @@ import pytest
 import torch
 import yaml
 
-from moe_impl import checkpoint, rundir
 from moe_impl.cli import main
-from moe_impl.train import Trainer, TrainingDiverged, lr_factor
-from moe_impl.train_config import load_config
+from moe_impl.runs import rundir
+from moe_impl.train import checkpoint
+from moe_impl.train.config import load_config
+from moe_impl.train.loop import Trainer, TrainingDiverged, lr_factor
 
 # a run of a few seconds: 12 steps of 8 x 24 positions on a small corpus
 TINY = [

@@ -27,11 +27,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moe_impl import balancing
-from moe_impl.dispatch import make_plan
-from moe_impl.experts import ExpertBank
-from moe_impl.gating import NoisyTopKGate, noisy_top_k
-from moe_impl.layer import (
+from moe_impl.layer import balancing
+from moe_impl.layer.dispatch import make_plan
+from moe_impl.layer.experts import ExpertBank
+from moe_impl.layer.flat import (
     SPARSE_GRAD_MIN_EXPERTS,
     MoEOutput,
     check_k,
@@ -40,6 +39,7 @@ from moe_impl.layer import (
     flatten_input,
     moe_output,
 )
+from moe_impl.layer.gating import NoisyTopKGate, noisy_top_k
 from moe_impl.parallel.comm import all_gather_sizes, exchange, rank_and_size, replicated_sum
 from moe_impl.parallel.routing import combine, gather_slots, route, shard_bounds
 from moe_impl.parallel.shard import mark_sharded

@@ -1,6 +1,6 @@
 # Config validation and the run table: which runs exist, and the `python -m moe_impl train`
 # overrides of each. No rules here. Every run is checked at parse time through the same code the
-# training uses (moe_impl.train_config), so a bad expert count or key fails before any job starts,
+# training uses (moe_impl.train.config), so a bad expert count or key fails before any job starts,
 # with a message naming the config entry.
 
 import shlex
@@ -8,10 +8,10 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from moe_impl.bench import parse_experts
-from moe_impl.flops import total_params
-from moe_impl.presets import ALL_PRESETS
-from moe_impl.train_config import load_config, model_config
+from moe_impl.bench.spec import parse_experts
+from moe_impl.model.flops import total_params
+from moe_impl.model.presets import ALL_PRESETS
+from moe_impl.train.config import load_config, model_config
 
 
 validate(config, schema="../schemas/config.schema.yaml")

@@ -1,4 +1,4 @@
-# Training: one job per (sweep, run); the run directory (moe_impl/rundir.py) is its output, and
+# Training: one job per (sweep, run); the run directory (moe_impl/runs/rundir.py) is its output, and
 # summary.json, written last, marks it finished. `--resume` continues an interrupted run from its
 # last checkpoint (and leaves a finished one alone), so a restarted workflow loses no work.
 # With gpus_per_run > 1 or nodes_per_run > 1 a run is expert-parallel: workflow/scripts/launch.sh

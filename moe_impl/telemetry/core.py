@@ -162,7 +162,7 @@ def resolve_peak_flops(
     if str(device).startswith("cpu"):
         return cpu_peak_flops(dtype), "measured:cpu-gemm"
     if device_name is None:
-        from moe_impl import runinfo
+        from moe_impl.runs import runinfo
 
         device_name = runinfo.device_name(device)
     return peak_flops(device_name, dtype)

@@ -5,7 +5,7 @@ steps, the MoE and the dense FFN `Linear(d, k·h) -> ReLU -> Linear(k·h, d)` (n
 active FLOPs) timed alternately in one process so that their ratio holds under load, and one child
 process per configuration so that peak memory is per configuration. Sweeps flat and hierarchical
 (App. B) layers at fixed tokens per step or at fixed tokens per expert (the paper's regime).
-Not here: the measuring child (bench_worker.py), the text table and figure (bench_plot.py), and
+Not here: the measuring child (moe_impl/bench/worker.py), the text table and figure (moe_impl/bench/plot.py), and
 timing targets (never asserted in tests).
 """
 
@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -24,48 +23,18 @@ from pathlib import Path
 
 import torch
 
-from moe_impl import bench_plot
-from moe_impl.bench_worker import (
-    DTYPES,
-    EXIT_TOO_SLOW,
+from moe_impl.bench import plot as bench_plot
+from moe_impl.bench.spec import (
     K_PRIMARY,
     K_SECONDARY,
-    MEASURED,
     ExpertSpec,
-    build_moe,
     gate_outputs,
-    run_worker,
+    parse_experts,
     train_flops,
 )
+from moe_impl.bench.worker import DTYPES, EXIT_TOO_SLOW, MEASURED, build_moe, run_worker
 
 DEFAULT_EXPERTS = "4,32,256,256-h,1024-h,4096-h,16384-h,65536-h,131072-h"
-
-
-def parse_experts(text: str) -> list[ExpertSpec]:
-    """'4,256-h,16x64-h' -> specs. `N-h` is a x b with a = 2**floor(log2(N)/2), b = N/a."""
-    specs = []
-    for entry in (e.strip() for e in text.split(",")):
-        if m := re.fullmatch(r"([1-9]\d*)", entry):
-            specs.append(ExpertSpec(entry, int(m[1])))
-            continue
-        if m := re.fullmatch(r"([1-9]\d*)-h", entry):
-            n = int(m[1])
-            a = 2 ** ((n.bit_length() - 1) // 2)  # floor(log2 n) // 2 == floor(log2(n) / 2)
-            b = n // a
-        elif m := re.fullmatch(r"([1-9]\d*)x([1-9]\d*)-h", entry):
-            a, b = int(m[1]), int(m[2])
-            n = a * b
-        else:
-            raise ValueError(
-                f"--experts: bad entry {entry!r}; expected N (flat), N-h or AxB-h (hierarchical)"
-            )
-        if a * b != n or a < K_PRIMARY or b < K_SECONDARY:
-            raise ValueError(
-                f"--experts: bad entry {entry!r}; hierarchical needs N = a x b with a >= "
-                f"{K_PRIMARY} groups of b >= {K_SECONDARY} experts, got a={a}, b={n / a:g}"
-            )
-        specs.append(ExpertSpec(entry, n, a, b))
-    return specs
 
 
 def rss_bytes(pid: int) -> int:
@@ -193,7 +162,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", type=Path)
     p.add_argument("--png", type=Path)
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # internal: one child config
-    dist = p.add_argument_group("expert parallelism (moe_impl/bench_dist.py)")
+    dist = p.add_argument_group("expert parallelism (moe_impl/bench/distributed.py)")
     dist.add_argument(
         "--distributed", action="store_true",
         help="time the expert-parallel layer over several ranks: tokens per expert, bytes sent, "
@@ -209,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         return run_worker(*args.worker)
     specs = parse_experts(args.experts)
     if args.distributed:
-        from moe_impl import bench_dist
+        from moe_impl.bench import distributed as bench_dist
 
         return bench_dist.run(args, specs)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,10 +14,10 @@ from moe_impl import runtime
 
 # command -> module implementing it
 COMMANDS = {
-    "bench": "moe_impl.bench",
-    "flops": "moe_impl.flops_cli",
-    "tracking": "moe_impl.tracking_cli",
-    "train": "moe_impl.train_cli",
+    "bench": "moe_impl.cli.bench",
+    "flops": "moe_impl.cli.flops",
+    "tracking": "moe_impl.cli.tracking",
+    "train": "moe_impl.cli.train",
 }
 
 

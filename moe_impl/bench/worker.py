@@ -12,14 +12,15 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from moe_impl import HierarchicalMoE, MoE, balancing
+from moe_impl.bench.spec import ExpertSpec, gate_outputs, train_flops
+from moe_impl.layer import balancing
+from moe_impl.layer.flat import MoE
+from moe_impl.layer.hierarchical import HierarchicalMoE
 
-K_PRIMARY = K_SECONDARY = 2  # every hierarchical model of the paper uses 2 + 2
 EXIT_TOO_SLOW = 86  # a child's exit code when its first step exceeds --max-seconds-per-step
 # Dense peaks from the vendors' datasheets, TFLOP/s: (bf16, float32 without TF32). First match wins.
 CUDA_PEAK_TFLOPS = {
@@ -34,39 +35,6 @@ MEASURED = (  # noqa: SIM905 (what the child process reports; NaN in a skipped r
     "ratio_median ratio_min moe_gflops dense_gflops peak_gflops mfu peak_mem_mb "
     "active_experts tokens_per_active_expert cv_load cv_tokens_per_expert max_over_mean_load"
 ).split()
-
-
-class ExpertSpec(NamedTuple):
-    """One `--experts` entry: flat (num_groups = group_size = None) or hierarchical a x b."""
-
-    config: str  # the entry as written, e.g. "256-h"
-    num_experts: int
-    num_groups: int | None = None
-    group_size: int | None = None
-
-    @property
-    def hierarchical(self) -> bool:
-        return self.num_groups is not None
-
-
-def train_flops(tokens: int, d_model: int, d_hidden: int, k: int, num_gate_outputs: int) -> int:
-    """Analytic FLOPs of one MoE training step (forward + backward), as achieved GFLOP/s counts them.
-
-        experts: 3 · 2 · tokens · k · 2·d·h        gate: 3 · 2 · tokens · 2·d·num_gate_outputs
-
-    2 FLOPs per multiply-add; backward = 2x forward (grads w.r.t. inputs and weights), hence 3.
-    Each active expert applies 2·d·h weights; the gate applies W_g and W_noise (2·d weights per
-    output) where num_gate_outputs = n (flat) or a + k_primary·b (hierarchical: the primary gate
-    plus the secondary gates of the selected groups). Elementwise work is not counted. The dense
-    baseline is the expert term alone (k·h hidden units).
-    """
-    return 3 * 2 * tokens * (k * 2 * d_model * d_hidden + 2 * d_model * num_gate_outputs)
-
-
-def gate_outputs(spec: ExpertSpec) -> int:
-    if spec.hierarchical:
-        return spec.num_groups + K_PRIMARY * spec.group_size
-    return spec.num_experts
 
 
 def build_moe(spec: ExpertSpec, d_model: int, d_hidden: int, k: int) -> nn.Module:

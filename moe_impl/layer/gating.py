@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_impl.balancing import prob_in_top_k_from_top
+from moe_impl.layer.balancing import prob_in_top_k_from_top
 
 # tensor2tensor adds 1e-2 to the softplus (paper.md §6.1) so the load estimator never divides by 0.
 NOISE_EPSILON = 1e-2

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_impl.dispatch import add_rows, select_rows
+from moe_impl.layer.dispatch import add_rows, select_rows
 
 
 def _t(x: Tensor) -> Tensor:

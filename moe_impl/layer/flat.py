@@ -16,10 +16,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from moe_impl import balancing
-from moe_impl.dispatch import make_plan
-from moe_impl.experts import ExpertBank
-from moe_impl.gating import NoisyTopKGate
+from moe_impl.layer import balancing
+from moe_impl.layer.dispatch import make_plan
+from moe_impl.layer.experts import ExpertBank
+from moe_impl.layer.gating import NoisyTopKGate
 
 # Above this many experts the expert gradients are sparse by default (ExpertBank docstring).
 SPARSE_GRAD_MIN_EXPERTS = 4096

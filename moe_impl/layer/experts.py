@@ -19,8 +19,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moe_impl.dispatch import DispatchPlan, dispatch, from_rows
-from moe_impl.expert_mlp import block_expert_mlp
+from moe_impl.layer.dispatch import DispatchPlan, dispatch, from_rows
+from moe_impl.layer.expert_mlp import block_expert_mlp
 
 # Experts are initialised in chunks of this many, each chunk from its own generator seeded by
 # (one seed drawn from torch's global RNG, chunk index): expert i's initial weights then depend only
@@ -35,7 +35,7 @@ class ExpertBank(nn.Module):
     `sparse_grad=True` makes the weight gradients sparse COO tensors over the experts that received
     tokens (sparse_dim 1, like nn.Embedding(sparse=True)): memory then grows with the active experts,
     not with all of them. Optimizers must accept sparse gradients (torch.optim.SparseAdam, Adagrad,
-    or moe_impl.optim.FactoredAdam).
+    or moe_impl.train.optim.FactoredAdam).
 
     A shard of a larger bank holds experts first_expert ... first_expert + num_experts - 1 of
     `total_experts` and is initialised exactly as those rows of the whole bank would be.

@@ -22,11 +22,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moe_impl import balancing
-from moe_impl.dispatch import DispatchPlan, block_weights, dispatch, from_rows, make_plan
-from moe_impl.experts import ExpertBank
-from moe_impl.gating import NOISE_EPSILON, GateOutput, NoisyTopKGate, gate_matmul, noisy_top_k
-from moe_impl.layer import (
+from moe_impl.layer import balancing
+from moe_impl.layer.dispatch import DispatchPlan, block_weights, dispatch, from_rows, make_plan
+from moe_impl.layer.experts import ExpertBank
+from moe_impl.layer.flat import (
     SPARSE_GRAD_MIN_EXPERTS,
     MoEOutput,
     check_k,
@@ -36,6 +35,7 @@ from moe_impl.layer import (
     flatten_input,
     moe_output,
 )
+from moe_impl.layer.gating import NOISE_EPSILON, GateOutput, NoisyTopKGate, gate_matmul, noisy_top_k
 
 _EPS = 1e-10
 

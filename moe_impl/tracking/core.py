@@ -1,6 +1,6 @@
 """MLflow tracking: one MLflow run per job, fed from the run directory (rundir.py).
 
-The only module that imports mlflow, lazily inside functions, so `import moe_impl.tracking` is
+The only module that imports mlflow, lazily inside functions, so `import moe_impl.tracking.core` is
 cheap. The run directory stays the source of truth; MLflow is for browsing and comparing.
 - `init_store` creates and migrates the store once, before parallel jobs: several processes
   migrating a fresh SQLite file race in Alembic (stack.md §2.5).
@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-from moe_impl import rundir, runinfo
+from moe_impl.runs import rundir, runinfo
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-from moe_impl import rundir
+from moe_impl.runs import rundir
 
 GIT_TIMEOUT_S = 5.0
 _REPO_DIR = Path(__file__).resolve().parents[1]

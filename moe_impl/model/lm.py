@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_impl.flops import ModelConfig
-from moe_impl.hierarchical import HierarchicalMoE
-from moe_impl.layer import MoE, RoutingStats
+from moe_impl.layer.flat import MoE, RoutingStats
+from moe_impl.layer.hierarchical import HierarchicalMoE
+from moe_impl.model.flops import ModelConfig
 
 
 class LMOutput(NamedTuple):

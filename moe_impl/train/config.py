@@ -19,8 +19,8 @@ from pathlib import Path
 import yaml
 
 from moe_impl.data.synthetic import TopicMarkovConfig
-from moe_impl.flops import ModelConfig
-from moe_impl.presets import ALL_PRESETS
+from moe_impl.model.flops import ModelConfig
+from moe_impl.model.presets import ALL_PRESETS
 
 # ModelConfig fields a config may override on top of its preset (`model.num_experts=1024`);
 # vocab_size always comes from the corpus.

@@ -1,6 +1,6 @@
 """`python -m moe_impl train --config FILE --set key=value --out DIR [--resume]`.
 
-Writes the run directory of moe_impl/rundir.py. Under torchrun (several processes) the run is
+Writes the run directory of moe_impl/runs/rundir.py. Under torchrun (several processes) the run is
 expert-parallel (moe_impl/parallel, the config's `distributed` section) and rank 0 writes the
 files. Exit codes: 0 finished (or already finished), 2 a config or data error (one line naming the
 key), 3 the loss diverged (the last good checkpoint is kept; see train.TrainingDiverged).
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_impl.train_config import dump, load_config
+from moe_impl.train.config import dump, load_config
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -47,14 +47,14 @@ def run(args: argparse.Namespace) -> int:
         print(dump(cfg), end="")
         return 0
     if args.check_data:
-        from moe_impl.train import build_corpus
+        from moe_impl.train.loop import build_corpus
 
         corpus = build_corpus(cfg)
         print(f"data ok: {corpus.name}, vocabulary {corpus.vocab_size:,}")
         return 0
     if not args.out:
         raise ValueError("--out DIR is required: the run directory to write")
-    from moe_impl.train import Trainer, TrainingDiverged
+    from moe_impl.train.loop import Trainer, TrainingDiverged
 
     trainer = Trainer(cfg, args.out, resume=args.resume)
     try:

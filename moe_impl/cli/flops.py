@@ -12,8 +12,8 @@ import argparse
 import dataclasses
 import json
 
-from moe_impl import flops
-from moe_impl.presets import ALL_PRESETS, PAPER_EXCEPTIONS, PAPER_VALUES, PRESETS
+from moe_impl.model import flops
+from moe_impl.model.presets import ALL_PRESETS, PAPER_EXCEPTIONS, PAPER_VALUES, PRESETS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moe_impl.flops import ModelConfig
+from moe_impl.model.flops import ModelConfig
 
 LM1B_VOCAB = 793_471  # App. C.1
 # NOTE: inferred, not stated (paper.md §2.3). Table 8's Total column (0.1B ... 137.7B) is our

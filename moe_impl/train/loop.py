@@ -1,4 +1,4 @@
-"""The training loop of `python -m moe_impl train`: config -> run directory (moe_impl/rundir.py).
+"""The training loop of `python -m moe_impl train`: config -> run directory (moe_impl/runs/rundir.py).
 
 Paper App. C.1: Adam, linear warmup then ∝ 1/√step, dropout, w_importance = w_load = 0.1; App. D:
 the factored, β1 = 0 Adam for expert parameters (`train.expert_optimizer`), which with sparse
@@ -25,14 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe_impl import checkpoint, flops, rundir, runinfo, telemetry
 from moe_impl.data.synthetic import TopicMarkov
-from moe_impl.lm import MoELanguageModel
-from moe_impl.optim import FactoredAdam
+from moe_impl.model import flops
+from moe_impl.model.lm import MoELanguageModel
 from moe_impl.parallel import checkpointing, global_grad_norm, sum_replicated_grads
 from moe_impl.parallel import context as parallel_context
-from moe_impl.progress import Progress
-from moe_impl.train_config import dump, model_config, synthetic_config
+from moe_impl.runs import rundir, runinfo
+from moe_impl.telemetry import core as telemetry
+from moe_impl.train import checkpoint
+from moe_impl.train.config import dump, model_config, synthetic_config
+from moe_impl.train.optim import FactoredAdam
+from moe_impl.train.progress import Progress
 
 STATS = ("cv_importance", "cv_load", "max_over_mean_load")
 _STATS_WINDOW = 20  # summary routing statistics: mean over the last this many steps
@@ -469,7 +472,7 @@ class Trainer:
         tr = self.cfg["tracking"]
         if not tr["enabled"] or not self.ctx.is_main:  # rank 0 alone logs to MLflow
             return None
-        from moe_impl.tracking import RunTracker  # the one module that imports mlflow
+        from moe_impl.tracking.core import RunTracker  # the one module that imports mlflow
 
         return RunTracker.start(
             self.run_dir,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from moe_impl.rundir import CHECKPOINT_DIR
+from moe_impl.runs.rundir import CHECKPOINT_DIR
 
 LATEST = "latest.txt"
 

@@ -24,8 +24,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from moe_impl import bench_plot
-from moe_impl.bench_worker import K_PRIMARY, K_SECONDARY, ExpertSpec, gate_outputs, train_flops
+from moe_impl.bench import plot as bench_plot
+from moe_impl.bench.spec import K_PRIMARY, K_SECONDARY, ExpertSpec, gate_outputs, train_flops
 
 COLUMNS = (  # (header, key, format) of the printed table; one line per (configuration, rank)
     ("config", "config", "{}"),

@@ -1,0 +1,69 @@
+"""What `bench` measures, torch-free (the workflow imports it at parse time): the `--experts`
+entries and the analytic FLOPs of one training step."""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+K_PRIMARY = K_SECONDARY = 2  # every hierarchical model of the paper uses 2 + 2
+
+
+class ExpertSpec(NamedTuple):
+    """One `--experts` entry: flat (num_groups = group_size = None) or hierarchical a x b."""
+
+    config: str  # the entry as written, e.g. "256-h"
+    num_experts: int
+    num_groups: int | None = None
+    group_size: int | None = None
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.num_groups is not None
+
+
+def train_flops(tokens: int, d_model: int, d_hidden: int, k: int, num_gate_outputs: int) -> int:
+    """Analytic FLOPs of one MoE training step (forward + backward), as achieved GFLOP/s counts them.
+
+        experts: 3 · 2 · tokens · k · 2·d·h        gate: 3 · 2 · tokens · 2·d·num_gate_outputs
+
+    2 FLOPs per multiply-add; backward = 2x forward (grads w.r.t. inputs and weights), hence 3.
+    Each active expert applies 2·d·h weights; the gate applies W_g and W_noise (2·d weights per
+    output) where num_gate_outputs = n (flat) or a + k_primary·b (hierarchical: the primary gate
+    plus the secondary gates of the selected groups). Elementwise work is not counted. The dense
+    baseline is the expert term alone (k·h hidden units).
+    """
+    return 3 * 2 * tokens * (k * 2 * d_model * d_hidden + 2 * d_model * num_gate_outputs)
+
+
+def gate_outputs(spec: ExpertSpec) -> int:
+    if spec.hierarchical:
+        return spec.num_groups + K_PRIMARY * spec.group_size
+    return spec.num_experts
+
+
+def parse_experts(text: str) -> list[ExpertSpec]:
+    """'4,256-h,16x64-h' -> specs. `N-h` is a x b with a = 2**floor(log2(N)/2), b = N/a."""
+    specs = []
+    for entry in (e.strip() for e in text.split(",")):
+        if m := re.fullmatch(r"([1-9]\d*)", entry):
+            specs.append(ExpertSpec(entry, int(m[1])))
+            continue
+        if m := re.fullmatch(r"([1-9]\d*)-h", entry):
+            n = int(m[1])
+            a = 2 ** ((n.bit_length() - 1) // 2)  # floor(log2 n) // 2 == floor(log2(n) / 2)
+            b = n // a
+        elif m := re.fullmatch(r"([1-9]\d*)x([1-9]\d*)-h", entry):
+            a, b = int(m[1]), int(m[2])
+            n = a * b
+        else:
+            raise ValueError(
+                f"--experts: bad entry {entry!r}; expected N (flat), N-h or AxB-h (hierarchical)"
+            )
+        if a * b != n or a < K_PRIMARY or b < K_SECONDARY:
+            raise ValueError(
+                f"--experts: bad entry {entry!r}; hierarchical needs N = a x b with a >= "
+                f"{K_PRIMARY} groups of b >= {K_SECONDARY} experts, got a={a}, b={n / a:g}"
+            )
+        specs.append(ExpertSpec(entry, n, a, b))
+    return specs

@@ -1,0 +1,2 @@
+"""The run directory, source of truth for everything downstream: its files (rundir) and the
+run's identity and environment (runinfo). Torch-free and MLflow-free."""

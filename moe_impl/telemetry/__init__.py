@@ -1,0 +1,1 @@
+"""Hardware telemetry: device peak FLOP/s and MFU, NVML sampling of GPUs."""
