@@ -128,7 +128,7 @@ def run_figures(args: argparse.Namespace) -> int:
 def _log_analysis_run(args: argparse.Namespace, verdicts: list[report.Verdict]) -> None:
     """One MLflow run per invocation with the figures, tables, REPORT.md and the inputs as
     artifacts and each verdict as a metric; a failing store only warns (tracking.RunTracker)."""
-    from moe_impl.tracking import core as tracking  # the only module that talks to MLflow
+    from moe_impl import tracking  # the only module that talks to MLflow
 
     run_dir = args.out / "analysis"  # holds the analysis run's run.json
     (run_dir / "run.json").unlink(missing_ok=True)  # a new MLflow run each time

@@ -11,7 +11,7 @@ that the figures, tables and report share.
              e.g. after N tokens for Figure 3, paper.md §2.3) plus the final one (kind "final").
   loads      one row per (run, expert): expert_load.json's true load (routed slots) per expert.
 `collect_mlflow(experiment, uri, scratch)` builds the same frames from an MLflow store (through
-moe_impl.tracking.core.export_runs; runs without artifacts fall back to params + metrics).
+moe_impl.tracking.export_runs; runs without artifacts fall back to params + metrics).
 Nothing here draws or judges; reading and writing files is analysis/io.py's.
 """
 
@@ -234,7 +234,7 @@ def _param_value(text: str):
 
 
 def run_from_mlflow(export: dict) -> dict:
-    """An io.read_run-shaped dict from one moe_impl.tracking.core.export_runs entry: the downloaded
+    """An io.read_run-shaped dict from one moe_impl.tracking.export_runs entry: the downloaded
     run files where present, else the config from params and the summary from metrics."""
     folder = export.get("dir")
     if folder is not None and (Path(folder) / rundir.SUMMARY_FILE).is_file():
@@ -278,7 +278,7 @@ def _evals_from_history(history: dict) -> dict[int, dict]:
 
 def collect_mlflow(experiment: str, uri: str | None, scratch: str | Path) -> Collected:
     """The frames of an MLflow experiment's finished runs (artifacts downloaded into scratch)."""
-    from moe_impl.tracking import core as tracking  # the only module that talks to MLflow
+    from moe_impl import tracking  # the only module that talks to MLflow
 
     exports = tracking.export_runs(experiment, scratch, tracking_uri=uri)
     if not exports:

@@ -18,9 +18,9 @@ import yaml
 
 from analysis import cli, collect, figures, io, report, tables
 from moe_impl import cli as moe_cli
+from moe_impl import tracking
 from moe_impl.model import flops
 from moe_impl.runs import rundir, runinfo
-from moe_impl.tracking import core as tracking
 from moe_impl.train.config import dump, load_config, model_config
 
 VOCAB = 577

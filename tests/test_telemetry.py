@@ -13,8 +13,8 @@ import warnings
 
 import pytest
 
+from moe_impl.telemetry import GpuSampler, mfu, peak_flops
 from moe_impl.telemetry import core as telemetry
-from moe_impl.telemetry.core import GpuSampler, mfu, peak_flops
 
 
 def _real_nvml_works() -> bool:

@@ -24,9 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_impl import cli
+from moe_impl import cli, tracking
 from moe_impl.runs import rundir, runinfo
-from moe_impl.tracking import core as tracking
 
 EXP = "test-exp"
 CONFIG = {
@@ -159,7 +158,7 @@ def test_resume_continues_the_same_run(store, tmp_path):
 _CHILD = textwrap.dedent("""
     import sys, warnings
     from pathlib import Path
-    from moe_impl.tracking import core as tracking
+    from moe_impl import tracking
     warnings.simplefilter("error", tracking.TrackingWarning)  # tracking off = failure
     run_dir, uri = Path(sys.argv[1]), sys.argv[2]
     tracker = tracking.RunTracker.start(run_dir, config={"i": run_dir.name},

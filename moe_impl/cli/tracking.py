@@ -14,7 +14,7 @@ import logging
 import signal
 import subprocess
 
-from moe_impl.tracking import core as tracking
+from moe_impl import tracking
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

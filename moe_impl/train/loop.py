@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe_impl import telemetry
 from moe_impl.data.synthetic import TopicMarkov
 from moe_impl.model import flops
 from moe_impl.model.lm import MoELanguageModel
 from moe_impl.parallel import checkpointing, global_grad_norm, sum_replicated_grads
 from moe_impl.parallel import context as parallel_context
 from moe_impl.runs import rundir, runinfo
-from moe_impl.telemetry import core as telemetry
 from moe_impl.train import checkpoint
 from moe_impl.train.config import dump, model_config, synthetic_config
 from moe_impl.train.optim import FactoredAdam
@@ -472,7 +472,7 @@ class Trainer:
         tr = self.cfg["tracking"]
         if not tr["enabled"] or not self.ctx.is_main:  # rank 0 alone logs to MLflow
             return None
-        from moe_impl.tracking.core import RunTracker  # the one module that imports mlflow
+        from moe_impl.tracking import RunTracker  # mlflow is imported only in moe_impl.tracking
 
         return RunTracker.start(
             self.run_dir,
