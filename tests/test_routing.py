@@ -110,10 +110,48 @@ def test_wrong_input_width_raises_value_error(layer):
         layer(torch.ones(3, 8, dtype=torch.long))
 
 
-def test_empty_batch():
-    for layer in (MoE(8, 6, 4, 2), HierarchicalMoE(8, 6, 2, 2)):
-        out = layer(torch.randn(0, 8))
-        assert out.y.shape == (0, 8)
+EMPTY_BATCH_LAYERS = {
+    "flat": lambda: MoE(8, 6, 4, 2),
+    "hierarchical": lambda: HierarchicalMoE(8, 6, 2, 2),
+    "flat-capacity-sparse": lambda: MoE(8, 6, 4, 2, capacity_factor=1.0, sparse_grad=True),
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(EMPTY_BATCH_LAYERS))
+def test_empty_batch_is_a_no_op(name, train):
+    """No token: an empty y of the input's shape, nothing routed, every statistic 0, an aux loss of
+    exactly 0 (CV² of an all-zero vector is 0 thanks to its epsilon, Eq. 7 and 10), no noise drawn,
+    and a backward that runs and gives every parameter a zero (never NaN) gradient."""
+    layer = EMPTY_BATCH_LAYERS[name]().train(train)
+    num_experts = layer.config.num_experts
+    x = torch.randn(3, 0, 8, requires_grad=True)
+    generator = torch.Generator().manual_seed(0)
+    rng_state = generator.get_state()
+    out = layer(x, generator=generator)
+
+    assert out.y.shape == (3, 0, 8) and out.y.dtype == x.dtype
+    assert torch.equal(generator.get_state(), rng_state)  # the next batch's noise is unchanged
+    for loss in (out.aux_loss, out.importance_loss, out.load_loss):
+        assert loss.shape == () and loss.item() == 0.0
+    stats = out.stats
+    assert torch.equal(stats.tokens_per_expert, torch.zeros(num_experts, dtype=torch.long))
+    for value in (stats.importance, stats.load):
+        assert torch.equal(value, torch.zeros(num_experts))
+    for value in (stats.cv_importance, stats.cv_load, stats.max_over_mean_load):
+        assert value.item() == 0.0
+    assert stats.num_dropped == 0
+
+    (out.y.sum() + out.aux_loss).backward()
+    assert x.grad.shape == x.shape
+    grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+    # the graph reaches the experts and every gate (w_noise only where noise is drawn)
+    assert {"experts.w_in", "experts.w_out"} <= grads.keys()
+    assert any(n.endswith("w_gate") for n in grads)
+    assert any(n.endswith("w_noise") for n in grads) == train
+    assert grads["experts.w_in"].is_sparse == layer.experts.sparse_grad
+    for n, grad in grads.items():
+        assert torch.equal(grad.to_dense(), torch.zeros_like(grad.to_dense())), n
 
 
 @pytest.mark.parametrize(("tokens", "num_experts"), [(64, 4), (64, 1024), (200, 37)])

@@ -2,10 +2,10 @@
 
 A *slot* is one (token, expert) assignment with its gate value; a token routed to k experts owns k
 slots. Slots are sorted by expert (stably, so tokens keep their batch order inside an expert, as
-tensor2tensor's SparseDispatcher does, paper.md §6.8) and cut into blocks of C rows, each block
-holding one expert's slots, zero-gated padding filling its tail. The experts then run as batched
-matmuls over blocks: no Python loop over experts, no capacity and no dropped token by default, and
-no tensor of size tokens x experts (only O(slots) rows and O(experts) counts).
+the SparseDispatcher of tensor2tensor/utils/expert_utils.py does) and cut into blocks of C rows,
+each holding one expert's slots, zero-gated padding filling its tail. The experts then run as
+batched matmuls over blocks: no Python loop over experts, no capacity and no dropped token by
+default, and no tensor of size tokens x experts (only O(slots) rows and O(experts) counts).
 
 Two layouts, chosen per batch from the slot counts by a cost model (`choose_block_size`):
 - in place: one block per expert, C = the largest count; the weights are used as they are stored,
@@ -25,9 +25,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-# Block costs in rows of expert compute (measured at d=64, h=128 on our CPU; see README): a batched
-# matmul reads each block's weights whatever its row count (~16 rows' worth), and a gathered block
-# first copies them (another ~16).
+# Block costs in rows of expert compute (measured at d=64, h=128 on our CPU; see
+# docs/performance.md): a batched matmul reads each block's weights whatever its row count (~16
+# rows' worth), and a gathered block first copies them (another ~16). tests/test_dispatch.py
+# works examples of the model by hand.
 BLOCK_COST_ROWS = 16
 GATHER_COST_ROWS = 16
 # Splitting an expert over several gathered blocks makes its sparse gradient need a segment sum
@@ -146,47 +147,77 @@ def _take_rows(values: Tensor, idx: Tensor, has_sentinel: bool) -> Tensor:
     return select_rows(values, idx)
 
 
-class _Dispatch(torch.autograd.Function):
+class _GatherTokens(torch.autograd.Function):
     """x_R = x_B[token_of_row]. The backward avoids index_add (a per-row loop on CPU): each token
     owns k consecutive slots, so its gradient is its slots' rows gathered back and summed."""
 
     @staticmethod
-    def forward(ctx, x_BD: Tensor, plan: DispatchPlan, k: int) -> Tensor:
-        ctx.save_for_backward(plan.row_of_slot_N)
+    def forward(ctx, x_BD, token_of_row_R, row_of_slot_N, k, dropped):
+        ctx.save_for_backward(row_of_slot_N)
         ctx.k = k
-        ctx.dropped = plan.num_dropped > 0
-        return x_BD.index_select(0, plan.token_of_row_R)
+        ctx.dropped = dropped
+        return x_BD.index_select(0, token_of_row_R)
 
     @staticmethod
-    def backward(ctx, grad_RD: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad_RD: Tensor):
         (row_of_slot_N,) = ctx.saved_tensors
         grad_ND = _take_rows(grad_RD, row_of_slot_N, ctx.dropped)
-        return grad_ND.view(-1, ctx.k, grad_ND.shape[-1]).sum(1), None, None
+        return grad_ND.view(-1, ctx.k, grad_ND.shape[-1]).sum(1), None, None, None, None
 
 
-class _FromRows(torch.autograd.Function):
-    """Buffer rows back to slot order (dropped slots get 0); the backward is the inverse gather."""
-
-    @staticmethod
-    def forward(ctx, values_R: Tensor, plan: DispatchPlan) -> Tensor:
-        ctx.save_for_backward(plan.slot_of_row_R)
-        ctx.padded = plan.slot_of_row_R.numel() > plan.row_of_slot_N.numel() - plan.num_dropped
-        return _take_rows(values_R, plan.row_of_slot_N, plan.num_dropped > 0)
+class _Permute(torch.autograd.Function):
+    """values[index] (a zero row where index == len(values)); the backward is the gather by the
+    inverse map, grad[inverse] (a zero row where inverse == len(grad))."""
 
     @staticmethod
-    def backward(ctx, grad_N: Tensor) -> tuple[Tensor, None]:
-        (slot_of_row_R,) = ctx.saved_tensors
-        return _take_rows(grad_N, slot_of_row_R, ctx.padded), None
+    def forward(ctx, values, index, inverse, zero_forward, zero_backward):
+        ctx.save_for_backward(inverse)
+        ctx.zero_backward = zero_backward
+        return _take_rows(values, index, zero_forward)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return _take_rows(grad, inverse, ctx.zero_backward), None, None, None, None
+
+
+def gather_tokens(
+    x_BD: Tensor, token_of_row_R: Tensor, row_of_slot_N: Tensor, k: int, *, dropped: bool = False
+) -> Tensor:
+    """x_BD[token_of_row_R], for rows that hold the slots of tokens owning k consecutive slots each
+    (token b: slots b·k ... b·k+k-1), slot n at row row_of_slot_N[n]; `dropped` says some slots
+    have no row (row_of_slot_N == R). Also the send buffer of moe_impl/parallel/routing.py."""
+    return _GatherTokens.apply(x_BD, token_of_row_R, row_of_slot_N, k, dropped)
+
+
+def permute_rows(
+    values: Tensor,
+    index: Tensor,
+    inverse: Tensor,
+    *,
+    zero_forward: bool = False,
+    zero_backward: bool = False,
+) -> Tensor:
+    """values[index] along dim 0, differentiable through the inverse map (grad[inverse]). The
+    flags say that index (inverse) may hold len(values) (len(index)) to select a zero row."""
+    return _Permute.apply(values, index, inverse, zero_forward, zero_backward)
 
 
 def dispatch(x_BD: Tensor, plan: DispatchPlan, k: int) -> Tensor:
     """Token rows laid out in the block buffer, (R, D); the slots of token b are b·k ... b·k+k-1."""
-    return _Dispatch.apply(x_BD, plan, k)
+    return gather_tokens(
+        x_BD, plan.token_of_row_R, plan.row_of_slot_N, k, dropped=plan.num_dropped > 0
+    )
 
 
 def from_rows(values_R: Tensor, plan: DispatchPlan) -> Tensor:
-    """Per-row results back in slot order, (N, ...)."""
-    return _FromRows.apply(values_R, plan)
+    """Per-row results back in slot order, (N, ...): dropped slots get 0; the backward gives the
+    padding rows 0."""
+    padded = plan.slot_of_row_R.numel() > plan.row_of_slot_N.numel() - plan.num_dropped
+    return permute_rows(
+        values_R, plan.row_of_slot_N, plan.slot_of_row_R,
+        zero_forward=plan.num_dropped > 0, zero_backward=padded,
+    )  # fmt: skip
 
 
 def block_weights(w_EXY: Tensor, plan: DispatchPlan) -> Tensor:

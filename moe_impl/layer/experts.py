@@ -1,6 +1,6 @@
 """A bank of feed-forward experts, E_i(x) = relu(x · w_in[i]) · w_out[i] (paper Sec. 2, App. C).
 
-No biases, as in the paper's parameter counts and tensor2tensor's experts (paper.md §1.2). The
+No biases, as in the paper's parameter counts (App. C) and tensor2tensor's experts. The
 weights of all experts live in two stacked parameters so that dispatch can run them as batched
 matmuls over blocks (dispatch.py); this module knows nothing about gating.
 

@@ -4,7 +4,8 @@ dispatch, expert bank, and the importance + load losses.
     y = Σ_i G(x)_i E_i(x),   L_aux = w_importance · CV(Importance(X))² + w_load · CV(Load(X))²
 
 Load is the smooth estimator Σ_x P(x, i) (Eq. 8-10) when the gate is noisy and k < n, else the true
-count (tensor2tensor, paper.md §6.4). The layer returns its losses; it keeps no global state.
+count (as tensor2tensor/utils/expert_utils.py's noisy_top_k_gating). The layer returns its losses;
+it keeps no global state. Its hyper-parameters are a `MoEConfig` (config.py), `layer.config`.
 
 Shape suffixes: B = tokens (all leading dims flattened), D = d_model, E = experts, K = k, N = B*K slots.
 """
@@ -17,12 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from moe_impl.layer import balancing
+from moe_impl.layer.config import ConfiguredLayer, MoEConfig
 from moe_impl.layer.dispatch import make_plan
 from moe_impl.layer.experts import ExpertBank
 from moe_impl.layer.gating import NoisyTopKGate
-
-# Above this many experts the expert gradients are sparse by default (ExpertBank docstring).
-SPARSE_GRAD_MIN_EXPERTS = 4096
 
 
 class RoutingStats(NamedTuple):
@@ -43,27 +42,6 @@ class MoEOutput(NamedTuple):
     importance_loss: Tensor  # w_importance · CV(Importance)²
     load_loss: Tensor  # w_load · CV(Load)²
     stats: RoutingStats
-
-
-def check_positive_int(**values: int) -> None:
-    """ValueError naming the argument unless each value is an int >= 1."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def check_k(k_name: str, k: int, n_name: str, n: int) -> None:
-    check_positive_int(**{k_name: k})
-    if k > n:
-        raise ValueError(f"{k_name}={k} must be <= {n_name}={n}")
-
-
-def check_options(w_importance: float, w_load: float, capacity_factor: float | None) -> None:
-    for name, value in (("w_importance", w_importance), ("w_load", w_load)):
-        if not value >= 0:
-            raise ValueError(f"{name} must be >= 0, got {value!r}")
-    if capacity_factor is not None and not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor!r}")
 
 
 def flatten_input(x: Tensor, d_model: int) -> Tensor:
@@ -95,7 +73,7 @@ def routing_stats(
             load=load_E.detach(),
             cv_importance=balancing.cv_squared(importance_E.detach()).sqrt(),
             cv_load=balancing.cv_squared(load_E.detach()).sqrt(),
-            max_over_mean_load=counts_f.max() / (counts_f.mean() + 1e-10),
+            max_over_mean_load=counts_f.max() / (counts_f.mean() + balancing.EPS),
             num_dropped=num_dropped,
         )
 
@@ -106,25 +84,41 @@ def moe_output(
     load_E: Tensor,
     counts_E: Tensor,
     num_dropped: int,
-    w_importance: float,
-    w_load: float,
+    config: MoEConfig,
 ) -> MoEOutput:
     """The losses (paper Eq. 7 and 11) and statistics of a forward pass, packed with its output."""
-    importance_loss = w_importance * balancing.cv_squared(importance_E)
-    load_loss = w_load * balancing.cv_squared(load_E)
+    importance_loss = config.w_importance * balancing.cv_squared(importance_E)
+    load_loss = config.w_load * balancing.cv_squared(load_E)
     stats = routing_stats(counts_E, importance_E, load_E, num_dropped)
     return MoEOutput(y, importance_loss + load_loss, importance_loss, load_loss, stats)
 
 
-class MoE(nn.Module):
+def expert_bank(
+    config: MoEConfig, first_expert: int = 0, num_local: int | None = None
+) -> ExpertBank:
+    """The config's experts `first_expert` ... `first_expert + num_local - 1` (all by default),
+    initialised as those rows of the whole bank (ExpertBank)."""
+    if num_local is None:
+        num_local = config.num_experts
+    return ExpertBank(
+        num_local, config.d_model, config.d_hidden, sparse_grad=config.use_sparse_grad,
+        first_expert=first_expert, total_experts=config.num_experts,
+    )  # fmt: skip
+
+
+class MoE(ConfiguredLayer, nn.Module):
     """Flat MoE: `num_experts` experts d_model -> d_hidden -> d_model, k of them per token.
 
     Args mirror the paper: k=4 (App. C), noisy gating, w_importance = w_load = 0.1 (App. C.1).
     Non-paper options: `capacity_factor` (None = dropless, the paper's behaviour) and `sparse_grad`
-    (None = sparse expert gradients from SPARSE_GRAD_MIN_EXPERTS experts on).
+    (None = sparse expert gradients from SPARSE_GRAD_MIN_EXPERTS experts on). The arguments are
+    checked and kept as `self.config` (MoEConfig); `MoE.from_config(config)` builds the layer.
     forward(x, generator=None) takes x of shape (..., d_model) and returns an MoEOutput whose first
     two fields are y and the auxiliary loss; `generator` seeds the gate noise.
     """
+
+    HIERARCHICAL = False
+    DROPLESS = False
 
     def __init__(
         self,
@@ -140,40 +134,31 @@ class MoE(nn.Module):
         sparse_grad: bool | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int(d_model=d_model, d_hidden=d_hidden, num_experts=num_experts)
-        check_k("k", k, "num_experts", num_experts)
-        check_options(w_importance, w_load, capacity_factor)
-        self.d_model, self.d_hidden, self.num_experts, self.k = d_model, d_hidden, num_experts, k
-        self.w_importance, self.w_load = w_importance, w_load
-        self.capacity_factor = capacity_factor
-        if sparse_grad is None:
-            sparse_grad = num_experts >= SPARSE_GRAD_MIN_EXPERTS
-        self.gate = NoisyTopKGate(d_model, num_experts, k, noisy_gating=noisy_gating)
-        self.experts = ExpertBank(num_experts, d_model, d_hidden, sparse_grad=sparse_grad)
+        self.config = cfg = MoEConfig(
+            d_model=d_model, d_hidden=d_hidden, num_experts=num_experts, k=k,
+            noisy_gating=noisy_gating, w_importance=w_importance, w_load=w_load,
+            capacity_factor=capacity_factor, sparse_grad=sparse_grad,
+        )  # fmt: skip
+        self.gate = NoisyTopKGate(cfg.d_model, cfg.num_experts, cfg.k, noisy_gating=noisy_gating)
+        self.experts = expert_bank(cfg)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> MoEOutput:
-        x_BD = flatten_input(x, self.d_model)
+        cfg = self.config
+        x_BD = flatten_input(x, cfg.d_model)
         num_tokens = x_BD.shape[0]
         gate = self.gate(x_BD, generator=generator)
         expert_N = gate.top_idx_BK.reshape(-1)
         gate_N = gate.top_gates_BK.reshape(-1)
-        token_N = torch.arange(num_tokens, device=x.device).repeat_interleave(self.k)
-        capacity = expert_capacity(expert_N.numel(), self.num_experts, self.capacity_factor)
-        plan = make_plan(expert_N, token_N, self.num_experts, capacity=capacity)
-        y_BD = self.experts(x_BD, gate_N, plan, self.k)
+        token_N = torch.arange(num_tokens, device=x.device).repeat_interleave(cfg.k)
+        capacity = expert_capacity(expert_N.numel(), cfg.num_experts, cfg.capacity_factor)
+        plan = make_plan(expert_N, token_N, cfg.num_experts, capacity=capacity)
+        y_BD = self.experts(x_BD, gate_N, plan, cfg.k)
 
-        importance_E = balancing.importance(expert_N, gate_N, self.num_experts)
-        if gate.prob_in_top_k_BE is not None:
-            load_E = gate.prob_in_top_k_BE.sum(0)
-        else:
-            load_E = plan.counts_E.to(gate_N.dtype)
+        importance_E = balancing.importance(expert_N, gate_N, cfg.num_experts)
+        load_E = balancing.load(gate.prob_in_top_k_BE, plan.counts_E.to(gate_N.dtype))
         return moe_output(
-            y_BD.view(x.shape), importance_E, load_E, plan.counts_E, plan.num_dropped,
-            self.w_importance, self.w_load,
-        )  # fmt: skip
+            y_BD.view(x.shape), importance_E, load_E, plan.counts_E, plan.num_dropped, cfg
+        )
 
     def extra_repr(self) -> str:
-        return (
-            f"d_model={self.d_model}, d_hidden={self.d_hidden}, num_experts={self.num_experts}, "
-            f"k={self.k}, w_importance={self.w_importance}, w_load={self.w_load}"
-        )
+        return self.config.describe()

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from moe_impl.layer.balancing import prob_in_top_k_from_top
 
-# tensor2tensor adds 1e-2 to the softplus (paper.md §6.1) so the load estimator never divides by 0.
+# tensor2tensor adds 1e-2 to the softplus (noisy_top_k_gating, tensor2tensor/utils/expert_utils.py)
+# so the load estimator never divides by 0.
 NOISE_EPSILON = 1e-2
 
 
@@ -59,7 +60,8 @@ def noisy_top_k(
         logits_BE = clean_BE + eps_BE * std_BE
     else:
         logits_BE = clean_BE
-    # k+1 values: the (k+1)-th is the "in" threshold of the load estimator (paper.md §6.2-6.3).
+    # k+1 values: the (k+1)-th is the "in" threshold of the load estimator (Eq. 9; _prob_in_top_k
+    # of tensor2tensor/utils/expert_utils.py).
     # NOTE: ties (e.g. all-zero logits in eval at init) resolve in torch.topk's order, not t2t's
     # lowest-index order; with noise or trained weights ties have probability zero.
     top_vals_BK, top_idx_BK = logits_BE.topk(min(k + 1, num_experts), dim=-1)
@@ -78,9 +80,48 @@ def gate_matmul(x: Tensor, w: Tensor) -> Tensor:
         return torch.matmul(x, w.to(x.dtype))
 
 
-class NoisyTopKGate(nn.Module):
-    """One gating network over `num_experts` outputs. W_g and W_noise start at zero (paper App. A):
-    no signal and some noise, so routing starts uniformly at random."""
+class GatingNetwork(nn.Module):
+    """W_g and W_noise of a gating network (paper Eq. 4) with its k and noise settings. Both start
+    at zero (paper App. A): no signal and some noise, so routing starts uniformly at random.
+    Subclasses compute the logits; `select` turns them into gates (Eq. 3-5)."""
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        k: int,
+        *,
+        noisy_gating: bool = True,
+        noise_epsilon: float = NOISE_EPSILON,
+    ) -> None:
+        super().__init__()
+        self.k = k
+        self.noisy_gating = noisy_gating
+        self.noise_epsilon = noise_epsilon
+        self.w_gate = nn.Parameter(torch.zeros(shape))
+        self.w_noise = nn.Parameter(torch.zeros(shape))
+
+    @property
+    def uses_noise(self) -> bool:
+        # Noise only in training: tensor2tensor's noisy_top_k_gating multiplies the std by
+        # float(train).
+        return self.training and self.noisy_gating
+
+    def select(
+        self,
+        clean_BE: Tensor,
+        noise_BE: Tensor | None,
+        generator: torch.Generator | None = None,
+        normal_BE: Tensor | None = None,
+    ) -> GateOutput:
+        """`noisy_top_k` with this network's k and noise epsilon."""
+        return noisy_top_k(
+            clean_BE, noise_BE, self.k, noise_epsilon=self.noise_epsilon, generator=generator,
+            normal_BE=normal_BE,
+        )  # fmt: skip
+
+
+class NoisyTopKGate(GatingNetwork):
+    """One gating network over `num_experts` outputs: w_gate, w_noise of shape (d, E)."""
 
     def __init__(
         self,
@@ -91,25 +132,14 @@ class NoisyTopKGate(nn.Module):
         noisy_gating: bool = True,
         noise_epsilon: float = NOISE_EPSILON,
     ) -> None:
-        super().__init__()
-        self.k = k
-        self.noisy_gating = noisy_gating
-        self.noise_epsilon = noise_epsilon
-        self.w_gate = nn.Parameter(torch.zeros(d_model, num_experts))
-        self.w_noise = nn.Parameter(torch.zeros(d_model, num_experts))
+        super().__init__(
+            (d_model, num_experts), k, noisy_gating=noisy_gating, noise_epsilon=noise_epsilon
+        )
 
     def forward(self, x_BD: Tensor, generator: torch.Generator | None = None) -> GateOutput:
-        clean_BE, noise_BE = self.logits(x_BD)
-        return noisy_top_k(
-            clean_BE, noise_BE, self.k, noise_epsilon=self.noise_epsilon, generator=generator
-        )
+        return self.select(*self.logits(x_BD), generator=generator)
 
     def logits(self, x_BD: Tensor) -> tuple[Tensor, Tensor | None]:
         """x W_g and, when noise applies, x W_noise (else None)."""
-        # Noise only in training (t2t multiplies the std by float(train)), paper.md §6.1.
         noise_BE = gate_matmul(x_BD, self.w_noise) if self.uses_noise else None
         return gate_matmul(x_BD, self.w_gate), noise_BE
-
-    @property
-    def uses_noise(self) -> bool:
-        return self.training and self.noisy_gating

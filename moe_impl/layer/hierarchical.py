@@ -1,5 +1,5 @@
-"""Two-level hierarchical MoE (Shazeer et al. 2017, App. B; tensor2tensor 2017's
-DistributedMixtureOfExperts, paper.md §1.4 and §6.10).
+"""Two-level hierarchical MoE (Shazeer et al. 2017, App. B; the 2017 DistributedMixtureOfExperts
+of tensor2tensor/utils/expert_utils.py).
 
     y_H = Σ_i Σ_j G_primary(x)_i · G_i(x)_j · E_{i,j}(x)                        (Eq. 12)
     Importance_H(X)_{i,j} = Σ_x G_primary(x)_i · G_i(x)_j                        (Eq. 13)
@@ -23,36 +23,19 @@ import torch
 from torch import Tensor, nn
 
 from moe_impl.layer import balancing
+from moe_impl.layer.config import ConfiguredLayer, MoEConfig
 from moe_impl.layer.dispatch import DispatchPlan, block_weights, dispatch, from_rows, make_plan
-from moe_impl.layer.experts import ExpertBank
-from moe_impl.layer.flat import (
-    SPARSE_GRAD_MIN_EXPERTS,
-    MoEOutput,
-    check_k,
-    check_options,
-    check_positive_int,
-    expert_capacity,
-    flatten_input,
-    moe_output,
-)
-from moe_impl.layer.gating import NOISE_EPSILON, GateOutput, NoisyTopKGate, gate_matmul, noisy_top_k
-
-_EPS = 1e-10
+from moe_impl.layer.flat import MoEOutput, expert_bank, expert_capacity, flatten_input, moe_output
+from moe_impl.layer.gating import GateOutput, GatingNetwork, NoisyTopKGate, gate_matmul
 
 
-class GroupGates(nn.Module):
-    """The a secondary gating networks, one per group, stacked: w_gate, w_noise of shape (a, d, b).
-    Zero at init, like every gate (paper App. A)."""
+class GroupGates(GatingNetwork):
+    """The a secondary gating networks, one per group, stacked: w_gate, w_noise of shape (a, d, b)."""
 
     def __init__(
         self, num_groups: int, d_model: int, group_size: int, k: int, *, noisy_gating: bool
     ) -> None:
-        super().__init__()
-        self.k = k
-        self.noisy_gating = noisy_gating
-        self.noise_epsilon = NOISE_EPSILON
-        self.w_gate = nn.Parameter(torch.zeros(num_groups, d_model, group_size))
-        self.w_noise = nn.Parameter(torch.zeros(num_groups, d_model, group_size))
+        super().__init__((num_groups, d_model, group_size), k, noisy_gating=noisy_gating)
 
     def forward(
         self,
@@ -62,10 +45,7 @@ class GroupGates(nn.Module):
         generator: torch.Generator | None = None,
     ) -> GateOutput:
         """Noisy top-k within the group of each (token, group) pair; rows come back in pair order."""
-        clean_PS, noise_PS = self.logits(x_BD, plan, groups_per_token)
-        return noisy_top_k(
-            clean_PS, noise_PS, self.k, noise_epsilon=self.noise_epsilon, generator=generator
-        )
+        return self.select(*self.logits(x_BD, plan, groups_per_token), generator=generator)
 
     def logits(
         self, x_BD: Tensor, plan: DispatchPlan, groups_per_token: int
@@ -74,7 +54,7 @@ class GroupGates(nn.Module):
         x_RD = dispatch(x_BD, plan, groups_per_token)
         clean_PS = self._pair_logits(x_RD, self.w_gate, plan)
         noise_PS = None
-        if self.training and self.noisy_gating:
+        if self.uses_noise:
             noise_PS = self._pair_logits(x_RD, self.w_noise, plan)
         return clean_PS, noise_PS
 
@@ -85,13 +65,21 @@ class GroupGates(nn.Module):
         return from_rows(logits_LCS.reshape(-1, w_GDS.shape[-1]), plan)
 
 
-class HierarchicalMoE(nn.Module):
+def expert_index(group_P: Tensor, group_size: int, top_idx_PK: Tensor) -> Tensor:
+    """Expert id (row of the expert bank) of each (pair, secondary choice), flat: group·b + j."""
+    return (group_P[:, None] * group_size + top_idx_PK).reshape(-1)
+
+
+class HierarchicalMoE(ConfiguredLayer, nn.Module):
     """Hierarchical MoE: `num_groups` (a) groups of `group_size` (b) experts d_model -> d_hidden ->
     d_model; the primary gate picks k_primary groups, each group's gate k_secondary experts, so a
     token uses k_primary·k_secondary experts (2·2 = 4 in every hierarchical model of the paper).
 
-    Options and return value as MoE; forward(x, generator=None).
+    Options, `config` / `from_config` and return value as MoE; forward(x, generator=None).
     """
+
+    HIERARCHICAL = True
+    DROPLESS = False
 
     def __init__(
         self,
@@ -109,82 +97,53 @@ class HierarchicalMoE(nn.Module):
         sparse_grad: bool | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int(
-            d_model=d_model, d_hidden=d_hidden, num_groups=num_groups, group_size=group_size
+        self.config = cfg = MoEConfig(
+            d_model=d_model, d_hidden=d_hidden, num_groups=num_groups, group_size=group_size,
+            k_primary=k_primary, k_secondary=k_secondary, noisy_gating=noisy_gating,
+            w_importance=w_importance, w_load=w_load, capacity_factor=capacity_factor,
+            sparse_grad=sparse_grad,
+        )  # fmt: skip
+        self.primary_gate = NoisyTopKGate(
+            cfg.d_model, cfg.num_groups, cfg.k_primary, noisy_gating=noisy_gating
         )
-        check_k("k_primary", k_primary, "num_groups", num_groups)
-        check_k("k_secondary", k_secondary, "group_size", group_size)
-        check_options(w_importance, w_load, capacity_factor)
-        self.d_model, self.d_hidden = d_model, d_hidden
-        self.num_groups, self.group_size = num_groups, group_size
-        self.num_experts = num_groups * group_size
-        self.k_primary, self.k_secondary = k_primary, k_secondary
-        self.w_importance, self.w_load = w_importance, w_load
-        self.capacity_factor = capacity_factor
-        if sparse_grad is None:
-            sparse_grad = self.num_experts >= SPARSE_GRAD_MIN_EXPERTS
-        self.primary_gate = NoisyTopKGate(d_model, num_groups, k_primary, noisy_gating=noisy_gating)
         self.secondary_gate = GroupGates(
-            num_groups, d_model, group_size, k_secondary, noisy_gating=noisy_gating
+            cfg.num_groups, cfg.d_model, cfg.group_size, cfg.k_secondary, noisy_gating=noisy_gating
         )
-        self.experts = ExpertBank(self.num_experts, d_model, d_hidden, sparse_grad=sparse_grad)
+        self.experts = expert_bank(cfg)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> MoEOutput:
-        x_BD = flatten_input(x, self.d_model)
+        cfg = self.config
+        x_BD = flatten_input(x, cfg.d_model)
         num_tokens, device = x_BD.shape[0], x_BD.device
-        group_size, k1, k2 = self.group_size, self.k_primary, self.k_secondary
+        group_size, k1, k2 = cfg.group_size, cfg.k_primary, cfg.k_secondary
 
         # Level 1: (token, group) pairs, token-major; noise is drawn as randn(B, a), then
         # randn(P, b) in pair order.
         primary = self.primary_gate(x_BD, generator=generator)
         group_P = primary.top_idx_BK.reshape(-1)
         token_P = torch.arange(num_tokens, device=device).repeat_interleave(k1)
-        group_plan = make_plan(group_P, token_P, self.num_groups)
+        group_plan = make_plan(group_P, token_P, cfg.num_groups)
         secondary = self.secondary_gate(x_BD, group_plan, k1, generator=generator)
 
         # Level 2: expert slots; the gate of expert (i, j) is G_primary(x)_i · G_i(x)_j (Eq. 12).
-        expert_M = (group_P[:, None] * group_size + secondary.top_idx_BK).reshape(-1)
+        expert_M = expert_index(group_P, group_size, secondary.top_idx_BK)
         gate_M = (primary.top_gates_BK.reshape(-1, 1) * secondary.top_gates_BK).reshape(-1)
         token_M = token_P.repeat_interleave(k2)
-        capacity = expert_capacity(expert_M.numel(), self.num_experts, self.capacity_factor)
-        plan = make_plan(expert_M, token_M, self.num_experts, capacity=capacity)
+        capacity = expert_capacity(expert_M.numel(), cfg.num_experts, cfg.capacity_factor)
+        plan = make_plan(expert_M, token_M, cfg.num_experts, capacity=capacity)
         y_BD = self.experts(x_BD, gate_M, plan, k1 * k2)
 
-        importance_E = balancing.importance(expert_M, gate_M, self.num_experts)  # Eq. 13
-        load_E = self._load(primary, secondary, group_P, group_plan, plan, gate_M.dtype)
-        return moe_output(
-            y_BD.view(x.shape), importance_E, load_E, plan.counts_E, plan.num_dropped,
-            self.w_importance, self.w_load,
-        )  # fmt: skip
-
-    def _load(
-        self,
-        primary: GateOutput,
-        secondary: GateOutput,
-        group_P: Tensor,
-        group_plan: DispatchPlan,
-        plan: DispatchPlan,
-        dtype: torch.dtype,
-    ) -> Tensor:
-        """Load_H of Eq. 14, flattened to (a·b,): the secondary load of each group (smooth, summed
-        over the group's pairs, or the true count) times primary smooth load / primary true count."""
+        # Eq. 13 and 14: |X^(i)| is the true count of pairs in group i (the group plan's counts)
+        dtype = gate_M.dtype
+        importance_E = balancing.importance(expert_M, gate_M, cfg.num_experts)
         primary_count_G = group_plan.counts_E.to(dtype)
-        if primary.prob_in_top_k_BE is not None:
-            primary_load_G = primary.prob_in_top_k_BE.sum(0)
-        else:
-            primary_load_G = primary_count_G
-        if secondary.prob_in_top_k_BE is not None:
-            secondary_load_GS = secondary.prob_in_top_k_BE.new_zeros(
-                self.num_groups, self.group_size
-            ).index_add(0, group_P, secondary.prob_in_top_k_BE)
-        else:
-            secondary_load_GS = plan.counts_E.to(dtype).view(self.num_groups, self.group_size)
-        scale_G = primary_load_G / (primary_count_G + _EPS)
-        return (secondary_load_GS * scale_G[:, None]).reshape(-1)
+        primary_load_G = balancing.load(primary.prob_in_top_k_BE, primary_count_G)
+        counts_GS = plan.counts_E.to(dtype).view(cfg.num_groups, group_size)
+        secondary_load_GS = balancing.group_load(secondary.prob_in_top_k_BE, group_P, counts_GS)
+        load_E = balancing.hierarchical_load(secondary_load_GS, primary_load_G, primary_count_G)
+        return moe_output(
+            y_BD.view(x.shape), importance_E, load_E, plan.counts_E, plan.num_dropped, cfg
+        )
 
     def extra_repr(self) -> str:
-        return (
-            f"d_model={self.d_model}, d_hidden={self.d_hidden}, num_groups={self.num_groups}, "
-            f"group_size={self.group_size}, k_primary={self.k_primary}, "
-            f"k_secondary={self.k_secondary}, w_importance={self.w_importance}, w_load={self.w_load}"
-        )
+        return self.config.describe()

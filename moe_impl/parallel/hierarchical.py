@@ -1,6 +1,6 @@
 """The hierarchical MoE with its groups spread over ranks, as the paper ran it (App. B, §3.1: "the
-primary gating network is data-parallel, and each secondary MoE resides on one device"; t2t's
-DistributedMixtureOfExperts, paper.md §1.4).
+primary gating network is data-parallel, and each secondary MoE resides on one device"; the 2017
+DistributedMixtureOfExperts of tensor2tensor/utils/expert_utils.py).
 
 Every rank holds the primary gate (replicated, gradient summed over ranks) and a contiguous shard of
 the groups: their secondary gating networks and their experts (gradients stay on the rank).
@@ -30,31 +30,25 @@ import torch
 from torch import Tensor, nn
 
 from moe_impl.layer import balancing
+from moe_impl.layer.config import ConfiguredLayer, MoEConfig
 from moe_impl.layer.dispatch import make_plan
-from moe_impl.layer.experts import ExpertBank
-from moe_impl.layer.flat import (
-    SPARSE_GRAD_MIN_EXPERTS,
-    MoEOutput,
-    check_k,
-    check_options,
-    check_positive_int,
-    flatten_input,
-    moe_output,
-)
-from moe_impl.layer.gating import NoisyTopKGate, noisy_top_k
-from moe_impl.layer.hierarchical import GroupGates
+from moe_impl.layer.flat import MoEOutput, expert_bank, flatten_input, moe_output
+from moe_impl.layer.gating import NoisyTopKGate
+from moe_impl.layer.hierarchical import GroupGates, expert_index
 from moe_impl.parallel.comm import exchange, rank_and_size, replicated_sum
 from moe_impl.parallel.moe import global_normal
 from moe_impl.parallel.routing import combine, gather_slots, route, shard_bounds
 from moe_impl.parallel.shard import mark_sharded
 
-_EPS = 1e-10
 
-
-class DistributedHierarchicalMoE(nn.Module):
+class DistributedHierarchicalMoE(ConfiguredLayer, nn.Module):
     """Expert-parallel drop-in for `moe_impl.HierarchicalMoE` (dropless), a shard of groups per
-    rank; arguments as HierarchicalMoE plus `group` and `replicate_noise` (DistributedMoE).
-    `secondary_gate.*` and `experts.*` hold this rank's groups `first_group` ... ."""
+    rank; arguments as HierarchicalMoE plus `group` and `replicate_noise`, `config` and
+    `from_config` as DistributedMoE. `secondary_gate.*` and `experts.*` hold this rank's groups
+    `first_group` ... ."""
+
+    HIERARCHICAL = True
+    DROPLESS = True
 
     def __init__(
         self,
@@ -73,42 +67,36 @@ class DistributedHierarchicalMoE(nn.Module):
         replicate_noise: bool = False,
     ) -> None:
         super().__init__()
-        check_positive_int(
-            d_model=d_model, d_hidden=d_hidden, num_groups=num_groups, group_size=group_size
-        )
-        check_k("k_primary", k_primary, "num_groups", num_groups)
-        check_k("k_secondary", k_secondary, "group_size", group_size)
-        check_options(w_importance, w_load, None)
+        self.config = cfg = MoEConfig(
+            d_model=d_model, d_hidden=d_hidden, num_groups=num_groups, group_size=group_size,
+            k_primary=k_primary, k_secondary=k_secondary, noisy_gating=noisy_gating,
+            w_importance=w_importance, w_load=w_load, sparse_grad=sparse_grad,
+        )  # fmt: skip
         rank, world = rank_and_size(group)
-        self.d_model, self.d_hidden = d_model, d_hidden
-        self.num_groups, self.group_size = num_groups, group_size
-        self.num_experts = num_groups * group_size
-        self.k_primary, self.k_secondary = k_primary, k_secondary
-        self.w_importance, self.w_load = w_importance, w_load
         self.group, self.replicate_noise = group, replicate_noise
-        self.bounds = shard_bounds(num_groups, world)
+        self.bounds = shard_bounds(cfg.num_groups, world)
         self.first_group = self.bounds[rank]
         local_groups = self.bounds[rank + 1] - self.first_group
-        if sparse_grad is None:
-            sparse_grad = self.num_experts >= SPARSE_GRAD_MIN_EXPERTS
-        self.primary_gate = NoisyTopKGate(d_model, num_groups, k_primary, noisy_gating=noisy_gating)
-        self.secondary_gate = GroupGates(
-            local_groups, d_model, group_size, k_secondary, noisy_gating=noisy_gating
+        self.primary_gate = NoisyTopKGate(
+            cfg.d_model, cfg.num_groups, cfg.k_primary, noisy_gating=noisy_gating
         )
-        self.experts = ExpertBank(
-            local_groups * group_size, d_model, d_hidden, sparse_grad=sparse_grad,
-            first_expert=self.first_group * group_size, total_experts=self.num_experts,
-        )  # fmt: skip
+        self.secondary_gate = GroupGates(
+            local_groups, cfg.d_model, cfg.group_size, cfg.k_secondary, noisy_gating=noisy_gating
+        )
+        self.experts = expert_bank(
+            cfg, self.first_group * cfg.group_size, local_groups * cfg.group_size
+        )
         for p in (self.secondary_gate.w_gate, self.secondary_gate.w_noise):
-            mark_sharded(p, self.first_group, num_groups)
+            mark_sharded(p, self.first_group, cfg.num_groups)
         for p in (self.experts.w_in, self.experts.w_out):
-            mark_sharded(p, self.experts.first_expert, self.num_experts)
+            mark_sharded(p, self.experts.first_expert, cfg.num_experts)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> MoEOutput:
-        x_BD = flatten_input(x, self.d_model)
+        cfg = self.config
+        x_BD = flatten_input(x, cfg.d_model)
         num_tokens, device = x_BD.shape[0], x_BD.device
-        num_groups, group_size = self.num_groups, self.group_size
-        k1, k2 = self.k_primary, self.k_secondary
+        num_groups, group_size, num_experts = cfg.num_groups, cfg.group_size, cfg.num_experts
+        k1, k2 = cfg.k_primary, cfg.k_secondary
         local_groups = self.secondary_gate.w_gate.shape[0]
 
         # Level 1, on the token's rank. With replicate_noise the draws are the single-process
@@ -120,10 +108,9 @@ class DistributedHierarchicalMoE(nn.Module):
             normal_BG, offset, total = global_normal(
                 num_tokens, num_groups if num_groups > 1 else 0, generator, clean_BG, self.group
             )
-        primary = noisy_top_k(
-            clean_BG, noise_BG, k1, noise_epsilon=self.primary_gate.noise_epsilon,
-            generator=generator, normal_BE=normal_BG if num_groups > 1 else None,
-        )  # fmt: skip
+        primary = self.primary_gate.select(
+            clean_BG, noise_BG, generator, normal_BG if num_groups > 1 else None
+        )
         group_P = primary.top_idx_BK.reshape(-1)
         gate_P = primary.top_gates_BK.reshape(-1)
         r = route(group_P, self.bounds, self.group)
@@ -142,11 +129,8 @@ class DistributedHierarchicalMoE(nn.Module):
             normal_MS = torch.randn(
                 (total * k1, group_size), generator=generator, device=device, dtype=clean_MS.dtype
             )[pair_M[0]]
-        secondary = noisy_top_k(
-            clean_MS, noise_MS, k2, noise_epsilon=self.secondary_gate.noise_epsilon,
-            generator=generator, normal_BE=normal_MS,
-        )  # fmt: skip
-        expert_Q = (local_group_M[:, None] * group_size + secondary.top_idx_BK).reshape(-1)
+        secondary = self.secondary_gate.select(clean_MS, noise_MS, generator, normal_MS)
+        expert_Q = expert_index(local_group_M, group_size, secondary.top_idx_BK)
         gate_Q = secondary.top_gates_BK.reshape(-1)
         token_Q = torch.arange(num_pairs, device=device).repeat_interleave(k2)
         plan = make_plan(expert_Q, token_Q, local_groups * group_size)
@@ -162,36 +146,26 @@ class DistributedHierarchicalMoE(nn.Module):
         num_local = local_groups * group_size
         importance_Q = gate_M.repeat_interleave(k2) * gate_Q
         importance_local = balancing.importance(expert_Q, importance_Q, num_local)
-        if secondary.prob_in_top_k_BE is not None:
-            secondary_load_local = (
-                secondary.prob_in_top_k_BE.new_zeros(local_groups, group_size)
-                .index_add(0, local_group_M, secondary.prob_in_top_k_BE)
-                .reshape(-1)
-            )
-        else:
-            secondary_load_local = plan.counts_E.to(dtype)
-        local = torch.stack([importance_local, secondary_load_local, plan.counts_E.to(dtype)])
+        counts_local = plan.counts_E.to(dtype)
+        secondary_load_local = balancing.group_load(
+            secondary.prob_in_top_k_BE, local_group_M, counts_local.view(local_groups, group_size)
+        ).reshape(-1)
+        local = torch.stack([importance_local, secondary_load_local, counts_local])
         first = self.experts.first_expert
         pad_before = local.new_zeros(3, first)
-        pad_after = local.new_zeros(3, self.num_experts - first - num_local)
+        pad_after = local.new_zeros(3, num_experts - first - num_local)
         parts = [torch.cat([pad_before, local, pad_after], dim=1).reshape(-1)]
         if primary.prob_in_top_k_BE is not None:
             parts.append(primary.prob_in_top_k_BE.sum(0))
-        total = replicated_sum(torch.cat(parts), self.group)
-        importance_E, secondary_load_E, counts_E = total[: 3 * self.num_experts].view(3, -1)
+        summed = replicated_sum(torch.cat(parts), self.group)
+        importance_E, secondary_load_E, counts_E = summed[: 3 * num_experts].view(3, -1)
         count_G = counts_E.view(num_groups, group_size).sum(1) / k2  # |X^(i)|: pairs per group
-        primary_load_G = total[3 * self.num_experts :] if len(parts) > 1 else count_G
-        scale_G = primary_load_G / (count_G + _EPS)
-        load_E = (secondary_load_E.view(num_groups, group_size) * scale_G[:, None]).reshape(-1)
-        return moe_output(
-            y_BD.view(x.shape), importance_E, load_E, counts_E.round().long(), 0,
-            self.w_importance, self.w_load,
-        )  # fmt: skip
+        primary_load_G = summed[3 * num_experts :] if len(parts) > 1 else count_G
+        load_E = balancing.hierarchical_load(
+            secondary_load_E.view(num_groups, group_size), primary_load_G, count_G
+        )
+        return moe_output(y_BD.view(x.shape), importance_E, load_E, counts_E.round().long(), 0, cfg)
 
     def extra_repr(self) -> str:
-        return (
-            f"d_model={self.d_model}, d_hidden={self.d_hidden}, num_groups={self.num_groups}, "
-            f"group_size={self.group_size}, k_primary={self.k_primary}, "
-            f"k_secondary={self.k_secondary}, local_groups=[{self.first_group}, "
-            f"{self.first_group + self.secondary_gate.w_gate.shape[0]})"
-        )
+        first, local = self.first_group, self.secondary_gate.w_gate.shape[0]
+        return f"{self.config.describe()}, local_groups=[{first}, {first + local})"

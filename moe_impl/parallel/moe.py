@@ -8,8 +8,8 @@ A forward pass on rank r, for its own tokens:
 2. each (token, expert) slot's input row travels to the expert's rank (all_to_all, variable splits,
    nothing dropped), the owner runs its experts on every row it received, the outputs travel back;
 3. the outputs are combined with the gates where the token lives (Eq. 1);
-4. Importance, Load and the true counts are summed over ranks before the CV² (paper.md §6.6: the
-   CV is over the global batch, as tensor2tensor sums them over datashards).
+4. Importance, Load and the true counts are summed over ranks before the CV²: the CV is over the
+   global batch, as tensor2tensor sums them over datashards (tensor2tensor/utils/expert_utils.py).
 
 With the same weights it computes the single-process `MoE` on the concatenation of every rank's
 tokens (rank order): the same y rows, the same aux loss on every rank, and, once the replicated
@@ -28,18 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from moe_impl.layer import balancing
+from moe_impl.layer.config import ConfiguredLayer, MoEConfig
 from moe_impl.layer.dispatch import make_plan
-from moe_impl.layer.experts import ExpertBank
-from moe_impl.layer.flat import (
-    SPARSE_GRAD_MIN_EXPERTS,
-    MoEOutput,
-    check_k,
-    check_options,
-    check_positive_int,
-    flatten_input,
-    moe_output,
-)
-from moe_impl.layer.gating import NoisyTopKGate, noisy_top_k
+from moe_impl.layer.flat import MoEOutput, expert_bank, flatten_input, moe_output
+from moe_impl.layer.gating import NoisyTopKGate
 from moe_impl.parallel.comm import all_gather_sizes, exchange, rank_and_size, replicated_sum
 from moe_impl.parallel.routing import combine, gather_slots, route, shard_bounds
 from moe_impl.parallel.shard import mark_sharded
@@ -58,12 +50,16 @@ def global_normal(
     return normal[offset : offset + rows].clone(), offset, total
 
 
-class DistributedMoE(nn.Module):
+class DistributedMoE(ConfiguredLayer, nn.Module):
     """Expert-parallel drop-in for `moe_impl.MoE`: the same arguments (dropless only) plus `group`
     (a torch.distributed process group; None = the default one) and `replicate_noise`. Parameter
     names are MoE's; `experts.w_in` / `experts.w_out` hold this rank's experts
     `experts.first_expert` ... (moe_impl.parallel.load_full_state_dict loads a single-process
-    state dict). forward(x, generator=None) -> MoEOutput with global aux loss and statistics."""
+    state dict). `config` / `from_config(config, group=..., replicate_noise=...)` as MoE.
+    forward(x, generator=None) -> MoEOutput with global aux loss and statistics."""
+
+    HIERARCHICAL = False
+    DROPLESS = True
 
     def __init__(
         self,
@@ -80,38 +76,31 @@ class DistributedMoE(nn.Module):
         replicate_noise: bool = False,
     ) -> None:
         super().__init__()
-        check_positive_int(d_model=d_model, d_hidden=d_hidden, num_experts=num_experts)
-        check_k("k", k, "num_experts", num_experts)
-        check_options(w_importance, w_load, None)
-        rank, world = rank_and_size(group)
-        self.d_model, self.d_hidden, self.num_experts, self.k = d_model, d_hidden, num_experts, k
-        self.w_importance, self.w_load = w_importance, w_load
-        self.group, self.replicate_noise = group, replicate_noise
-        self.bounds = shard_bounds(num_experts, world)
-        first, stop = self.bounds[rank], self.bounds[rank + 1]
-        if sparse_grad is None:
-            sparse_grad = num_experts >= SPARSE_GRAD_MIN_EXPERTS
-        self.gate = NoisyTopKGate(d_model, num_experts, k, noisy_gating=noisy_gating)
-        self.experts = ExpertBank(
-            stop - first, d_model, d_hidden, sparse_grad=sparse_grad,
-            first_expert=first, total_experts=num_experts,
+        self.config = cfg = MoEConfig(
+            d_model=d_model, d_hidden=d_hidden, num_experts=num_experts, k=k,
+            noisy_gating=noisy_gating, w_importance=w_importance, w_load=w_load,
+            sparse_grad=sparse_grad,
         )  # fmt: skip
-        mark_sharded(self.experts.w_in, first, num_experts)
-        mark_sharded(self.experts.w_out, first, num_experts)
+        rank, world = rank_and_size(group)
+        self.group, self.replicate_noise = group, replicate_noise
+        self.bounds = shard_bounds(cfg.num_experts, world)
+        first, stop = self.bounds[rank], self.bounds[rank + 1]
+        self.gate = NoisyTopKGate(cfg.d_model, cfg.num_experts, cfg.k, noisy_gating=noisy_gating)
+        self.experts = expert_bank(cfg, first, stop - first)
+        mark_sharded(self.experts.w_in, first, cfg.num_experts)
+        mark_sharded(self.experts.w_out, first, cfg.num_experts)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> MoEOutput:
-        x_BD = flatten_input(x, self.d_model)
-        num_tokens, k, num_experts = x_BD.shape[0], self.k, self.num_experts
+        cfg = self.config
+        x_BD = flatten_input(x, cfg.d_model)
+        num_tokens, k, num_experts = x_BD.shape[0], cfg.k, cfg.num_experts
         clean_BE, noise_BE = self.gate.logits(x_BD)
         normal_BE = None
         if self.replicate_noise and noise_BE is not None and num_experts > 1:
             normal_BE, _, _ = global_normal(
                 num_tokens, num_experts, generator, clean_BE, self.group
             )
-        gate = noisy_top_k(
-            clean_BE, noise_BE, k, noise_epsilon=self.gate.noise_epsilon, generator=generator,
-            normal_BE=normal_BE,
-        )  # fmt: skip
+        gate = self.gate.select(clean_BE, noise_BE, generator, normal_BE)
         expert_N = gate.top_idx_BK.reshape(-1)
         gate_N = gate.top_gates_BK.reshape(-1)
 
@@ -131,16 +120,11 @@ class DistributedMoE(nn.Module):
         # Importance (Eq. 6), Load (Eq. 10, or the true count) and counts over the global batch
         importance_E = balancing.importance(expert_N, gate_N, num_experts)
         counts_E = torch.bincount(expert_N, minlength=num_experts).to(importance_E.dtype)
-        load_E = gate.prob_in_top_k_BE.sum(0) if gate.prob_in_top_k_BE is not None else counts_E
+        load_E = balancing.load(gate.prob_in_top_k_BE, counts_E)
         total = replicated_sum(torch.stack([importance_E, load_E, counts_E]), self.group)
-        return moe_output(
-            y_BD.view(x.shape), total[0], total[1], total[2].round().long(), 0,
-            self.w_importance, self.w_load,
-        )  # fmt: skip
+        return moe_output(y_BD.view(x.shape), total[0], total[1], total[2].round().long(), 0, cfg)
 
     def extra_repr(self) -> str:
-        return (
-            f"d_model={self.d_model}, d_hidden={self.d_hidden}, num_experts={self.num_experts}, "
-            f"k={self.k}, local_experts=[{self.experts.first_expert}, "
-            f"{self.experts.first_expert + self.experts.w_in.shape[0]})"
-        )
+        first = self.experts.first_expert
+        local = f"local_experts=[{first}, {first + self.experts.w_in.shape[0]})"
+        return f"{self.config.describe()}, {local}"

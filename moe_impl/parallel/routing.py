@@ -1,11 +1,12 @@
 """Which rank owns which expert, and moving slots to their owners and back.
 
 Experts (flat) or groups (hierarchical) are cut into contiguous shards, rank r owning ids
-bounds[r] ... bounds[r+1]-1 (sizes differ by at most one; tensor2tensor deals them round-robin,
-paper.md §6.9: the same function, another placement). Contiguous shards make "sorted by expert" the
-same as "sorted by destination rank", so one stable sort lays out the send buffer, and the slots of
-an expert arrive in rank order, each rank's in its batch order: the order of the single-process
-layer's own dispatch.
+bounds[r] ... bounds[r+1]-1 (sizes differ by at most one; the DistributedSparseDispatcher of
+tensor2tensor/utils/expert_utils.py deals them round-robin: the same function, another placement).
+Contiguous shards make "sorted by expert" the same as "sorted by destination rank", so one stable
+sort lays out the send buffer, and the slots of an expert arrive in rank order, each rank's in its
+batch order: the order of the single-process layer's own dispatch. The rows move through the
+differentiable gathers of moe_impl/layer/dispatch.py.
 
 Shape suffixes: B = local tokens, N = local slots (B·k), D = d_model, K = slots per token, W = ranks.
 """
@@ -17,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from moe_impl.layer.dispatch import gather_tokens, permute_rows
 from moe_impl.parallel.comm import exchange_counts
 
 
@@ -45,43 +47,13 @@ def route(target_N: Tensor, bounds: list[int], group=None) -> Route:
     return Route(order_N, inverse_N, send_W.tolist(), recv_W.tolist())
 
 
-class _GatherSlots(torch.autograd.Function):
-    """x_B[order_N // k]: each slot's token row in send order. The backward brings the rows back to
-    slot order and sums each token's k slots (a gather and a sum: no per-row index_add)."""
-
-    @staticmethod
-    def forward(ctx, x_BD: Tensor, r: Route, k: int) -> Tensor:
-        ctx.save_for_backward(r.inverse_N)
-        ctx.k = k
-        return x_BD.index_select(0, r.order_N // k)
-
-    @staticmethod
-    def backward(ctx, grad_ND: Tensor):
-        (inverse_N,) = ctx.saved_tensors
-        grad_ND = grad_ND.index_select(0, inverse_N)
-        return grad_ND.view(-1, ctx.k, grad_ND.shape[-1]).sum(1), None, None
-
-
-class _Unsort(torch.autograd.Function):
-    """Rows in send order back to slot order; the backward is the opposite permutation."""
-
-    @staticmethod
-    def forward(ctx, y_ND: Tensor, r: Route) -> Tensor:
-        ctx.save_for_backward(r.order_N)
-        return y_ND.index_select(0, r.inverse_N)
-
-    @staticmethod
-    def backward(ctx, grad_ND: Tensor):
-        (order_N,) = ctx.saved_tensors
-        return grad_ND.index_select(0, order_N), None
-
-
 def gather_slots(x_BD: Tensor, r: Route, k: int) -> Tensor:
-    """The token row of every slot, in send order, (N, D)."""
-    return _GatherSlots.apply(x_BD, r, k)
+    """The token row of every slot, in send order, (N, D): x_B[order_N // k]. The backward brings
+    the rows back to slot order and sums each token's k slots (a gather and a sum, no index_add)."""
+    return gather_tokens(x_BD, r.order_N // k, r.inverse_N, k)
 
 
 def combine(y_ND: Tensor, r: Route, gate_N: Tensor, k: int, dtype: torch.dtype) -> Tensor:
     """y_b = Σ over token b's k slots of gate · (returned row), from rows in send order (Eq. 1)."""
-    y_NKD = _Unsort.apply(y_ND, r).view(-1, k, y_ND.shape[-1])
+    y_NKD = permute_rows(y_ND, r.inverse_N, r.order_N).view(-1, k, y_ND.shape[-1])
     return (y_NKD * gate_N.view(-1, k, 1).to(y_NKD.dtype)).sum(1).to(dtype)

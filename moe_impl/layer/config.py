@@ -1,0 +1,218 @@
+"""The hyper-parameters of one sparsely-gated MoE layer (arXiv 1701.06538, §2-§4, App. A-C),
+validated in one place.
+
+`MoEConfig` is shared by the four layer classes: `MoE` and `HierarchicalMoE` (this package) and
+their expert-parallel twins `DistributedMoE` and `DistributedHierarchicalMoE` (moe_impl.parallel).
+Each class keeps its own positional constructor, builds a config from its arguments (which is where
+the arguments are checked) and exposes it as `layer.config`; `Layer.from_config(config, **extra)`
+goes the other way. No torch here, so a config can be built and checked without loading it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
+
+# Above this many experts the expert gradients are sparse by default (ExpertBank docstring).
+SPARSE_GRAD_MIN_EXPERTS = 4096
+# Experts per token when not given: k = 4 in the flat models (App. C); 2 groups x 2 experts in every
+# hierarchical model (App. B, C).
+DEFAULT_K = 4
+DEFAULT_K_PRIMARY = 2
+DEFAULT_K_SECONDARY = 2
+
+_FLAT_FIELDS = ("num_experts", "k")
+_HIERARCHICAL_FIELDS = ("num_groups", "group_size", "k_primary", "k_secondary")
+
+
+def _check_positive_int(**values: Any) -> None:
+    """ValueError naming the argument unless each value is an int >= 1."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_k(k_name: str, k: Any, n_name: str, n: int) -> None:
+    _check_positive_int(**{k_name: k})
+    if k > n:
+        raise ValueError(f"{k_name}={k} must be <= {n_name}={n}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """One MoE layer: flat (Eq. 1) when `num_experts` is given, hierarchical (Eq. 12) when
+    `num_groups` and `group_size` are.
+
+    Fields left at None are filled in by the constructor: k = 4 (flat), k_primary = k_secondary = 2
+    and num_experts = num_groups · group_size (hierarchical), so a built config always holds the
+    layer's effective values. The fields of the other layout stay None. `sparse_grad=None` means
+    "sparse from SPARSE_GRAD_MIN_EXPERTS experts on" (see `use_sparse_grad`). Every bad value raises
+    a ValueError that names the field and the value.
+    """
+
+    d_model: int
+    d_hidden: int
+    # flat layer: E experts, k of them per token (Eq. 3-5)
+    num_experts: int | None = None
+    k: int | None = None
+    # hierarchical layer (App. B): a groups of b experts; k_primary groups, then k_secondary experts
+    # in each; num_experts is then a·b
+    num_groups: int | None = None
+    group_size: int | None = None
+    k_primary: int | None = None
+    k_secondary: int | None = None
+    # options common to both layouts
+    noisy_gating: bool = True  # the noise term of Eq. 4 (in training only)
+    w_importance: float = 0.1  # Eq. 7, 0.1 in App. C.1
+    w_load: float = 0.1  # Eq. 11, 0.1 in App. C.1
+    capacity_factor: float | None = None  # not in the paper: None = dropless (the paper's layer)
+    sparse_grad: bool | None = None  # sparse expert gradients; None = by the number of experts
+
+    def __post_init__(self) -> None:
+        _check_positive_int(d_model=self.d_model, d_hidden=self.d_hidden)
+        if self.hierarchical:
+            self._check_hierarchical()
+        else:
+            self._check_flat()
+        for name in ("w_importance", "w_load"):
+            value = getattr(self, name)
+            if not value >= 0:  # also rejects NaN
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(
+                f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor!r}"
+            )
+        if not isinstance(self.noisy_gating, bool):
+            raise ValueError(f"noisy_gating must be True or False, got {self.noisy_gating!r}")
+        if self.sparse_grad is not None and not isinstance(self.sparse_grad, bool):
+            raise ValueError(f"sparse_grad must be True, False or None, got {self.sparse_grad!r}")
+
+    def _check_flat(self) -> None:
+        if self.num_experts is None:
+            raise ValueError(
+                "num_experts must be given (a flat layer), or num_groups and group_size (a "
+                "hierarchical one), got num_experts=None"
+            )
+        for name in _HIERARCHICAL_FIELDS[2:]:  # k_primary, k_secondary without the groups
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} applies to a hierarchical layer only: "
+                    "give num_groups and group_size, or leave it None"
+                )
+        _check_positive_int(num_experts=self.num_experts)
+        k = DEFAULT_K if self.k is None else self.k
+        _check_k("k", k, "num_experts", self.num_experts)
+        object.__setattr__(self, "k", k)  # frozen: filling in a default is construction
+
+    def _check_hierarchical(self) -> None:
+        if self.k is not None:
+            raise ValueError(
+                f"k={self.k!r} applies to a flat layer only: a hierarchical layer takes "
+                "k_primary and k_secondary"
+            )
+        a, b = self.num_groups, self.group_size
+        _check_positive_int(num_groups=a, group_size=b)
+        k_primary = DEFAULT_K_PRIMARY if self.k_primary is None else self.k_primary
+        k_secondary = DEFAULT_K_SECONDARY if self.k_secondary is None else self.k_secondary
+        _check_k("k_primary", k_primary, "num_groups", a)
+        _check_k("k_secondary", k_secondary, "group_size", b)
+        if self.num_experts is not None and self.num_experts != a * b:
+            raise ValueError(
+                f"num_experts={self.num_experts!r} must equal num_groups x group_size = "
+                f"{a} x {b} = {a * b} (or be left None)"
+            )
+        for name, value in (
+            ("k_primary", k_primary), ("k_secondary", k_secondary), ("num_experts", a * b),
+        ):  # fmt: skip
+            object.__setattr__(self, name, value)
+
+    @property
+    def hierarchical(self) -> bool:
+        """Whether this is the two-level layer of App. B (num_groups or group_size given)."""
+        return self.num_groups is not None or self.group_size is not None
+
+    @property
+    def experts_per_token(self) -> int:
+        """k (flat) or k_primary · k_secondary (hierarchical): the slots of one token."""
+        return self.k_primary * self.k_secondary if self.hierarchical else self.k
+
+    @property
+    def use_sparse_grad(self) -> bool:
+        """`sparse_grad`, with None resolved: sparse from SPARSE_GRAD_MIN_EXPERTS experts on."""
+        if self.sparse_grad is None:
+            return self.num_experts >= SPARSE_GRAD_MIN_EXPERTS
+        return self.sparse_grad
+
+    def layout_fields(self) -> dict[str, int]:
+        """The fields that give the layer its shape: d_model, d_hidden and the layout's sizes."""
+        names = _HIERARCHICAL_FIELDS if self.hierarchical else _FLAT_FIELDS
+        return {name: getattr(self, name) for name in ("d_model", "d_hidden", *names)}
+
+    def layer_kwargs(self, layer: str, *, hierarchical: bool, dropless: bool) -> dict[str, Any]:
+        """The keyword arguments of a layer constructor that rebuild this config; ValueError when
+        the layer (named `layer`) cannot take it: the other layout, or a capacity for a dropless
+        one."""
+        if hierarchical != self.hierarchical:
+            want = "num_groups and group_size" if hierarchical else "num_experts"
+            raise ValueError(f"{layer} needs a config with {want}, got {self!r}")
+        if dropless and self.capacity_factor is not None:
+            raise ValueError(
+                f"{layer} is dropless: capacity_factor must be None, got {self.capacity_factor!r}"
+            )
+        kwargs = self.layout_fields()
+        for field in ("noisy_gating", "w_importance", "w_load", "sparse_grad"):
+            kwargs[field] = getattr(self, field)
+        if not dropless:
+            kwargs["capacity_factor"] = self.capacity_factor
+        return kwargs
+
+    def describe(self) -> str:
+        """The layout fields and the loss weights, then every option that differs from its default
+        (for a layer's extra_repr)."""
+        parts = {**self.layout_fields(), "w_importance": self.w_importance, "w_load": self.w_load}
+        for field in ("noisy_gating", "capacity_factor", "sparse_grad"):
+            value = getattr(self, field)
+            if value != _DEFAULTS[field]:
+                parts[field] = value
+        return ", ".join(f"{name}={value}" for name, value in parts.items())
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoEConfig)}
+
+
+def _config_field(name: str) -> property:
+    return property(lambda self: getattr(self.config, name), doc=f"`config.{name}` (read-only).")
+
+
+class ConfiguredLayer:
+    """Base of the four MoE layer classes: `layer.config` holds the hyper-parameters, and
+    `layer.d_model`, `layer.k`, ... are read-only views of it (one copy of each value).
+
+    A subclass sets HIERARCHICAL and DROPLESS, which say which configs its constructor can take.
+    """
+
+    HIERARCHICAL: ClassVar[bool]
+    DROPLESS: ClassVar[bool]
+    config: MoEConfig
+
+    d_model = _config_field("d_model")
+    d_hidden = _config_field("d_hidden")
+    num_experts = _config_field("num_experts")
+    k = _config_field("k")
+    num_groups = _config_field("num_groups")
+    group_size = _config_field("group_size")
+    k_primary = _config_field("k_primary")
+    k_secondary = _config_field("k_secondary")
+    w_importance = _config_field("w_importance")
+    w_load = _config_field("w_load")
+    capacity_factor = _config_field("capacity_factor")
+
+    @classmethod
+    def from_config(cls, config: MoEConfig, **extra: Any) -> Self:
+        """The layer of `config`; `extra` are the arguments that are not hyper-parameters (the
+        expert-parallel layers' `group` and `replicate_noise`)."""
+        kwargs = config.layer_kwargs(
+            cls.__name__, hierarchical=cls.HIERARCHICAL, dropless=cls.DROPLESS
+        )
+        return cls(**kwargs, **extra)
