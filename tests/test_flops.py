@@ -13,6 +13,7 @@ import pytest
 
 from moe_impl.cli import flops as flops_cli
 from moe_impl.model import flops
+from moe_impl.model.config import ModelConfig
 from moe_impl.model.presets import (
     NEWS100B_VOCAB,
     PAPER_EXCEPTIONS,
@@ -126,14 +127,12 @@ def test_expert_flops_share_claim_of_section_5_1():
 _TINY = {"name": "tiny", "vocab_size": 10, "d_model": 4, "lstm_layers": ((4, None), (4, None))}
 
 
-def _flat(n=3, k=2) -> flops.ModelConfig:  # experts 4 -> 5 -> 4
-    return flops.ModelConfig(
-        **_TINY, softmax_samples=None, moe="flat", num_experts=n, d_hidden=5, k=k
-    )
+def _flat(n=3, k=2) -> ModelConfig:  # experts 4 -> 5 -> 4
+    return ModelConfig(**_TINY, softmax_samples=None, moe="flat", num_experts=n, d_hidden=5, k=k)
 
 
-def _hier(a=2, b=3, kp=1, ks=2) -> flops.ModelConfig:
-    return flops.ModelConfig(
+def _hier(a=2, b=3, kp=1, ks=2) -> ModelConfig:
+    return ModelConfig(
         **_TINY, softmax_samples=None, moe="hierarchical", num_experts=a * b, d_hidden=5,
         num_groups=a, group_size=b, k_primary=kp, k_secondary=ks,
     )  # fmt: skip
@@ -159,7 +158,7 @@ def test_hand_computed_hierarchical_counts_only_selected_secondary_gates():
 def test_hand_computed_lstm_projection_and_deep_expert():
     assert flops.lstm_params(3, 5, 2) == 4 * 5 * (3 + 2) + 5 * 2
     assert flops.lstm_params(3, 5, None) == 4 * 5 * (3 + 5)
-    deep = flops.ModelConfig(
+    deep = ModelConfig(
         **_TINY,
         softmax_samples=None,
         moe="dense",
@@ -169,7 +168,7 @@ def test_hand_computed_lstm_projection_and_deep_expert():
     )
     assert flops.expert_params(deep) == 4 * 5 + 2 * 5 * 5 + 5 * 4
     assert flops.ops_per_timestep(deep) == flops.params_excl_embedding_softmax(deep) == 256 + 90
-    lstm_only = flops.ModelConfig(**_TINY, softmax_samples=None)
+    lstm_only = ModelConfig(**_TINY, softmax_samples=None)
     assert (
         flops.params_excl_embedding_softmax(lstm_only) == flops.ops_per_timestep(lstm_only) == 256
     )
@@ -212,7 +211,7 @@ def test_ops_grow_with_num_experts_only_through_the_gate():
 )
 def test_bad_config_raises_value_error_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{re.escape(field)} "):
-        flops.ModelConfig(**{**_TINY, "softmax_samples": None, **kwargs})
+        ModelConfig(**{**_TINY, "softmax_samples": None, **kwargs})
 
 
 def test_bad_hierarchical_config_raises_value_error_naming_the_field():

@@ -6,8 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_impl.model.flops import ModelConfig, total_params
+from moe_impl.model.config import ModelConfig
+from moe_impl.model.flops import total_params
 from moe_impl.model.lm import MoELanguageModel
+
+pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
 
 V, D = 50, 16
 LSTM2 = ((D, None), (D, None))
@@ -78,12 +81,40 @@ def test_sampled_softmax_converges_to_the_full_softmax():
     assert errors[-1] < 0.01 and errors[-1] < errors[0]
 
 
-def test_state_carries_across_batches():
-    model = MoELanguageModel(config("hierarchical")).eval()
-    inputs, targets, scored = batch()
-    first = model(inputs, targets, scored)
-    second = model(inputs, targets, scored, state=first.state)
-    assert len(second.state) == 2 and not torch.equal(first.nll_sum, second.nll_sum)
+def token_log_likelihoods(model, inputs_BT, targets_BT, state=None):
+    """log p(target) at every position with the full softmax, and the LSTM states after the chunk."""
+    h_BTD, _, _, new_state = model.hidden(inputs_BT, state)
+    log_probs_BTV = torch.log_softmax(h_BTD @ model.softmax_weight.t(), dim=-1)
+    return log_probs_BTV.gather(-1, targets_BT[..., None])[..., 0], new_state
+
+
+@pytest.mark.parametrize("kind", ["hierarchical", "projected"])
+@torch.no_grad()
+def test_carried_state_continues_the_sequence_exactly(kind):
+    """Truncated BPTT across batches: a sequence run as two chunks, the second starting from the
+    first's LSTM states, scores every position exactly as the whole sequence in one call (eval mode:
+    no dropout, noise-free gates, full softmax; float64)."""
+    torch.manual_seed(0)
+    model = MoELanguageModel(config(kind)).double().eval()
+    for name, w in model.named_parameters():
+        if "gate" in name:  # zero at init: every gate logit would tie
+            w.normal_(std=D**-0.5)
+    inputs, targets, scored = batch(t=9)
+    whole_BT, whole_state = token_log_likelihoods(model, inputs, targets)
+    first_BT, state = token_log_likelihoods(model, inputs[:, :4], targets[:, :4])
+    second_BT, end_state = token_log_likelihoods(model, inputs[:, 4:], targets[:, 4:], state)
+    torch.testing.assert_close(torch.cat([first_BT, second_BT], 1), whole_BT)
+    torch.testing.assert_close(end_state, whole_state)
+    fresh_BT, _ = token_log_likelihoods(model, inputs[:, 4:], targets[:, 4:])
+    assert not torch.allclose(fresh_BT, second_BT)  # the state matters
+
+    # forward() passes the state the same way: its NLL sums add up to the whole sequence's.
+    first = model(inputs[:, :4], targets[:, :4], scored[:, :4])
+    second = model(inputs[:, 4:], targets[:, 4:], scored[:, 4:], state=first.state)
+    whole = model(inputs, targets, scored)
+    torch.testing.assert_close(first.nll_sum + second.nll_sum, whole.nll_sum)
+    torch.testing.assert_close(whole.nll_sum, -whole_BT[scored].sum())
+    torch.testing.assert_close(second.state, whole.state)
 
 
 def test_bad_dropout_names_the_key():

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, losses, run_until_killed
 from parallel_workers import train_run
-from test_train import TINY, losses, run_until_killed
 
 from moe_impl.parallel import spawn
 from moe_impl.train import checkpoint
 from moe_impl.train.config import load_config
 from moe_impl.train.loop import Trainer
+
+pytestmark = pytest.mark.integration  # every test spawns a process group
 
 HIER = [
     "model.preset=cpu/MoE-256-h", "model.num_experts=16", "model.num_groups=4",
@@ -199,8 +201,7 @@ def test_multi_node_launch_through_srun(tmp_path):
 def test_lm1b_with_carried_state_matches_one_process(tmp_path):
     """LM1B's layout (fixture): rank 0 encodes the corpus first, each rank carries the LSTM state of
     its own rows across steps, and 2 ranks score every test word once, as one process does."""
-    from test_lm1b import SCORED_TEST, make_archive
-    from test_train import lm1b_overrides
+    from helpers import SCORED_TEST, lm1b_overrides, make_archive
 
     root = make_archive(tmp_path / "data")
     overrides = [*TINY, *lm1b_overrides(root), *REPLICATE]

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         print(dump(cfg), end="")
         return 0
     if args.check_data:
-        from moe_impl.train.loop import build_corpus
+        from moe_impl.train.corpus import build_corpus
 
         corpus = build_corpus(cfg)
         print(f"data ok: {corpus.name}, vocabulary {corpus.vocab_size:,}")

@@ -1,18 +1,18 @@
-"""LM1B (the One Billion Word benchmark), the paper's main language-modelling corpus (data.md §1.1–1.6).
+"""LM1B (the One Billion Word benchmark), the paper's main language-modelling corpus (docs/data.md).
 
-Layout (data.md §1.1), under `root` or `root/1-billion-word-language-modeling-benchmark-r13output/`:
+Layout (docs/data.md), under `root` or `root/1-billion-word-language-modeling-benchmark-r13output/`:
 train = `training-monolingual.tokenized.shuffled/news.en-000NN-of-00100`, NN = 1 .. 99; test =
 `heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050` only (the set of Chelba et
-al. 2013, Jozefowicz et al. 2016 and the paper, data.md §1.2); valid = `news.en.heldout-00001-…`.
+al. 2013, Jozefowicz et al. 2016 and the paper, App. C.1); valid = `news.en.heldout-00001-…`.
 Files are named one by one, never globbed: the heldout folder also holds `news.en-00000-of-00100`,
-the union of all 50 heldout shards, which a glob would count twice (data.md §1.1).
+the union of all 50 heldout shards, which a glob would count twice.
 
-Each line is one tokenized sentence, embedded as `<S> w1 … wn </S>` (data.md §1.3); sentences are
+Each line is one tokenized sentence, embedded as `<S> w1 … wn </S>`; sentences are
 concatenated without padding into one int32 stream per split (training sentences shuffled once with
 `seed`). `<S>` is never a scored target, so a sentence contributes n + 1 scored tokens and the test
-perplexity is per word including `</S>` (data.md §1.5; 159,658 tokens on heldout-00000).
+perplexity is per word including `</S>` (App. C.1; 159,658 tokens on heldout-00000).
 
-Vocabulary (data.md §1.4): `vocab-2016-09-10.txt` or `1b_word_vocab.txt` if given or found in the
+Vocabulary (docs/data.md): `vocab-2016-09-10.txt` or `1b_word_vocab.txt` if given or found in the
 root, else rebuilt from the training shards (count >= 3, plus `<S>`, `</S>`, `<UNK>`); out-of-
 vocabulary words map to `<UNK>`. Encoded streams are cached as .npy files and read back memory-mapped.
 """
@@ -36,12 +36,12 @@ from moe_impl.data.stream import StreamCorpus, count_scored
 ARCHIVE_DIR = "1-billion-word-language-modeling-benchmark-r13output"
 TRAIN_DIR = "training-monolingual.tokenized.shuffled"
 HELDOUT_DIR = "heldout-monolingual.tokenized.shuffled"
-NUM_TRAIN_SHARDS = 99  # shards 00001 .. 00099; 00000 became the heldout set (data.md §1.1)
+NUM_TRAIN_SHARDS = 99  # shards 00001 .. 00099; 00000 became the heldout set
 TEST_FILE = "news.en.heldout-00000-of-00050"
 VALID_FILE = "news.en.heldout-00001-of-00050"
 VOCAB_FILES = ("vocab-2016-09-10.txt", "1b_word_vocab.txt")  # searched in this order
 BOS, EOS, UNK = "<S>", "</S>", "<UNK>"
-MIN_COUNT = 3  # rebuilt vocabulary: words seen at least 3 times in training (data.md §1.4)
+MIN_COUNT = 3  # rebuilt vocabulary: words seen at least 3 times in training (Chelba et al. 2013)
 PAPER_VOCAB_SIZE = 793_471
 _MAX_TERM_ID = "!!!MAXTERMID"  # the last line of vocab-2016-09-10.txt, not a token
 _CACHE_VERSION = "lm1b-stream-v1"
@@ -55,7 +55,7 @@ def train_shard_name(number: int) -> str:
 
 def sentence_words(line: str) -> list[str]:
     """The tokens of one LM1B line: the text is Moses-tokenized and split on single spaces
-    (data.md §1.3), so only the space separates tokens; empty strings (double spaces) are dropped."""
+    (docs/data.md), so only the space separates tokens; empty strings (double spaces) are dropped."""
     return [word for word in line.rstrip("\r\n").split(" ") if word]
 
 
@@ -85,7 +85,7 @@ def _archive_folder(root: Path) -> Path:
     if not (folder / TRAIN_DIR).is_dir():
         raise ValueError(
             f"no LM1B training folder: expected {root / ARCHIVE_DIR / TRAIN_DIR} or "
-            f"{root / TRAIN_DIR} (data.md §1.1)"
+            f"{root / TRAIN_DIR} (docs/data.md)"
         )
     return folder
 
@@ -100,7 +100,7 @@ def _train_shards(folder: Path, max_train_shards: int | None) -> list[Path]:
     if not found:
         raise ValueError(
             f"no LM1B training shard in {train_dir}: expected files {train_shard_name(1)} .. "
-            f"{train_shard_name(NUM_TRAIN_SHARDS)} (data.md §1.1)"
+            f"{train_shard_name(NUM_TRAIN_SHARDS)} (docs/data.md)"
         )
     wanted = NUM_TRAIN_SHARDS if max_train_shards is None else max_train_shards
     if len(found) < wanted:
@@ -118,7 +118,7 @@ def _train_shards(folder: Path, max_train_shards: int | None) -> list[Path]:
 def read_vocab_file(path: Path) -> tuple[list[str], bool]:
     """Tokens of a vocabulary file, in id order, and whether they are sorted by frequency.
 
-    Two formats (data.md §1.4): one token per line (`vocab-2016-09-10.txt`, whose trailing
+    Two formats (docs/data.md): one token per line (`vocab-2016-09-10.txt`, whose trailing
     `!!!MAXTERMID` line is skipped; it carries no counts and is taken to be frequency-ordered, as the
     standard file is) or `word count` per line (`1b_word_vocab.txt`; the counts are checked).
     `</S>` is inserted after `<S>` when missing (`1b_word_vocab.txt` uses `<S>` at both ends)."""
@@ -150,7 +150,7 @@ def read_vocab_file(path: Path) -> tuple[list[str], bool]:
 
 
 def build_vocab(files: Sequence[Path], min_count: int = MIN_COUNT) -> list[str]:
-    """The rebuilt vocabulary (data.md §1.4): training words seen at least `min_count` times plus
+    """The rebuilt vocabulary (docs/data.md): training words seen at least `min_count` times plus
     `<S>`, `</S>` (counted once per sentence) and `<UNK>` (the words cut off), all sorted by count
     descending, then by the word, so that ids are frequency ranks."""
     counts: Counter[str] = Counter()
@@ -302,7 +302,7 @@ class LM1BCorpus(StreamCorpus):
         if len(self.train_files) == NUM_TRAIN_SHARDS and len(tokens) != PAPER_VOCAB_SIZE:
             warnings.warn(
                 f"the rebuilt LM1B vocabulary has {len(tokens):,} types, not the "
-                f"{PAPER_VOCAB_SIZE:,} of the paper (data.md §1.4); prefer vocab-2016-09-10.txt",
+                f"{PAPER_VOCAB_SIZE:,} of the paper (docs/data.md); prefer vocab-2016-09-10.txt",
                 stacklevel=3,
             )
         if cached is not None:
@@ -323,7 +323,7 @@ class LM1BCorpus(StreamCorpus):
             if self.valid_file is None:
                 raise ValueError(
                     "no LM1B valid shard: expected the file "
-                    f"{self.folder / HELDOUT_DIR / VALID_FILE} (data.md §1.2)"
+                    f"{self.folder / HELDOUT_DIR / VALID_FILE} (docs/data.md)"
                 )
             return [self.valid_file], False
         raise ValueError(f"split must be 'train', 'valid' or 'test', got {split!r}")
@@ -369,7 +369,7 @@ class LM1BCorpus(StreamCorpus):
 
     @property
     def never_score(self) -> tuple[int, ...]:
-        return (self.bos_id,)  # <S> is never predicted (data.md §1.3)
+        return (self.bos_id,)  # <S> is never predicted (docs/data.md)
 
     def describe(self) -> dict:
         test = self.stream("test")
@@ -388,5 +388,5 @@ class LM1BCorpus(StreamCorpus):
             "ids_by_frequency": self.ids_by_frequency,
             "seed": self.seed,
             "cache_dir": None if self.cache_dir is None else str(self.cache_dir),
-            "perplexity": "per word including </S>; <S> not scored (data.md §1.5)",
+            "perplexity": "per word including </S>; <S> not scored (docs/data.md)",
         }

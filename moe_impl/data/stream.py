@@ -1,13 +1,13 @@
 """Fixed-length windows over one long token stream: training batches by step, and evaluation passes.
 
-The real-text corpora (data.md §1: LM1B, WikiText-103) are each one concatenated stream of token
-ids. Training follows Jozefowicz et al. 2016 and the paper (data.md §1.3): the stream is cut into
+The real-text corpora (docs/data.md: LM1B, WikiText-103) are each one concatenated stream of token
+ids. Training follows Jozefowicz et al. 2016 and the paper (App. C.1): the stream is cut into
 `batch_size` contiguous rows, each step reads the next `seq_len` tokens of every row, and the
 trainer carries the LSTM state from step to step, never resetting it at a sentence boundary.
 Evaluation lays the whole split out the same way, so that every target is scored exactly once.
 
 Ids in `never_score` are context only: where one is the *target* it is not scored (LM1B's `<S>`,
-which is never predicted, data.md §1.5). Pure numpy, no I/O; the stream may be a read-only memmap
+which is never predicted, docs/data.md). Pure numpy, no I/O; the stream may be a read-only memmap
 of any integer dtype, and only the windows asked for are read.
 
 Shape suffixes: N = tokens in the stream, B = batch rows, L = seq_len (time steps per batch).

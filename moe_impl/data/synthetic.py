@@ -1,6 +1,6 @@
 """TopicMarkov: a synthetic, capacity-bound language-modelling corpus with an exact perplexity floor.
 
-Design A of `../shared/reference/data.md` §3. Each sequence draws a topic t (a header token that is
+Described in docs/data.md. Each sequence draws a topic t (a header token that is
 context, never scored), then walks a sparse Markov chain: from state v (START first) it emits `</S>`
 with probability e, else the k-th of the K successors of row (t, v) with probability ∝ k^-β. The K
 successors of a row are distinct tokens drawn without replacement from a Zipf(s) base distribution,
@@ -10,7 +10,7 @@ so unigram statistics look like language, and every row has the same entropy
 
 which is exactly the Bayes-optimal cross-entropy per scored token: the perplexity floor is
 exp(H_row). Reaching it means storing T·(V+1)·K successor facts, whose count grows with the topics
-while the compute per token does not: the regime where more experts should help (data.md §3.3).
+while the compute per token does not: the regime where more experts should help (docs/data.md).
 
 The corpus is never stored: every random number is a counter-based hash of (seed, split, sequence,
 position), so sequence j of a split is the same whichever batch asks for it (deterministic random

@@ -1,11 +1,11 @@
-"""Tokenized plain text as a corpus: WikiText-103 (data.md §1.7) or any train/valid/test text files.
+"""Tokenized plain text as a corpus: WikiText-103 (docs/data.md) or any train/valid/test text files.
 
 Layouts, under `root`: `wiki.{train,valid,test}.tokens` (WikiText; also found in `root/wikitext-103/`
 or `root/wikitext-2/`), else `{train,valid,test}.txt`. The train and test files are required, valid
 is optional (an error only when asked for).
 
-Tokens are the whitespace-separated words of each line plus one `<eos>` per line ("an end-of-line
-token per line as in fairseq and Transformer-XL", data.md §1.7). Empty lines count too, each as a
+Tokens are the whitespace-separated words of each line plus one `<eos>` per line (one end-of-line
+token per line, as fairseq and Transformer-XL count WikiText-103; docs/data.md). Empty lines count too, each as a
 lone `<eos>`: fairseq-preprocess logs wiki.test.tokens as "4358 sents, 245569 tokens", i.e. all
 4,358 lines, empty or not, and 245,569 is the published test size. `skip_empty_lines=True` drops
 them instead (fewer, mostly easy `<eos>` targets; perplexities are then not comparable). Each
@@ -54,7 +54,7 @@ def _find_layout(root: Path) -> tuple[str, Path]:
     expected = [root / "wiki.train.tokens", root / "wikitext-103" / "wiki.train.tokens"]
     raise ValueError(
         f"no training file in {root}: expected {expected[0]}, {expected[1]} or "
-        f"{root / 'train.txt'} (data.md §1.7)"
+        f"{root / 'train.txt'} (docs/data.md)"
     )
 
 
@@ -192,5 +192,5 @@ class TextCorpus(StreamCorpus):
             "min_count": self.min_count,
             "max_vocab": self.max_vocab,
             "empty_lines": "skipped" if self.skip_empty_lines else "one <eos> each",
-            "perplexity": "per token: whitespace tokens plus one <eos> per line (data.md §1.7)",
+            "perplexity": "per token: whitespace tokens plus one <eos> per line (docs/data.md)",
         }

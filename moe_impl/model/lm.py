@@ -6,7 +6,7 @@ Every layer's output gets dropout, then the previous layer's output is added (Ap
 dropout, the output of the previous layer is added to the layer output"); the MoE output passes
 through a sigmoid first. The MoE is applied convolutionally: the lower LSTM runs over all time steps,
 then the MoE sees all B·T positions as one batch (Sec. 3.1). Input embedding and softmax weights are
-separate (untied), as the paper's total parameter counts imply (paper.md §1.7).
+separate (untied), as the paper's total parameter counts imply (App. C.1, Table 7).
 
 The architecture comes from a `flops.ModelConfig`, so the model and the accounting describe the same
 thing: kind 'none' stacks the LSTMs (4xLSTM-512, LSTM-2048-512, ...), 'dense' puts one always-active
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from moe_impl.layer.flat import MoE, RoutingStats
 from moe_impl.layer.hierarchical import HierarchicalMoE
-from moe_impl.model.flops import ModelConfig
+from moe_impl.model.config import ModelConfig
 
 
 class LMOutput(NamedTuple):

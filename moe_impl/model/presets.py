@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moe_impl.model.flops import ModelConfig
+from moe_impl.model.config import ModelConfig
 
 LM1B_VOCAB = 793_471  # App. C.1
-# NOTE: inferred, not stated (paper.md §2.3). Table 8's Total column (0.1B ... 137.7B) is our
+# NOTE: inferred, not stated (App. D). Table 8's Total column (0.1B ... 137.7B) is our
 # count + 2·V·512 rounded to 0.1B for every V in [75,269, 109,588]; 100,000 is a round value there.
 NEWS100B_VOCAB = 100_000
-# NOTE: inferred, not stated (paper.md §4.2). With 3x-forward training FLOPs, "expert FLOPs are
+# NOTE: inferred, not stated (Sec. 5.1). With 3x-forward training FLOPs, "expert FLOPs are
 # 37%-46% of the total for all MoE models" (Sec. 5.1) holds for every 1B MoE preset iff the
 # sampled softmax uses about 3,100-4,700 samples; 4096 is the power of two in that range
 # (Jozefowicz et al.'s 8192 would put the 8M-ops models at 32-33%).

@@ -57,6 +57,7 @@ SUMMARY_KEYS = (
     "train_tokens",  # training positions processed (batch · seq_len · steps)
     "train_scored_tokens",
     "steps",
+    "model",  # the resolved ModelConfig as a dict (dataclasses.asdict; lstm_layers as lists)
 )
 
 

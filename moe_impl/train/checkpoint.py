@@ -6,7 +6,7 @@ are kept. Loading maps tensors to the requested device; sparse expert states are
 
 An expert-parallel run (moe_impl/parallel) writes one folder per checkpoint,
 `step-NNNNNNNN/rank-RRRRR-of-WWWWW.pt`: each rank its own shard of the experts, rank 0 also the
-replicated rest (moe_impl/parallel/checkpointing.py). Rank 0 names the folder in latest.txt once
+replicated rest (moe_impl/parallel/shard_state.py). Rank 0 names the folder in latest.txt once
 every rank has written (the caller passes a barrier). A folder missing a rank's file is incomplete
 and never chosen.
 """
@@ -140,7 +140,7 @@ def load(
 ) -> dict:
     """One process's file of a checkpoint (`rank` of `world_size`); ValueError if the checkpoint was
     written by another number of processes (the trainer then reads every file and reshards,
-    moe_impl.parallel.checkpointing)."""
+    moe_impl.parallel.shard_state)."""
     path = Path(path)
     if path.is_dir():
         file = path / _rank_file(rank, world_size)

@@ -1,127 +1,301 @@
-"""The training config: defaults, YAML files, `--set key=value` overrides, validation, resolution.
+"""The run config of `python -m moe_impl train`: typed sections, YAML files, `--set` overrides.
 
-A config is a nested dict with exactly the keys of DEFAULTS (an unknown key is an error that names
-it and lists the valid ones). `load_config(files, overrides)` merges DEFAULTS <- each YAML file <-
-each `key.path=value` override (values parsed as YAML: `3e-4`, `true`, `[1, 2]`, `null`) and checks
-every value's type and range, so a bad value fails before any model is built. The resolved dict is
-what `config.yaml` of a run directory holds; `model_config(cfg, vocab_size)` turns its `model`
-section into the `flops.ModelConfig` the model and the accounting share.
+A `RunConfig` nests one frozen, keyword-only dataclass per section: model, data (with its
+synthetic sub-section, the corpus's own `TopicMarkovConfig`), train, eval, tracking, distributed,
+telemetry. Each checks its values in `__post_init__`, so a bad value fails where it is built, before
+any model is, with a ValueError naming the key as the user writes it (`train.lr`) and the value;
+settings that span sections (a finite corpus for `train.epochs`) are checked by RunConfig.
+
+`load_config(files, overrides)` layers the defaults <- each YAML file <- each `key.path=value`
+override (values parsed as YAML: `3e-4`, `true`, `[1, 2]`, `null`; integral floats become ints) and
+builds the RunConfig once, at the end; an unknown key is an error that names it and lists the valid
+ones. `cfg.to_dict()` is the nested plain dict, every key in field order, that a run directory's
+`config.yaml` holds (`dump`); `RunConfig.from_dict` reads it back. `cfg.model.resolve(vocab_size)`
+is the `ModelConfig` the model and the accounting share (the corpus fixes the vocabulary).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from moe_impl.data.synthetic import TopicMarkovConfig
-from moe_impl.model.flops import ModelConfig
+from moe_impl.model.config import ModelConfig
 from moe_impl.model.presets import ALL_PRESETS
 
 # ModelConfig fields a config may override on top of its preset (`model.num_experts=1024`);
 # vocab_size always comes from the corpus.
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size")
 
-DEFAULTS: dict = {
-    "name": None,  # run name (MLflow run name); default: the preset's model name
-    "experiment": "moe",  # MLflow experiment
-    "sweep": None,  # a label grouping runs (MLflow tag), e.g. "lm1b-style"
-    "model": {
-        "preset": "cpu/MoE-32",  # any `python -m moe_impl flops` name: cpu/..., lm1b/..., news100b/...
-        **dict.fromkeys(MODEL_FIELDS),  # None = the preset's value
-        # App. C.1 used 0.1-0.4 for 10 epochs over LM1B; a single pass over the endless synthetic
-        # stream has nothing to regularise (see the README's sizing notes)
-        "dropout": 0.0,
-        "w_importance": 0.1,  # App. C.1: w_importance = w_load = 0.1
-        "w_load": 0.1,
-        "noisy_gating": True,
-        "sparse_grad": None,  # None: sparse expert gradients from 4096 experts on
-    },
-    "data": {
-        "corpus": "synthetic",  # synthetic | lm1b | text
-        "path": None,  # lm1b: the archive folder; text: the folder with train/valid/test files
-        "vocab_file": None,  # lm1b: vocab-2016-09-10.txt or 1b_word_vocab.txt (default: found)
-        "cache_dir": None,  # lm1b: where encoded shards are cached (default: beside the data)
-        "max_train_shards": None,  # lm1b: use only the first N training shards
-        "min_count": 1,  # text: frequency cutoff of the vocabulary
-        "max_vocab": None,  # text: keep at most this many words
-        "synthetic": {f.name: f.default for f in dataclasses.fields(TopicMarkovConfig)},
-    },
-    "train": {
-        "seed": 0,
-        "device": "cpu",  # cpu | cuda | cuda:N
-        "dtype": "float32",  # float32 | bfloat16 (autocast; gate logits stay float32)
-        "threads": None,  # CPU threads; None = all cores
-        "batch_size": 64,  # rows per step
-        "seq_len": 64,  # time steps per row (truncated back-propagation length)
-        "tokens": 4_000_000,  # training positions (batch_size · seq_len per step); or null
-        "epochs": None,  # finite corpora: passes over the training data (instead of tokens)
-        "lr": 0.01,  # peak learning rate
-        "warmup_steps": 100,  # App. C.1: linear warmup (1000 steps there), then ∝ 1/√step
-        "schedule": "inverse_sqrt",  # inverse_sqrt | constant (after warmup)
-        "beta1": 0.9,
-        "beta2": 0.98,
-        "eps": 1e-9,
-        "expert_optimizer": "auto",  # adam | factored (App. D) | auto: factored iff sparse grads
-        "clip_norm": 1.0,  # global gradient-norm clipping; null = none
-        "log_every": 10,  # steps between progress lines and tracked metrics
-        "checkpoint_every": 200,  # steps between checkpoints (and at the end)
-        "keep_checkpoints": 2,
-        "progress": "auto",  # auto (a bar in a terminal, lines in logs) | bar | lines | none
-    },
-    "eval": {
-        "split": "test",  # the summary's split: test (the paper's heldout) | valid
-        "tokens": 100_000,  # scored tokens per evaluation (required for the endless synthetic)
-        "batch_size": 32,
-        "seq_len": 128,
-        "at_tokens": [],  # extra snapshots after these many training tokens (Fig. 3: N, 10N)
-    },
-    "tracking": {
-        "enabled": True,  # log to MLflow too (the run directory is written either way, first)
-        "uri": None,  # default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/results/mlflow.db
-    },
-    "distributed": {
-        # used when the run is launched with several processes (torchrun, or the workflow's SLURM
-        # profile): the experts are sharded over the ranks and train.batch_size rows (the global
-        # batch) are split among them (moe_impl/parallel, README "Cluster")
-        "backend": "auto",  # auto (nccl on cuda, gloo on cpu) | nccl | gloo
-        "replicate_noise": False,  # every rank draws the whole batch's gate noise and softmax
-        # samples and keeps its rows: with model.dropout=0 the run then equals the one-process run
-        "timeout_s": 600,  # collective timeout (seconds)
-    },
-    "telemetry": {
-        "interval_s": 1.0,  # GPU (NVML) sampling interval
-        "peak_flops": None,  # device peak FLOP/s for MFU; None: the device table (GPU) or a
-        # measured GEMM (CPU); an unknown GPU gives MFU = NaN, never a guess
-    },
-}
-
-_CHOICES = {
-    "data.corpus": ("synthetic", "lm1b", "text"),
-    "train.dtype": ("float32", "bfloat16"),
-    "train.schedule": ("inverse_sqrt", "constant"),
-    "train.expert_optimizer": ("auto", "adam", "factored"),
-    "train.progress": ("auto", "bar", "lines", "none"),
-    "eval.split": ("test", "valid"),
-    "distributed.backend": ("auto", "nccl", "gloo"),
-}
-_POSITIVE_INTS = (
-    "train.batch_size", "train.seq_len", "train.log_every", "train.checkpoint_every",
-    "train.keep_checkpoints", "eval.batch_size", "eval.seq_len",
-)  # fmt: skip
-_OPTIONAL_POSITIVE_INTS = (
-    "train.tokens", "train.epochs", "train.threads", "eval.tokens", "data.max_train_shards",
-    "data.max_vocab",
-)  # fmt: skip
+_STRUCTURE_VOCAB = 10**9  # checking a model section's structure before the corpus is known
 
 
-def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> dict:
-    """DEFAULTS <- YAML files <- `key=value` overrides, validated (ValueError names the key)."""
-    cfg = copy.deepcopy(DEFAULTS)
+@dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """`model`: a preset, overrides of its ModelConfig fields (None = the preset's value), and how
+    the model trains. `lstm_layers` is written `[[units, projection or null], ...]`."""
+
+    # any `python -m moe_impl flops` name: cpu/..., lm1b/..., news100b/...
+    preset: str = "cpu/MoE-32"
+    # overrides of the preset's ModelConfig, in its field order (MODEL_FIELDS)
+    name: str | None = None
+    d_model: int | None = None
+    lstm_layers: tuple[tuple[int, int | None], ...] | None = None
+    softmax_samples: int | None = None
+    moe: str | None = None
+    num_experts: int | None = None
+    d_hidden: int | None = None
+    expert_hidden_layers: int | None = None
+    k: int | None = None
+    num_groups: int | None = None
+    group_size: int | None = None
+    k_primary: int | None = None
+    k_secondary: int | None = None
+    # App. C.1 used 0.1-0.4 for 10 epochs over LM1B; a single pass over the endless synthetic
+    # stream has nothing to regularise (see docs/training.md's sizing notes)
+    dropout: float = 0.0
+    w_importance: float = 0.1  # App. C.1: w_importance = w_load = 0.1
+    w_load: float = 0.1
+    noisy_gating: bool = True
+    sparse_grad: bool | None = None  # None: sparse expert gradients from 4096 experts on
+
+    def __post_init__(self) -> None:
+        _check_number("model.dropout", self.dropout, low=0.0, high=1.0)
+        for key in ("w_importance", "w_load"):
+            _check_number(f"model.{key}", getattr(self, key), low=0.0)
+        _check_bool("model.noisy_gating", self.noisy_gating)
+        if self.sparse_grad not in (None, True, False):
+            raise ValueError(
+                f"model.sparse_grad must be true, false or null, got {self.sparse_grad!r}"
+            )
+        layers = self.lstm_layers
+        if layers is not None:
+            if not (
+                isinstance(layers, list | tuple)
+                and all(
+                    isinstance(layer, list | tuple)
+                    and len(layer) == 2
+                    and isinstance(layer[0], int)
+                    and (layer[1] is None or isinstance(layer[1], int))
+                    for layer in layers
+                )
+            ):
+                raise ValueError(
+                    "model.lstm_layers must be a list of [units, projection or null] pairs, e.g. "
+                    f"[[64, null], [64, null]]; got {layers!r}"
+                )
+            object.__setattr__(self, "lstm_layers", tuple(tuple(layer) for layer in layers))
+        if not isinstance(self.preset, str) or self.preset not in ALL_PRESETS:
+            raise ValueError(
+                f"model.preset {self.preset!r} is not a preset; valid: " + ", ".join(ALL_PRESETS)
+            )
+        self.resolve(_STRUCTURE_VOCAB)  # the structure; the corpus fixes the vocabulary
+
+    def resolve(self, vocab_size: int) -> ModelConfig:
+        """The preset with this section's overrides and the corpus's vocabulary."""
+        overrides = {k: getattr(self, k) for k in MODEL_FIELDS}
+        return resolve_model(self.preset, overrides, vocab_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSection:
+    """`data`: which corpus, where it is, and the synthetic corpus's parameters."""
+
+    corpus: str = "synthetic"  # synthetic | lm1b | text
+    path: str | None = None  # lm1b: the archive folder; text: the folder of train/valid/test
+    vocab_file: str | None = None  # lm1b: vocab-2016-09-10.txt or 1b_word_vocab.txt (or found)
+    cache_dir: str | None = None  # lm1b: where encoded shards are cached (default: by the data)
+    max_train_shards: int | None = None  # lm1b: use only the first N training shards
+    min_count: int = 1  # text: frequency cutoff of the vocabulary
+    max_vocab: int | None = None  # text: keep at most this many words
+    synthetic: TopicMarkovConfig = field(default_factory=TopicMarkovConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("data.corpus", self.corpus, ("synthetic", "lm1b", "text"))
+        _check_positive_int("data.min_count", self.min_count)
+        for key in ("max_train_shards", "max_vocab"):
+            _check_positive_int(f"data.{key}", getattr(self, key), optional=True)
+        for key in ("path", "vocab_file", "cache_dir"):
+            _check_string(f"data.{key}", getattr(self, key))
+        if self.corpus != "synthetic" and self.path is None:
+            raise ValueError(f"data.path is required for data.corpus={self.corpus!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSection:
+    """`train`: the device, the batches, the budget, the optimizer and its schedule, checkpoints."""
+
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | bfloat16 (autocast; gate logits stay float32)
+    threads: int | None = None  # CPU threads; None = all cores
+    batch_size: int = 64  # rows per step
+    seq_len: int = 64  # time steps per row (truncated back-propagation length)
+    tokens: int | None = 4_000_000  # training positions (batch_size · seq_len per step); or null
+    epochs: int | None = None  # finite corpora: passes over the training data (instead of tokens)
+    lr: float = 0.01  # peak learning rate
+    warmup_steps: int = 100  # App. C.1: linear warmup (1000 steps there), then ∝ 1/√step
+    schedule: str = "inverse_sqrt"  # inverse_sqrt | constant (after warmup)
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-9
+    expert_optimizer: str = "auto"  # adam | factored (App. D) | auto: factored iff sparse grads
+    clip_norm: float | None = 1.0  # global gradient-norm clipping; null = none
+    log_every: int = 10  # steps between progress lines and tracked metrics
+    checkpoint_every: int = 200  # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 2
+    progress: str = "auto"  # auto (a bar in a terminal, lines in logs) | bar | lines | none
+
+    def __post_init__(self) -> None:
+        _check_choice("train.dtype", self.dtype, ("float32", "bfloat16"))
+        _check_choice("train.schedule", self.schedule, ("inverse_sqrt", "constant"))
+        _check_choice("train.expert_optimizer", self.expert_optimizer, ("auto", "adam", "factored"))
+        _check_choice("train.progress", self.progress, ("auto", "bar", "lines", "none"))
+        for key in ("batch_size", "seq_len", "log_every", "checkpoint_every", "keep_checkpoints"):
+            _check_positive_int(f"train.{key}", getattr(self, key))
+        for key in ("tokens", "epochs", "threads"):
+            _check_positive_int(f"train.{key}", getattr(self, key), optional=True)
+        for key in ("lr", "eps"):
+            _check_number(f"train.{key}", getattr(self, key), low=0.0, low_open=True)
+        for key in ("beta1", "beta2"):
+            _check_number(f"train.{key}", getattr(self, key), low=0.0, high=1.0)
+        if self.clip_norm is not None:
+            _check_number("train.clip_norm", self.clip_norm, low=0.0, low_open=True)
+        _check_count("train.warmup_steps", self.warmup_steps)
+        if (self.tokens is None) == (self.epochs is None):
+            raise ValueError(
+                "set exactly one of train.tokens and train.epochs, got "
+                f"tokens={self.tokens!r}, epochs={self.epochs!r}"
+            )
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"train.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        _check_count("train.seed", self.seed)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Training positions per step (the global batch)."""
+        return self.batch_size * self.seq_len
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSection:
+    """`eval`: the split the summary reports, how much of it, and snapshots during training."""
+
+    split: str = "test"  # the summary's split: test (the paper's heldout) | valid
+    tokens: int | None = 100_000  # scored tokens per evaluation (needed by the endless synthetic)
+    batch_size: int = 32
+    seq_len: int = 128
+    at_tokens: tuple[int, ...] = ()  # extra snapshots after these many training tokens (Fig. 3)
+
+    def __post_init__(self) -> None:
+        _check_choice("eval.split", self.split, ("test", "valid"))
+        for key in ("batch_size", "seq_len"):
+            _check_positive_int(f"eval.{key}", getattr(self, key))
+        _check_positive_int("eval.tokens", self.tokens, optional=True)
+        at = self.at_tokens
+        if not isinstance(at, list | tuple) or any(
+            isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in at
+        ):
+            raise ValueError(f"eval.at_tokens must be a list of positive integers, got {at!r}")
+        object.__setattr__(self, "at_tokens", tuple(at))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingSection:
+    """`tracking`: MLflow (the run directory is written either way, first)."""
+
+    enabled: bool = True
+    uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/results/mlflow.db
+
+    def __post_init__(self) -> None:
+        _check_bool("tracking.enabled", self.enabled)
+        _check_string("tracking.uri", self.uri)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedSection:
+    """`distributed`: used when the run is launched with several processes (torchrun, or the
+    workflow's SLURM profile): the experts are sharded over the ranks and train.batch_size rows (the
+    global batch) are split among them (moe_impl/parallel, docs/parallel.md)."""
+
+    backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | nccl | gloo
+    # every rank draws the whole batch's gate noise and softmax samples and keeps its rows: with
+    # model.dropout=0 the run then equals the one-process run
+    replicate_noise: bool = False
+    timeout_s: float = 600  # collective timeout (seconds)
+
+    def __post_init__(self) -> None:
+        _check_choice("distributed.backend", self.backend, ("auto", "nccl", "gloo"))
+        _check_number("distributed.timeout_s", self.timeout_s, low=0.0, low_open=True)
+        _check_bool("distributed.replicate_noise", self.replicate_noise)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TelemetrySection:
+    """`telemetry`: GPU sampling and the peak FLOP/s that MFU divides by."""
+
+    interval_s: float = 1.0  # GPU (NVML) sampling interval
+    # device peak FLOP/s for MFU; None: the device table (GPU) or a measured GEMM (CPU); an unknown
+    # GPU gives MFU = NaN, never a guess
+    peak_flops: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.peak_flops is not None:
+            _check_number("telemetry.peak_flops", self.peak_flops, low=0.0, low_open=True)
+        _check_number("telemetry.interval_s", self.interval_s, low=0.0, low_open=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """One training run: its names and every section."""
+
+    name: str | None = None  # run name (MLflow run name); default: the preset's model name
+    experiment: str = "moe"  # MLflow experiment
+    sweep: str | None = None  # a label grouping runs (MLflow tag), e.g. "lm1b-style"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    telemetry: TelemetrySection = field(default_factory=TelemetrySection)
+
+    def __post_init__(self) -> None:
+        for key in ("name", "sweep"):
+            _check_string(key, getattr(self, key))
+        if not isinstance(self.experiment, str) or not self.experiment:
+            raise ValueError(f"experiment must be a non-empty string, got {self.experiment!r}")
+        if self.data.corpus == "synthetic":
+            if self.train.epochs is not None:
+                raise ValueError("train.epochs needs a finite corpus; the synthetic one is endless")
+            if self.eval.tokens is None:
+                raise ValueError(
+                    "eval.tokens must be set for data.corpus='synthetic' (an endless stream has "
+                    "no end to evaluate to)"
+                )
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> RunConfig:
+        """The inverse of `to_dict`: nested sections, values taken as they are (load_config parses
+        and coerces what users write); keys left out take their defaults."""
+        raw: dict = {}
+        _merge(raw, values, cls, prefix="", coerce=False)
+        return _build(cls, raw, prefix="")
+
+    def to_dict(self) -> dict:
+        """Every key, nested by section in field order, as plain YAML/JSON values (lists)."""
+        return _plain(self)
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> RunConfig:
+    """Defaults <- YAML files <- `key=value` overrides, validated (ValueError names the key)."""
+    raw: dict = {}
     for path in files:
         path = Path(path)
         if not path.is_file():
@@ -132,15 +306,111 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> dict
             raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping of sections")
-        _merge(cfg, data, prefix="")
+        _merge(raw, data, RunConfig, prefix="")
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {item!r}")
         value = yaml.safe_load(text) if text.strip() else None
-        _merge(cfg, _nested(key.strip(), value), prefix="")
-    validate(cfg)
-    return cfg
+        _merge(raw, _nested(key.strip(), value), RunConfig, prefix="")
+    return _build(RunConfig, raw, prefix="")
+
+
+def dump(cfg: RunConfig) -> str:
+    """The YAML text of a run directory's config.yaml (and of --print-config)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def model_config(cfg: RunConfig | Mapping, vocab_size: int) -> ModelConfig:
+    """The run's ModelConfig: `cfg.model.resolve(vocab_size)`. A plain dict (a config.yaml read
+    back) works too: only its `model` section's preset and ModelConfig fields are read."""
+    if isinstance(cfg, RunConfig):
+        return cfg.model.resolve(vocab_size)
+    section = cfg["model"]
+    return resolve_model(section["preset"], {k: section[k] for k in MODEL_FIELDS}, vocab_size)
+
+
+def resolve_model(preset: str, overrides: Mapping, vocab_size: int) -> ModelConfig:
+    """ALL_PRESETS[preset] with the overrides that are not None; a new expert count renames a
+    flat or hierarchical model (`MoE-1024-h`). ValueError names the preset and the overrides."""
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if "lstm_layers" in changes:
+        changes["lstm_layers"] = tuple(
+            (int(units), None if proj is None else int(proj))
+            for units, proj in changes["lstm_layers"]
+        )
+    base = ALL_PRESETS[preset]
+    kind = changes.get("moe", base.moe)
+    if "num_experts" in changes and kind in ("flat", "hierarchical"):
+        changes["name"] = f"MoE-{changes['num_experts']}" + ("-h" if kind == "hierarchical" else "")
+    try:
+        return dataclasses.replace(base, vocab_size=vocab_size, **changes)
+    except ValueError as err:
+        raise ValueError(f"model ({preset} with {changes or 'no overrides'}): {err}") from None
+    except TypeError as err:
+        raise ValueError(f"model: {err}") from None
+
+
+# --- building a RunConfig from nested mappings ---------------------------------------------------
+
+
+def _sections(cls: type) -> dict[str, type]:
+    """The fields of `cls` that are sections of their own: {name: their dataclass}."""
+    return {
+        f.name: f.default_factory
+        for f in dataclasses.fields(cls)
+        if dataclasses.is_dataclass(f.default_factory)
+    }
+
+
+def _merge(into: dict, new: Mapping, cls: type, prefix: str, *, coerce: bool = True) -> None:
+    """Lay `new` over `into` (what the user set so far), checking each key against `cls`'s fields;
+    values are coerced as `_coerce` says (or taken as they are)."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    sections = _sections(cls)
+    for key, value in new.items():
+        name = f"{prefix}{key}"
+        if key not in valid:
+            where = f"in {prefix[:-1]!r}" if prefix else "at the top level"
+            raise ValueError(
+                f"unknown config key {name!r}; valid keys {where}: {', '.join(sorted(valid))}"
+            )
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {name!r} must be a mapping, got {value!r}")
+            _merge(into.setdefault(key, {}), value, sections[key], f"{name}.", coerce=coerce)
+        else:
+            into[key] = _coerce(value) if coerce else value
+
+
+def _build(cls: type, values: dict, prefix: str):
+    """`cls` from merged values, its sections first, in field order (keys not set take their
+    defaults)."""
+    sections = _sections(cls)
+    kwargs = {
+        f.name: _build(sections[f.name], values[f.name], f"{prefix}{f.name}.")
+        if f.name in sections
+        else values[f.name]
+        for f in dataclasses.fields(cls)
+        if f.name in values
+    }
+    if cls is not TopicMarkovConfig:
+        return cls(**kwargs)
+    # the corpus's own config names its keys data.X; in a run config they are data.synthetic.X
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ValueError(str(err).replace("data.", "data.synthetic.")) from None
+    except TypeError as err:
+        raise ValueError(f"data.synthetic: {err}") from None
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _nested(dotted: str, value) -> dict:
@@ -151,22 +421,6 @@ def _nested(dotted: str, value) -> dict:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return out
-
-
-def _merge(into: dict, new: dict, prefix: str) -> None:
-    for key, value in new.items():
-        name = f"{prefix}{key}"
-        if key not in into:
-            where = f"in {prefix[:-1]!r}" if prefix else "at the top level"
-            raise ValueError(
-                f"unknown config key {name!r}; valid keys {where}: {', '.join(sorted(into))}"
-            )
-        if isinstance(into[key], dict):
-            if not isinstance(value, dict):
-                raise ValueError(f"config key {name!r} must be a mapping, got {value!r}")
-            _merge(into[key], value, prefix=f"{name}.")
-        else:
-            into[key] = _coerce(value)
 
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -184,105 +438,37 @@ def _coerce(value):
     return value
 
 
-def get(cfg: dict, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
+# --- checks (ValueError naming the key and the value) --------------------------------------------
 
 
-def validate(cfg: dict) -> None:
-    """Types and ranges of every setting; the model and corpus sections are checked by building
-    them (ModelConfig, TopicMarkovConfig), with their messages prefixed by the section."""
-    for key, choices in _CHOICES.items():
-        if get(cfg, key) not in choices:
-            raise ValueError(f"{key} must be one of {list(choices)}, got {get(cfg, key)!r}")
-    for key in _POSITIVE_INTS + _OPTIONAL_POSITIVE_INTS:
-        value = get(cfg, key)
-        if value is None and key in _OPTIONAL_POSITIVE_INTS:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    if cfg["telemetry"]["peak_flops"] is not None:
-        _check_number(
-            "telemetry.peak_flops", cfg["telemetry"]["peak_flops"], low=0.0, low_open=True
-        )
-    _check_number("telemetry.interval_s", cfg["telemetry"]["interval_s"], low=0.0, low_open=True)
-    for key in ("train.lr", "train.eps"):
-        _check_number(key, get(cfg, key), low=0.0, low_open=True)
-    for key in ("train.beta1", "train.beta2", "model.dropout"):
-        _check_number(key, get(cfg, key), low=0.0, high=1.0)
-    for key in ("model.w_importance", "model.w_load"):
-        _check_number(key, get(cfg, key), low=0.0)
-    if cfg["train"]["clip_norm"] is not None:
-        _check_number("train.clip_norm", cfg["train"]["clip_norm"], low=0.0, low_open=True)
-    warmup = cfg["train"]["warmup_steps"]
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"train.warmup_steps must be an integer >= 0, got {warmup!r}")
-    if (cfg["train"]["tokens"] is None) == (cfg["train"]["epochs"] is None):
-        raise ValueError(
-            "set exactly one of train.tokens and train.epochs, got "
-            f"tokens={cfg['train']['tokens']!r}, epochs={cfg['train']['epochs']!r}"
-        )
-    if cfg["train"]["epochs"] is not None and cfg["data"]["corpus"] == "synthetic":
-        raise ValueError("train.epochs needs a finite corpus; the synthetic one is endless")
-    at = cfg["eval"]["at_tokens"]
-    if not isinstance(at, list) or any(
-        isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in at
-    ):
-        raise ValueError(f"eval.at_tokens must be a list of positive integers, got {at!r}")
-    device = cfg["train"]["device"]
-    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise ValueError(f"train.device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    _check_number("distributed.timeout_s", cfg["distributed"]["timeout_s"], low=0.0, low_open=True)
-    for key in ("model.noisy_gating", "tracking.enabled", "distributed.replicate_noise"):
-        if not isinstance(get(cfg, key), bool):
-            raise ValueError(f"{key} must be true or false, got {get(cfg, key)!r}")
-    if cfg["model"]["sparse_grad"] not in (None, True, False):
-        raise ValueError(
-            f"model.sparse_grad must be true, false or null, got {cfg['model']['sparse_grad']!r}"
-        )
-    seed = cfg["train"]["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"train.seed must be an integer >= 0, got {seed!r}")
-    for key in ("data.path", "data.vocab_file", "data.cache_dir", "tracking.uri", "name", "sweep"):
-        if get(cfg, key) is not None and not isinstance(get(cfg, key), str):
-            raise ValueError(f"{key} must be a string, got {get(cfg, key)!r}")
-    if not isinstance(cfg["experiment"], str) or not cfg["experiment"]:
-        raise ValueError(f"experiment must be a non-empty string, got {cfg['experiment']!r}")
-    layers = cfg["model"]["lstm_layers"]
-    if layers is not None and not (
-        isinstance(layers, list)
-        and all(
-            isinstance(layer, list)
-            and len(layer) == 2
-            and isinstance(layer[0], int)
-            and (layer[1] is None or isinstance(layer[1], int))
-            for layer in layers
-        )
-    ):
-        raise ValueError(
-            "model.lstm_layers must be a list of [units, projection or null] pairs, e.g. "
-            f"[[64, null], [64, null]]; got {layers!r}"
-        )
-    if not isinstance(cfg["model"]["preset"], str) or cfg["model"]["preset"] not in ALL_PRESETS:
-        raise ValueError(
-            f"model.preset {cfg['model']['preset']!r} is not a preset; valid: "
-            + ", ".join(ALL_PRESETS)
-        )
-    if cfg["data"]["corpus"] == "synthetic":
-        synthetic_config(cfg)
-        if cfg["eval"]["tokens"] is None:
-            raise ValueError(
-                "eval.tokens must be set for data.corpus='synthetic' (an endless stream has no "
-                "end to evaluate to)"
-            )
-    elif cfg["data"]["path"] is None:
-        raise ValueError(f"data.path is required for data.corpus={cfg['data']['corpus']!r}")
-    model_config(cfg, vocab_size=10**9)  # structure only; the corpus fixes the vocabulary
+def _check_choice(key: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
 
 
-def _check_number(key, value, *, low=None, high=None, low_open=False) -> None:
+def _check_positive_int(key: str, value, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
+def _check_count(key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
+
+
+def _check_bool(key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+
+
+def _check_string(key: str, value) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}")
+
+
+def _check_number(key: str, value, *, low=None, high=None, low_open=False) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
@@ -293,39 +479,3 @@ def _check_number(key, value, *, low=None, high=None, low_open=False) -> None:
         hi = "" if high is None else f"< {high}"
         raise ValueError(f"{key} must be a finite number {' and '.join(filter(None, [lo, hi]))}, "
                          f"got {value!r}")  # fmt: skip
-
-
-def synthetic_config(cfg: dict) -> TopicMarkovConfig:
-    try:
-        return TopicMarkovConfig(**cfg["data"]["synthetic"])
-    except ValueError as err:
-        raise ValueError(str(err).replace("data.", "data.synthetic.", 1)) from None
-    except TypeError as err:
-        raise ValueError(f"data.synthetic: {err}") from None
-
-
-def model_config(cfg: dict, vocab_size: int) -> ModelConfig:
-    """The preset with the config's overrides and the corpus's vocabulary."""
-    section = cfg["model"]
-    changes = {k: section[k] for k in MODEL_FIELDS if section[k] is not None}
-    if "lstm_layers" in changes:
-        changes["lstm_layers"] = tuple(
-            (int(units), None if proj is None else int(proj))
-            for units, proj in changes["lstm_layers"]
-        )
-    preset = ALL_PRESETS[section["preset"]]
-    kind = changes.get("moe", preset.moe)
-    if "num_experts" in changes and kind in ("flat", "hierarchical"):
-        changes["name"] = f"MoE-{changes['num_experts']}" + ("-h" if kind == "hierarchical" else "")
-    try:
-        return dataclasses.replace(preset, vocab_size=vocab_size, **changes)
-    except ValueError as err:
-        raise ValueError(
-            f"model ({section['preset']} with {changes or 'no overrides'}): {err}"
-        ) from None
-    except TypeError as err:
-        raise ValueError(f"model: {err}") from None
-
-
-def dump(cfg: dict) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False)

@@ -1,12 +1,14 @@
-"""The paper's memory-saving Adam for expert parameters (Shazeer et al. 2017, App. D).
+"""The parameter update of a run: its optimizers (`build_optimizers`), the global gradient norm and
+clipping (`clip_gradients`), and the paper's memory-saving Adam for expert parameters
+(Shazeer et al. 2017, App. D), `FactoredAdam`:
 
     β1 = 0 (no first moment);  second moment factored per weight matrix W (r x c):
     v_row ← β2·v_row + (1 − β2)·mean_cols(g²),   v_col ← β2·v_col + (1 − β2)·mean_rows(g²)
     v̂ = outer(v_row, v_col) / mean(v_row) / (1 − β2^t),   W ← W − lr · g / (sqrt(v̂) + ε)
 
 "for each weight matrix keep row-wise and column-wise averages of the second-moment matrix and
-approximate the full matrix as their outer product divided by the mean of either one" (paper.md
-§5). DEVIATION(t2t): tensor2tensor's DietAdam factorises after the square root; we follow the paper.
+approximate the full matrix as their outer product divided by the mean of either one" (App. D,
+paraphrased). DEVIATION(t2t): tensor2tensor's DietAdam factorises after the square root; we follow the paper.
 
 Made for the expert banks of moe_impl (parameters of shape (E, r, c), one matrix per expert) and
 their sparse gradients (`sparse_grad=True`): only the experts present in the gradient are touched,
@@ -17,10 +19,66 @@ Defaults β2 = 0.98, ε = 1e-10 are tensor2tensor's DietAdam values (the paper g
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from moe_impl.parallel import global_grad_norm, sum_replicated_grads
+
+if TYPE_CHECKING:
+    from moe_impl.train.config import TrainSection
+
+
+def build_optimizers(
+    model: nn.Module, train: TrainSection
+) -> tuple[list[torch.optim.Optimizer], str | None]:
+    """The run's optimizers and the expert optimizer's name (None without experts): one Adam, or
+    Adam for the dense parameters plus FactoredAdam (App. D) for the experts'
+    (train.expert_optimizer; 'auto' takes the factored one iff the expert gradients are sparse)."""
+    experts = [p for n, p in model.named_parameters() if ".experts." in n]
+    bank = getattr(model.moe, "experts", None)
+    sparse = bool(getattr(bank, "sparse_grad", False))
+    choice = train.expert_optimizer
+    if choice == "auto":
+        choice = "factored" if sparse else "adam"
+    if choice == "adam" and sparse:
+        raise ValueError(
+            "train.expert_optimizer='adam' cannot take sparse expert gradients; use "
+            "'factored' (App. D) or set model.sparse_grad=false"
+        )
+    # fused: one kernel for all tensors (CPU and CUDA); 4x faster than the per-tensor loop on
+    # our CPU for 256 experts' dense gradients
+    adam_kw = dict(lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps, fused=True)
+    if choice == "factored" and experts:
+        ids = {id(p) for p in experts}
+        rest = [p for p in model.parameters() if id(p) not in ids]
+        return [
+            torch.optim.Adam(rest, **adam_kw),
+            FactoredAdam(experts, lr=train.lr, beta2=train.beta2, eps=train.eps),
+        ], choice
+    return [torch.optim.Adam(model.parameters(), **adam_kw)], choice if experts else None
+
+
+def clip_gradients(model: nn.Module, clip_norm: float | None, *, distributed: bool) -> float:
+    """The global gradient norm over dense and sparse gradients (a sparse gradient's values hold
+    each active expert once); scales all gradients down to `clip_norm` (None: no clipping).
+    Distributed: the replicated gradients are summed over ranks first, and the norm covers every
+    rank's experts."""
+    if distributed:
+        sum_replicated_grads(model)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if distributed:
+        norm = global_grad_norm(model)
+    else:
+        norms = [torch.linalg.vector_norm(g._values() if g.is_sparse else g) for g in grads]
+        norm = float(torch.linalg.vector_norm(torch.stack(norms).float())) if norms else 0.0
+    if clip_norm is not None and math.isfinite(norm) and norm > clip_norm:
+        for g in grads:
+            g.mul_(clip_norm / norm)
+    return norm
 
 
 class FactoredAdam(torch.optim.Optimizer):

@@ -1,0 +1,72 @@
+"""The corpus a run trains on, from its `data` section (moe_impl/data: synthetic, lm1b, text), and
+this process's share of its batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moe_impl.data.base import Batch
+from moe_impl.data.synthetic import TopicMarkov
+from moe_impl.parallel.context import Context
+from moe_impl.train.config import RunConfig
+
+
+def build_corpus(cfg: RunConfig):
+    """The configured corpus, opened (LM1B and text read their vocabulary here)."""
+    data = cfg.data
+    if data.corpus == "synthetic":
+        return TopicMarkov(data.synthetic)
+    if data.corpus == "lm1b":
+        from moe_impl.data.lm1b import LM1BCorpus
+
+        return LM1BCorpus(
+            data.path,
+            vocab_file=data.vocab_file,
+            cache_dir=data.cache_dir,
+            seed=cfg.train.seed,
+            max_train_shards=data.max_train_shards,
+        )
+    from moe_impl.data.text import TextCorpus
+
+    return TextCorpus(data.path, min_count=data.min_count, max_vocab=data.max_vocab)
+
+
+def open_corpus(cfg: RunConfig, ctx: Context, device: torch.device):
+    """The corpus of this process. In a distributed run rank 0 opens it first (and writes any
+    cache), then the others read it, and a data error stops every rank, not only rank 0."""
+    if not ctx.distributed:
+        return build_corpus(cfg)
+    corpus, error = None, None
+    if ctx.is_main:
+        try:
+            corpus = build_corpus(cfg)
+            if hasattr(corpus, "stream"):  # real text: encode (and cache) what training reads
+                for split in ("train", cfg.eval.split):
+                    corpus.stream(split)
+        except ValueError as err:
+            error = err
+    if not ctx.all_agree(error is None, device):
+        raise error or ValueError("rank 0 could not open the corpus (its error says why)")
+    return corpus if corpus is not None else build_corpus(cfg)
+
+
+def local_rows(array: np.ndarray, ctx: Context) -> np.ndarray:
+    """This process's share of a batch's rows (all of them on one process)."""
+    rows, left = divmod(array.shape[0], ctx.world_size)
+    if left:  # never drop rows silently (the corpora give full batches; this guards that)
+        raise RuntimeError(
+            f"a batch of {array.shape[0]} rows cannot be split over {ctx.world_size} processes"
+        )
+    return array[ctx.rank * rows : (ctx.rank + 1) * rows]
+
+
+def local_batch(
+    batch: Batch, ctx: Context, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, targets, scored) of this process's rows, as tensors on `device`."""
+
+    def to(a):
+        return torch.from_numpy(np.ascontiguousarray(local_rows(a, ctx))).to(device)
+
+    return to(batch.inputs), to(batch.targets), to(batch.scored)

@@ -1,0 +1,199 @@
+"""What a run keeps to continue: the loop's own state, its checkpoints, and its run directory.
+
+A checkpoint (moe_impl/train/checkpoint.py writes the files) holds the model and optimizer states,
+the wall time so far and the `LoopState`, under the keys of `LoopState.to_checkpoint`. Restoring
+one also rewrites metrics.jsonl to what the checkpoint had logged, so a resumed run logs every
+step once. `prepare_run_dir` writes config.yaml and run.json at the start: into an empty directory,
+or, on --resume, over the same config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe_impl.parallel import shard_state
+from moe_impl.parallel.context import Context
+from moe_impl.runs import rundir, runinfo
+from moe_impl.train import checkpoint
+
+STATS = ("cv_importance", "cv_load", "max_over_mean_load")  # routing statistics of a step
+STATS_WINDOW = 20  # the summary's routing statistics and expert load: the last this many steps
+
+
+@dataclass(kw_only=True)
+class LoopState:
+    """The training loop's progress (mutable: the loop advances it every step)."""
+
+    step: int = 0  # steps done
+    lstm_state: list | None = None  # carried between batches by corpora that continue rows
+    train_time: float = 0.0  # seconds in training steps (evaluation excluded)
+    scored_tokens: int = 0  # training tokens scored so far
+    expert_load: np.ndarray | None = None  # tokens per expert over the last steps (summary window)
+    snapshots: list[dict] = field(default_factory=list)  # evaluations during training
+    recent_stats: list[dict] = field(default_factory=list)  # routing statistics, the last steps
+    earlier_wall_time: float = 0.0  # wall time of the run's earlier segments (before a resume)
+
+    def advance(self, record: dict, seconds: float) -> None:
+        """Count one trained step (its metrics record, the seconds it took)."""
+        self.train_time += seconds
+        self.step += 1
+        self.scored_tokens += record["scored_tokens"]
+        if "cv_importance" in record:
+            self.recent_stats = [*self.recent_stats, {k: record[k] for k in STATS}][-STATS_WINDOW:]
+
+    def to_checkpoint(self) -> dict:
+        """The checkpoint's keys for this state (the format checkpoints have always had)."""
+        return {
+            "step": self.step,
+            "state": self.lstm_state,
+            "train_time": self.train_time,
+            "scored_tokens": self.scored_tokens,
+            "expert_load": self.expert_load,
+            "snapshots": self.snapshots,
+            "recent_stats": self.recent_stats,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict, device: torch.device) -> LoopState:
+        """The state a checkpoint holds; its wall time (`save_checkpoint` writes the run's wall time
+        so far) is what the resumed segment continues from."""
+        lstm_state = saved["state"]
+        if lstm_state is not None:
+            lstm_state = [tuple(t.to(device) for t in s) for s in lstm_state]
+        return cls(
+            step=saved["step"],
+            lstm_state=lstm_state,
+            train_time=saved["train_time"],
+            scored_tokens=saved["scored_tokens"],
+            expert_load=saved["expert_load"],
+            snapshots=saved["snapshots"],
+            recent_stats=saved["recent_stats"],
+            earlier_wall_time=saved["wall_time"],
+        )
+
+
+def prepare_run_dir(
+    run_dir: Path, config_text: str, *, resume: bool, ctx: Context, name: str, experiment: str
+) -> None:
+    """Check, then write config.yaml and run.json (rank 0). A new run needs an empty (or no)
+    directory; a resumed one the config it was started with."""
+    config_path = run_dir / rundir.CONFIG_FILE
+    # every rank checks before any writes, so all raise alike
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise ValueError(
+            f"run directory {str(run_dir)!r} is not empty; pass --resume to continue it or choose "
+            "another --out"
+        )
+    if resume and config_path.exists() and config_path.read_text() != config_text:
+        raise ValueError(
+            f"--resume: the config differs from the one in {str(config_path)!r}; a resumed "
+            "run must use the same settings (compare the files, or start a new --out)"
+        )
+    ctx.barrier()
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(config_text)
+        runinfo.write_run_identity(run_dir, name, experiment)
+    ctx.barrier()
+
+
+def save_checkpoint(
+    run_dir: Path,
+    loop: LoopState,
+    wall_time: float,
+    model: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    ctx: Context,
+    *,
+    keep: int,
+) -> None:
+    """This process's checkpoint of the loop's step; distributed: rank 0 writes the replicated
+    layers, every rank its experts."""
+    model_state, opt_states = shard_state.local_state(model, optimizers, ctx.rank)
+    checkpoint.save(
+        run_dir,
+        loop.step,
+        {
+            **loop.to_checkpoint(),
+            "model": model_state,
+            "optimizers": opt_states,
+            "wall_time": wall_time,
+        },
+        keep=keep,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        barrier=ctx.barrier,
+    )
+
+
+def restore_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    ctx: Context,
+    device: torch.device,
+) -> LoopState:
+    """Load the model and optimizer states of checkpoint `path` (resharded when another number of
+    processes wrote it) and return the loop state it holds."""
+    rank, world = ctx.rank, ctx.world_size
+    old_world = checkpoint.world_size_of(path)
+    if old_world == world:
+        saved = checkpoint.load(path, device, rank=rank, world_size=world)
+        model_state, opt_states = saved["model"], saved["optimizers"]
+        if rank != 0:  # the replicated layers are in rank 0's file
+            main = checkpoint.load(path, "cpu", rank=0, world_size=world, mmap=True)
+            model_state, opt_states = shard_state.merged_state(model, optimizers, main, saved)
+    else:  # written by another number of processes: reshard (reads every old file)
+        old = [
+            checkpoint.load(path, "cpu", rank=r, world_size=old_world, mmap=True)
+            for r in range(old_world)
+        ]
+        model_state, opt_states, lstm_state = shard_state.resharded_state(
+            model, optimizers, old, rank, world
+        )
+        saved = {**old[0], "state": lstm_state}
+    model.load_state_dict(model_state)
+    for opt, state in zip(optimizers, opt_states, strict=True):
+        opt.load_state_dict(state)
+        shard_state.state_to_param_devices(opt)
+    return LoopState.from_checkpoint(saved, device)
+
+
+def resumed_state(
+    run_dir: Path,
+    model: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    ctx: Context,
+    device: torch.device,
+) -> LoopState:
+    """The loop state to continue an unfinished run from: its latest checkpoint's (the model and
+    optimizers restored, metrics.jsonl cut back to it), or a fresh start when it was killed before
+    its first checkpoint (what it logged is forgotten)."""
+    latest = checkpoint.latest(run_dir)
+    loop = LoopState()
+    if latest is not None:
+        loop = restore_checkpoint(latest, model, optimizers, ctx, device)
+        if ctx.is_main:
+            truncate_metrics(run_dir, loop)
+    elif ctx.is_main:
+        (run_dir / rundir.METRICS_FILE).unlink(missing_ok=True)
+    ctx.barrier()
+    return loop
+
+
+def truncate_metrics(run_dir: Path, loop: LoopState) -> None:
+    """Drop the metrics.jsonl lines logged after the checkpoint of `loop` (they would be logged
+    again): later steps, and evaluations at its step unless they are snapshots it holds."""
+    snapshot_steps = {snap["step"] for snap in loop.snapshots}
+    kept = [
+        r
+        for r in rundir.read_metrics(run_dir)
+        if r.get("step", 0) < loop.step
+        or (r.get("step") == loop.step and (r["kind"] == "train" or loop.step in snapshot_steps))
+    ]
+    path = run_dir / rundir.METRICS_FILE
+    path.write_text("".join(rundir.dumps(r) + "\n" for r in kept))

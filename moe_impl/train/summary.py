@@ -1,0 +1,113 @@
+"""summary.json of a finished run (moe_impl/runs/rundir.py, SUMMARY_KEYS): the final evaluation,
+the resolved model and its accounting (moe_impl/model/flops.py), throughput and MFU, the routing
+statistics of the last steps, and where and how the run ran."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe_impl import telemetry
+from moe_impl.model import flops
+from moe_impl.model.config import ModelConfig
+from moe_impl.runs import rundir
+from moe_impl.train.device import device_name
+from moe_impl.train.state import STATS, STATS_WINDOW, LoopState
+
+
+def model_dict(model: ModelConfig) -> dict:
+    """The resolved model as summary.json holds it: dataclasses.asdict, lists for tuples."""
+    out = dataclasses.asdict(model)
+    out["lstm_layers"] = [list(layer) for layer in model.lstm_layers]
+    return out
+
+
+def build_summary(
+    *,
+    name: str,
+    preset: str,
+    corpus,
+    model: ModelConfig,
+    final: dict,
+    loop: LoopState,
+    tokens_per_step: int,
+    wall_time: float,
+    peak_flops: float | None,
+    peak_flops_source: str,
+    peak_memory_mb: float,
+    expert_optimizer: str | None,
+    device: torch.device,
+    world_size: int,
+    backend: str | None,
+    dtype: str,
+) -> dict:
+    """The summary of a run that trained `loop.step` steps and scored `final` (evaluate's dict)."""
+    train_tokens = loop.step * tokens_per_step
+    tokens_per_second = train_tokens / loop.train_time if loop.train_time else None
+    train_flops = flops.train_flops_per_token(model)
+    tflops = train_flops * tokens_per_second / 1e12 / world_size if tokens_per_second else None
+    stats = {
+        k: float(np.mean([s[k] for s in loop.recent_stats])) if loop.recent_stats else None
+        for k in STATS
+    }
+    floor = corpus.floor_nats()
+    return {
+        "name": name,
+        "preset": preset,
+        "corpus": corpus.describe(),
+        "model": model_dict(model),
+        "test_perplexity": final["perplexity"],
+        "test_nll": final["nll"],
+        "excess_nll": final["excess_nll"],
+        "oracle_nll": final["oracle_nll"],
+        "floor_nll": floor,
+        "floor_perplexity": math.exp(floor) if floor is not None else None,
+        "eval_split": final["split"],
+        "eval_scored_tokens": final["scored_tokens"],
+        "params_total": flops.total_params(model),
+        "params_excl_embedding_softmax": flops.params_excl_embedding_softmax(model),
+        "ops_per_timestep": flops.ops_per_timestep(model),
+        "train_flops_per_token": train_flops,
+        "tflops_per_device": tflops,
+        "mfu": telemetry.mfu(tflops, peak_flops),
+        "peak_flops": peak_flops,
+        "peak_flops_source": peak_flops_source,
+        "tokens_per_second": tokens_per_second,
+        **stats,
+        "peak_memory_mb": peak_memory_mb,
+        "wall_time_s": wall_time,
+        "train_time_s": loop.train_time,
+        "train_tokens": train_tokens,
+        "train_scored_tokens": loop.scored_tokens,
+        "steps": loop.step,
+        "snapshots": loop.snapshots,
+        "expert_optimizer": expert_optimizer,
+        "device": str(device),
+        "world_size": world_size,
+        "backend": backend,
+        "device_name": device_name(device),
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "python": sys.version.split()[0],
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_summary(run_dir: Path, summary: dict, loop: LoopState, total_steps: int) -> None:
+    """summary.json (its presence marks the run finished), after expert_load.json of an MoE run."""
+    if loop.expert_load is not None:
+        rundir.write_json(
+            run_dir / rundir.EXPERT_LOAD_FILE,
+            {
+                "steps": min(STATS_WINDOW, total_steps),
+                "tokens_per_expert": loop.expert_load.tolist(),
+            },
+        )
+    rundir.write_json(run_dir / rundir.SUMMARY_FILE, summary)
