@@ -3,12 +3,12 @@ that the figures, tables and report share.
 
 `collect_runs(root)` gives three frames (`Collected`):
   summary    one row per finished run: identity (run_id, run_dir, sweep, name, preset), the model's
-             structure (model, paper_model, family, moe, num_experts, num_groups, group_size, k,
-             d_model, d_hidden), the balancing weights, seed, then every summary.json key
-             (nested dicts flattened as `corpus.vocab_size`; the snapshots list goes to the next
-             frame).
+             structure from summary.json's "model" (model, paper_model, family, moe, num_experts,
+             num_groups, group_size, k, d_model, d_hidden), the balancing weights, seed, then every
+             other summary.json key (nested dicts flattened as `corpus.vocab_size` by
+             moe_impl.runs.runinfo.flatten; the snapshots list goes to the next frame).
   snapshots  one row per evaluation: every entry of summary.json's "snapshots" (kind "snapshot",
-             e.g. after N tokens for Figure 3, paper.md §2.3) plus the final one (kind "final").
+             e.g. after N tokens for Figure 3, Table 8) plus the final one (kind "final").
   loads      one row per (run, expert): expert_load.json's true load (routed slots) per expert.
 `collect_mlflow(experiment, uri, scratch)` builds the same frames from an MLflow store (through
 moe_impl.tracking.export_runs; runs without artifacts fall back to params + metrics).
@@ -17,7 +17,7 @@ Nothing here draws or judges; reading and writing files is analysis/io.py's.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -28,14 +28,14 @@ import yaml
 
 from analysis import io, paper
 from moe_impl.model.presets import ALL_PRESETS
-from moe_impl.runs import rundir
-from moe_impl.train.config import MODEL_FIELDS, model_config
+from moe_impl.runs import rundir, runinfo
+from moe_impl.train.config import MODEL_FIELDS, resolve_model
 
 # the CPU family's stand-ins for the paper's baselines (moe_impl/model/presets.py); others share names
 PAPER_NAME = {"4xLSTM-64": "4xLSTM-512", "LSTM-256-64": "LSTM-2048-512"}
 FAMILY = {"flat": "flat MoE", "hierarchical": "hierarchical MoE", "dense": "baseline"}
 FAMILIES = ("baseline", "flat MoE", "hierarchical MoE")
-K40_PEAK_TFLOPS = 4.29  # paper.md §4.2: NVIDIA's theoretical K40 peak, as the paper quotes it
+K40_PEAK_TFLOPS = 4.29  # Sec. 5.1: NVIDIA's theoretical K40 peak, as the paper quotes it
 IDENTITY_COLUMNS = [
     "run_id",
     "run_dir",
@@ -85,47 +85,47 @@ def family(moe: str) -> str:
     return FAMILY.get(moe, "baseline")
 
 
-def model_info(model_section: dict, vocab_size: int) -> dict:
-    """The structure columns of a run from its config's `model` section (preset + overrides)."""
-    section = {**dict.fromkeys(MODEL_FIELDS), **model_section}
-    cfg = model_config({"model": section}, vocab_size)
-    k = cfg.k if cfg.moe == "flat" else None
-    if cfg.moe == "hierarchical":
-        k = cfg.k_primary * cfg.k_secondary
+def model_info(model: dict) -> dict:
+    """The structure columns of a run from its resolved model: summary.json's "model", the
+    fields of moe_impl's ModelConfig (k is the experts per token: k, or k_primary·k_secondary)."""
+    name, moe = model["name"], model["moe"]
+    k = model.get("k") if moe == "flat" else None
+    if moe == "hierarchical":
+        k = model["k_primary"] * model["k_secondary"]
     return {
-        "model": cfg.name,
-        "paper_model": PAPER_NAME.get(cfg.name, cfg.name),
-        "family": family(cfg.moe),
-        "moe": cfg.moe,
-        "num_experts": cfg.num_experts,
-        "num_groups": cfg.num_groups,
-        "group_size": cfg.group_size,
+        "model": name,
+        "paper_model": PAPER_NAME.get(name, name),
+        "family": family(moe),
+        "moe": moe,
+        "num_experts": model["num_experts"],
+        "num_groups": model.get("num_groups"),
+        "group_size": model.get("group_size"),
         "k": k,
-        "d_model": cfg.d_model,
-        "d_hidden": cfg.d_hidden or None,
+        "d_model": model["d_model"],
+        "d_hidden": model.get("d_hidden") or None,
     }
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        elif isinstance(value, list | tuple):
-            out[f"{prefix}{key}"] = json.dumps(value)
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def resolved_model(run: dict) -> dict:
+    """summary.json's "model". A summary without one (an MLflow run whose artifacts could not be
+    downloaded: its summary comes from metrics; or a run written before summaries carried the
+    model) gets the config's `model` section resolved as training resolves it."""
+    cfg, summary = run["config"], run["summary"]
+    if isinstance(summary.get("model"), dict):
+        return summary["model"]
+    corpus = summary.get("corpus")
+    vocab = corpus.get("vocab_size") if isinstance(corpus, dict) else None
+    section = cfg.get("model") or {}
+    overrides = {k: section.get(k) for k in MODEL_FIELDS}
+    return dataclasses.asdict(resolve_model(section["preset"], overrides, int(vocab or 1000)))
 
 
 def run_record(run: dict) -> dict:
     """One summary row from io.read_run's dict."""
     cfg, summary, identity = run["config"], run["summary"], run["identity"]
     model = cfg.get("model") or {}
-    corpus = summary.get("corpus")
-    vocab = corpus.get("vocab_size") if isinstance(corpus, dict) else None
     try:
-        info = model_info(model, int(vocab or 1000))
+        info = model_info(resolved_model(run))
     except (ValueError, TypeError, KeyError) as err:
         raise ValueError(f"{run['run_dir']}: cannot resolve the model ({err})") from None
     row = {
@@ -141,8 +141,9 @@ def run_record(run: dict) -> dict:
         "dropout": model.get("dropout"),
         "seed": (cfg.get("train") or {}).get("seed"),
     }
-    rest = {k: v for k, v in summary.items() if k != "snapshots"}
-    for key, value in _flatten(rest).items():
+    # the model's structure is in the identity columns; the snapshots are the next frame
+    rest = {k: v for k, v in summary.items() if k not in ("model", "snapshots")}
+    for key, value in runinfo.flatten(rest).items():
         row.setdefault(key, value)
     return row
 
@@ -315,7 +316,7 @@ EARLY_LATE = ["early_tokens", "early_perplexity", "late_tokens", "late_perplexit
 
 def early_late(summary: pd.DataFrame, snapshots: pd.DataFrame, name: str) -> pd.DataFrame:
     """Figure 3's two points per run of sweep `name`: the earliest snapshot (N tokens) and the
-    final evaluation (10N in the news100b sweep), and gap = early - late perplexity (paper.md §3).
+    final evaluation (10N in the news100b sweep), and gap = early - late perplexity (Fig. 3).
 
     Columns: run_id, model, paper_model, family, num_experts, params_excl_embedding_softmax,
     early_tokens, early_perplexity, late_tokens, late_perplexity, gap. Runs without a snapshot
@@ -376,16 +377,25 @@ def paper_models(table: str, metrics: list[str]) -> pd.DataFrame:
     for m in metrics:
         if m not in w:
             w[m] = np.nan
-    w["moe"] = [ALL_PRESETS[p].moe for p in w["preset"]]
-    w["num_experts"] = [ALL_PRESETS[p].num_experts for p in w["preset"]]
-    w["family"] = w["moe"].map(family)
-    return w
+    return w.assign(**paper_structure(w["preset"]))
+
+
+def paper_structure(presets: Iterable[str]) -> dict[str, list]:
+    """{"moe", "num_experts", "family"} of the paper's rows, one entry per preset name. A paper
+    table names its model only (our runs read the structure from summary.json's "model"), so the
+    row's preset (moe_impl/model/presets.py) is where it comes from."""
+    cfgs = [ALL_PRESETS[p] for p in presets]
+    return {
+        "moe": [c.moe for c in cfgs],
+        "num_experts": [c.num_experts for c in cfgs],
+        "family": [family(c.moe) for c in cfgs],
+    }
 
 
 def match_peers(bench: pd.DataFrame, peers: pd.DataFrame | None = None) -> pd.DataFrame:
     """peers.csv measurements whose configuration equals one of our benchmark rows: same kind
     (flat: ref, davidmrau, lucidrains; hierarchical: ref_hier, lucidrains_hier), experts, tokens,
-    d_model, d_hidden, k and threads, on CPU (the peers measured on CPU only, peers.md Part 2).
+    d_model, d_hidden, k and threads, on CPU (the peers were measured on CPU only, docs/performance.md).
 
     Columns: implementation, kind, num_experts, tokens, tokens_mode, paired, us_per_token,
     ratio_vs_dense (medians, NaN where the peer has none).

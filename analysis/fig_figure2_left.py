@@ -1,4 +1,4 @@
-"""Fig. 2-left (paper.md §3): test perplexity vs parameters excl. embedding and softmax (Table 7).
+"""Fig. 2-left (Sec. 5.1): test perplexity vs parameters excl. embedding and softmax (Table 7).
 
 Pure: frames in, a matplotlib Figure out. The paper's Table 7 models and our `lm1b` sweep sit in
 separate panels (a perplexity on the synthetic corpus is not one on 1B Word).
@@ -11,7 +11,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import collect, paper, style
-from moe_impl.model.presets import ALL_PRESETS
 
 
 def _params_panel(ax, pts: pd.DataFrame) -> None:
@@ -65,7 +64,7 @@ def _params_panel(ax, pts: pd.DataFrame) -> None:
 
 @style.styled
 def figure2_left(summary: pd.DataFrame, paper_points: pd.DataFrame | None = None) -> Figure:
-    """Fig. 2-left (paper.md §3): test perplexity vs capacity at ~constant ops/timestep.
+    """Fig. 2-left (Sec. 5.1): test perplexity vs capacity at ~constant ops/timestep.
 
     Left panel: the paper's Table 7 models after 10 epochs; right: our `lm1b` sweep's runs (mean
     over seeds), with the flat and hierarchical MoE lines and the compute-matched baselines.
@@ -73,7 +72,7 @@ def figure2_left(summary: pd.DataFrame, paper_points: pd.DataFrame | None = None
     pts = paper.figure2_left_series() if paper_points is None else paper_points
     pts = pts.assign(
         family=pts["series"],
-        num_experts=[ALL_PRESETS[p].num_experts for p in pts["preset"]],
+        num_experts=collect.paper_structure(pts["preset"])["num_experts"],
         x=pts["params_excl_embedding_softmax_M"],
         y=pts["test_perplexity_10_epochs"],
     )

@@ -1,5 +1,5 @@
-"""The layer benchmark (moe_impl/cli/bench.py; paper.md §4.4's shrinking batch): µs/token and the
-ratio to the FLOP-matched dense FFN vs experts, with peers.md's measurements where the
+"""The layer benchmark (moe_impl/cli/bench.py; the shrinking batch of Sec. 3.1): µs/token and the
+ratio to the FLOP-matched dense FFN vs experts, with the peers' measurements (peers.csv) where the
 configuration is the same.
 
 Pure: frames in, a matplotlib Figure out.
@@ -27,9 +27,9 @@ def _mode_title(df: pd.DataFrame, mode: str) -> str:
 
 @style.styled
 def perf_scaling(bench: pd.DataFrame, peers: pd.DataFrame | None = None) -> Figure:
-    """The layer benchmark (moe_impl/cli/bench.py; paper.md §4.4's shrinking batch): µs per token
+    """The layer benchmark (moe_impl/cli/bench.py; the shrinking batch of Sec. 3.1): µs per token
     (MoE solid, its FLOP-matched dense FFN dashed) and the MoE/dense ratio against experts, one
-    column per tokens mode; peers.md's measurements as black markers where the configuration
+    column per tokens mode; the peers' measurements (peers.csv) as black markers where the configuration
     (kind, n, T, d, h, k, threads, CPU) equals ours (hollow: not paired with a dense step)."""
     modes = [
         m for m in style.TOKENS_MODES if not bench.empty and m in set(bench.get("tokens_mode", []))
@@ -66,7 +66,7 @@ def perf_scaling(bench: pd.DataFrame, peers: pd.DataFrame | None = None) -> Figu
                 kw = {"color": "black", "ms": 8, "ls": "none", "mew": 1.4}
                 if not paired:
                     kw["alpha"] = 0.5
-                lab = f"peers.md: {impl}" + ("" if paired else " (under load)")
+                lab = f"{impl} (peers.csv)" + ("" if paired else " (under load)")
                 marker = style.PEER_MARKERS.get(impl, "x")
                 for ax, col in ((ax_t, "us_per_token"), (ax_r, "ratio_vs_dense")):
                     ax.plot(q["num_experts"], q[col], marker, label=lab, **kw)

@@ -7,6 +7,7 @@ disk the same way, and one real tiny training run (a few seconds) for the true f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import uuid
@@ -21,7 +22,7 @@ from moe_impl import cli as moe_cli
 from moe_impl import tracking
 from moe_impl.model import flops
 from moe_impl.runs import rundir, runinfo
-from moe_impl.train.config import dump, load_config, model_config
+from moe_impl.train.config import load_config, model_config
 
 VOCAB = 577
 
@@ -53,6 +54,7 @@ def make_run(
     summary.update(
         name=model.name,
         preset=preset,
+        model=dataclasses.asdict(model),  # the resolved model, as training writes it
         corpus={"corpus": "synthetic", "vocab_size": VOCAB},
         test_perplexity=ppl,
         test_nll=math.log(ppl),
@@ -84,7 +86,7 @@ def make_run(
     expert_load = None if load is None else {"steps": 20, "tokens_per_expert": load}
     return {
         "run_dir": f"mem/{sweep}/{model.name}-{w[0]}-{w[1]}-{seed}",
-        "config": cfg,
+        "config": cfg.to_dict(),  # as config.yaml reads back
         "summary": summary,
         "identity": {"run_id": uuid.uuid4().hex},
         "expert_load": expert_load,
@@ -95,7 +97,7 @@ def write_run(root, run: dict):
     """The run directory rundir.py describes, for `run` (as make_run builds it)."""
     path = root / run["run_dir"].removeprefix("mem/")
     path.mkdir(parents=True)
-    (path / rundir.CONFIG_FILE).write_text(dump(run["config"]))
+    (path / rundir.CONFIG_FILE).write_text(yaml.safe_dump(run["config"], sort_keys=False))
     runinfo.write_run_identity(path, run["summary"]["name"], "moe")
     identity = rundir.read_json(path / rundir.RUN_FILE)
     run["identity"] = identity
@@ -135,7 +137,7 @@ def good() -> collect.Collected:
 
 
 def bench_frame() -> pd.DataFrame:
-    """Two tokens modes; the fixed-tokens flat rows share peers.md's configuration."""
+    """Two tokens modes; the fixed-tokens flat rows share the peers' configuration (peers.csv)."""
     rows = []
     for mode, tokens in (("fixed_tokens", 4096), ("fixed_tokens_per_expert", None)):
         for kind, n in (("flat", 4), ("flat", 32), ("hierarchical", 256)):
@@ -179,6 +181,7 @@ def test_collect_gives_the_tidy_contract(tmp_path):
     assert len(s) == len(runs) and s["run_id"].is_unique
     assert list(s.columns[: len(collect.IDENTITY_COLUMNS)]) == collect.IDENTITY_COLUMNS
     assert set(rundir.SUMMARY_KEYS) <= set(s.columns) and "corpus.vocab_size" in s
+    assert not any(c.startswith("model.") for c in s.columns)  # the structure columns have it
     h = s[(s["model"] == "MoE-131072-h")].iloc[0]
     assert (h["family"], h["num_groups"], h["group_size"], h["k"]) == (
         "hierarchical MoE",
@@ -191,6 +194,43 @@ def test_collect_gives_the_tidy_contract(tmp_path):
     assert len(snaps) == len(runs) + 5  # a final evaluation each, 5 news100b snapshots
     assert set(snaps["kind"]) == {"snapshot", "final"}
     assert len(data.loads) == 2 * 256
+
+
+def test_collect_reads_the_model_from_the_summary():
+    run = make_run("lm1b", "cpu/MoE-32", 120.0)
+    h = {**run["summary"]["model"], "name": "MoE-8x8-h", "moe": "hierarchical", "num_experts": 64,
+         "num_groups": 8, "group_size": 8, "k": None, "k_primary": 2, "k_secondary": 1}  # fmt: skip
+    run["summary"]["model"] = h  # differs from the config's preset: the summary wins
+    row = collect.run_record(run)
+    assert (row["model"], row["family"], row["moe"], row["num_experts"]) == (
+        "MoE-8x8-h",
+        "hierarchical MoE",
+        "hierarchical",
+        64,
+    )
+    assert (row["num_groups"], row["group_size"], row["k"]) == (8, 8, 2)
+    assert row["d_model"] == h["d_model"] and row["d_hidden"] == h["d_hidden"]
+
+
+@pytest.mark.parametrize(
+    "preset", ["cpu/4xLSTM-64", "cpu/MoE-1-Wide", "cpu/MoE-32", "cpu/MoE-1024-h"]
+)
+def test_a_summary_without_model_resolves_the_config_the_same(preset):
+    run = make_run("lm1b", preset, 120.0)
+    legacy = {**run, "summary": {k: v for k, v in run["summary"].items() if k != "model"}}
+    cols = collect.IDENTITY_COLUMNS
+    assert {k: collect.run_record(legacy)[k] for k in cols} == {
+        k: collect.run_record(run)[k] for k in cols
+    }
+
+
+def test_paper_rows_take_their_structure_from_the_preset():
+    presets = ["lm1b/MoE-256-h", "lm1b/4xLSTM-512", "lm1b/MoE-1-Deep", "news100b/MoE-32"]
+    assert collect.paper_structure(presets) == {
+        "moe": ["hierarchical", "none", "dense", "flat"],
+        "num_experts": [256, 0, 1, 32],
+        "family": ["hierarchical MoE", "baseline", "baseline", "flat MoE"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +275,7 @@ def tiny_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.integration
 def test_collect_reads_a_real_run_directory(tiny_run):
     data, _ = collect.collect_runs(tiny_run.parent)
     row = data.summary.iloc[0]
@@ -259,6 +300,7 @@ def store(tmp_path_factory):
     return "sqlite:///" + str(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
 
 
+@pytest.mark.integration
 def test_collect_from_mlflow_equals_collect_from_run_dirs(tmp_path, tiny_run, store):
     root = tmp_path / "runs"
     for run in good_runs()[:3]:
@@ -351,9 +393,9 @@ def test_perf_scaling_panels_and_peer_points():
     assert "fixed tokens per step" in fig.axes[0].get_title()
     assert "1 configuration(s) skipped" in fig.axes[1].get_title()
     labels = {t.get_text() for t in fig.legends[0].get_texts()}
-    assert {"flat MoE", "hierarchical MoE", "peers.md: ref", "peers.md: davidmrau"} <= labels
-    ref = next(ln for ln in fig.axes[0].get_lines() if ln.get_label() == "peers.md: ref")
-    assert list(ref.get_ydata()) == [14.1, 12.4]  # peers.md's n=4 and n=32 rows (T=4096)
+    assert {"flat MoE", "hierarchical MoE", "ref (peers.csv)", "davidmrau (peers.csv)"} <= labels
+    ref = next(ln for ln in fig.axes[0].get_lines() if ln.get_label() == "ref (peers.csv)")
+    assert list(ref.get_ydata()) == [14.1, 12.4]  # peers.csv's n=4 and n=32 rows (T=4096)
     assert fig.axes[0].get_xscale() == "log" and fig.axes[0].get_yscale() == "log"
 
 
@@ -508,6 +550,7 @@ def _run_figures(out, bench, *extra: str) -> int:
     return cli.main(["figures", *inputs, *extra])
 
 
+@pytest.mark.integration
 def test_cli_writes_figures_tables_and_report(tmp_path, monkeypatch):
     """Two figures here (drawing all six takes ~7 s; the slow test below draws them all)."""
     out, bench = _cli_inputs(tmp_path)

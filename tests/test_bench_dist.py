@@ -24,6 +24,7 @@ def rows(tmp_path_factory):
     return json.loads((out / "bench_distributed.json").read_text())
 
 
+@pytest.mark.integration
 def test_flat_traffic_matches_the_closed_form(rows):
     """4 experts, k = 4: every token visits all four, two on each rank. Per rank and step, 2·T rows
     leave in each of the four exchanges (x, y back, and their gradients) plus 2·T expert ids."""
@@ -40,6 +41,7 @@ def test_flat_traffic_matches_the_closed_form(rows):
         assert set(r["comm_ms_by_kind"]) >= {"all_to_all", "counts", "all_reduce"}
 
 
+@pytest.mark.integration
 def test_hierarchical_rows_are_conserved(rows):
     """Every (token, expert) slot of the global batch runs on exactly one rank."""
     hier = [r for r in rows if r["config"] == "4x2-h"]

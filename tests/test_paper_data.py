@@ -12,7 +12,9 @@ import pytest
 from analysis import paper
 from moe_impl.model.presets import PAPER_EXCEPTIONS, PAPER_VALUES, TABLE1
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# The source lines the CSVs transcribe (the paper's table rows, our peer timing log), keyed by
+# source and line id (see the file's header)
+SOURCES = Path(__file__).resolve().parent / "assets" / "transcribed_sources.txt"
 
 # PaperRow field -> our metric name (Tables 7 and 8).
 FIELD_METRIC = {
@@ -247,17 +249,27 @@ def test_peers_us_per_token_is_median_ms_over_tokens(tables):
     assert ((w["us_per_token_median"] - expected).abs() <= 0.15).all()
 
 
-@pytest.mark.skipif(not (REFERENCE / "peers.md").exists(), reason="shared/reference not present")
+def _source_lines(name: str) -> dict[int, str]:
+    """{line id: text} of one source's lines in tests/assets/transcribed_sources.txt."""
+    out = {}
+    for line in SOURCES.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            file, number, text = line.split(":", 2)
+            if file == name:
+                out[int(number)] = text
+    return out
+
+
 def test_peers_rows_point_at_their_source_line(tables):
-    lines = (REFERENCE / "peers.md").read_text(encoding="utf-8").splitlines()
+    lines = _source_lines("peers")
+    assert set(lines) == set(tables["peers"]["source_line"])
     for r in tables["peers"].itertuples():
-        cells = [c.strip() for c in lines[r.source_line - 1].strip("|").split("|")]
+        cells = [c.strip() for c in lines[r.source_line].strip("|").split("|")]
         assert cells[0] == r.implementation
         assert any(r.printed in c for c in cells), (r.source_line, r.printed)
 
 
-@pytest.mark.skipif(not (REFERENCE / "paper.md").exists(), reason="shared/reference not present")
-def test_paper_rows_appear_in_paper_md():
-    text = (REFERENCE / "paper.md").read_text(encoding="utf-8").replace("**", "")
+def test_paper_rows_appear_in_the_transcribed_tables():
+    text = "\n".join(_source_lines("paper").values()).replace("**", "")
     for r in paper.load_all().itertuples():
         assert r.printed in text, (r.source, r.model, r.metric, r.printed)

@@ -1,4 +1,5 @@
-"""telemetry.py: the peak-FLOPS table, MFU, the measured CPU peak and the NVML sampler.
+"""moe_impl.telemetry: the peak-FLOPS table, MFU, the measured CPU peak (peak.py) and the NVML
+sampler (nvml.py).
 
 The sampler is tested through the no-driver path (real pynvml on a GPU-less host, and a stand-in
 whose nvmlInit fails) and through a stand-in NVML module that plays a GPU.
@@ -13,8 +14,8 @@ import warnings
 
 import pytest
 
-from moe_impl.telemetry import GpuSampler, mfu, peak_flops
-from moe_impl.telemetry import core as telemetry
+from moe_impl.telemetry import GpuSampler, mfu, peak, peak_flops
+from moe_impl.telemetry import nvml as telemetry_nvml
 
 
 def _real_nvml_works() -> bool:
@@ -74,8 +75,8 @@ def test_peak_unknown_is_none(name, dtype):
 
 def test_every_table_label_resolves_to_its_own_entry():
     # an earlier, less specific entry would shadow a later one
-    for entry in telemetry.PEAK_TABLE:
-        assert telemetry.find_device(entry.label) is entry, entry.label
+    for entry in peak.PEAK_TABLE:
+        assert peak.find_device(entry.label) is entry, entry.label
 
 
 def test_peak_override_and_bad_inputs():
@@ -92,16 +93,35 @@ def test_mfu_nan_when_peak_unknown():
     assert mfu(494.7, 989.4e12) == pytest.approx(0.5)
 
 
-def test_cpu_peak_flops_is_measured_and_positive():
-    rate = telemetry.cpu_peak_flops("float32", seconds=0.05)
-    assert math.isfinite(rate) and rate > 1e8  # any CPU of this century beats 0.1 GFLOP/s
-    assert telemetry.resolve_peak_flops("cpu", "float32") == (
-        telemetry.cpu_peak_flops("float32"),
-        "measured:cpu-gemm",
+def test_cpu_peak_flops_is_a_plausible_rate_measured_once(monkeypatch):
+    import torch
+
+    shapes = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: shapes.append(a.shape) or real_mm(a, b))
+    peak._cpu_gemm_rate.cache_clear()
+    rate = peak.cpu_peak_flops("float32", seconds=0.05)
+    n = shapes[0][0]
+    assert len(shapes) >= 2 and set(shapes) == {(n, n)}  # a warm-up, then timed n x n GEMMs
+    # 0.1 GFLOP/s (any CPU of this century) .. 1 PFLOP/s (no CPU); a GEMM is 2·n³ FLOPs
+    assert 1e8 < rate < 1e15
+    calls = len(shapes)
+    assert peak.cpu_peak_flops("fp32", seconds=0.05) == rate  # an alias: the same measurement
+    assert len(shapes) == calls  # cached: no GEMM ran again
+    peak._cpu_gemm_rate.cache_clear()
+
+
+def test_resolve_peak_flops_measures_cpu_and_looks_gpus_up(monkeypatch):
+    measured = []
+    monkeypatch.setattr(peak, "cpu_peak_flops", lambda dtype: measured.append(dtype) or 3e10)
+    assert peak.resolve_peak_flops("cpu", "bfloat16") == (3e10, "measured:cpu-gemm")
+    assert measured == ["bfloat16"]
+    assert peak.resolve_peak_flops("cuda", "bf16", device_name="NVIDIA L4") == (
+        pytest.approx(121e12),
+        "table:NVIDIA L4",
     )
-    assert telemetry.resolve_peak_flops("cuda", "bf16", device_name="NVIDIA L4")[1] == (
-        "table:NVIDIA L4"
-    )
+    assert peak.resolve_peak_flops("cpu", "bf16", override=2e11) == (2e11, "config")
+    assert measured == ["bfloat16"]  # an override is not measured
 
 
 class _NoDriver:
@@ -121,8 +141,8 @@ def _assert_inert(sampler: GpuSampler):
 def test_gpu_sampler_inert_without_driver(nvml, monkeypatch, caplog):
     if nvml == "real" and _real_nvml_works():
         pytest.skip("this host has a working NVML driver")
-    monkeypatch.setattr(telemetry, "_unavailable_logged", False)
-    caplog.set_level(logging.DEBUG, logger="moe_impl.telemetry.core")
+    monkeypatch.setattr(telemetry_nvml, "_unavailable_logged", False)
+    caplog.set_level(logging.DEBUG, logger=telemetry_nvml.log.name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
@@ -130,7 +150,7 @@ def test_gpu_sampler_inert_without_driver(nvml, monkeypatch, caplog):
                 time.sleep(0.03)
             _assert_inert(sampler)
     assert caught == []
-    records = [r for r in caplog.records if r.name == "moe_impl.telemetry.core"]
+    records = [r for r in caplog.records if r.name == "moe_impl.telemetry.nvml"]
     assert len(records) == 1 and records[0].levelno <= logging.INFO
 
 

@@ -1,7 +1,7 @@
-"""tracking.py against real MLflow stores (SQLite in tmp, a real `mlflow server`); no mocks.
+"""moe_impl.tracking against real MLflow stores (SQLite in tmp, a real `mlflow server`); no mocks.
 
 Run directories are written here per rundir.py's contract; the store is shared per module
-because creating one costs seconds (69 Alembic migrations, stack.md §2.5).
+because creating one costs seconds (69 Alembic migrations, docs/tracking.md).
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ def _tmp_default_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///" + (tmp_path / "env.db").as_posix())
 
 
+@pytest.mark.integration
 def test_live_run_is_queryable(store, tmp_path):
     run_dir = write_run_dir(tmp_path / "run")
     tracker = track_live(run_dir, store, tags={"sweep": "experts"})
@@ -143,6 +144,7 @@ def test_live_run_is_queryable(store, tmp_path):
     assert (root / EXP / tracker.run_id / "artifacts" / "config.yaml").is_file()
 
 
+@pytest.mark.integration
 def test_resume_continues_the_same_run(store, tmp_path):
     run_dir = write_run_dir(tmp_path / "run", finished=False)
     first = track_live(run_dir, store, system_metrics_interval_s=None)
@@ -190,16 +192,18 @@ def run_parallel_jobs(uri: str, tmp_path: Path, n: int = 4) -> None:
         assert history_steps(uri, row["run_id"], "train/loss") == list(range(25))
 
 
+@pytest.mark.integration
 def test_parallel_processes_after_init_store(store, tmp_path):
     run_parallel_jobs(store, tmp_path)
 
 
 @pytest.mark.slow  # a fresh store: each process pays the migrations' lock wait
 def test_parallel_processes_on_a_fresh_store_serialize_its_creation(tmp_path):
-    # without init_store MLflow's own migrations race (stack.md §2.5); tracking's file lock
+    # without init_store MLflow's own migrations race (docs/tracking.md); tracking's file lock
     run_parallel_jobs("sqlite:///" + (tmp_path / "fresh" / "mlflow.db").as_posix(), tmp_path)
 
 
+@pytest.mark.integration
 def test_unreachable_store_warns_once_then_imports_once(store, tmp_path):
     run_dir = write_run_dir(tmp_path / "run")
     t0 = time.monotonic()
@@ -227,6 +231,7 @@ def test_unreachable_store_warns_once_then_imports_once(store, tmp_path):
     )
 
 
+@pytest.mark.integration
 def test_import_completes_a_partial_live_run_without_duplicates(store, tmp_path):
     run_dir = write_run_dir(tmp_path / "run", steps=2, finished=False)
     live = track_live(run_dir, store, system_metrics_interval_s=None)
@@ -239,6 +244,7 @@ def test_import_completes_a_partial_live_run_without_duplicates(store, tmp_path)
     assert len(runs_tagged(store, rundir.read_json(run_dir / "run.json")["run_id"])) == 1
 
 
+@pytest.mark.integration
 def test_import_skips_unfinished_and_rejects_non_run_dirs(store, tmp_path, caplog):
     unfinished = write_run_dir(tmp_path / "unfinished", finished=False)
     assert tracking.import_runs([unfinished], tracking_uri=store) == []
@@ -249,6 +255,7 @@ def test_import_skips_unfinished_and_rejects_non_run_dirs(store, tmp_path, caplo
         tracking.import_runs([unfinished], tracking_uri=closed_port_uri())
 
 
+@pytest.mark.integration
 def test_cli_init_and_import(store, tmp_path, capsys):
     run_dir = write_run_dir(tmp_path / "run")
     assert cli.main(["tracking", "init", "--uri", store, "--experiment", EXP]) == 0
@@ -289,6 +296,30 @@ class _Cfg:
     lr: float = 0.1
 
 
+def test_only_the_store_module_imports_mlflow():
+    package = Path(tracking.__file__).resolve().parents[1]
+    importers = {
+        p.relative_to(package).as_posix()
+        for p in package.rglob("*.py")
+        if any(
+            line.strip().startswith(("import mlflow", "from mlflow"))
+            for line in p.read_text().splitlines()
+        )
+    }
+    assert importers == {"tracking/store.py"}
+    code = "import sys, moe_impl.tracking; print(any(m.startswith('mlflow') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # lazily, inside functions: importing tracking is cheap
+
+
+def test_flatten_keeps_values_flatten_config_makes_text():
+    nested = {"a": {"b": {"c": 1}, "l": [1, None], "e": {}}, "n": None, "t": (2, 3)}
+    flat = {"a.b.c": 1, "a.l": "[1, null]", "a.e": "{}", "n": None, "t": "[2, 3]"}
+    assert runinfo.flatten(nested) == flat
+    assert runinfo.flatten_config(nested) == {k: str(v) for k, v in flat.items()}
+    assert runinfo.flatten({"x": 1}, "p.") == {"p.x": 1}
+
+
 def test_config_and_record_conversions():
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
@@ -303,7 +334,7 @@ def test_config_and_record_conversions():
     assert runinfo.summary_metrics(summary) == {"test_nll": 1.5, "params_total": 7.0}
 
 
-@pytest.mark.slow  # `mlflow server` needs ~15 s to come up on 2 cores (stack.md §2.4)
+@pytest.mark.slow  # `mlflow server` needs ~15 s to come up on 2 cores
 def test_mlflow_server_receives_a_run_over_http(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

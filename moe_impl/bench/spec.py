@@ -1,10 +1,12 @@
 """What `bench` measures, torch-free (the workflow imports it at parse time): the `--experts`
-entries and the analytic FLOPs of one training step."""
+entries and the analytic FLOPs of one training step (the formula is moe_impl/model/flops.py's)."""
 
 from __future__ import annotations
 
 import re
 from typing import NamedTuple
+
+from moe_impl.model.flops import moe_layer_train_flops_per_token
 
 K_PRIMARY = K_SECONDARY = 2  # every hierarchical model of the paper uses 2 + 2
 
@@ -23,17 +25,14 @@ class ExpertSpec(NamedTuple):
 
 
 def train_flops(tokens: int, d_model: int, d_hidden: int, k: int, num_gate_outputs: int) -> int:
-    """Analytic FLOPs of one MoE training step (forward + backward), as achieved GFLOP/s counts them.
+    """Analytic FLOPs of one MoE training step (forward + backward), as achieved GFLOP/s counts them:
+    tokens x flops.moe_layer_train_flops_per_token (2 FLOPs per multiply-add, backward = 2x
+    forward; k active experts of 2·d·h weights, 2·d gate weights per output).
 
-        experts: 3 · 2 · tokens · k · 2·d·h        gate: 3 · 2 · tokens · 2·d·num_gate_outputs
-
-    2 FLOPs per multiply-add; backward = 2x forward (grads w.r.t. inputs and weights), hence 3.
-    Each active expert applies 2·d·h weights; the gate applies W_g and W_noise (2·d weights per
-    output) where num_gate_outputs = n (flat) or a + k_primary·b (hierarchical: the primary gate
-    plus the secondary gates of the selected groups). Elementwise work is not counted. The dense
-    baseline is the expert term alone (k·h hidden units).
+    num_gate_outputs = gate_outputs(spec); 0 gives the dense baseline, the expert term alone (k·h
+    hidden units). Elementwise work is not counted.
     """
-    return 3 * 2 * tokens * (k * 2 * d_model * d_hidden + 2 * d_model * num_gate_outputs)
+    return tokens * moe_layer_train_flops_per_token(d_model, d_hidden, k, num_gate_outputs)
 
 
 def gate_outputs(spec: ExpertSpec) -> int:

@@ -16,19 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moe_impl import telemetry
 from moe_impl.bench.spec import ExpertSpec, gate_outputs, train_flops
 from moe_impl.layer import balancing
 from moe_impl.layer.flat import MoE
 from moe_impl.layer.hierarchical import HierarchicalMoE
 
 EXIT_TOO_SLOW = 86  # a child's exit code when its first step exceeds --max-seconds-per-step
-# Dense peaks from the vendors' datasheets, TFLOP/s: (bf16, float32 without TF32). First match wins.
-CUDA_PEAK_TFLOPS = {
-    "H100 PCIe": (756, 51),
-    "H100": (989, 67),
-    "H200": (989, 67),
-    "A100": (312, 19.5),
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MEASURED = (  # noqa: SIM905 (what the child process reports; NaN in a skipped row)
     "moe_ms_median moe_ms_min dense_ms_median dense_ms_min moe_us_per_token dense_us_per_token "
@@ -43,35 +37,14 @@ def build_moe(spec: ExpertSpec, d_model: int, d_hidden: int, k: int) -> nn.Modul
     return MoE(d_model, d_hidden, spec.num_experts, k=k)
 
 
-def cpu_gemm_gflops(dtype: torch.dtype, size: int = 1024, reps: int = 10) -> float:
-    """Peak GFLOP/s on this CPU: the best of `reps` size^3 matmuls in `dtype` (the benchmark's),
-    at the current thread count, measured in the process that runs the configuration."""
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    a @ b  # warm-up
-    best = math.inf
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
-
-
-def peak_gflops(device: torch.device, dtype: torch.dtype) -> float:
-    if device.type == "cpu":
-        return cpu_gemm_gflops(dtype)
-    name = torch.cuda.get_device_name(device)
-    for key, (bf16, fp32) in CUDA_PEAK_TFLOPS.items():
-        if key in name:
-            return 1e3 * (bf16 if dtype == torch.bfloat16 else fp32)
-    return math.nan
-
-
 def measure(cfg: dict) -> dict:
     """Child process: build both layers, alternate timed MoE and dense steps, return MEASURED."""
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
     device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
-    peak = peak_gflops(device, dtype)
+    # the peak training's MFU uses (summary.json): the datasheet table on GPUs, a GEMM measured
+    # here, at the configuration's thread count, on CPUs; None where the device is unknown
+    peak, _ = telemetry.resolve_peak_flops(cfg["device"], cfg["dtype"])
     spec = ExpertSpec(*(cfg[key] for key in ExpertSpec._fields))
     d, h, k, tokens = cfg["d_model"], cfg["d_hidden"], cfg["k"], cfg["tokens"]
     moe = build_moe(spec, d, h, k).to(device).train()
@@ -117,8 +90,13 @@ def measure(cfg: dict) -> dict:
     return summarize(cfg, gate_outputs(spec), times, stats, peak)
 
 
-def summarize(cfg: dict, num_gate_outputs: int, times: dict, stats: list, peak: float) -> dict:
+def summarize(
+    cfg: dict, num_gate_outputs: int, times: dict, stats: list, peak: float | None
+) -> dict:
     """MEASURED from the timed steps' seconds and routing stats, and the process's peak memory.
+
+    peak is the device's peak FLOP/s (telemetry.resolve_peak_flops; None where unknown): mfu is
+    telemetry.mfu of the MoE's achieved rate, as training computes it, NaN without a peak.
 
     Routing stats are means over the timed steps: cv_load is the CV of the load the loss used (the
     smooth estimate of Eq. 10 / 14 in training), cv_tokens_per_expert that of the true counts.
@@ -140,8 +118,8 @@ def summarize(cfg: dict, num_gate_outputs: int, times: dict, stats: list, peak: 
         moe_min / dense_min,
         moe_gflops,
         train_flops(tokens, d, h, k, 0) / dense_med / 1e9,
-        peak,
-        moe_gflops / peak,
+        math.nan if peak is None else peak / 1e9,
+        telemetry.mfu(moe_gflops / 1e3, peak),
         peak_mem_mb,
         active.mean().item(),
         (tokens * k / active).mean().item(),

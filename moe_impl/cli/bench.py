@@ -1,6 +1,6 @@
 """`python -m moe_impl bench`: one MoE layer's training step against a FLOP-matched dense FFN.
 
-The protocol of peers.md Part 2: forward + backward in training mode, grads set to None between
+The protocol of the peers' CPU measurements (docs/performance.md): forward + backward in training mode, grads set to None between
 steps, the MoE and the dense FFN `Linear(d, k·h) -> ReLU -> Linear(k·h, d)` (no biases, the same
 active FLOPs) timed alternately in one process so that their ratio holds under load, and one child
 process per configuration so that peak memory is per configuration. Sweeps flat and hierarchical

@@ -4,7 +4,8 @@
     python -m moe_impl tracking import results/runs/*  # load finished run directories, idempotent
     python -m moe_impl tracking ui --port 5000        # MLflow UI on 127.0.0.1 for the default store
 
-The store is MLFLOW_TRACKING_URI, or `--uri`, or sqlite:///<cwd>/results/mlflow.db (tracking.py).
+The store is MLFLOW_TRACKING_URI, or `--uri`, or sqlite:///<cwd>/results/mlflow.db
+(moe_impl/tracking/store.py).
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ def write_run_identity(run_dir: str | Path, name: str, experiment: str) -> dict:
     """Create run_dir/run.json once and return the identity; a resumed run gets the old one.
 
     Idempotent: an existing run.json is returned unchanged, so `run_id` is stable across resumes
-    and is the key that keeps MLflow from duplicating a run (tracking.py).
+    and is the key that keeps MLflow from duplicating a run (moe_impl.tracking).
     """
     path = Path(run_dir) / rundir.RUN_FILE
     if path.exists():
@@ -162,20 +162,34 @@ def number(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def flatten_config(config, prefix: str = "") -> dict[str, str]:
-    """{"model": {"num_experts": 4}} or a dataclass -> {"model.num_experts": "4"}; lists as
-    JSON; values beyond MLflow's 6000-character limit are cut (config.yaml keeps them whole)."""
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
-    out: dict[str, str] = {}
-    for key, value in config.items():
+def flatten(nested, prefix: str = "") -> dict:
+    """{"model": {"num_experts": 4}} or a dataclass -> {"model.num_experts": 4}.
+
+    Non-empty dicts become dotted keys; lists, tuples and empty dicts become JSON text; any other
+    value is kept as it is. The one flattener: MLflow params (flatten_config) and analysis's
+    summary columns (analysis/collect.py) both use it.
+    """
+    if dataclasses.is_dataclass(nested) and not isinstance(nested, type):
+        nested = dataclasses.asdict(nested)
+    out: dict = {}
+    for key, value in nested.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            out.update(flatten_config(value, name + "."))
-            continue
-        text = (
-            json.dumps(value, default=str) if isinstance(value, list | tuple | dict) else str(value)
-        )
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, list | tuple | dict):
+            out[name] = json.dumps(value, default=str)
+        else:
+            out[name] = value
+    return out
+
+
+def flatten_config(config, prefix: str = "") -> dict[str, str]:
+    """{"model": {"num_experts": 4}} or a dataclass -> {"model.num_experts": "4"} (flatten, every
+    value as text); values beyond MLflow's 6000-character limit are cut (config.yaml keeps them
+    whole)."""
+    out: dict[str, str] = {}
+    for name, value in flatten(config, prefix).items():
+        text = str(value)
         if len(text) > MAX_PARAM_VALUE:
             text = text[: MAX_PARAM_VALUE - 3] + "..."
         out[metric_key(name)] = text

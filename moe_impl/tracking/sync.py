@@ -1,0 +1,181 @@
+"""Run directories to MLflow and back: `import_runs` loads finished run directories (offline or
+cluster runs, or a live run whose tracking failed midway), `export_runs` downloads an experiment's
+finished runs for `python -m analysis collect --from-mlflow`.
+
+Importing is idempotent: the tag `moe.run_id` (run.json's run_id) identifies a run, so importing
+twice never duplicates it. MLflow itself is reached through store.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from moe_impl.runs import rundir, runinfo
+from moe_impl.tracking import store
+
+log = logging.getLogger(__name__)
+
+
+# --- import ------------------------------------------------------------------------------------
+
+
+def import_runs(
+    run_dirs: Iterable[str | Path],
+    *,
+    experiment: str | None = None,
+    tracking_uri: str | None = None,
+) -> list[str]:
+    """Load finished run directories into MLflow; returns their MLflow run ids.
+
+    A run already complete in the store (tag moe.run_id) is left alone; a partial one (live
+    tracking that failed midway) is completed without duplicating its (metric, step) points.
+    Unfinished runs (no summary.json) are skipped with a warning. experiment defaults to
+    run.json's "experiment".
+    """
+    dirs = [Path(d) for d in run_dirs]
+    for d in dirs:
+        if not (d / rundir.RUN_FILE).is_file():
+            raise ValueError(f"{d}: not a run directory (no {rundir.RUN_FILE})")
+    uri = store.resolve_tracking_uri(tracking_uri)
+    client = store.open_client(uri)
+    ids = []
+    for d in dirs:
+        if not rundir.is_finished(d):
+            log.warning("%s: skipped, the run is unfinished (no %s)", d, rundir.SUMMARY_FILE)
+            continue
+        ids.append(_import_one(client, uri, d, experiment))
+    return ids
+
+
+def _read_config(run_dir: Path) -> dict:
+    import yaml
+
+    path = run_dir / rundir.CONFIG_FILE
+    if not path.is_file():
+        log.warning("%s: no %s, the run gets no params", run_dir, rundir.CONFIG_FILE)
+        return {}
+    config = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a mapping, got {type(config).__name__}")
+    return config
+
+
+def _import_one(client, uri: str, run_dir: Path, experiment: str | None) -> str:
+    identity = rundir.read_json(run_dir / rundir.RUN_FILE)
+    if not identity.get("run_id"):
+        raise ValueError(f"{run_dir / rundir.RUN_FILE}: no run_id")
+    run = store.find_run(client, str(identity["run_id"]))
+    if run is not None and run.data.tags.get(store.COMPLETE_TAG) == "true":
+        log.info("%s: already in MLflow as run %s", run_dir, run.info.run_id)
+        return run.info.run_id
+    started_ms = runinfo.epoch_ms(identity.get("started"))
+    if started_ms is None:
+        started_ms = int((run_dir / rundir.RUN_FILE).stat().st_mtime * 1000)
+    seen: dict[str, set[int]] = {}
+    if run is None:
+        exp_name = experiment or identity.get("experiment") or store.DEFAULT_EXPERIMENT
+        _, experiment_id = store.open_store(uri, str(exp_name))
+        tags = {**store.identity_tags(identity), store.IMPORTED_TAG: "true"}
+        name = str(identity.get("name") or run_dir.name)
+        run = client.create_run(experiment_id, start_time=started_ms, tags=tags, run_name=name)
+    else:  # a partial live run: add only the (key, step) points it lacks
+        for key in run.data.metrics:
+            seen[key] = {m.step for m in client.get_metric_history(run.info.run_id, key)}
+    run_id = run.info.run_id
+    metrics, end_ms = _metric_points(run_dir, started_ms, seen)
+    params = store.new_params(run, runinfo.flatten_config(_read_config(run_dir)))
+    store.log_batch(client, run_id, metrics=metrics, params=params)
+    for path in runinfo.run_artifacts(run_dir):
+        client.log_artifact(run_id, str(path))
+    client.set_tag(run_id, store.COMPLETE_TAG, "true")
+    client.set_terminated(run_id, "FINISHED", end_time=end_ms)
+    log.info("%s: imported as MLflow run %s", run_dir, run_id)
+    return run_id
+
+
+def _metric_points(run_dir: Path, started_ms: int, seen: dict[str, set[int]]):
+    """(MLflow metric points from metrics.jsonl and summary.json minus the `seen` (key, step)
+    points, the run's end in epoch ms). A record's "time" is epoch seconds or seconds since the
+    start."""
+    metrics, last_step = [], 0
+    for record in rundir.read_metrics(run_dir):
+        if (step := record.get("step")) is None:
+            continue
+        last_step = step = int(step)
+        t = runinfo.number(record.get("time"))
+        ts = started_ms if t is None else int(t * 1000) if t > 1e9 else started_ms + int(t * 1000)
+        for key, value in runinfo.record_metrics(record).items():
+            if step not in seen.get(key, ()):
+                metrics.append(store.metric(key, value, ts, step))
+    summary = rundir.read_summary(run_dir) or {}
+    wall = runinfo.number(summary.get("wall_time_s"))
+    end_ms = started_ms + int(wall * 1000) if wall is not None else started_ms
+    step = int(runinfo.number(summary.get("steps")) or last_step)
+    for key, value in runinfo.summary_metrics(summary).items():
+        if step not in seen.get(key, ()):
+            metrics.append(store.metric(key, value, end_ms, step))
+    return metrics, end_ms
+
+
+# --- export (for analysis) ---------------------------------------------------------------------
+
+
+def export_runs(
+    experiment: str, dest: str | Path, *, tracking_uri: str | None = None
+) -> list[dict]:
+    """The FINISHED runs of an MLflow experiment, for `python -m analysis collect --from-mlflow`.
+
+    Each run's artifacts (the run-directory files `finish` and `import_runs` log: config.yaml,
+    summary.json, run.json, metrics.jsonl) are downloaded into dest/<mlflow run id>/, so analysis
+    reads them exactly as it reads a run directory. Returns one dict per run, in start order:
+    {"mlflow_run_id", "run_name", "tags", "params", "metrics" (latest values), "history"
+    ({key: [(step, value), ...]} for every metric outside train/ and system/, i.e. the evals),
+    "dir" (the download folder, or None where the artifacts could not be fetched)}.
+    """
+    uri = store.resolve_tracking_uri(tracking_uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run
+    client = store.open_client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"MLflow experiment {experiment!r} does not exist in {uri}")
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [exp.experiment_id],
+            "attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    return [_export_one(client, run, Path(dest)) for run in runs]
+
+
+def _export_one(client, run, dest: Path) -> dict:
+    run_id = run.info.run_id
+    folder = dest / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        client.download_artifacts(run_id, "", str(folder))
+    except Exception as err:  # artifact store unreachable: params and metrics still serve
+        log.warning("run %s: artifacts not downloaded (%s)", run_id, err)
+        folder = None
+    history = {
+        key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+        for key in run.data.metrics
+        if not key.startswith(("train/", "system/"))
+    }
+    return {
+        "mlflow_run_id": run_id,
+        "run_name": run.info.run_name,
+        "tags": dict(run.data.tags),
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "history": history,
+        "dir": folder,
+    }
