@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install test test-all lint format bench reproduce smoke clean mlflow-ui
+.PHONY: install test test-integration test-slow test-all lint format bench reproduce smoke clean mlflow-ui
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,15 +17,27 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Test tiers (markers in pyproject.toml, described in tests/conftest.py): `test` is the unit tier
+# (about a minute on 2 cores), `test-integration` and `test-slow` the others, `test-all` every tier.
+PYTEST  := $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST) -m 'not integration and not slow'
+
+test-integration: $(STAMP)
+	$(PYTEST) -m 'integration and not slow'
+
+test-slow: $(STAMP)
+	$(PYTEST) -m slow
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m ''
+	$(PYTEST) -m ''
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check Snakefile workflow
+	$(BIN)/snakemake --lint --configfile config/smoke.yaml
 
 format: $(STAMP)
 	$(BIN)/ruff format .

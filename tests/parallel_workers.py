@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from test_layer import randomise_gates
+from helpers import randomise_gates
 
 from moe_impl import HierarchicalMoE, MoE
 from moe_impl.parallel import (
@@ -118,10 +118,35 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list[dict]:
     return [distributed_case(rank, world, case) for case in cases]
 
 
+def config_round_trip(rank: int, world: int, configs: list) -> list[dict]:
+    """Each MoEConfig's expert-parallel layer, built from the constructor and from `from_config`
+    (with the same seed): their configs, parameter names and whether the weights agree."""
+    results = []
+    for config in configs:
+        cls = DistributedHierarchicalMoE if config.hierarchical else DistributedMoE
+        kwargs = config.layer_kwargs(cls.__name__, hierarchical=config.hierarchical, dropless=True)
+        torch.manual_seed(0)
+        layer = cls(**kwargs)
+        torch.manual_seed(0)
+        rebuilt = cls.from_config(config, replicate_noise=True)
+        state, state_rebuilt = layer.state_dict(), rebuilt.state_dict()
+        results.append(
+            {
+                "config": layer.config,
+                "rebuilt_config": rebuilt.config,
+                "state_names": list(state),
+                "same_state": list(state) == list(state_rebuilt)
+                and all(torch.equal(state[n], state_rebuilt[n]) for n in state),
+                "replicate_noise": rebuilt.replicate_noise,
+            }
+        )
+    return results
+
+
 def train_run(rank: int, world: int, overrides: list[str], out: str, resume=False, kill_at=None):
     """`python -m moe_impl train` in this rank: the run's summary (or the step it was killed at)
     and the whole model's weights, gathered from every rank."""
-    from test_train import run_until_killed
+    from helpers import run_until_killed
 
     from moe_impl.parallel import full_state_dict
     from moe_impl.train.config import load_config

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import randomise_gates
 from loop_reference import flat_moe, hierarchical_moe
 
 from moe_impl import HierarchicalMoE, MoE
 
 SEED = 1234
-
-
-def randomise_gates(layer: torch.nn.Module, scale: float = 0.7, seed: int = 7) -> None:
-    """Zero-initialised gates route at random; random weights make the routing depend on x."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if "gate" in name:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
 def draw(*shapes: tuple[int, ...]) -> list[torch.Tensor]:

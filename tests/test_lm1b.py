@@ -1,4 +1,4 @@
-"""LM1BCorpus on a tiny fixture in the exact archive layout (data.md §1.1): counts, vocabularies,
+"""LM1BCorpus on a tiny fixture in the exact archive layout (docs/data.md): counts, vocabularies,
 the heldout trap file, shuffling, caching and error messages."""
 
 from __future__ import annotations
@@ -9,44 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import (
+    LM1B_TEST,
+    LM1B_WORDS,
+    SCORED_TEST,
+    lm1b_train_sentences,
+    make_archive,
+    write_lines,
+)
 
 from moe_impl.data import LM1BCorpus
 from moe_impl.data import lm1b as lm1b_module
 from moe_impl.data.lm1b import ARCHIVE_DIR, HELDOUT_DIR, TEST_FILE, TRAIN_DIR, VALID_FILE
 from moe_impl.data.stream import train_windows
-
-WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", ",", "."]
-
-
-def _train_sentences(shard: int) -> list[str]:
-    """Ten sentences per shard; every WORDS entry is seen often, 'rare<shard>' once or twice."""
-    rng = np.random.default_rng(shard)
-    lines = [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 8)))) for _ in range(9)]
-    return [*lines, f"the rare{shard} cat rare{shard % 2} ."]
-
-
-TEST_SENTENCES = ["the cat sat on the mat .", "a zzyzx dog ran , qqq .", "U.S. ."]  # 3 OOV
-VALID_SENTENCES = ["the dog sat .", "a cat ran ."]
-SCORED_TEST = sum(len(s.split()) + 1 for s in TEST_SENTENCES)  # words + </S> per sentence
-
-
-def _write(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-
-
-def make_archive(base: Path, *, shards=(1, 2, 3), trap: bool = True, valid: bool = True) -> Path:
-    """The archive folder with `shards` training shards, heldout-00000/00001 and the trap file."""
-    top = base / ARCHIVE_DIR
-    for n in shards:
-        _write(top / TRAIN_DIR / f"news.en-{n:05d}-of-00100", _train_sentences(n))
-    _write(top / HELDOUT_DIR / TEST_FILE, TEST_SENTENCES)
-    if valid:
-        _write(top / HELDOUT_DIR / VALID_FILE, VALID_SENTENCES)
-    if trap:  # the union of all heldout shards, which must never be read (data.md §1.1)
-        union = TEST_SENTENCES + VALID_SENTENCES + ["more heldout text ."] * 5
-        _write(top / HELDOUT_DIR / "news.en-00000-of-00100", union)
-    return top
 
 
 def _quiet(root, **kwargs) -> LM1BCorpus:
@@ -68,7 +43,7 @@ def archive(tmp_path) -> Path:
 def test_counts_unk_and_bos_never_scored(archive):
     corpus = _quiet(archive, cache_dir=archive.parent / "cache")
     test = corpus.stream("test")
-    assert test.size == SCORED_TEST + len(TEST_SENTENCES)  # plus one <S> per sentence
+    assert test.size == SCORED_TEST + len(LM1B_TEST)  # plus one <S> per sentence
     scored = []
     for batch in corpus.eval_batches("test", 2, 4):
         scored.extend(batch.targets[batch.scored].tolist())
@@ -76,12 +51,12 @@ def test_counts_unk_and_bos_never_scored(archive):
         assert batch.oracle_logp is None
     assert len(scored) == SCORED_TEST
     assert scored.count(corpus.unk_id) == 3  # zzyzx, qqq, U.S.
-    assert scored.count(corpus.eos_id) == len(TEST_SENTENCES)
+    assert scored.count(corpus.eos_id) == len(LM1B_TEST)
     facts = corpus.describe()
     assert facts["test_scored_tokens"] == SCORED_TEST
     assert facts["test_unk_rate"] == pytest.approx(3 / SCORED_TEST)
     assert facts["train_tokens"] == sum(
-        len(s.split()) + 2 for n in (1, 2, 3) for s in _train_sentences(n)
+        len(s.split()) + 2 for n in (1, 2, 3) for s in lm1b_train_sentences(n)
     )
     assert facts["train_shards"] == 3 and facts["corpus"] == "lm1b"
     assert corpus.floor_nats() is None and corpus.carries_state
@@ -105,7 +80,7 @@ def test_parent_folder_or_archive_folder(archive):
 def test_rebuilt_vocabulary(archive):
     corpus = _quiet(archive, cache_dir=archive.parent / "cache")
     assert corpus.vocab_source.startswith("rebuilt from 3 training shards")
-    assert set(WORDS) <= set(corpus.vocab)
+    assert set(LM1B_WORDS) <= set(corpus.vocab)
     assert {"<S>", "</S>", "<UNK>"} <= set(corpus.vocab)
     assert "rare1" in corpus.vocab  # seen 3 times: twice in shard 1, once in shard 3
     assert not {"rare0", "rare2", "rare3"} & set(corpus.vocab)  # seen once each
@@ -116,7 +91,7 @@ def test_rebuilt_vocabulary(archive):
 
 def test_vocab_2016_format(archive):
     tokens = ["</S>", "<S>", "<UNK>", "the", "cat", ".", "U.S."]
-    _write(archive / "vocab-2016-09-10.txt", [*tokens, "!!!MAXTERMID"])
+    write_lines(archive / "vocab-2016-09-10.txt", [*tokens, "!!!MAXTERMID"])
     corpus = _quiet(archive, cache_dir=archive.parent / "cache")
     assert corpus.vocab == tokens and corpus.vocab_size == 7
     assert corpus.vocab_source == str(archive / "vocab-2016-09-10.txt")
@@ -127,21 +102,21 @@ def test_vocab_2016_format(archive):
 
 def test_word_count_format_gets_eos(archive):
     lines = ["the 50", "<S> 30", "cat 20", ". 20", "<UNK> 0"]
-    _write(archive.parent / "1b_word_vocab.txt", lines)  # found in the parent root as well
+    write_lines(archive.parent / "1b_word_vocab.txt", lines)  # found in the parent root as well
     corpus = _quiet(archive.parent, cache_dir=archive.parent / "cache")
     assert corpus.vocab == ["the", "<S>", "</S>", "cat", ".", "<UNK>"]
     assert corpus.ids_by_frequency
     unsorted = archive.parent / "mine.txt"
-    _write(unsorted, ["<S> 30", "cat 2", "the 50", "<UNK> 0"])
+    write_lines(unsorted, ["<S> 30", "cat 2", "the 50", "<UNK> 0"])
     assert not _quiet(archive, vocab_file=unsorted).ids_by_frequency
 
 
 def test_explicit_vocab_file_wins_and_bad_lines(archive):
-    _write(archive / "vocab-2016-09-10.txt", ["</S>", "<S>", "<UNK>", "the"])
+    write_lines(archive / "vocab-2016-09-10.txt", ["</S>", "<S>", "<UNK>", "the"])
     mine = archive.parent / "mine.txt"
-    _write(mine, ["</S>", "<S>", "<UNK>", "cat"])
+    write_lines(mine, ["</S>", "<S>", "<UNK>", "cat"])
     assert _quiet(archive, vocab_file=mine).vocab[-1] == "cat"
-    _write(mine, ["the 5", "cat five"])
+    write_lines(mine, ["the 5", "cat five"])
     with pytest.raises(ValueError, match=r"mine.txt, line 2: expected 'word count'"):
         _quiet(archive, vocab_file=mine)
 
@@ -177,7 +152,7 @@ def test_cache_reused_and_invalidated(archive, monkeypatch):
     monkeypatch.undo()
 
     shard = archive / TRAIN_DIR / "news.en-00002-of-00100"
-    _write(shard, [*_train_sentences(2), "the cat ran ."])
+    write_lines(shard, [*lm1b_train_sentences(2), "the cat ran ."])
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
     third = _quiet(archive, cache_dir=cache)
     assert third.stream("train").size == train.size + 6
@@ -231,7 +206,7 @@ def test_layout_errors(tmp_path):
     (tmp_path / TRAIN_DIR / "news.en-00000-of-00100").write_text("not a training shard\n")
     with pytest.raises(ValueError, match=r"no LM1B training shard in .*news.en-00001-of-00100"):
         LM1BCorpus(tmp_path)
-    _write(tmp_path / TRAIN_DIR / "news.en-00007-of-00100", ["a b c"])
+    write_lines(tmp_path / TRAIN_DIR / "news.en-00007-of-00100", ["a b c"])
     with pytest.raises(ValueError, match=rf"test shard not found: .*{HELDOUT_DIR}/{TEST_FILE}"):
         LM1BCorpus(tmp_path, max_train_shards=1)
 

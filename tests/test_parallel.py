@@ -38,6 +38,7 @@ def results():
     return {w: spawn(run_cases, w, (cases,), timeout_s=180) for w, cases in CASES.items()}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("world", "index"), IDS, ids=[f"w{w}-{CASES[w][i]['kind']}{i}" for w, i in IDS]
 )
@@ -79,7 +80,7 @@ def test_without_process_group_the_error_says_what_to_do():
 
 
 def test_each_process_takes_its_own_gpu(monkeypatch):
-    from moe_impl.train.loop import resolve_device
+    from moe_impl.train.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("cuda", local_rank=3) == torch.device("cuda", 3)

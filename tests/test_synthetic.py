@@ -13,7 +13,7 @@ SMALL = TopicMarkovConfig(vocab_size=64, num_topics=8, fanout=3, eos_prob=0.1, s
 
 
 def test_floor_matches_closed_form_and_data_md():
-    corpus = TopicMarkov(TopicMarkovConfig())  # data.md §3.2 sanity config: 1.3986 nats
+    corpus = TopicMarkov(TopicMarkovConfig())  # the default config: floor 1.3986 nats
     assert corpus.floor_nats() == pytest.approx(1.3986, abs=5e-5)
     _, tokens, logps = corpus.sequences("test", np.arange(20_000))
     empirical = -sum(lp.sum() for lp in logps) / sum(t.size for t in tokens)
@@ -34,10 +34,15 @@ def test_oracle_logp_is_the_table_probability():
         assert lp[-1] == pytest.approx(math.log(e))
 
 
-def test_rows_have_distinct_successors():
-    table = TopicMarkov(SMALL).successors
-    assert table.shape == (8, 65, 3)
+def test_rows_have_distinct_successors_with_zipf_probabilities():
+    corpus = TopicMarkov(SMALL)
+    table = corpus.successors
+    assert table.shape == (8, 65, 3)  # topics x (words + START) x fanout
     assert (np.sort(table, axis=-1)[..., 1:] != np.sort(table, axis=-1)[..., :-1]).all()
+    assert table.min() >= 0 and table.max() < SMALL.vocab_size  # words only: EOS is separate
+    zipf = np.arange(1, SMALL.fanout + 1) ** -SMALL.zipf_s
+    np.testing.assert_allclose(corpus.row_probs, zipf / zipf.sum())
+    assert not np.array_equal(table[0], table[1])  # topics differ
 
 
 def test_random_access_and_disjoint_splits():

@@ -1,39 +1,13 @@
-"""TextCorpus on tiny WikiText-103 and plain-text fixtures (data.md §1.7): layouts, one `<eos>` per
+"""TextCorpus on tiny WikiText-103 and plain-text fixtures (docs/data.md): layouts, one `<eos>` per
 line, the train-only frequency-sorted vocabulary, every test token scored once, error messages."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from helpers import WIKI_TEST, WIKI_TRAIN, WIKI_VALID, make_wikitext, write_lines
 
 from moe_impl.data import TextCorpus
-
-TRAIN = [
-    " = Title = ",
-    "",
-    " the cat sat on the mat . ",
-    " the dog sat on a <unk> . ",
-    "",
-    " the end ",
-]
-TEST = [" = Other = ", "", " the bird sat on the cat . ", ""]  # `bird`, `Other` are OOV
-VALID = [" the mat . "]
-
-
-def _write(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-
-
-def make_wikitext(base: Path, *, valid: bool = True) -> Path:
-    folder = base / "wikitext-103"
-    _write(folder / "wiki.train.tokens", TRAIN)
-    _write(folder / "wiki.test.tokens", TEST)
-    if valid:
-        _write(folder / "wiki.valid.tokens", VALID)
-    return folder
 
 
 def _tokens(lines: list[str], skip_empty: bool = False) -> list[str]:
@@ -47,7 +21,7 @@ def _decode(corpus: TextCorpus, ids) -> list[str]:
 @pytest.mark.parametrize("skip_empty", [False, True])
 def test_every_test_token_scored_once(tmp_path, skip_empty):
     corpus = TextCorpus(make_wikitext(tmp_path), skip_empty_lines=skip_empty)
-    want = [t if t in corpus.token_to_id else "<unk>" for t in _tokens(TEST, skip_empty)]
+    want = [t if t in corpus.token_to_id else "<unk>" for t in _tokens(WIKI_TEST, skip_empty)]
     for batch_size, seq_len in [(1, 1), (1, 50), (2, 3), (3, 4), (5, 2)]:
         targets = [
             t for b in corpus.eval_batches("test", batch_size, seq_len) for t in b.targets[b.scored]
@@ -56,14 +30,14 @@ def test_every_test_token_scored_once(tmp_path, skip_empty):
         if batch_size == 1:
             assert _decode(corpus, targets) == want  # stream order
     assert corpus.describe()["test_scored_tokens"] == len(want)
-    assert _decode(corpus, corpus.stream("train")[1:]) == _tokens(TRAIN, skip_empty)
+    assert _decode(corpus, corpus.stream("train")[1:]) == _tokens(WIKI_TRAIN, skip_empty)
 
 
 def test_empty_lines_give_one_eos_each(tmp_path):
     corpus = TextCorpus(make_wikitext(tmp_path))
     test = corpus.stream("test")
-    assert test.size == 1 + sum(len(line.split()) + 1 for line in TEST)  # leading <eos>
-    assert int((test == corpus.eos_id).sum()) == 1 + len(TEST)
+    assert test.size == 1 + sum(len(line.split()) + 1 for line in WIKI_TEST)  # leading <eos>
+    assert int((test == corpus.eos_id).sum()) == 1 + len(WIKI_TEST)
     skipping = TextCorpus(make_wikitext(tmp_path), skip_empty_lines=True)
     assert int((skipping.stream("test") == skipping.eos_id).sum()) == 1 + 2
     assert corpus.describe()["empty_lines"] == "one <eos> each"
@@ -98,8 +72,8 @@ def test_layouts(tmp_path):
     by_folder = TextCorpus(folder)
     assert by_parent.folder == by_folder.folder == folder and by_parent.layout == "wikitext"
     assert np.array_equal(by_parent.stream("train"), by_folder.stream("train"))
-    for split, lines in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
-        _write(tmp_path / "b" / f"{split}.txt", lines)
+    for split, lines in (("train", WIKI_TRAIN), ("valid", WIKI_VALID), ("test", WIKI_TEST)):
+        write_lines(tmp_path / "b" / f"{split}.txt", lines)
     plain = TextCorpus(tmp_path / "b")
     assert plain.layout == "plain" and plain.name == "text" and plain.carries_state
     assert np.array_equal(plain.stream("test"), by_folder.stream("test"))
@@ -113,7 +87,11 @@ def test_train_batch_and_steps(tmp_path):
     batch = corpus.train_batch(1, 2, 3)
     assert batch.scored.all() and batch.oracle_logp is None
     row_len = (n - 1) // 2
-    assert np.array_equal(batch.inputs[:, 0], corpus.stream("train")[[3, row_len + 3]])
+    stream = corpus.stream("train")
+    for row in range(2):  # step 1 reads positions 3..5 of each row, and predicts 4..6
+        start = row * row_len + 3
+        assert np.array_equal(batch.inputs[row], stream[start : start + 3])
+        assert np.array_equal(batch.targets[row], stream[start + 1 : start + 4])
     with pytest.raises(ValueError, match="too small for batch_size x seq_len"):
         corpus.train_batch(0, 8, 8)
 

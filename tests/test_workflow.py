@@ -1,5 +1,8 @@
-"""The Snakemake workflow: dry runs of the default and paper configs plan every expert count, the
-lint is clean, config errors are reported with the key, and the smoke config runs end to end."""
+"""The Snakemake workflow: dry runs of the default and paper configs plan exactly the configured
+runs (every expert count), parsing the workflow loads neither torch nor matplotlib, the lint is
+clean, config errors are reported with the key, and the smoke config runs end to end.
+
+Integration tier: every test starts snakemake (a second or more each)."""
 
 from __future__ import annotations
 
@@ -17,20 +20,26 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")  # the `workflow` extra, next to python
 EXPERT_COUNTS = ["4", "32", "256", "256-h", "1024-h", "4096-h", "16384-h", "65536-h", "131072-h"]
 
-pytestmark = pytest.mark.skipif(
-    not SNAKEMAKE.exists(), reason="snakemake (the `workflow` extra) not installed"
-)
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not SNAKEMAKE.exists(), reason="snakemake (the `workflow` extra) not installed"
+    ),
+]
 
 
 def workdir(tmp_path: Path) -> Path:
     """A copy of the workflow (not of results/): tests never touch the repository's outputs."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     for name in ("Snakefile", "config", "workflow", "profiles"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
     return tmp_path
 
 
-def snakemake(cwd: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def snakemake(
+    cwd: Path, *args: str, timeout: int = 120, pythonpath: tuple[Path, ...] = ()
+) -> subprocess.CompletedProcess:
     # the package comes from the repository (sys.path of `python -m`), not from the copy
     env_path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
     return subprocess.run(
@@ -39,7 +48,11 @@ def snakemake(cwd: Path, *args: str, timeout: int = 120) -> subprocess.Completed
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={"PATH": env_path, "PYTHONPATH": str(ROOT), "HOME": str(cwd)},
+        env={
+            "PATH": env_path,
+            "PYTHONPATH": ":".join(map(str, [*pythonpath, ROOT])),
+            "HOME": str(cwd),
+        },
     )
 
 
@@ -47,20 +60,81 @@ def planned_runs(stdout: str) -> set[str]:
     return set(re.findall(r"results/runs/(\w+/[\w.-]+)/summary\.json", stdout))
 
 
-@pytest.mark.parametrize("configfile", ["config/config.yaml", "config/paper.yaml"])
-def test_dry_run_plans_every_expert_count(tmp_path, configfile):
+def job_counts(stdout: str) -> dict[str, int]:
+    """The dry run's "Job stats" table: rule -> number of jobs."""
+    table = stdout[stdout.index("Job stats:") :].split("\n\n")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def merged_config(wd: Path, configfile: str) -> dict:
+    """What snakemake sees: config/config.yaml (the Snakefile's `configfile:`), then `configfile`
+    merged over it, mappings key by key and anything else replaced."""
+
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for key, value in over.items():
+            both = isinstance(value, dict) and isinstance(base.get(key), dict)
+            out[key] = merge(base[key], value) if both else value
+        return out
+
+    cfg = yaml.safe_load((wd / "config/config.yaml").read_text())
+    return merge(cfg, yaml.safe_load((wd / configfile).read_text()))
+
+
+def configured_runs(cfg: dict) -> set[str]:
+    """sweep/run for every model entry of every sweep, one per balance-weight pair."""
+    runs = set()
+    for sweep, spec in cfg["sweeps"].items():
+        for entry in spec["models"]:
+            name = entry if isinstance(entry, str) else entry["name"]
+            for w in spec.get("balance_weights") or [None]:
+                runs.add(
+                    f"{sweep}/{name}" if w is None else f"{sweep}/{name}_wi{w[0]:g}_wl{w[1]:g}"
+                )
+    return runs
+
+
+@pytest.mark.parametrize(
+    "configfile", ["config/config.yaml", "config/paper.yaml", "config/smoke.yaml"]
+)
+def test_dry_run_plans_exactly_the_configured_runs(tmp_path, configfile):
     wd = workdir(tmp_path)
     proc = snakemake(wd, "-n", "--cores", "2", "--configfile", configfile)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     runs = planned_runs(proc.stdout)
+    want = configured_runs(merged_config(wd, configfile))
+    assert runs == want, (sorted(runs - want), sorted(want - runs))
+    jobs = job_counts(proc.stdout)
+    assert jobs["train"] == len(want)  # one training job per run, none twice
+    assert jobs["bench"] == jobs["collect"] == jobs["figures"] == jobs["all"] == 1
+    if configfile.endswith("smoke.yaml"):
+        return
     models = {run.split("/")[1] for run in runs}
     for n in EXPERT_COUNTS:
         name = f"MoE-{n}"
         assert name in models or f"{name}_wi0.1_wl0.1" in models, (n, sorted(models))
     assert any(r.startswith("balance/") for r in runs) and "rule bench" in proc.stdout
     assert "rule figures" in proc.stdout and "rule tracking_init" in proc.stdout
-    if configfile.endswith("paper.yaml"):  # the data check runs before any training
-        assert "rule check_data" in proc.stdout
+    # the data check runs before any training, and only where the corpus is a real one
+    assert ("check_data" in jobs) == configfile.endswith("paper.yaml")
+
+
+POISON = "raise ImportError('{name} was imported while snakemake parsed the workflow')\n"
+
+
+def test_parsing_the_workflow_imports_neither_torch_nor_matplotlib(tmp_path):
+    """The Snakefile checks every run through moe_impl's torch-free modules (config, presets,
+    flops, bench.spec) and analysis.figures' names: a dry run works with both packages broken."""
+    poisoned = tmp_path / "poisoned"
+    for name in ("torch", "matplotlib"):
+        (poisoned / name).mkdir(parents=True)
+        (poisoned / name / "__init__.py").write_text(POISON.format(name=name))
+    wd = workdir(tmp_path / "wd")
+    proc = snakemake(
+        wd, "-n", "--cores", "2", "--configfile", "config/smoke.yaml", pythonpath=(poisoned,)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert planned_runs(proc.stdout) == configured_runs(merged_config(wd, "config/smoke.yaml"))
 
 
 def test_multi_gpu_runs_start_through_the_launcher(tmp_path):
@@ -127,16 +201,20 @@ def test_smoke_config_runs_end_to_end(tmp_path):
     wd = workdir(tmp_path)
     proc = snakemake(wd, "--cores", "2", "--configfile", "config/smoke.yaml", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    smoke = yaml.safe_load((wd / "config/smoke.yaml").read_text())
-    expected = sum(
-        len(s["models"]) * len(s.get("balance_weights") or [None]) for s in smoke["sweeps"].values()
-    )
-    summaries = sorted((wd / "results/runs").glob("*/*/summary.json"))
-    assert len(summaries) == expected
-    assert all(json.loads(p.read_text())["test_perplexity"] > 1 for p in summaries)
-    for name in ("figure2_left", "figure2_right", "figure3", "table6_balance", "perf_scaling"):
-        assert (wd / f"results/figures/{name}.png").stat().st_size > 10_000
-    assert (wd / "results/REPORT.md").exists()
+    want = configured_runs(merged_config(wd, "config/smoke.yaml"))
+    summaries = {
+        p.parent.relative_to(wd / "results/runs").as_posix(): json.loads(p.read_text())
+        for p in (wd / "results/runs").glob("*/*/summary.json")
+    }
+    assert summaries.keys() == want
+    perplexities = sorted(s["test_perplexity"] for s in summaries.values())
+    assert all(1 < p < float("inf") for p in perplexities)
+    from analysis.figures import FIGURES
+
+    for name in FIGURES:
+        png = (wd / f"results/figures/{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000, name
+    assert (wd / "results/REPORT.md").read_text().startswith("# Reproduction report")
     assert sorted((wd / "benchmarks/train").glob("*/*.tsv"))
 
     proc = snakemake(wd, "--configfile", "config/smoke.yaml", "--report", "results/report.html")
@@ -147,4 +225,6 @@ def test_smoke_config_runs_end_to_end(tmp_path):
 
     mlflow.set_tracking_uri(f"sqlite:///{wd / 'results/mlflow.db'}")
     runs = mlflow.search_runs(search_all_experiments=True)
-    assert len(runs[runs["tags.sweep"].notna()]) == expected
+    logged = runs[runs["tags.sweep"].notna()]
+    assert len(logged) == len(want)  # one MLflow run per run directory, each with its result
+    assert sorted(logged["metrics.test_perplexity"]) == pytest.approx(perplexities)
