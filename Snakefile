@@ -19,6 +19,6 @@ include: "workflow/rules/analysis.smk"
 rule all:
     default_target: True
     input:
-        all_summaries(),
+        get_run_summaries(),
         "results/bench/bench.json",
-        analysis_outputs(),
+        get_analysis_outputs(),

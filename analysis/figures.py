@@ -1,4 +1,4 @@
-"""The paper's figures from our runs, beside the paper's own numbers (paper.md §2-3): the registry.
+"""The paper's figures from our runs, beside the paper's own numbers (Tables 6-8, Figs. 2-3): the registry.
 
 One module per figure, each a pure function, frames in and a matplotlib Figure out (no files;
 analysis/io.py saves them), styled by analysis/style.py:
@@ -12,45 +12,54 @@ analysis/io.py saves them), styled by analysis/style.py:
                   perplexity per loss weighting, and the per-expert load with and without the
                   losses (App. A)
   perf_scaling    fig_perf_scaling.py: the layer benchmark, µs/token and ratio to the
-                  FLOP-matched dense FFN vs experts, with peers.md's measurements where the
+                  FLOP-matched dense FFN vs experts, with the peers' measurements where the
                   configuration is the same
   efficiency      fig_efficiency.py: throughput and MFU per device vs experts, beside Tables
                   7/8's TFLOPS/GPU (§5.1)
 The paper and our runs never share an axis where the scales differ (a perplexity on the synthetic
 corpus is not one on 1B Word): each figure has "paper: ..." and "this run: ..." panels.
+
+FIGURES is the one list of figure names (the workflow's outputs, workflow/rules/common.smk, read it
+from here). Importing this module loads no plotting library: a figure's module is imported when its
+function is first used (`figures.figure3`, `plot_function`, `all_figures`).
 """
 
 from __future__ import annotations
 
-import pandas as pd
-from matplotlib.figure import Figure
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from analysis.fig_efficiency import efficiency
-from analysis.fig_figure2_left import figure2_left
-from analysis.fig_figure2_right import figure2_right
-from analysis.fig_figure3 import figure3
-from analysis.fig_perf_scaling import perf_scaling
-from analysis.fig_table6_balance import table6_balance
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
 
-__all__ = [
-    "FIGURES",
-    "all_figures",
-    "efficiency",
-    "figure2_left",
-    "figure2_right",
-    "figure3",
-    "perf_scaling",
-    "table6_balance",
-]
+__all__ = ["FIGURES", "all_figures", "plot_function"]
 
-FIGURES = (
-    "figure2_left",
-    "figure2_right",
-    "figure3",
-    "table6_balance",
-    "perf_scaling",
-    "efficiency",
-)
+# figure name -> the frames its function takes, in order; the function is <name> in fig_<name>.py
+_FRAMES = {
+    "figure2_left": ("summary",),
+    "figure2_right": ("summary",),
+    "figure3": ("summary", "snapshots"),
+    "table6_balance": ("summary", "loads"),
+    "perf_scaling": ("bench",),
+    "efficiency": ("summary", "bench"),
+}
+FIGURES = tuple(_FRAMES)
+
+
+def plot_function(name: str) -> Callable[..., Figure]:
+    """The function drawing figure `name` (imports its module, and so matplotlib, on first use)."""
+    if name not in _FRAMES:
+        raise ValueError(f"unknown figure {name!r}; the figures are {', '.join(FIGURES)}")
+    return getattr(importlib.import_module(f"analysis.fig_{name}"), name)
+
+
+def __getattr__(name: str) -> Callable[..., Figure]:
+    """`figures.figure3` and the like, imported lazily (PEP 562)."""
+    if name in _FRAMES:
+        return plot_function(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def all_figures(
@@ -61,12 +70,8 @@ def all_figures(
     names: list[str] | None = None,
 ) -> dict[str, Figure]:
     """The figures `names` (default: all of FIGURES), by output name (figures/<name>.png|pdf)."""
-    makers = {
-        "figure2_left": lambda: figure2_left(summary),
-        "figure2_right": lambda: figure2_right(summary),
-        "figure3": lambda: figure3(summary, snapshots),
-        "table6_balance": lambda: table6_balance(summary, loads),
-        "perf_scaling": lambda: perf_scaling(bench),
-        "efficiency": lambda: efficiency(summary, bench),
+    frames = {"summary": summary, "snapshots": snapshots, "loads": loads, "bench": bench}
+    return {
+        name: plot_function(name)(*(frames[f] for f in _FRAMES[name]))
+        for name in (names or FIGURES)
     }
-    return {name: makers[name]() for name in (names or FIGURES)}

@@ -5,19 +5,18 @@
 
 rule collect:
     input:
-        all_summaries(),
+        get_run_summaries(),
     output:
         summary="results/summary.csv",
         snapshots="results/snapshots.csv",
         loads="results/expert_load.csv",
-    params:
-        # results/runs/<sweep>/<run>/summary.json -> results/runs
-        runs=lambda wildcards, input: str(Path(input[0]).parents[2]),
     log:
         "logs/collect.log",
     localrule: True
     conda:
         "../envs/moe.yaml"
+    params:
+        runs=get_runs_dir,
     shell:
         "python -m analysis collect --runs {params.runs} --out {output.summary} > {log} 2>&1"
 
@@ -30,20 +29,21 @@ rule figures:
         bench="results/bench/bench.json",
         ready="results/mlflow.ready",
     output:
-        figures=[
-            report(f"results/figures/{name}.png", caption="../report/figures.rst", category="Figures")
-            for name in FIGURES
-        ],
-        pdfs=[f"results/figures/{name}.pdf" for name in FIGURES],
+        figures=report(
+            expand("results/figures/{name}.png", name=FIGURES),
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
+        pdfs=expand("results/figures/{name}.pdf", name=FIGURES),
         tables=TABLES,
         report="results/REPORT.md",
-    params:
-        out=lambda wildcards, output: str(Path(output.report).parent),
     log:
         "logs/figures.log",
     localrule: True
     conda:
         "../envs/moe.yaml"
+    params:
+        out=get_analysis_dir,
     shell:
         "python -m analysis figures --summary {input.summary} --bench {input.bench} "
         "--out {params.out} > {log} 2>&1"

@@ -6,19 +6,19 @@ rule bench:
         json="results/bench/bench.json",
         csv="results/bench/bench.csv",
         png="results/bench/bench.png",
-    params:
-        experts=",".join(config["bench"]["experts"]),
-        tokens=config["bench"]["tokens"],
-        device=config["bench"].get("device", "cpu"),
     log:
         "logs/bench.log",
     benchmark:
         "benchmarks/bench.tsv"
+    conda:
+        "../envs/moe.yaml"
     threads: config["bench"].get("threads", 1)
     resources:
         gpu=1 if config["bench"].get("device", "cpu") == "cuda" else 0,
-    conda:
-        "../envs/moe.yaml"
+    params:
+        experts=",".join(config["bench"]["experts"]),
+        tokens=config["bench"]["tokens"],
+        device=config["bench"].get("device", "cpu"),
     shell:
         "python -m moe_impl bench --experts {params.experts} --tokens {params.tokens} "
         "--device {params.device} --threads {threads} --out results/bench > {log} 2>&1"

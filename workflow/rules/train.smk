@@ -20,14 +20,14 @@ rule tracking_init:
 rule check_data:
     output:
         "results/data.ok",
-    params:
-        args=first_real_run_args(),
-        train_config=config["train_config"],
     log:
         "logs/check_data.log",
     localrule: True
     conda:
         "../envs/moe.yaml"
+    params:
+        args=get_data_check_args(),
+        train_config=config["train_config"],
     shell:
         "python -m moe_impl train --config {params.train_config} {params.args} --check-data "
         "> {log} 2>&1 && touch {output}"
@@ -36,31 +36,30 @@ rule check_data:
 rule train:
     input:
         ready="results/mlflow.ready",
-        data=checked_data(),
+        data=get_data_check(),
         train_config=config["train_config"],
     output:
         summary=f"{RUNS_DIR}/{{sweep}}/{{run}}/summary.json",
-    params:
-        args=train_args,
-        out=lambda wildcards: run_dir(wildcards.sweep, wildcards.run),
-        launch=LAUNCH,
-        gpus=config["gpus_per_run"],
-        nodes=config["nodes_per_run"],
-        # the job's cores shared by the processes of one node
-        process_threads=lambda wildcards, threads: max(1, threads // max(1, config["gpus_per_run"])),
     log:
         "logs/train/{sweep}/{run}.log",
     benchmark:
         "benchmarks/train/{sweep}/{run}.tsv"
+    conda:
+        "../envs/moe.yaml"
     threads: config["threads_per_run"]
     resources:
-        mem_mb=train_mem_mb,
+        mem_mb=get_train_mem_mb,
         gpu=TRAIN_RESOURCES["gpu"],
         nodes=TRAIN_RESOURCES["nodes"],
         slurm_extra=TRAIN_RESOURCES["slurm_extra"],
         mpi="srun",  # launch.sh starts its own srun across nodes (common.smk, train_resources)
-    conda:
-        "../envs/moe.yaml"
+    params:
+        args=get_train_args,
+        out=get_run_dir,
+        launch=LAUNCH,
+        gpus=config["gpus_per_run"],
+        nodes=config["nodes_per_run"],
+        process_threads=get_process_threads,
     shell:
         "bash {params.launch} {params.gpus} {params.nodes} "
         "train --config {input.train_config} {params.args} "

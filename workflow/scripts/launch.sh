@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start `python -m moe_impl ARGS...` on every GPU a job has (README, "Cluster"):
+# Start `python -m moe_impl ARGS...` on every GPU a job has (docs/parallel.md):
 #   one process                        GPUS_PER_NODE <= 1 and NODES = 1
 #   torchrun over the node's GPUs      GPUS_PER_NODE > 1 and NODES = 1
 #   one torchrun per node through srun NODES > 1 (inside a SLURM allocation), joined by the c10d
