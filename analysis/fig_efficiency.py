@@ -1,4 +1,4 @@
-"""Computational efficiency (Sec. 5.1, paper.md §4.2): throughput and MFU per device vs experts,
+"""Computational efficiency (Sec. 5.1): throughput and MFU per device vs experts,
 beside Tables 7/8's observed TFLOPS/GPU.
 
 Pure: frames in, a matplotlib Figure out.
@@ -24,7 +24,7 @@ def _paper_efficiency() -> pd.DataFrame:
 
 @style.styled
 def efficiency(summary: pd.DataFrame, bench: pd.DataFrame | None = None) -> Figure:
-    """Computational efficiency (Sec. 5.1, paper.md §4.2) against the number of experts.
+    """Computational efficiency (Sec. 5.1) against the number of experts.
 
     Paper: Tables 7 (filled) and 8 (hollow) observed TFLOPS/GPU (K40) of the ~8M-ops models
     (no-MoE baselines at n = 1). This run: achieved GFLOP/s per device of the training runs

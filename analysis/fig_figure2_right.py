@@ -1,4 +1,4 @@
-"""Fig. 2-right (paper.md §3): test perplexity vs ops/timestep, LSTM line vs MoE line (Table 7).
+"""Fig. 2-right (Sec. 5.1): test perplexity vs ops/timestep, LSTM line vs MoE line (Table 7).
 
 Pure: frames in, a matplotlib Figure out. The paper's lines and our `lm1b` sweep sit in separate
 panels (a perplexity on the synthetic corpus is not one on 1B Word).
@@ -54,7 +54,7 @@ def _label_points(ax, xs, ys, names) -> None:
 
 @style.styled
 def figure2_right(summary: pd.DataFrame, paper_points: pd.DataFrame | None = None) -> Figure:
-    """Fig. 2-right (paper.md §3): test perplexity vs computational budget (ops/timestep).
+    """Fig. 2-right (Sec. 5.1): test perplexity vs computational budget (ops/timestep).
 
     Paper: Jozefowicz et al.'s LSTMs (final perplexity, solid; at 10 epochs where printed, dashed)
     and the ~4B-parameter MoE models at 10 epochs. This run: the `lm1b` sweep, no-MoE baselines

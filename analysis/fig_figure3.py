@@ -1,4 +1,4 @@
-"""Fig. 3 (paper.md §3): test perplexity vs parameters after N and 10N tokens, and the gap (Table 8).
+"""Fig. 3 (Sec. 5.2): test perplexity vs parameters after N and 10N tokens, and the gap (Table 8).
 
 Pure: frames in, a matplotlib Figure out. The paper's Table 8 and our `news100b` sweep sit in
 separate columns (a perplexity on the synthetic corpus is not one on 100B-word news).
@@ -56,7 +56,7 @@ def _gap_panel(ax, pts: pd.DataFrame, ylabel: str) -> None:
 
 @style.styled
 def figure3(summary: pd.DataFrame, snapshots: pd.DataFrame) -> Figure:
-    """Fig. 3 (paper.md §3): test perplexity vs capacity after N and 10N tokens, and the gap.
+    """Fig. 3 (Sec. 5.2): test perplexity vs capacity after N and 10N tokens, and the gap.
 
     Paper: Table 8 after 10B and 100B words (4xLSTM-512 baseline marked). This run: the
     `news100b` sweep, its earliest snapshot and its final evaluation. Bottom row: gap = early -

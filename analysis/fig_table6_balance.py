@@ -1,4 +1,4 @@
-"""Table 6 (App. A, paper.md §1.3) as a figure: CV(importance), CV(load), max/mean load and
+"""Table 6 (App. A) as a figure: CV(importance), CV(load), max/mean load and
 perplexity per loss weighting, and the per-expert load with and without the balancing losses.
 Pure: frames in, a matplotlib Figure out; the paper and our `balance` sweep in separate columns.
 """
@@ -93,7 +93,7 @@ def load_pair(summary: pd.DataFrame, loads: pd.DataFrame, sweep: str = "balance"
 
 @style.styled
 def table6_balance(summary: pd.DataFrame, loads: pd.DataFrame) -> Figure:
-    """Table 6 (App. A, paper.md §1.3): the balancing-loss ablation, paper vs our `balance` sweep.
+    """Table 6 (App. A): the balancing-loss ablation, paper vs our `balance` sweep.
 
     Top: CV(Importance), CV(Load) and max/mean load per (w_importance, w_load); bottom: test
     perplexity. Right column: our per-expert load (expert_load.json: routed slots over the last

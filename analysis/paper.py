@@ -2,7 +2,7 @@
 
 Reads only the CSVs packaged in `analysis/paper_data/` (see its README.md for the columns and
 where each number comes from). Figures 2 and 3 have no data of their own: their points are Table
-7 and Table 8 rows, selected here as the reference (paper.md §3) describes.
+7 and Table 8 rows, selected here as the figures' captions and Sec. 5.1-5.2 describe them.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ own numbers as a check that it is fair: a rule the paper fails would be a wrong 
 Absolute perplexities are not compared (our corpus and budgets are not the paper's); every rule
 compares our runs with each other, as the paper compares its models.
 
-Claims (paper.md §2-3): more experts give lower perplexity at equal compute (Fig. 2-left, Table 7);
+Claims (Sec. 5.1-5.2, App. A): more experts give lower perplexity at equal compute (Fig. 2-left, Table 7);
 hierarchical MoE matches flat MoE (Table 7); the gap between N and 10N tokens widens with
 capacity (Fig. 3, Table 8); quality degrades at 131072 experts (Table 8); the balancing losses
 fix the load imbalance (Table 6).

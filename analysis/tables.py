@@ -1,7 +1,7 @@
 """Our analogues of the paper's Tables 6, 7 and 8, with the paper's values in adjacent columns.
 
-Table 7 (App. C, 1B Word, paper.md §2.2) from the `lm1b` sweep, Table 8 (App. D, 100B words,
-§2.3) from the `news100b` sweep, Table 6 (App. A, §1.3) from the `balance` sweep. Rows are an outer
+Table 7 (App. C, 1B Word) from the `lm1b` sweep, Table 8 (App. D, 100B words) from the
+`news100b` sweep, Table 6 (App. A) from the `balance` sweep. Rows are an outer
 join on the model (or the loss weights): a paper row we did not run keeps empty "this run" cells,
 and a run with no paper counterpart keeps empty "paper" cells. Our numbers are means over the
 runs (seeds) of a model. Pure: frames in, frames or text out (analysis/io.py writes the files).

@@ -3,12 +3,12 @@
 Two autograd functions carry everything the expert-parallel layers exchange:
 
 - `exchange(tensors, send_splits, recv_splits)`: an all_to_all with variable split sizes (the
-  dropless dispatch of paper §3.1 / tensor2tensor's DistributedSparseDispatcher, paper.md §6.9) of
+  dropless dispatch of paper §3.1 / tensor2tensor's 2017 DistributedSparseDispatcher in tensor2tensor/utils/expert_utils.py) of
   several row-aligned tensors at once; its backward sends the gradients back along the same routes.
   The tensors go in one fixed order inside one autograd node, so every rank runs the backward
   collectives in the same order.
 - `replicated_sum(x)`: all_reduce(SUM) forward, identity backward. Its result feeds a loss that every
-  rank computes identically (the balancing losses over the global batch, paper.md §6.6); each rank's
+  rank computes identically (the balancing losses over the global batch, as tensor2tensor's 2017 code sums them); each rank's
   gradient then flows only into its own contribution, and summing the replicated parameters'
   gradients over ranks (sync.py) counts the loss exactly once.
 
