@@ -19,6 +19,7 @@ import pytest
 if TYPE_CHECKING:
     import torch
 
+    from moe_impl.train.config import RunConfig
     from moe_impl.train.loop import Trainer
 
 # --- tiny training runs -------------------------------------------------------------------------
@@ -48,7 +49,7 @@ TINY = [
 ]
 
 
-def tiny(*more: str) -> dict:
+def tiny(*more: str) -> RunConfig:
     """The resolved config of the TINY run with `more` overrides on top."""
     from moe_impl.train.config import load_config
 

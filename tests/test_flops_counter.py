@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from moe_impl import HierarchicalMoE, MoE
-from moe_impl.model.flops import ModelConfig, ops_per_timestep
+from moe_impl.model.config import ModelConfig
+from moe_impl.model.flops import ops_per_timestep
 
 
 class TinyLSTM(nn.Module):

@@ -66,6 +66,8 @@ TORCH_FREE = {  # module -> what importing it must not load
     "moe_impl.runs.rundir": {"torch", "mlflow"},
     "moe_impl.runs.runinfo": {"torch", "mlflow"},
     "moe_impl.model.flops": {"torch"},
+    "moe_impl.model.config": {"torch"},
+    "moe_impl.layer.config": {"torch"},
     "moe_impl.flops": {"torch"},
     "moe_impl.model.presets": {"torch"},
     "moe_impl.train.config": {"torch"},

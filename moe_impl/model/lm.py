@@ -8,7 +8,7 @@ through a sigmoid first. The MoE is applied convolutionally: the lower LSTM runs
 then the MoE sees all B·T positions as one batch (Sec. 3.1). Input embedding and softmax weights are
 separate (untied), as the paper's total parameter counts imply (App. C.1, Table 7).
 
-The architecture comes from a `flops.ModelConfig`, so the model and the accounting describe the same
+The architecture comes from a `ModelConfig` (moe_impl/model/config.py), so the model and the accounting describe the same
 thing: kind 'none' stacks the LSTMs (4xLSTM-512, LSTM-2048-512, ...), 'dense' puts one always-active
 FFN where the MoE goes (MoE-1-Wide, MoE-1-Deep), 'flat' / 'hierarchical' the MoE layers. Biases: the
 LSTMs keep torch's (the paper's counts leave them out); experts, FFN and softmax have none.
