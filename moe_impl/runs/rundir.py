@@ -15,6 +15,7 @@
       checkpoints/       step-NNNNNNNN.pt, the newest few kept; latest.txt names the newest
       run.json           identity: {"run_id" (uuid4 hex, stable across resumes), "name",
                             "experiment", "started", "host", "git_commit", "git_dirty"}
+      .lock              flock-ed by the process training into the directory (runs/lock.py)
 
 Every number is a plain JSON number; NaN and infinities are written as null (JSON has none).
 Writers append and fsync nothing but flush every line, so a killed run leaves every line it logged;
