@@ -4,6 +4,12 @@ A store that is unreachable or fails warns once and turns the tracker into a no-
 stops a run, and `python -m moe_impl tracking import` (sync.py) loads the run directory later.
 Metric names are those of the importer (runinfo.record_metrics), so a run finished here is
 complete and a later import leaves it alone. MLflow itself is reached through store.py.
+
+Exactly once per step: a training step's metrics go to MLflow every `train.log_every` steps and at
+the last step (`tracked_step`, the importer's rule too), and a resumed run skips the points MLflow
+already has (MLflow cannot replace a point: logging a (key, step) again adds a second one), so a
+run killed and resumed, or resumed after it finished, has one point per key and step
+(docs/tracking.md).
 """
 
 from __future__ import annotations
@@ -21,6 +27,13 @@ from moe_impl.tracking import store
 log = logging.getLogger(__name__)
 
 FLUSH_EVERY_S, FLUSH_EVERY_N = 5.0, 500
+
+
+def tracked_step(step: int, every: int, last: int) -> bool:
+    """Whether training step `step` (1-based) goes to MLflow: every `every` (train.log_every)
+    steps and the last one. The training loop and the importer share it, so a live and an
+    imported run have the same history; metrics.jsonl keeps every step."""
+    return step % every == 0 or step == last
 
 
 class TrackingWarning(RuntimeWarning):
@@ -44,6 +57,9 @@ class RunTracker:
         self._buffer: list = []
         self._last_flush = time.monotonic()
         self._last_step = 0
+        # a resumed run: per metric key, the last step MLflow had; points up to it are not logged
+        # again (a resumed run trains the steps after its checkpoint again, with the same values)
+        self._logged: dict[str, int] = {}
         self._warned = self._closed = False
         self._monitor = None
 
@@ -109,6 +125,7 @@ class RunTracker:
             )
             store.log_batch(client, run.info.run_id, params=params)
         else:  # resume
+            self._logged = {k: max(s) for k, s in store.metric_steps(client, run).items() if s}
             client.update_run(run.info.run_id, status="RUNNING")
             store.log_batch(
                 client, run.info.run_id, params=store.new_params(run, params), tags=all_tags
@@ -159,14 +176,18 @@ class RunTracker:
             self._disable(err)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        """Buffer per-step metrics (None/NaN/inf skipped); flushed every few seconds or records."""
+        """Buffer per-step metrics (None/NaN/inf skipped, and, resumed, the keys MLflow already
+        has at this step or later); flushed every few seconds or records."""
         if not self.active:
             return
         now_ms, step = int(time.time() * 1000), int(step)
         self._last_step = step
         for key, value in metrics.items():
+            key = runinfo.metric_key(key)
+            if step <= self._logged.get(key, -1):
+                continue
             if (v := runinfo.number(value)) is not None:
-                self._buffer.append(store.metric(runinfo.metric_key(key), v, now_ms, step))
+                self._buffer.append(store.metric(key, v, now_ms, step))
         if (
             len(self._buffer) >= FLUSH_EVERY_N
             or time.monotonic() - self._last_flush >= FLUSH_EVERY_S
@@ -203,12 +224,24 @@ class RunTracker:
         step = int(runinfo.number(summary.get("steps")) or self._last_step)
         self.log_metrics(runinfo.summary_metrics(summary), step)
         self.flush()
+        if status == "FINISHED" and rundir.is_finished(self.run_dir):
+            self._call(self._fill_gaps)
         self.log_artifacts(runinfo.run_artifacts(self.run_dir))
         self._stop_monitor()
         if status == "FINISHED":
             self._call(lambda c: c.set_tag(self.run_id, store.COMPLETE_TAG, "true"))
         self._call(lambda c: c.set_terminated(self.run_id, status))
         self._closed = True
+
+    def _fill_gaps(self, client) -> None:
+        """Before the run is tagged complete: log what the run directory has and MLflow lacks,
+        the steps of an earlier segment whose tracking was off or could not reach the store (a
+        later `tracking import` leaves a complete run alone)."""
+        from moe_impl.tracking import sync  # sync imports this module
+
+        run = store.get_run(client, self.run_id)
+        points = sync.missing_points(self.run_dir, store.metric_steps(client, run))
+        store.log_batch(client, self.run_id, metrics=points)
 
     def fail(self, status: str = "FAILED") -> None:
         """Mark the run FAILED (or KILLED), keeping the config and metrics logged so far."""

@@ -3,7 +3,10 @@ cluster runs, or a live run whose tracking failed midway), `export_runs` downloa
 finished runs for `python -m analysis collect --from-mlflow`.
 
 Importing is idempotent: the tag `moe.run_id` (run.json's run_id) identifies a run, so importing
-twice never duplicates it. MLflow itself is reached through store.py.
+twice never duplicates it, and a partial run gets only the (key, step) points it lacks. Training
+steps are imported at the live run's cadence (`train.log_every` of the run's config.yaml and the
+last step, live.tracked_step), so a run has one history however it reached MLflow. MLflow itself is
+reached through store.py.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from moe_impl.runs import rundir, runinfo
 from moe_impl.tracking import store
+from moe_impl.tracking.live import tracked_step
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +75,9 @@ def _import_one(client, uri: str, run_dir: Path, experiment: str | None) -> str:
     if run is not None and run.data.tags.get(store.COMPLETE_TAG) == "true":
         log.info("%s: already in MLflow as run %s", run_dir, run.info.run_id)
         return run.info.run_id
-    started_ms = runinfo.epoch_ms(identity.get("started"))
-    if started_ms is None:
-        started_ms = int((run_dir / rundir.RUN_FILE).stat().st_mtime * 1000)
+    started_ms = _started_ms(run_dir, identity)
     seen: dict[str, set[int]] = {}
+    config = _read_config(run_dir)
     if run is None:
         exp_name = experiment or identity.get("experiment") or store.DEFAULT_EXPERIMENT
         _, experiment_id = store.open_store(uri, str(exp_name))
@@ -82,11 +85,10 @@ def _import_one(client, uri: str, run_dir: Path, experiment: str | None) -> str:
         name = str(identity.get("name") or run_dir.name)
         run = client.create_run(experiment_id, start_time=started_ms, tags=tags, run_name=name)
     else:  # a partial live run: add only the (key, step) points it lacks
-        for key in run.data.metrics:
-            seen[key] = {m.step for m in client.get_metric_history(run.info.run_id, key)}
+        seen = store.metric_steps(client, run)
     run_id = run.info.run_id
-    metrics, end_ms = _metric_points(run_dir, started_ms, seen)
-    params = store.new_params(run, runinfo.flatten_config(_read_config(run_dir)))
+    metrics, end_ms = _metric_points(run_dir, started_ms, seen, _log_every(config))
+    params = store.new_params(run, runinfo.flatten_config(config))
     store.log_batch(client, run_id, metrics=metrics, params=params)
     for path in runinfo.run_artifacts(run_dir):
         client.log_artifact(run_id, str(path))
@@ -96,21 +98,54 @@ def _import_one(client, uri: str, run_dir: Path, experiment: str | None) -> str:
     return run_id
 
 
-def _metric_points(run_dir: Path, started_ms: int, seen: dict[str, set[int]]):
+def missing_points(run_dir: str | Path, seen: dict[str, set[int]]) -> list:
+    """The MLflow metric points of a run directory that a run lacks (`seen`: its steps per key,
+    store.metric_steps), at the live cadence: what the live tracker adds when a run finishes,
+    for the steps of an earlier segment whose tracking was off or failed."""
+    run_dir = Path(run_dir)
+    identity = rundir.read_json(run_dir / rundir.RUN_FILE)
+    every = _log_every(_read_config(run_dir))
+    return _metric_points(run_dir, _started_ms(run_dir, identity), seen, every)[0]
+
+
+def _started_ms(run_dir: Path, identity: dict) -> int:
+    started_ms = runinfo.epoch_ms(identity.get("started"))
+    if started_ms is None:
+        started_ms = int((run_dir / rundir.RUN_FILE).stat().st_mtime * 1000)
+    return started_ms
+
+
+def _log_every(config: dict) -> int:
+    """The run's train.log_every: the live run's cadence; 1 (every step) when config.yaml does not
+    say (a run directory written by other code)."""
+    train = config.get("train")
+    every = train.get("log_every") if isinstance(train, dict) else None
+    return every if isinstance(every, int) and not isinstance(every, bool) and every > 0 else 1
+
+
+def _metric_points(run_dir: Path, started_ms: int, seen: dict[str, set[int]], log_every: int = 1):
     """(MLflow metric points from metrics.jsonl and summary.json minus the `seen` (key, step)
-    points, the run's end in epoch ms). A record's "time" is epoch seconds or seconds since the
-    start."""
+    points, the run's end in epoch ms): training steps at the live run's cadence (tracked_step),
+    every evaluation, each (key, step) once (the first). A record's "time" is epoch seconds or
+    seconds since the start."""
+    seen = {key: set(steps) for key, steps in seen.items()}  # grows with the points added
+    records = rundir.read_metrics(run_dir)
+    summary = rundir.read_summary(run_dir) or {}
+    train_steps = [int(r["step"]) for r in records if _is_train(r)]
+    last = int(runinfo.number(summary.get("steps")) or max(train_steps, default=0))
     metrics, last_step = [], 0
-    for record in rundir.read_metrics(run_dir):
+    for record in records:
         if (step := record.get("step")) is None:
             continue
         last_step = step = int(step)
+        if _is_train(record) and not tracked_step(step, log_every, last):
+            continue
         t = runinfo.number(record.get("time"))
         ts = started_ms if t is None else int(t * 1000) if t > 1e9 else started_ms + int(t * 1000)
         for key, value in runinfo.record_metrics(record).items():
-            if step not in seen.get(key, ()):
+            if step not in seen.setdefault(key, set()):
+                seen[key].add(step)
                 metrics.append(store.metric(key, value, ts, step))
-    summary = rundir.read_summary(run_dir) or {}
     wall = runinfo.number(summary.get("wall_time_s"))
     end_ms = started_ms + int(wall * 1000) if wall is not None else started_ms
     step = int(runinfo.number(summary.get("steps")) or last_step)
@@ -118,6 +153,10 @@ def _metric_points(run_dir: Path, started_ms: int, seen: dict[str, set[int]]):
         if step not in seen.get(key, ()):
             metrics.append(store.metric(key, value, end_ms, step))
     return metrics, end_ms
+
+
+def _is_train(record: dict) -> bool:
+    return record.get("kind", "train") == "train" and record.get("step") is not None
 
 
 # --- export (for analysis) ---------------------------------------------------------------------
