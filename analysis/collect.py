@@ -281,6 +281,8 @@ def collect_mlflow(experiment: str, uri: str | None, scratch: str | Path) -> Col
     """The frames of an MLflow experiment's finished runs (artifacts downloaded into scratch)."""
     from moe_impl import tracking  # the only module that talks to MLflow
 
+    uri = tracking.resolve_tracking_uri(uri)
+    tracking.store.require_store(uri)  # reading creates no empty store
     exports = tracking.export_runs(experiment, scratch, tracking_uri=uri)
     if not exports:
         raise ValueError(f"MLflow experiment {experiment!r} has no finished runs")

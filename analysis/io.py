@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 FIGURE_FORMATS = ("png", "pdf")
 FIGURE_DPI = 150
+BENCH_KEYS = ("kind", "num_experts", "tokens_mode")  # what the figures select bench rows by
 
 
 def find_run_dirs(root: str | Path) -> tuple[list[Path], list[Path]]:
@@ -77,9 +78,20 @@ def read_bench(paths: list[str | Path]) -> pd.DataFrame:
     for path in map(Path, paths):
         if not path.is_file():
             raise ValueError(f"--bench {str(path)!r} does not exist")
-        rows = json.loads(path.read_text())
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a list of benchmark rows (moe_impl bench --json)")
+        expected = "expected the list of benchmark rows `python -m moe_impl bench --json` writes"
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:  # not UTF-8, not JSON (an empty file among them)
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"--bench {path}: not JSON ({first}); {expected}") from None
+        if not isinstance(rows, list) or not rows:
+            got = "an empty list" if rows == [] else f"a JSON {type(rows).__name__}"
+            raise ValueError(f"--bench {path}: {expected}, got {got}")
+        for i, row in enumerate(rows):
+            missing = [k for k in BENCH_KEYS if k not in row] if isinstance(row, dict) else None
+            if missing != []:
+                what = f"lacks {missing}" if missing else f"is not an object: {str(row)[:40]}"
+                raise ValueError(f"--bench {path}: row {i} {what}; {expected}")
         frames.append(pd.DataFrame(rows).assign(source_file=str(path)))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

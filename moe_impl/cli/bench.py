@@ -5,6 +5,8 @@ steps, the MoE and the dense FFN `Linear(d, k·h) -> ReLU -> Linear(k·h, d)` (n
 active FLOPs) timed alternately in one process so that their ratio holds under load, and one child
 process per configuration so that peak memory is per configuration. Sweeps flat and hierarchical
 (App. B) layers at fixed tokens per step or at fixed tokens per expert (the paper's regime).
+A configuration whose estimated peak memory (moe_impl/bench/memory.py) exceeds the memory available
+is skipped before it is built; exit code EXIT_NONE_MEASURED when no configuration was measured.
 Not here: the measuring child (moe_impl/bench/worker.py), the text table and figure (moe_impl/bench/plot.py), and
 timing targets (never asserted in tests).
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from moe_impl.bench import plot as bench_plot
+from moe_impl.bench.memory import estimate_peak_bytes
 from moe_impl.bench.spec import (
     K_PRIMARY,
     K_SECONDARY,
@@ -35,6 +38,31 @@ from moe_impl.bench.spec import (
 from moe_impl.bench.worker import DTYPES, EXIT_TOO_SLOW, MEASURED, build_moe, run_worker
 
 DEFAULT_EXPERTS = "4,32,256,256-h,1024-h,4096-h,16384-h,65536-h,131072-h"
+EXIT_SOME_FAILED = 1  # a configuration crashed (the others were measured)
+EXIT_NONE_MEASURED = 3  # every configuration was skipped or failed: nothing to report
+EXIT_CODES = (
+    "exit codes: 0 every configuration measured or skipped with a reason (at least one measured); "
+    f"{EXIT_SOME_FAILED} some configuration failed; 2 bad arguments; {EXIT_NONE_MEASURED} every "
+    "configuration was skipped or failed"
+)
+
+
+def available_bytes(device: str) -> int | None:
+    """Memory a configuration may take now: the GPU's free memory for "cuda", else the host's
+    MemAvailable (/proc/meminfo: free plus reclaimable, not the total); None where unknown."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _gb(size_bytes: float) -> str:
+    return f"{size_bytes / 2**30:.1f} GB"
 
 
 def rss_bytes(pid: int) -> int:
@@ -86,7 +114,8 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.warmup < 0 or not args.max_seconds_per_step > 0 or not args.max_rss_gb > 0:
+    rss = args.max_rss_gb
+    if args.warmup < 0 or not args.max_seconds_per_step > 0 or (rss is not None and not rss > 0):
         raise ValueError("--warmup must be >= 0; --max-seconds-per-step, --max-rss-gb > 0")
     if args.tokens_per_expert is not None and not args.tokens_per_expert > 0:
         raise ValueError(f"--tokens-per-expert must be > 0, got {args.tokens_per_expert}")
@@ -116,6 +145,7 @@ def make_row(spec: ExpertSpec, args: argparse.Namespace) -> dict:
         "target_tokens_per_expert": m,
         "max_tokens": None if m is None else args.max_tokens or 131072,
         "tokens_per_expert": tokens * k / spec.num_experts,
+        "est_mem_mb": estimate_peak_bytes(spec, d, h, k, tokens) / 2**20,
         "train_gflop": train_flops(tokens, d, h, k, gate_outputs(spec)) / 1e9,
         **{key: getattr(args, key) for key in ("reps", "warmup", "optimizer", "device", "dtype")},
         "threads": args.threads or torch.get_num_threads(),
@@ -129,7 +159,14 @@ def make_row(spec: ExpertSpec, args: argparse.Namespace) -> dict:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="time MoE layers against a FLOP-matched dense FFN")
+    p = subparsers.add_parser(
+        "bench",
+        help="time MoE layers against a FLOP-matched dense FFN",
+        description="Time MoE layers against a FLOP-matched dense FFN, one child process per "
+        "configuration. A configuration whose estimated peak memory exceeds the memory available "
+        "(MemAvailable; the GPU's free memory with --device cuda) is skipped before it is built.",
+        epilog=EXIT_CODES,
+    )
     p.add_argument("--experts", default=DEFAULT_EXPERTS, help="N (flat), N-h or AxB-h (k=2+2)")
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--d-hidden", type=int, default=128)
@@ -155,8 +192,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="keep glibc's default mmap threshold (see moe_impl/runtime.py; default: raise it)",
     )
     p.add_argument("--max-seconds-per-step", type=float, default=60.0, help="skip slower configs")
-    total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    p.add_argument("--max-rss-gb", type=float, default=round(0.8 * total_gb, 1))
+    p.add_argument(
+        "--max-rss-gb", type=float,
+        help="kill a child whose resident memory exceeds this (default: the memory available "
+        "when it starts, MemAvailable)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, help="write bench.json, bench.csv and bench.png here")
     p.add_argument("--json", type=Path)
     p.add_argument("--csv", type=Path)
@@ -189,10 +229,39 @@ def run(args: argparse.Namespace) -> int:
     for i, row in enumerate(rows, 1):
         print(f"[{i}/{len(rows)}] {row['config']} T={row['tokens']} ...", file=sys.stderr)
         row["load_avg"] = os.getloadavg()[0]
-        row.update(run_child({**row, "max_seconds": args.max_seconds_per_step}, args.max_rss_gb))
+        if reason := too_large(row, args.device):
+            row.update(status="skipped", reason=reason)
+            continue
+        row.update(run_child({**row, "max_seconds": args.max_seconds_per_step}, rss_limit(args)))
     print(bench_plot.format_table(rows))
     paths = {"json": args.json, "csv": args.csv, "png": args.png}
     if args.out is not None:
         paths = {ext: p or args.out / f"bench.{ext}" for ext, p in paths.items()}
     bench_plot.write_outputs(rows, **{f"{ext}_path": p for ext, p in paths.items()})
-    return 1 if any(r["status"] == "failed" for r in rows) else 0
+    if not any(r["status"] == "ok" for r in rows):
+        print("error: no configuration was measured (each was skipped or failed: the reasons "
+              f"are above); exit code {EXIT_NONE_MEASURED}", file=sys.stderr)  # fmt: skip
+        return EXIT_NONE_MEASURED
+    return EXIT_SOME_FAILED if any(r["status"] == "failed" for r in rows) else 0
+
+
+def too_large(row: dict, device: str) -> str | None:
+    """Why `row` cannot run here, or None: its estimated peak (moe_impl/bench/memory.py) against
+    the memory available now, on the device that holds its tensors."""
+    free = available_bytes(device)
+    need = row["est_mem_mb"] * 2**20
+    if free is None or need <= free:
+        return None
+    where = "free on the GPU" if device == "cuda" else "available"
+    return f"out of memory: estimated {_gb(need)} for this configuration, {_gb(free)} {where}"
+
+
+def rss_limit(args: argparse.Namespace) -> float:
+    """The child's resident-memory limit in GB: --max-rss-gb, else the host's available memory
+    now (else 0.8 x its total where that is unknown)."""
+    if args.max_rss_gb is not None:
+        return args.max_rss_gb
+    free = available_bytes("cpu")
+    if free is None:
+        free = 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return free / 2**30

@@ -15,6 +15,8 @@ perplexity is per word including `</S>` (App. C.1; 159,658 tokens on heldout-000
 Vocabulary (docs/data.md): `vocab-2016-09-10.txt` or `1b_word_vocab.txt` if given or found in the
 root, else rebuilt from the training shards (count >= 3, plus `<S>`, `</S>`, `<UNK>`); out-of-
 vocabulary words map to `<UNK>`. Encoded streams are cached as .npy files and read back memory-mapped.
+The held-out shards are encoded when the corpus opens (a file that is not UTF-8 is named with its
+line and byte offset before a run trains), the training shards at the first training batch.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_impl.data.stream import StreamCorpus, count_scored
+from moe_impl.data.text import read_lines
 
 ARCHIVE_DIR = "1-billion-word-language-modeling-benchmark-r13output"
 TRAIN_DIR = "training-monolingual.tokenized.shuffled"
@@ -60,12 +63,9 @@ def sentence_words(line: str) -> list[str]:
 
 
 def _read_lines(path: Path) -> Iterator[str]:
-    """Lines of a UTF-8 text file, split on '\\n' only; a decoding error names the file."""
-    try:
-        with path.open(encoding="utf-8", newline="\n") as f:
-            yield from f
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err})") from None
+    """Lines of a UTF-8 text file, split on '\\n' only; a decoding error names the file, the line
+    and the byte offset (text.read_lines)."""
+    return read_lines(path, newline="\n")
 
 
 def _require_file(path: Path, what: str) -> Path:
@@ -279,6 +279,11 @@ class LM1BCorpus(StreamCorpus):
         self.bos_id, self.eos_id, self.unk_id = (self.token_to_id[t] for t in (BOS, EOS, UNK))
         self._vocab_digest = _digest(*self.vocab)
         self._streams: dict[str, np.ndarray] = {}
+        # the held-out shards encoded (and cached) now: one that does not decode stops a run before
+        # it trains, not at the final evaluation; the training shards are read at the first step
+        for split in ("valid", "test"):
+            if split == "test" or self.valid_file is not None:
+                self.stream(split)
 
     # --- vocabulary ---------------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 Layouts, under `root`: `wiki.{train,valid,test}.tokens` (WikiText; also found in `root/wikitext-103/`
 or `root/wikitext-2/`), else `{train,valid,test}.txt`. The train and test files are required, valid
-is optional (an error only when asked for).
+is optional (an error only when asked for). Every split is read when the corpus opens, so a file
+that is not UTF-8 (the error names its line and byte offset) or holds no token stops a run before
+it trains, not at its final evaluation.
 
 Tokens are the whitespace-separated words of each line plus one `<eos>` per line (one end-of-line
 token per line, as fairseq and Transformer-XL count WikiText-103; docs/data.md). Empty lines count too, each as a
@@ -33,13 +35,33 @@ LAYOUTS = {"wikitext": "wiki.{split}.tokens", "plain": "{split}.txt"}
 _WIKITEXT_DIRS = ("wikitext-103", "wikitext-2")
 
 
-def _read_lines(path: Path) -> Iterator[str]:
-    """Lines of a UTF-8 text file; a decoding error names the file."""
+def read_lines(path: Path, newline: str | None = None) -> Iterator[str]:
+    """Lines of a UTF-8 text file (`newline` as for `open`); a decoding error is a ValueError
+    naming the file, the line and the byte offset of the first bad byte (`utf8_error`)."""
     try:
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8", newline=newline) as f:
             yield from f
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err})") from None
+    except UnicodeDecodeError:
+        raise utf8_error(path) from None
+
+
+def utf8_error(path: Path) -> ValueError:
+    """The one-line error for the first byte of `path` that is not UTF-8: file, line (counted in
+    '\\n'), byte offset and the byte. Only called once decoding has failed; reads by line, and no
+    '\\n' byte occurs inside a multi-byte UTF-8 sequence, so each line decodes on its own."""
+    offset = 0
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad = line[err.start : err.start + 1]
+                return ValueError(
+                    f"{path} is not UTF-8 text: line {number}, byte {offset + err.start} "
+                    f"(0x{bad.hex()}: {err.reason}); re-encode it as UTF-8"
+                )
+            offset += len(line)
+    return ValueError(f"{path} is not UTF-8 text")  # not reached for a file that failed
 
 
 def _find_layout(root: Path) -> tuple[str, Path]:
@@ -107,10 +129,15 @@ class TextCorpus(StreamCorpus):
                 self.files[split] = _check_file(path, f"{split} file")
         self._streams: dict[str, np.ndarray] = {}
         self._build_vocab_and_train(eos, unk)
+        # every split encoded now: a file that does not decode stops a run before it trains, not
+        # at the final evaluation (the held-out files are small beside the training file)
+        for split in ("valid", "test"):
+            if self.files[split] is not None:
+                self.stream(split)
 
     def _lines(self, path: Path) -> Iterator[list[str]]:
         """The tokens of each line, without `<eos>`; empty lines dropped if `skip_empty_lines`."""
-        for line in _read_lines(path):
+        for line in read_lines(path):
             words = line.split()
             if words or not self.skip_empty_lines:
                 yield words

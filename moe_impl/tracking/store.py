@@ -155,6 +155,17 @@ def open_client(uri: str):
     return client
 
 
+def require_store(uri: str) -> None:
+    """ValueError unless the SQLite store `uri` names exists (other stores are not checked here):
+    a command that only reads must not leave an empty store behind, as opening one would."""
+    path = _sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise ValueError(
+            f"no MLflow store at {uri} ({path} does not exist); give --uri or set "
+            "MLFLOW_TRACKING_URI to the store the runs were logged to"
+        )
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name) or "_"
 
@@ -224,6 +235,17 @@ def get_run(client, mlflow_run_id: str):
     with contextlib.suppress(MlflowException):
         return client.get_run(mlflow_run_id)
     return None
+
+
+def metric_steps(client, run) -> dict[str, set[int]]:
+    """{metric key: the steps it has points at} of a run, read once (a request per key); the
+    system metrics (system/..., MLflow's own monitor) are left out."""
+    run_id = run.info.run_id
+    return {
+        key: {m.step for m in client.get_metric_history(run_id, key)}
+        for key in run.data.metrics
+        if not key.startswith("system/")
+    }
 
 
 def metric(key: str, value: float, timestamp_ms: int, step: int):

@@ -4,7 +4,8 @@ A `RunConfig` nests one frozen, keyword-only dataclass per section: model, data 
 synthetic sub-section, the corpus's own `TopicMarkovConfig`), train, eval, tracking, distributed,
 telemetry. Each checks its values in `__post_init__`, so a bad value fails where it is built, before
 any model is, with a ValueError naming the key as the user writes it (`train.lr`) and the value;
-settings that span sections (a finite corpus for `train.epochs`) are checked by RunConfig.
+settings that span sections (a finite corpus for `train.epochs`, `eval.at_tokens` within
+`train.tokens`) are checked by RunConfig.
 
 `load_config(files, overrides)` layers the defaults <- each YAML file <- each `key.path=value`
 override (values parsed as YAML: `3e-4`, `true`, `[1, 2]`, `null`; integral floats become ints) and
@@ -271,6 +272,10 @@ class RunConfig:
             _check_string(key, getattr(self, key))
         if not isinstance(self.experiment, str) or not self.experiment:
             raise ValueError(f"experiment must be a non-empty string, got {self.experiment!r}")
+        if self.train.tokens is not None:
+            check_snapshots(
+                self.eval.at_tokens, self.train.tokens, f"train.tokens={self.train.tokens}"
+            )
         if self.data.corpus == "synthetic":
             if self.train.epochs is not None:
                 raise ValueError("train.epochs needs a finite corpus; the synthetic one is endless")
@@ -314,6 +319,19 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> RunC
         value = yaml.safe_load(text) if text.strip() else None
         _merge(raw, _nested(key.strip(), value), RunConfig, prefix="")
     return _build(RunConfig, raw, prefix="")
+
+
+def check_snapshots(at_tokens: tuple[int, ...], budget_tokens: int, budget: str) -> None:
+    """ValueError for eval.at_tokens beyond the training budget: snapshots are taken during
+    training, so one after its end would silently never be. RunConfig checks it against
+    train.tokens; with train.epochs the budget is known once the corpus is open (train/corpus.py)."""
+    beyond = [t for t in at_tokens if t > budget_tokens]
+    if beyond:
+        raise ValueError(
+            f"eval.at_tokens={list(at_tokens)}: {', '.join(map(str, beyond))} is beyond the "
+            f"training budget, {budget}; no snapshot would be taken there (lower it, or train "
+            "longer)"
+        )
 
 
 def dump(cfg: RunConfig) -> str:

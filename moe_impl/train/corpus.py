@@ -9,11 +9,26 @@ import torch
 from moe_impl.data.base import Batch
 from moe_impl.data.synthetic import TopicMarkov
 from moe_impl.parallel.context import Context
-from moe_impl.train.config import RunConfig
+from moe_impl.train.config import RunConfig, check_snapshots
+from moe_impl.train.schedule import total_steps
 
 
 def build_corpus(cfg: RunConfig):
-    """The configured corpus, opened (LM1B and text read their vocabulary here)."""
+    """The configured corpus, opened (LM1B and text read their vocabulary and held-out splits
+    here), and eval.at_tokens checked against a budget of train.epochs, known only now."""
+    corpus = _corpus(cfg)
+    train = cfg.train
+    if train.epochs is not None and cfg.eval.at_tokens:
+        steps = total_steps(train, corpus)
+        check_snapshots(
+            cfg.eval.at_tokens,
+            steps * train.tokens_per_step,
+            f"train.epochs={train.epochs}, {steps} steps of {train.tokens_per_step} tokens",
+        )
+    return corpus
+
+
+def _corpus(cfg: RunConfig):
     data = cfg.data
     if data.corpus == "synthetic":
         return TopicMarkov(data.synthetic)
@@ -32,18 +47,25 @@ def build_corpus(cfg: RunConfig):
     return TextCorpus(data.path, min_count=data.min_count, max_vocab=data.max_vocab)
 
 
+def _encode(corpus, cfg: RunConfig):
+    """`corpus` with the splits training reads encoded (and cached): a file that does not decode
+    stops the run here, before its run directory is touched."""
+    if hasattr(corpus, "stream"):  # real text
+        for split in ("train", cfg.eval.split):
+            corpus.stream(split)
+    return corpus
+
+
 def open_corpus(cfg: RunConfig, ctx: Context, device: torch.device):
-    """The corpus of this process. In a distributed run rank 0 opens it first (and writes any
-    cache), then the others read it, and a data error stops every rank, not only rank 0."""
+    """The corpus of this process, the splits training reads encoded. In a distributed run rank 0
+    opens it first (and writes any cache), then the others read it, and a data error stops every
+    rank, not only rank 0."""
     if not ctx.distributed:
-        return build_corpus(cfg)
+        return _encode(build_corpus(cfg), cfg)
     corpus, error = None, None
     if ctx.is_main:
         try:
-            corpus = build_corpus(cfg)
-            if hasattr(corpus, "stream"):  # real text: encode (and cache) what training reads
-                for split in ("train", cfg.eval.split):
-                    corpus.stream(split)
+            corpus = _encode(build_corpus(cfg), cfg)
         except ValueError as err:
             error = err
     if not ctx.all_agree(error is None, device):
