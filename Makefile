@@ -50,14 +50,19 @@ bench: $(STAMP)
 mlflow-ui: $(STAMP)
 	$(BIN)/python -m moe_impl tracking ui
 
+# the memory budget Snakemake holds the jobs it runs together to: this machine's free memory now
+# less a reserve (workflow/scripts/mem_budget.py); `make reproduce MEM_MB=12000` sets it by hand
+MEM_MB  ?= $$($(BIN)/python workflow/scripts/mem_budget.py)
+
 # the default reproduction (Snakefile + config/config.yaml), then its HTML report
 reproduce: $(STAMP)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all --resources mem_mb=$(MEM_MB)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --report results/report.html
 
 # every step of the reproduction at toy size (config/smoke.yaml), in a few minutes
 smoke: $(STAMP)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all --configfile config/smoke.yaml
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all --resources mem_mb=$(MEM_MB) \
+		--configfile config/smoke.yaml
 
 clean:
 	rm -rf results/bench .pytest_cache

@@ -15,6 +15,7 @@ rule bench:
     threads: config["bench"].get("threads", 1)
     resources:
         gpu=1 if config["bench"].get("device", "cpu") == "cuda" else 0,
+        mem_mb=BENCH_MEM_MB,  # its largest configuration's measured peak (common.smk)
     params:
         experts=",".join(config["bench"]["experts"]),
         tokens=config["bench"]["tokens"],

@@ -5,9 +5,14 @@
 # any job starts, with a message naming the config entry. Nothing imported here loads torch or
 # matplotlib.
 
+import math
+import runpy
 import shlex
 from pathlib import Path
 
+import yaml
+
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 from analysis.figures import FIGURES
@@ -15,6 +20,7 @@ from moe_impl.bench.spec import parse_experts
 from moe_impl.model.flops import total_params
 from moe_impl.model.presets import ALL_PRESETS
 from moe_impl.train.config import load_config, model_config
+from moe_impl.train.identity import changes, describe, fingerprint, set_aside
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -81,6 +87,11 @@ def run_config(preset, overrides):
         "batch_size": {"train": cfg.train.batch_size, "eval": cfg.eval.batch_size},
         "params": total_params(model),
         "num_experts": model.num_experts,
+        "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len,  # get_train_mem_mb
+        # what `train` resolves, and a hash of its values (set_aside_changed_runs,
+        # get_run_fingerprint)
+        "config": cfg,
+        "fingerprint": fingerprint(cfg),
     }
 
 
@@ -95,10 +106,28 @@ def check_divisible(batch_size):
             )
 
 
+def selected_sweeps():
+    """The sweeps that run: those named in `sweeps_to_run` (`--config
+    'sweeps_to_run=[lm1b]'`), or every sweep of the config (which is the --configfile
+    given, all of it: Snakefile)."""
+    names = config.get("sweeps_to_run")
+    if names is None:
+        return list(config["sweeps"])
+    unknown = [name for name in names if name not in config["sweeps"]]
+    if unknown:
+        raise ValueError(
+            f"config sweeps_to_run: {', '.join(map(repr, unknown))} is not a sweep of this "
+            f"config; its sweeps are {', '.join(sorted(config['sweeps']))}"
+        )
+    return list(names)
+
+
 def build_runs():
-    """{(sweep, run): {"overrides", and run_config's keys}} for every run of every sweep."""
+    """{(sweep, run): {"overrides", "preset", and run_config's keys}} for every run of every
+    selected sweep (an empty sweep, `models: []`, has none)."""
     runs = {}
-    for sweep, spec in config["sweeps"].items():
+    for sweep in selected_sweeps():
+        spec = config["sweeps"][sweep]
         weights = spec.get("balance_weights") or [None]
         for where, name, preset, extra in _model_entries(sweep, spec):
             for w in weights:
@@ -121,15 +150,126 @@ def build_runs():
                     raise ValueError(
                         f"config {where}: run {sweep}/{run} is listed twice"
                     )
-                runs[(sweep, run)] = {"overrides": overrides, **cfg}
+                runs[(sweep, run)] = {"overrides": overrides, "preset": preset, **cfg}
     return runs
 
 
 RUNS = build_runs()
 try:
-    parse_experts(",".join(config["bench"]["experts"]))
+    BENCH_SPECS = parse_experts(",".join(config["bench"]["experts"]))
 except ValueError as err:
     raise ValueError(f"config bench.experts: {err}") from None
+
+
+# --- memory: each job's mem_mb, and the budget they are held to together -------------------------
+# Snakemake starts jobs together only while their mem_mb add up to at most the budget
+# (`--resources mem_mb=`: `make reproduce` passes the machine's free memory less a reserve,
+# workflow/scripts/mem_budget.py; the default profile has a fixed one). A job's mem_mb is the
+# measured peak of what it runs times a margin (workflow/resources/peak_memory.yaml says where each
+# measurement comes from), or the analytic estimate where nothing was measured.
+
+PEAK_MEMORY = yaml.safe_load(
+    (Path(workflow.basedir) / "workflow" / "resources" / "peak_memory.yaml").read_text()
+)
+# one expert of the benchmark's layer, 2 x d_model x d_hidden weights at bench's defaults
+# (--d-model 64 --d-hidden 128; rule bench passes neither)
+BENCH_EXPERT_PARAMS = 2 * 64 * 128
+
+
+def analytic_mem_mb(params, num_experts):
+    """Parameters with dense Adam (16 B each: weights, grads, two moments) below 4096 experts,
+    sparse grads + factored Adam (~5 B) from there, plus 1.5 GB."""
+    per_param = 5 if num_experts >= 4096 else 16
+    return int(1500 + params * per_param / 2**20)
+
+
+def measured_mem_mb(peak_mib):
+    """A measured peak (MiB, ru_maxrss) times the margin, in MB (Snakemake's mem_mb)."""
+    return math.ceil(peak_mib * 2**20 / 1e6 * PEAK_MEMORY["margin"])
+
+
+def estimate_mem_mb(measured, holds, analytic):
+    """The measurement where it holds; where it does not (more tokens per step than
+    measured), the analytic estimate but not below the measurement; without one, the
+    analytic estimate."""
+    if measured is None:
+        return analytic
+    return measured if holds else max(measured, analytic)
+
+
+def train_mem_mb(run):
+    entry = PEAK_MEMORY["train"].get(run["preset"])
+    analytic = analytic_mem_mb(run["params"], run["num_experts"])
+    if entry is None or entry["params"] != run["params"]:
+        return analytic  # not measured, or another shape than measured
+    holds = run["tokens_per_step"] <= entry["tokens_per_step"]
+    return estimate_mem_mb(measured_mem_mb(entry["peak_mib"]), holds, analytic)
+
+
+def bench_mem_mb():
+    """`bench` measures each --experts entry in a child process beside its parent: the largest
+    entry's child plus the parent."""
+    estimates = []
+    for spec in BENCH_SPECS:
+        entry = PEAK_MEMORY["bench"].get(spec.config)
+        params = spec.num_experts * BENCH_EXPERT_PARAMS
+        analytic = analytic_mem_mb(params, spec.num_experts)
+        if entry is None:
+            estimates.append(analytic)
+            continue
+        measured = measured_mem_mb(entry["peak_mib"] + PEAK_MEMORY["bench_parent_mib"])
+        holds = config["bench"]["tokens"] <= entry["tokens"]
+        estimates.append(estimate_mem_mb(measured, holds, analytic))
+    return max(estimates)
+
+
+TRAIN_MEM_MB = {key: train_mem_mb(run) for key, run in RUNS.items()}
+BENCH_MEM_MB = bench_mem_mb()
+
+
+def estimated_mem_mb(job):
+    """A job's own estimate: Snakemake lowers a job's mem_mb to the budget when it is more (so
+    that such a job still runs, alone), which hides it from job.resources."""
+    if job.rule.name == "train":
+        return TRAIN_MEM_MB[(job.wildcards.sweep, job.wildcards.run)]
+    if job.rule.name == "bench":
+        return BENCH_MEM_MB
+    return 0
+
+
+def check_memory_budget(dag):
+    """Before any job (onstart, train.smk), warnings: a job to run whose estimate is more than
+    the budget runs alone (Snakemake lowers its mem_mb to the budget) and may be killed; a local
+    run's budget is more than this machine has free (the default profile's is fixed)."""
+    budget = workflow.global_resources.get("mem_mb").value
+    if not isinstance(budget, int):
+        return
+    over = sorted(
+        f"{'/'.join(job.wildcards) or job.rule.name} ({estimated_mem_mb(job)} MB)"
+        for job in dag.needrun_jobs()
+        if estimated_mem_mb(job) > budget
+    )
+    if over:
+        logger.warning(
+            f"{', '.join(over)}: more memory than the budget, --resources mem_mb={budget}. "
+            "Each will run alone, and may be killed if the machine has less free then; the "
+            "estimates are measured peaks with a margin (workflow/resources/peak_memory.yaml). "
+            "Leave such runs out of the config (sweeps_to_run, a sweep's models, bench.experts) "
+            "or run where more memory is free."
+        )
+    if not workflow.local_exec:
+        return
+    script = Path(workflow.basedir) / "workflow" / "scripts" / "mem_budget.py"
+    try:
+        free = runpy.run_path(str(script))["machine_budget_mb"]()
+    except (OSError, ValueError, ImportError):
+        return
+    if budget > free:
+        logger.warning(
+            f"The memory budget mem_mb={budget} is more than this machine has free now "
+            f"({free} MB after a reserve): jobs started together may be killed. `make "
+            f"reproduce` sets it from free memory, or pass --resources mem_mb=$(python {script})."
+        )
 
 
 def run_dir(sweep, run):
@@ -156,18 +296,44 @@ def get_train_args(wildcards):
     return set_args(RUNS[(wildcards.sweep, wildcards.run)]["overrides"])
 
 
+def get_run_fingerprint(wildcards):
+    """A hash of the run's resolved config values (a param of the train rule); Snakemake
+    re-trains a run when it changes, and only then (the config file itself is an `ancient`
+    input: an edit that changes no run's values, a comment, re-trains nothing)."""
+    return RUNS[(wildcards.sweep, wildcards.run)]["fingerprint"]
+
+
+def set_aside_changed_runs(dag):
+    """Before any job runs (onstart, train.smk): each train job about to run whose run directory
+    holds a config with other values has that directory renamed to a hidden sibling
+    `.<run>.replaced-<UTC time>` (moe_impl/train/identity.py), whole, before Snakemake removes
+    its summary.json; the job then starts a new run. `train --replace-changed` does the same
+    when this hook did not run (--no-hooks), without the summary.json Snakemake removed.
+    """
+    for job in dag.needrun_jobs():
+        if job.rule.name != "train":
+            continue
+        key = (job.wildcards.sweep, job.wildcards.run)
+        directory = run_dir(*key)
+        try:
+            diffs = changes(directory, RUNS[key]["config"])
+            why = describe(diffs) if diffs else None
+        except ValueError as err:  # an unreadable config.yaml
+            why = str(err)
+        if why:
+            moved = set_aside(directory)
+            print(f"{directory}: config changed ({why}); moved the old run to {moved}")
+
+
 def get_process_threads(wildcards, threads):
     """CPU threads of each process of a run: the job's cores shared by one node's processes."""
     return max(1, threads // max(1, config["gpus_per_run"]))
 
 
 def get_train_mem_mb(wildcards):
-    """The scheduler's memory estimate of a training job: parameters with dense Adam (16 B each:
-    weights, grads, two moments) below 4096 experts, sparse grads + factored Adam (~5 B) from
-    there, plus 1.5 GB."""
-    run = RUNS[(wildcards.sweep, wildcards.run)]
-    per_param = 5 if run["num_experts"] >= 4096 else 16
-    return int(1500 + run["params"] * per_param / 2**20)
+    """The scheduler's memory estimate of a training job (MB): its preset's measured peak with
+    the margin, or the analytic estimate (TRAIN_MEM_MB, above)."""
+    return TRAIN_MEM_MB[(wildcards.sweep, wildcards.run)]
 
 
 def get_data_check():
@@ -201,5 +367,7 @@ TABLES = [
 
 
 def get_analysis_outputs():
-    """The figures and the report (rule all)."""
+    """The figures and the report (rule all), or none when no sweep has a run (empty models)."""
+    if not RUNS:
+        return []
     return [f"results/figures/{name}.png" for name in FIGURES] + ["results/REPORT.md"]

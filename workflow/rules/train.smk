@@ -1,6 +1,10 @@
 # Training: one job per (sweep, run); the run directory (moe_impl/runs/rundir.py) is its output, and
 # summary.json, written last, marks it finished. `--resume` continues an interrupted run from its
 # last checkpoint (and leaves a finished one alone), so a restarted workflow loses no work.
+# A run is its config's values: the rule records their hash (get_run_fingerprint), so an edit of
+# the training config re-trains exactly the runs whose values changed; their old run directories
+# are renamed to hidden `.<run>.replaced-<UTC time>` siblings, whole, before the jobs start
+# (set_aside_changed_runs, or `train --replace-changed` without hooks). docs/workflow.md says why.
 # With gpus_per_run > 1 or nodes_per_run > 1 a run is expert-parallel: workflow/scripts/launch.sh
 # starts it with torchrun (one node) or srun + torchrun (several nodes, SLURM).
 
@@ -37,7 +41,8 @@ rule train:
     input:
         ready="results/mlflow.ready",
         data=get_data_check(),
-        train_config=config["train_config"],
+        # its content counts through `fingerprint`, not its modification time
+        train_config=ancient(config["train_config"]),
     output:
         summary=f"{RUNS_DIR}/{{sweep}}/{{run}}/summary.json",
     log:
@@ -60,7 +65,16 @@ rule train:
         gpus=config["gpus_per_run"],
         nodes=config["nodes_per_run"],
         process_threads=get_process_threads,
+        fingerprint=get_run_fingerprint,
     shell:
         "bash {params.launch} {params.gpus} {params.nodes} "
         "train --config {input.train_config} {params.args} "
-        "--set train.threads={params.process_threads} --out {params.out} --resume > {log} 2>&1"
+        "--set train.threads={params.process_threads} --out {params.out} --resume "
+        "--replace-changed > {log} 2>&1"
+
+
+# one onstart handler per workflow (a second would replace this one); check_memory_budget
+# (common.smk) only warns
+onstart:
+    check_memory_budget(workflow.dag)
+    set_aside_changed_runs(workflow.dag)
