@@ -3,14 +3,29 @@
 Writes the run directory of moe_impl/runs/rundir.py. Under torchrun (several processes) the run is
 expert-parallel (moe_impl/parallel, the config's `distributed` section) and rank 0 writes the
 files. Exit codes: 0 finished (or already finished), 2 a config or data error (one line naming the
-key), 3 the loss diverged (the last good checkpoint is kept; see train.TrainingDiverged).
+key; also a bad --out, a run directory another process trains into, no intact checkpoint to resume
+from, or a checkpoint the disk refused, ENOSPC), 3 the loss diverged (the last good checkpoint is kept; see moe_impl.train.loop.TrainingDiverged).
+
+`--resume` continues the run in --out when the config resolves to the values it was started with
+(moe_impl/train/identity.py; train.threads and train.progress may differ). Without --config it
+reads the run's own config.yaml, under any --set, so `--out DIR --resume` needs nothing else. A
+config with other values is refused, naming each key with its saved and new value; with
+`--replace-changed` the old run directory is moved to a hidden sibling `.NAME.replaced-<UTC time>`
+(every file kept) and a new run starts in DIR. The workflow's train rule passes both.
+
+SIGINT (Ctrl-C) or SIGTERM (`timeout`, SLURM) stops the run after the step in progress, with a
+checkpoint at that step and the MLflow run KILLED: one line on stderr ("interrupted at step N;
+`python -m moe_impl train --out DIR --resume` continues") and exit code 130 or 143 (128 + the
+signal); a second signal stops at once (moe_impl/train/interrupt.py, docs/training.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from moe_impl.runs import lock, rundir
 from moe_impl.train.config import dump, load_config
 
 
@@ -31,7 +46,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="run directory (required unless --print-config)")
     p.add_argument(
         "--resume", action="store_true",
-        help="continue the run in --out from its last checkpoint (a finished run is left as is)",
+        help="continue the run in --out from its last checkpoint (a finished run is left as is); "
+             "without --config, from its saved config.yaml (--set overrides it); a config with "
+             "other values is refused",
+    )  # fmt: skip
+    p.add_argument(
+        "--replace-changed", action="store_true",
+        help="with --resume (implied): when the config's values differ from the run in --out, "
+             "move that run to .NAME.replaced-<UTC time> beside it (kept) and start a new one",
     )  # fmt: skip
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument(
@@ -42,7 +64,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    resume = args.resume or args.replace_changed
+    files = args.config
+    saved = Path(args.out) / rundir.CONFIG_FILE if args.out else None
+    if resume and not files and saved is not None and saved.is_file():
+        files = [saved]  # the run's own config, under any --set
+    cfg = load_config(files, args.overrides)
     if args.print_config:
         print(dump(cfg), end="")
         return 0
@@ -54,15 +81,29 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise ValueError("--out DIR is required: the run directory to write")
-    from moe_impl.train.loop import Trainer, TrainingDiverged
+    lock.check_run_dir(args.out)  # before anything is built: not a file, not in use by another run
+    from moe_impl.train.loop import Trainer, TrainingDiverged, TrainingInterrupted
 
-    trainer = Trainer(cfg, args.out, resume=args.resume)
+    try:
+        trainer = Trainer(cfg, args.out, resume=resume, replace_changed=args.replace_changed)
+    except KeyboardInterrupt:  # Ctrl-C while building (SIGTERM then ends the process as usual)
+        started = (Path(args.out) / rundir.CONFIG_FILE).is_file()
+        resume = f"`python -m moe_impl train --out {args.out} --resume` continues"
+        print(
+            f"interrupted before training started; {resume if started else 'nothing was written'}",
+            file=sys.stderr,
+        )
+        return 130
     try:
         summary = trainer.run()
     except TrainingDiverged as err:
         if trainer.ctx.is_main:
             print(f"error: {err}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as err:  # after a step and its checkpoint (or a second signal)
+        if trainer.ctx.is_main:
+            print(err, file=sys.stderr)
+        return err.exit_code
     finally:
         trainer.ctx.close()
     if not trainer.ctx.is_main:  # under torchrun, rank 0 reports

@@ -8,12 +8,16 @@ number, and the generators are re-seeded from (seed, step) (schedule.py), so a r
 checkpoint (state.py) produces exactly the losses of an uninterrupted one.
 
 A non-finite loss stops the run before the optimizer touches the parameters, with the last good
-checkpoint kept (`TrainingDiverged`, exit code 3 from the CLI).
+checkpoint kept (`TrainingDiverged`, exit code 3 from the CLI). SIGTERM or SIGINT stops the run
+after the step it is in, with a checkpoint at that step (`TrainingInterrupted`, interrupt.py; exit
+code 143 or 130 from the CLI); expert-parallel processes agree on the step in the step's loss
+all-reduce, so all stop at the same one.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -23,11 +27,13 @@ import torch
 from moe_impl import telemetry
 from moe_impl.model.lm import MoELanguageModel
 from moe_impl.parallel import context as parallel_context
-from moe_impl.runs import rundir
+from moe_impl.runs import lock, rundir
+from moe_impl.tracking.live import tracked_step
 from moe_impl.train import checkpoint
-from moe_impl.train.config import RunConfig, dump
+from moe_impl.train.config import RunConfig
 from moe_impl.train.corpus import local_batch, local_rows, open_corpus
 from moe_impl.train.device import autocast, device_name, peak_memory_mb, resolve_device
+from moe_impl.train.interrupt import StopSignals, TrainingInterrupted
 from moe_impl.train.monitor import start_sampler, start_tracker
 from moe_impl.train.optim import build_optimizers, clip_gradients
 from moe_impl.train.progress import Progress
@@ -50,7 +56,16 @@ class TrainingDiverged(RuntimeError):
 class Trainer:
     """One training run in `run_dir`, from a RunConfig (config.load_config)."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, *, resume: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        replace_changed: bool = False,
+    ) -> None:
+        """`resume`: continue the run in run_dir (same config values); `replace_changed`: with
+        resume, set a run with other values aside and start a new one (state.prepare_run_dir)."""
         self._segment_start = time.perf_counter()  # wall time counts set-up too
         self.cfg, self.run_dir = cfg, Path(run_dir)
         train = cfg.train
@@ -93,10 +108,11 @@ class Trainer:
         self.tokens_per_step = train.tokens_per_step
         self.total_steps = total_steps(train, self.corpus)
         self.loop = LoopState()
+        self._stop, self._stop_agreed = StopSignals(), False  # SIGTERM / SIGINT (interrupt.py)
         # only now, with everything built and checked, touch the run directory
         prepare_run_dir(
-            self.run_dir, dump(cfg), resume=resume, ctx=self.ctx, name=self.name,
-            experiment=cfg.experiment,
+            self.run_dir, cfg, resume=resume, ctx=self.ctx, name=self.name,
+            experiment=cfg.experiment, replace_changed=replace_changed,
         )  # fmt: skip
         if resume and not rundir.is_finished(self.run_dir):  # finished: run() returns its summary
             self.loop = resumed_state(
@@ -124,10 +140,13 @@ class Trainer:
         state = self.loop.lstm_state if self.corpus.carries_state else None
         with self.autocast:
             out = self.model(inputs, targets, scored, state=state, generator=self.generator)
-        # this rank's share of the global mean NLL (sync.py's convention), and the global mean
-        nll_sum, num_scored = self.ctx.sum(
-            [float(out.nll_sum.detach().float()), float(out.num_scored)], self.device
+        # this rank's share of the global mean NLL (sync.py's convention), and the global mean;
+        # the same all-reduce tells every rank whether any caught a stop signal (_stop_requested)
+        stop = float(self._stop.requested)
+        nll_sum, num_scored, stops = self.ctx.sum(
+            [float(out.nll_sum.detach().float()), float(out.num_scored), stop], self.device
         )
+        self._stop_agreed = stops > 0
         num_scored = max(num_scored, 1.0)
         share = out.nll_sum.float() / num_scored
         loss, aux = nll_sum / num_scored, float(out.aux_loss.detach())
@@ -214,8 +233,24 @@ class Trainer:
     # --- the run ----------------------------------------------------------------------------
 
     def run(self) -> dict:
-        """Train to the budget (or on from the checkpoint), evaluate, write summary.json."""
+        """Train to the budget (or on from the checkpoint), evaluate, write summary.json.
+
+        SIGTERM / SIGINT (main thread): the step in progress finishes, a checkpoint is written at
+        it and TrainingInterrupted is raised (a second signal raises it at once); the previous
+        handlers are back when run returns. A signal that comes after the last step was checked
+        lets the run finish (final evaluation, summary.json, MLflow): its checkpoint is written.
+        """
+        with StopSignals() as self._stop:
+            try:
+                return self._run_tracked()
+            except TrainingInterrupted as err:
+                if err.step is None:  # a second signal, raised wherever the process was
+                    err.step, err.run_dir = self.loop.step, self.run_dir
+                raise
+
+    def _run_tracked(self) -> dict:
         if rundir.is_finished(self.run_dir):
+            lock.release(self.run_dir)
             return rundir.read_summary(self.run_dir)
         self.peak_flops, self.peak_flops_source = telemetry.resolve_peak_flops(
             str(self.device),
@@ -238,6 +273,7 @@ class Trainer:
         finally:
             if sampler is not None:
                 sampler.stop()
+            lock.release(self.run_dir)  # taken in prepare_run_dir (runs/lock.py)
         if tracker is not None:
             tracker.finish(summary)
         return summary
@@ -261,7 +297,7 @@ class Trainer:
                 loop.advance(record, dt)
                 record["tokens_per_second"] = per_step / dt
                 record["time"] = loop.train_time
-                logged = loop.step % train.log_every == 0 or loop.step == self.total_steps
+                logged = tracked_step(loop.step, train.log_every, self.total_steps)
                 if sampler is not None and logged:
                     record.update(sampler.latest())
                 if main:  # every step; MLflow every log_every
@@ -271,12 +307,18 @@ class Trainer:
                 progress.update(loop.step, record)
                 if loop.step in snapshot_steps and loop.step not in done:
                     self._log(tracker, self._snapshot())
-                if loop.step % train.checkpoint_every == 0 or loop.step == self.total_steps:
+                stop = self._stop_requested()
+                if stop or loop.step % train.checkpoint_every == 0 or loop.step == self.total_steps:
                     if tracker is not None:
                         tracker.flush()  # what MLflow has then covers the checkpoint
                     save_checkpoint(
                         self.run_dir, loop, self._wall_time(), self.model, self.optimizers,
                         self.ctx, keep=train.keep_checkpoints,
+                    )  # fmt: skip
+                if stop:  # the tracker ends the MLflow run as KILLED (run)
+                    raise TrainingInterrupted(
+                        self._stop.signum or signal.SIGTERM, loop.step, self.run_dir,
+                        checkpoint.latest(self.run_dir),
                     )  # fmt: skip
         finally:
             progress.close()
@@ -299,6 +341,15 @@ class Trainer:
             return summary
         write_summary(self.run_dir, summary, loop, self.total_steps)
         return summary
+
+    def _stop_requested(self) -> bool:
+        """After a step: whether a SIGTERM / SIGINT asks the run to stop. Expert-parallel, whether
+        any process had caught one at the step's loss all-reduce (train_step), so that all stop
+        at the same step and write its checkpoint together; a process signalled later stops
+        after the next step."""
+        if self.ctx.distributed:
+            return self._stop_agreed
+        return self._stop.requested
 
     def _wall_time(self) -> float:
         """Wall time of the whole run so far: earlier segments (before a resume) and this one."""

@@ -4,11 +4,13 @@ A checkpoint (moe_impl/train/checkpoint.py writes the files) holds the model and
 the wall time so far and the `LoopState`, under the keys of `LoopState.to_checkpoint`. Restoring
 one also rewrites metrics.jsonl to what the checkpoint had logged, so a resumed run logs every
 step once. `prepare_run_dir` writes config.yaml and run.json at the start: into an empty directory,
-or, on --resume, over the same config.
+or, on --resume, keeps them when the config has the same values (moe_impl/train/identity.py);
+`replace_changed` sets a run with other values aside and starts a new one in its place.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +19,10 @@ import torch
 
 from moe_impl.parallel import shard_state
 from moe_impl.parallel.context import Context
+from moe_impl.runs import lock as runlock
 from moe_impl.runs import rundir, runinfo
-from moe_impl.train import checkpoint
+from moe_impl.train import checkpoint, identity
+from moe_impl.train.config import RunConfig, dump
 
 STATS = ("cv_importance", "cv_load", "max_over_mean_load")  # routing statistics of a step
 STATS_WINDOW = 20  # the summary's routing statistics and expert load: the last this many steps
@@ -77,28 +81,65 @@ class LoopState:
 
 
 def prepare_run_dir(
-    run_dir: Path, config_text: str, *, resume: bool, ctx: Context, name: str, experiment: str
+    run_dir: Path,
+    cfg: RunConfig,
+    *,
+    resume: bool,
+    ctx: Context,
+    name: str,
+    experiment: str,
+    replace_changed: bool = False,
 ) -> None:
     """Check, then write config.yaml and run.json (rank 0). A new run needs an empty (or no)
-    directory; a resumed one the config it was started with."""
+    directory; a resumed one the values it was started with (identity.differences), else a
+    ValueError lists each differing key, or, with `replace_changed`, the old run directory is set
+    aside (identity.set_aside, every file kept) and a new run starts in its place."""
     config_path = run_dir / rundir.CONFIG_FILE
     # every rank checks before any writes, so all raise alike
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    runlock.check_run_dir(run_dir)  # not a file; no other process training into it
+    if run_dir.exists() and _has_files(run_dir) and not resume:
         raise ValueError(
             f"run directory {str(run_dir)!r} is not empty; pass --resume to continue it or choose "
             "another --out"
         )
-    if resume and config_path.exists() and config_path.read_text() != config_text:
+    changed = _config_change(run_dir, cfg, replace_changed) if resume else None
+    if changed and not replace_changed:
         raise ValueError(
-            f"--resume: the config differs from the one in {str(config_path)!r}; a resumed "
-            "run must use the same settings (compare the files, or start a new --out)"
+            f"config differs from the run in {str(run_dir)!r}: {changed}; resume it with its "
+            f"saved config (--out {run_dir} --resume, no --config or --set), start a new --out, "
+            "or pass --replace-changed to set the old run aside and start a new one"
         )
     ctx.barrier()
     if ctx.is_main:
+        if changed:
+            old = identity.set_aside(run_dir)
+            print(
+                f"config differs from the run in {str(run_dir)!r} ({changed}): moved it to "
+                f"{str(old)!r}, starting a new run",
+                file=sys.stderr,
+            )
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(config_text)
+        runlock.acquire(run_dir)  # held until Trainer.run ends (or the process does)
+        if not config_path.exists():  # a resumed run keeps the file it was started with
+            config_path.write_text(dump(cfg))
         runinfo.write_run_identity(run_dir, name, experiment)
     ctx.barrier()
+
+
+def _has_files(run_dir: Path) -> bool:
+    """Whether the directory holds anything but the lock file a process may have left."""
+    return any(not runlock.is_lock_file(p) for p in run_dir.iterdir())
+
+
+def _config_change(run_dir: Path, cfg: RunConfig, replace_changed: bool) -> str | None:
+    """What differs between the run in run_dir and cfg, in words (None: nothing, or no run)."""
+    try:
+        diffs = identity.changes(run_dir, cfg)
+    except ValueError as err:  # an unreadable config.yaml: a run that cannot be continued
+        if not replace_changed:
+            raise
+        return str(err)
+    return identity.describe(diffs) if diffs else None
 
 
 def save_checkpoint(
@@ -170,19 +211,66 @@ def resumed_state(
     ctx: Context,
     device: torch.device,
 ) -> LoopState:
-    """The loop state to continue an unfinished run from: its latest checkpoint's (the model and
-    optimizers restored, metrics.jsonl cut back to it), or a fresh start when it was killed before
-    its first checkpoint (what it logged is forgotten)."""
-    latest = checkpoint.latest(run_dir)
-    loop = LoopState()
-    if latest is not None:
-        loop = restore_checkpoint(latest, model, optimizers, ctx, device)
-        if ctx.is_main:
+    """The loop state to continue an unfinished run from: its newest intact checkpoint's (the model
+    and optimizers restored, metrics.jsonl cut back to it), or a fresh start when it was killed
+    before its first checkpoint (what it logged is forgotten). A damaged checkpoint is skipped for
+    the one before it, with a warning; ValueError when every one is damaged."""
+    try:
+        loop = _restore_newest_intact(run_dir, model, optimizers, ctx, device)
+    except BaseException:
+        runlock.release(run_dir)  # Trainer.run, which lets it go, will not run
+        raise
+    if ctx.is_main:
+        if loop is not None:
             truncate_metrics(run_dir, loop)
-    elif ctx.is_main:
-        (run_dir / rundir.METRICS_FILE).unlink(missing_ok=True)
+        else:
+            (run_dir / rundir.METRICS_FILE).unlink(missing_ok=True)
     ctx.barrier()
-    return loop
+    return loop if loop is not None else LoopState()
+
+
+def _restore_newest_intact(
+    run_dir: Path,
+    model: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    ctx: Context,
+    device: torch.device,
+) -> LoopState | None:
+    """Restore the newest checkpoint whose files every process finds intact (the processes agree,
+    so all resume from one step); None when there is no checkpoint."""
+    found = checkpoint.candidates(run_dir)
+    skipped: list[tuple[Path, checkpoint.DamagedCheckpoint | None]] = []
+    for path in found:
+        problem = None
+        try:
+            loop = restore_checkpoint(path, model, optimizers, ctx, device)
+        except checkpoint.DamagedCheckpoint as err:  # raised before anything is restored
+            problem = err  # (a process that did restore this one restores the next over it)
+        if ctx.all_agree(problem is None, device):
+            for bad, err in skipped:  # each process reports what it found; rank 0 the rest
+                if err is not None or ctx.is_main:
+                    what = err or f"checkpoint {str(bad)!r} is damaged on another process"
+                    print(
+                        f"warning: {what}; resumed from the previous intact checkpoint, "
+                        f"{path.name} (step {loop.step}): the steps after it are trained again",
+                        file=sys.stderr,
+                    )
+            return loop
+        skipped.append((path, problem))
+    if not found:
+        return None
+    folder = run_dir / rundir.CHECKPOINT_DIR
+    reasons = "; ".join(
+        f"{err.file.relative_to(folder) if err.file.is_relative_to(folder) else err.file} "
+        f"{err.reason}"
+        if err is not None
+        else f"{path.name} is damaged on another process"
+        for path, err in skipped
+    )
+    raise ValueError(
+        f"--resume: no intact checkpoint in {str(folder)!r} ({reasons}); start the run again "
+        f"with a new --out, or delete {str(folder)!r} to train this one again from step 0"
+    )
 
 
 def truncate_metrics(run_dir: Path, loop: LoopState) -> None:

@@ -1,0 +1,106 @@
+"""A run's identity: the values of its resolved config, not the text of a YAML file.
+
+`--resume` continues a run directory only when the config given resolves to the same values as the
+saved `config.yaml` (read back with the same loader, `load_config`), so `1.0` and `1`, a repeated
+default or the saved file itself are the same run. Keys that say how a segment executes, not what
+it computes (`EXECUTION_KEYS`), may differ. `differences` lists what changed as dotted keys;
+`set_aside` moves a run directory out of the way, keeping every file, for `--replace-changed`
+(and the workflow); `fingerprint` is a short hash of the identity that the workflow's train rule
+records, so that Snakemake re-trains exactly the runs whose values changed. Torch-free: the
+workflow imports it while parsing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+from moe_impl.runs import rundir
+from moe_impl.train.config import RunConfig, load_config
+
+# how a segment runs, not what it computes: a resumed segment may use other values
+EXECUTION_KEYS = frozenset({"train.threads", "train.progress"})
+
+ASIDE_MARK = ".replaced-"  # D -> D.parent / ".{D.name}.replaced-<UTC time>"
+
+
+def identity(cfg: RunConfig) -> dict[str, object]:
+    """{dotted key: value} of every config value that defines the run (EXECUTION_KEYS left out)."""
+    flat: dict[str, object] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif f"{prefix}{key}" not in EXECUTION_KEYS:
+                flat[f"{prefix}{key}"] = value
+
+    walk(cfg.to_dict(), "")
+    return flat
+
+
+def differences(saved: RunConfig, new: RunConfig) -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, new value) for each identity value that differs, in config order
+    (values compare as values: 1 == 1.0)."""
+    old, now = identity(saved), identity(new)
+    return [(key, old[key], now[key]) for key in old if old[key] != now[key]]
+
+
+def describe(diffs: list[tuple[str, object, object]]) -> str:
+    """`train.lr 0.01 -> 0.02, model.k 2 -> 1` (values as JSON: null, true, "text", [1, 2])."""
+    return ", ".join(f"{key} {_text(old)} -> {_text(new)}" for key, old, new in diffs)
+
+
+def saved_config(run_dir: str | Path) -> RunConfig | None:
+    """The config a run directory was started with (None when it has none); ValueError names the
+    file when it cannot be read."""
+    path = Path(run_dir) / rundir.CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return load_config([path])
+    except ValueError as err:
+        raise ValueError(f"the saved config of {str(run_dir)!r} cannot be read: {err}") from None
+
+
+def changes(run_dir: str | Path, cfg: RunConfig) -> list[tuple[str, object, object]] | None:
+    """What differs between the run in run_dir and `cfg` ([] for the same run, None when the
+    directory holds no config)."""
+    saved = saved_config(run_dir)
+    return None if saved is None else differences(saved, cfg)
+
+
+def set_aside(run_dir: str | Path) -> Path:
+    """Rename run_dir to a hidden sibling `.NAME.replaced-<UTC time>` (every file kept; hidden so
+    that whatever scans for run directories, e.g. `analysis collect`, skips it) and return it."""
+    run_dir = Path(run_dir)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = run_dir.parent / f".{run_dir.name}{ASIDE_MARK}{stamp}"
+    n = 0
+    while target.exists():  # two replacements within a second
+        n += 1
+        target = run_dir.parent / f".{run_dir.name}{ASIDE_MARK}{stamp}-{n}"
+    run_dir.rename(target)
+    return target
+
+
+def fingerprint(cfg: RunConfig) -> str:
+    """A short hash of the run's identity: equal exactly when `differences` finds nothing."""
+    values = {key: _canonical(value) for key, value in identity(cfg).items()}
+    text = json.dumps(values, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _text(value) -> str:
+    return json.dumps(value)
+
+
+def _canonical(value):
+    """One form per value: integral floats as ints (1.0 == 1), lists of canonical values."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
