@@ -10,6 +10,10 @@ importing it from another one would collect its tests twice and tie the two file
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -171,3 +175,49 @@ def make_wikitext(base: Path, *, valid: bool = True) -> Path:
     if valid:
         write_lines(folder / "wiki.valid.tokens", WIKI_VALID)
     return folder
+
+
+# --- the workflow, run by snakemake in a copy --------------------------------------------------
+
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")  # the `workflow` extra, next to python
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def workdir(tmp_path: Path) -> Path:
+    """A copy of the workflow (not of results/): tests never touch the repository's outputs."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for name in ("Snakefile", "config", "workflow", "profiles"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    return tmp_path
+
+
+def snakemake(
+    cwd: Path, *args: str, timeout: int = 120, pythonpath: tuple[Path, ...] = ()
+) -> subprocess.CompletedProcess:
+    # the package comes from the repository (sys.path of `python -m`), not from the copy
+    env_path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
+    return subprocess.run(
+        [str(SNAKEMAKE), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={
+            "PATH": env_path,
+            "PYTHONPATH": ":".join(map(str, [*pythonpath, ROOT])),
+            "HOME": str(cwd),
+        },
+    )
+
+
+def planned_runs(stdout: str) -> set[str]:
+    return set(re.findall(r"results/runs/(\w+/[\w.-]+)/summary\.json", stdout))
+
+
+def job_counts(stdout: str) -> dict[str, int]:
+    """The dry run's "Job stats" table: rule -> number of jobs ({} when nothing is to be done)."""
+    if "Job stats:" not in stdout:
+        return {}
+    table = stdout[stdout.index("Job stats:") :].split("\n\n")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}

@@ -1,4 +1,4 @@
-"""Bad input is found before anything trains or allocates (issue 17, findings 6 and 7): a non-UTF-8
+"""Bad input is found before anything trains or allocates: a non-UTF-8
 split of a corpus, a snapshot beyond the training budget, a benchmark configuration larger than
 the free memory, an empty benchmark JSON, an MLflow store that does not exist. Each gives one line
 naming the file, key or value; nothing is created or trained on the way."""

@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import TINY, losses, run_until_killed, tiny
+from helpers import SNAKEMAKE, TINY, job_counts, losses, run_until_killed, snakemake, tiny, workdir
 
 from moe_impl.cli import main
 from moe_impl.runs import rundir
@@ -25,7 +23,6 @@ from moe_impl.train import checkpoint
 from moe_impl.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 SETS = [a for s in TINY for a in ("--set", s)]  # the TINY run as command-line overrides
 
 
@@ -150,39 +147,16 @@ def test_the_workflow_fingerprint_is_the_config_values():
 # --- the workflow -------------------------------------------------------------------------------
 
 
-def snakemake(cwd: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """snakemake in a copy of the workflow; the package comes from the repository."""
-    return subprocess.run(
-        [str(SNAKEMAKE), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={
-            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-            "PYTHONPATH": str(ROOT),
-            "HOME": str(cwd),
-        },
-    )
-
-
-def train_jobs(dry_run_stdout: str) -> int:
-    match = re.search(r"^train\s+(\d+)$", dry_run_stdout, re.M)
-    return int(match[1]) if match else 0
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.skipif(not SNAKEMAKE.exists(), reason="snakemake (the `workflow` extra) not installed")
 def test_an_edited_training_config_retrains_and_keeps_the_old_runs(tmp_path):
-    """Finding 1 of issue 17: after a finished smoke workflow, `lr: 0.01` -> `lr: 0.02` in
+    """After a finished smoke workflow, `lr: 0.01` -> `lr: 0.02` in
     config/train/smoke.yaml and the same command again re-trains every run and exits 0; the old
     run directories, summary.json included, are kept aside."""
-    for name in ("Snakefile", "config", "workflow", "profiles"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    workdir(tmp_path)
     command = ["--cores", "2", "--configfile", "config/smoke.yaml"]
-    proc = snakemake(tmp_path, *command)
+    proc = snakemake(tmp_path, *command, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = sorted(p.parent for p in (tmp_path / "results/runs").glob("*/*/summary.json"))
     assert runs
@@ -192,7 +166,7 @@ def test_an_edited_training_config_retrains_and_keeps_the_old_runs(tmp_path):
     text = train_config.read_text()
     assert "  lr: 0.01\n" in text
     train_config.write_text(text.replace("  lr: 0.01\n", "  lr: 0.02\n"))
-    proc = snakemake(tmp_path, *command)
+    proc = snakemake(tmp_path, *command, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for d in runs:
         assert read_config(d)["train"]["lr"] == 0.02, d
@@ -207,4 +181,4 @@ def test_an_edited_training_config_retrains_and_keeps_the_old_runs(tmp_path):
     train_config.write_text(train_config.read_text() + "# a comment\n")
     proc = snakemake(tmp_path, "-n", *command)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert train_jobs(proc.stdout) == 0, proc.stdout[-3000:]
+    assert job_counts(proc.stdout).get("train", 0) == 0, proc.stdout[-3000:]

@@ -1,4 +1,4 @@
-"""Workflow reliability (issue 17, findings 5 and 8).
+"""Workflow reliability: which sweeps a config runs, and job memory against the machine.
 
 Sweep selection: the workflow config is the file named with --configfile, all of it (nothing of
 config/config.yaml is merged in), so a config naming only the lm1b sweep plans only lm1b runs;
@@ -21,14 +21,13 @@ import itertools
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import SNAKEMAKE, job_counts, planned_runs, snakemake, workdir
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")  # the `workflow` extra, next to python
 PEAKS = ROOT / "workflow" / "resources" / "peak_memory.yaml"
 REFERENCE = ROOT / "results" / "reference" / "summary.csv"
 MIB = 2**20 / 1e6  # MB (Snakemake's mem_mb) per MiB (ru_maxrss, the runs' peak_memory_mb)
@@ -45,41 +44,6 @@ needs_snakemake = pytest.mark.skipif(
 )
 
 
-def workdir(tmp_path: Path) -> Path:
-    """A copy of the workflow (not of results/): tests never touch the repository's outputs."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "config", "workflow", "profiles"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
-    return tmp_path
-
-
-def snakemake(cwd: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    # the package comes from the repository (PYTHONPATH), not from the copy
-    return subprocess.run(
-        [str(SNAKEMAKE), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={
-            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-            "PYTHONPATH": str(ROOT),
-            "HOME": str(cwd),
-        },
-    )
-
-
-def planned_runs(stdout: str) -> set[str]:
-    return set(re.findall(r"results/runs/(\w+/[\w.-]+)/summary\.json", stdout))
-
-
-def job_counts(stdout: str) -> dict[str, int]:
-    """The dry run's "Job stats" table: rule -> number of jobs."""
-    table = stdout[stdout.index("Job stats:") :].split("\n\n")[0]
-    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
-
-
 def write_config(wd: Path, name: str, cfg: dict) -> str:
     path = wd / "config" / name
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -90,7 +54,7 @@ def default_config() -> dict:
     return yaml.safe_load((ROOT / "config/config.yaml").read_text())
 
 
-# --- sweep selection (finding 5) -------------------------------------------------------------
+# --- sweep selection -----------------------------------------------------------------------
 
 
 @pytest.mark.integration
@@ -143,7 +107,7 @@ def test_an_empty_sweep_is_valid_and_plans_nothing(tmp_path, empty):
     assert ("collect" in jobs) == bool(runs) and ("figures" in jobs) == bool(runs)
 
 
-# --- memory (finding 8) ----------------------------------------------------------------------
+# --- memory --------------------------------------------------------------------------------
 
 
 def load_mem_budget():

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import SNAKEMAKE, job_counts, planned_runs, snakemake, workdir
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")  # the `workflow` extra, next to python
 EXPERT_COUNTS = ["4", "32", "256", "256-h", "1024-h", "4096-h", "16384-h", "65536-h", "131072-h"]
 
 pytestmark = [
@@ -26,44 +23,6 @@ pytestmark = [
         not SNAKEMAKE.exists(), reason="snakemake (the `workflow` extra) not installed"
     ),
 ]
-
-
-def workdir(tmp_path: Path) -> Path:
-    """A copy of the workflow (not of results/): tests never touch the repository's outputs."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "config", "workflow", "profiles"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
-    return tmp_path
-
-
-def snakemake(
-    cwd: Path, *args: str, timeout: int = 120, pythonpath: tuple[Path, ...] = ()
-) -> subprocess.CompletedProcess:
-    # the package comes from the repository (sys.path of `python -m`), not from the copy
-    env_path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
-    return subprocess.run(
-        [str(SNAKEMAKE), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={
-            "PATH": env_path,
-            "PYTHONPATH": ":".join(map(str, [*pythonpath, ROOT])),
-            "HOME": str(cwd),
-        },
-    )
-
-
-def planned_runs(stdout: str) -> set[str]:
-    return set(re.findall(r"results/runs/(\w+/[\w.-]+)/summary\.json", stdout))
-
-
-def job_counts(stdout: str) -> dict[str, int]:
-    """The dry run's "Job stats" table: rule -> number of jobs."""
-    table = stdout[stdout.index("Job stats:") :].split("\n\n")[0]
-    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
 def merged_config(wd: Path, configfile: str) -> dict:
