@@ -60,6 +60,11 @@ def tiny(*more: str) -> RunConfig:
     return load_config([], [*TINY, *more])
 
 
+def set_args(overrides) -> list[str]:
+    """["a=1", "b=2"] -> ["--set", "a=1", "--set", "b=2"]: overrides as train's command line."""
+    return [a for s in overrides for a in ("--set", s)]
+
+
 def losses(run_dir: Path) -> list[float]:
     """The training losses a run directory recorded, in step order."""
     from moe_impl.runs import rundir

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, losses, run_until_killed
+from helpers import TINY, losses, run_until_killed, set_args
 from parallel_workers import train_run
 
 from moe_impl.parallel import spawn
@@ -130,7 +130,7 @@ def test_torchrun_launch_logs_one_mlflow_run(tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
         "--nproc_per_node", "2", "-m", "moe_impl", "train", "--out", str(tmp_path / "run"),
-        *[a for s in sets for a in ("--set", s)],
+        *set_args(sets),
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -189,7 +189,7 @@ def test_multi_node_launch_through_srun(tmp_path):
     overrides = [*TINY, *REPLICATE]
     launch = Path(__file__).parents[1] / "workflow" / "scripts" / "launch.sh"
     cmd = ["bash", str(launch), "1", "2", "train", "--out", str(tmp_path / "run")]
-    cmd += [a for s in overrides for a in ("--set", s)]
+    cmd += set_args(overrides)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

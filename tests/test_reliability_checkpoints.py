@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, losses, run_until_killed, tiny
+from helpers import TINY, losses, run_until_killed, set_args, tiny
 
 from moe_impl.cli import main
 from moe_impl.runs import lock
@@ -288,7 +288,7 @@ def test_a_second_process_on_the_same_out_is_refused(tmp_path, capsys):
     endless = [*TINY, "train.tokens=1000000000"]
     cmd = [sys.executable, "-m", "moe_impl", "train", "--out", str(out)]
     first = subprocess.Popen(
-        [*cmd, *[a for s in endless for a in ("--set", s)]],
+        [*cmd, *set_args(endless)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import TINY, make_archive, make_wikitext
+from helpers import TINY, make_archive, make_wikitext, set_args
 
 from moe_impl.bench.spec import parse_experts
 from moe_impl.cli import bench
@@ -62,7 +62,7 @@ def _text_run(folder: Path, *more: str) -> list[str]:
         *TINY, "data.corpus=text", f"data.path={folder}", "train.batch_size=2", "train.seq_len=4",
         "train.tokens=16", "eval.tokens=null", "eval.batch_size=1", "eval.seq_len=4", *more,
     ]  # fmt: skip
-    return [a for s in sets for a in ("--set", s)]
+    return set_args(sets)
 
 
 def test_training_stops_before_the_first_step_on_a_non_utf8_test_file(tmp_path, capsys):

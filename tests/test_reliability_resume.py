@@ -15,7 +15,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import SNAKEMAKE, TINY, job_counts, losses, run_until_killed, snakemake, tiny, workdir
+from helpers import (
+    SNAKEMAKE,
+    TINY,
+    job_counts,
+    losses,
+    run_until_killed,
+    set_args,
+    snakemake,
+    tiny,
+    workdir,
+)
 
 from moe_impl.cli import main
 from moe_impl.runs import rundir
@@ -23,7 +33,7 @@ from moe_impl.train import checkpoint
 from moe_impl.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-SETS = [a for s in TINY for a in ("--set", s)]  # the TINY run as command-line overrides
+SETS = set_args(TINY)  # the TINY run as command-line overrides
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import TINY, losses, tiny
+from helpers import TINY, losses, set_args, tiny
 
 from moe_impl import tracking
 from moe_impl.cli import main
@@ -117,7 +117,7 @@ def test_the_cli_prints_one_line_and_exits_128_plus_the_signal(tmp_path, capsys,
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self)
 
-    sets = [a for s in TINY for a in ("--set", s)]
+    sets = set_args(TINY)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loop.Trainer, "train_step", step)
         assert main(["train", "--out", str(tmp_path / "r"), *sets]) == 143
@@ -174,7 +174,7 @@ def test_the_command_signalled_mid_run_then_resumed(tmp_path, signum, code):
     ]
     cmd = [sys.executable, "-m", "moe_impl", "train", "--out", str(out)]
     proc = subprocess.Popen(
-        [*cmd, *[a for s in overrides for a in ("--set", s)]],
+        [*cmd, *set_args(overrides)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import TINY, Killed, lm1b_overrides, losses, run_until_killed, tiny
+from helpers import TINY, Killed, lm1b_overrides, losses, run_until_killed, set_args, tiny
 
 from moe_impl.cli import main
 from moe_impl.data.synthetic import TopicMarkov
@@ -91,7 +91,7 @@ def test_lr_schedule_is_warmup_then_inverse_sqrt():
 
 def test_a_run_writes_the_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--out", str(out)] + [a for s in TINY for a in ("--set", s)]
+    args = ["train", "--out", str(out), *set_args(TINY)]
     assert main([*args, "--set", "eval.at_tokens=[768]"]) == 0
     assert "test perplexity" in capsys.readouterr().out
     assert yaml.safe_load((out / "config.yaml").read_text())["model"]["num_experts"] == 8
@@ -206,7 +206,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, capsys
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
 
     poisoned.calls = 0
-    args = ["train", "--out", str(tmp_path / "cli")] + [a for s in TINY for a in ("--set", s)]
+    args = ["train", "--out", str(tmp_path / "cli"), *set_args(TINY)]
     assert main(args) == 3
     assert "the loss is nan" in capsys.readouterr().err
 

@@ -162,12 +162,13 @@ def number(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def flatten(nested, prefix: str = "") -> dict:
+def flatten(nested, prefix: str = "", *, as_text: bool = True) -> dict:
     """{"model": {"num_experts": 4}} or a dataclass -> {"model.num_experts": 4}.
 
-    Non-empty dicts become dotted keys; lists, tuples and empty dicts become JSON text; any other
-    value is kept as it is. The one flattener: MLflow params (flatten_config) and analysis's
-    summary columns (analysis/collect.py) both use it.
+    Non-empty dicts become dotted keys; lists, tuples and empty dicts become JSON text (kept as
+    they are with `as_text=False`, for comparing values); any other value is kept as it is. The one
+    flattener: MLflow params (flatten_config), analysis's summary columns (analysis/collect.py)
+    and a run's identity (train/identity.py) use it.
     """
     if dataclasses.is_dataclass(nested) and not isinstance(nested, type):
         nested = dataclasses.asdict(nested)
@@ -175,8 +176,8 @@ def flatten(nested, prefix: str = "") -> dict:
     for key, value in nested.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        elif isinstance(value, list | tuple | dict):
+            out.update(flatten(value, name + ".", as_text=as_text))
+        elif as_text and isinstance(value, list | tuple | dict):
             out[name] = json.dumps(value, default=str)
         else:
             out[name] = value

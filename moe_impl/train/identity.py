@@ -17,7 +17,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from moe_impl.runs import rundir
+from moe_impl.runs import rundir, runinfo
 from moe_impl.train.config import RunConfig, load_config
 
 # how a segment runs, not what it computes: a resumed segment may use other values
@@ -28,17 +28,8 @@ ASIDE_MARK = ".replaced-"  # D -> D.parent / ".{D.name}.replaced-<UTC time>"
 
 def identity(cfg: RunConfig) -> dict[str, object]:
     """{dotted key: value} of every config value that defines the run (EXECUTION_KEYS left out)."""
-    flat: dict[str, object] = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            elif f"{prefix}{key}" not in EXECUTION_KEYS:
-                flat[f"{prefix}{key}"] = value
-
-    walk(cfg.to_dict(), "")
-    return flat
+    flat = runinfo.flatten(cfg.to_dict(), as_text=False)
+    return {key: value for key, value in flat.items() if key not in EXECUTION_KEYS}
 
 
 def differences(saved: RunConfig, new: RunConfig) -> list[tuple[str, object, object]]:
