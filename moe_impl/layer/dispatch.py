@@ -13,6 +13,12 @@ Two layouts, chosen per batch from the slot counts by a cost model (`choose_bloc
 - gathered: blocks only for experts that received slots, C a power of two (or the largest count);
   each block's weights are gathered (best when few experts are active, e.g. 131072 experts).
 
+A third layout, `make_plan(..., grouped=True)`, is for a grouped GEMM (moe_impl/layer/grouped.py,
+`torch._grouped_mm`), which takes groups of any size: one run of the kept slots sorted by expert,
+no padding (one "block" of R = kept slots rows, C = R, no block map), expert e owning the next
+kept_E[e] rows. It is used where `grouped.choose_kernel` picks the grouped kernel (CUDA, Hopper or
+later, bf16); capacity and dropping behave as in the blocked layouts.
+
 Shape suffixes: N = slots, E = experts, L = blocks, C = rows per block, R = L*C buffer rows,
 D = d_model, H = expert hidden.
 """
@@ -40,10 +46,12 @@ class DispatchPlan(NamedTuple):
     slot_of_row_R: Tensor  # slot held by each buffer row; padding rows hold N (a zero-gated dummy)
     token_of_row_R: Tensor  # token of each buffer row (0 for padding: read, then weighted by 0)
     row_of_slot_N: Tensor  # buffer row of each slot; R (a zero row) where the slot was dropped
-    block_expert_L: Tensor | None  # expert of each block; None in the in-place layout (block e = e)
-    block_size: int
+    block_expert_L: Tensor | None  # expert of each block; None in place or grouped (block e = e)
+    block_size: int  # rows per block; grouped: all R rows in one block (1 when R = 0: no block)
     counts_E: Tensor  # slots routed to each expert, before any capacity limit (int64)
     num_dropped: int  # slots dropped by the capacity limit (0 when dropless)
+    kept_E: Tensor | None = None  # slots kept per expert (counts_E capped by the capacity)
+    grouped: bool = False  # the grouped layout: rows sorted by expert, no padding, one block
 
     @property
     def num_blocks(self) -> int:
@@ -78,11 +86,14 @@ def make_plan(
     num_experts: int,
     *,
     capacity: int | None = None,
+    grouped: bool = False,
 ) -> DispatchPlan:
     """Sort slots by expert and assign each a buffer row.
 
     `capacity` (not in the paper, which drops nothing) keeps at most that many slots per expert, in
     batch order, and drops the rest: their gate contributes nothing, as in t2t's TruncatingDispatcher.
+    `grouped` lays the kept slots out as one unpadded run sorted by expert (module docstring); else
+    the blocked layout `choose_block_size` picks.
     """
     num_slots = expert_N.numel()
     device = expert_N.device
@@ -98,6 +109,17 @@ def make_plan(
         num_dropped = num_slots - int(keep_N.sum())
         if num_dropped:
             sorted_N, order_N, rank_N = sorted_N[keep_N], order_N[keep_N], rank_N[keep_N]
+
+    if grouped:
+        num_rows = order_N.numel()
+        slot_of_row_R = order_N
+        row_of_slot_N = torch.full((num_slots,), num_rows, dtype=torch.long, device=device)
+        row_of_slot_N[order_N] = torch.arange(num_rows, device=device)
+        token_of_row_R = token_N[order_N]
+        return DispatchPlan(
+            slot_of_row_R, token_of_row_R, row_of_slot_N, None, max(num_rows, 1), counts_E,
+            num_dropped, kept_E, grouped=True,
+        )  # fmt: skip
 
     block_size, in_place = choose_block_size(kept_E)
     if in_place:
@@ -123,6 +145,7 @@ def make_plan(
         block_size,
         counts_E,
         num_dropped,
+        kept_E,
     )
 
 

@@ -25,13 +25,20 @@ def _t(x: Tensor) -> Tensor:
     return x.transpose(1, 2)
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's when autocast is enabled on x's device type
+    (the matmuls then run in it explicitly, with autocast off), else x's own."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 class _BlockExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_LCD, w_in_EDH, w_out_EHD, block_expert_L, counts_E, sparse_grad):
         device = x_LCD.device.type
-        dtype = x_LCD.dtype
-        if torch.is_autocast_enabled(device):  # compute in autocast's dtype, explicitly
-            dtype = torch.get_autocast_dtype(device)
+        dtype = compute_dtype(x_LCD)
         if block_expert_L is None:  # in place: block l is expert l
             w_in_LDH, w_out_LHD = w_in_EDH, w_out_EHD
         else:
@@ -78,16 +85,27 @@ def _weight_grads(ctx, x_LCD, h_LCH, gh_LCH, gy_LCD, block_expert_L, counts_E):
         block_expert_L = active_A
     g_in = torch.bmm(_t(x_LCD), gh_LCH).to(ctx.w_dtype)
     g_out = torch.bmm(_t(h_LCH), gy_LCD).to(ctx.w_dtype)
-    if block_expert_L is None:  # in place, dense
-        return g_in, g_out
-    if ctx.sparse_grad:
-        return tuple(
-            _sparse_rows(block_expert_L, g, shape)
-            for g, shape in ((g_in, shape_in), (g_out, shape_out))
-        )
-    return tuple(
-        add_rows(shape, block_expert_L, g) for g, shape in ((g_in, shape_in), (g_out, shape_out))
-    )
+    return layout_weight_grads(block_expert_L, g_in, g_out, shape_in, shape_out, ctx.sparse_grad)
+
+
+def layout_weight_grads(
+    rows_L: Tensor | None,
+    g_in_LDH: Tensor,
+    g_out_LHD: Tensor,
+    shape_in: torch.Size,
+    shape_out: torch.Size,
+    sparse_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """Per-block weight gradients in the layout the layer asked for. `rows_L` is the (sorted)
+    expert of each block, None when block l is expert l of all E (returned as they are, dense);
+    else a dense (E, ...) tensor with the blocks added at their rows, or a coalesced sparse COO
+    tensor over the blocks' experts (sparse_dim 1) when `sparse_grad`."""
+    pairs = ((g_in_LDH, shape_in), (g_out_LHD, shape_out))
+    if rows_L is None:  # in place, dense
+        return g_in_LDH, g_out_LHD
+    if sparse_grad:
+        return tuple(_sparse_rows(rows_L, g, shape) for g, shape in pairs)
+    return tuple(add_rows(shape, rows_L, g) for g, shape in pairs)
 
 
 def _sparse_rows(rows_L: Tensor, values_L: Tensor, shape: torch.Size) -> Tensor:

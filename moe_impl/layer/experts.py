@@ -2,7 +2,8 @@
 
 No biases, as in the paper's parameter counts (App. C) and tensor2tensor's experts. The
 weights of all experts live in two stacked parameters so that dispatch can run them as batched
-matmuls over blocks (dispatch.py); this module knows nothing about gating.
+matmuls over blocks (dispatch.py, expert_mlp.py) or as grouped matmuls over an unpadded run of rows
+sorted by expert (a grouped plan, grouped.py); this module knows nothing about gating.
 
 Initialisation (our choice; t2t uses Glorot-uniform and scales the output layer by sqrt(d/h)):
 w_in ~ U(±sqrt(6/d)) (He: variance 2/d, for the ReLU) and w_out ~ U(±sqrt(3/h)) (variance 1/h), so
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from moe_impl.layer.dispatch import DispatchPlan, dispatch, from_rows
 from moe_impl.layer.expert_mlp import block_expert_mlp
+from moe_impl.layer.grouped import grouped_expert_mlp
 
 # Experts are initialised in chunks of this many, each chunk from its own generator seeded by
 # (one seed drawn from torch's global RNG, chunk index): expert i's initial weights then depend only
@@ -90,8 +92,14 @@ class ExpertBank(nn.Module):
 
     def slot_outputs(self, x_BD: Tensor, plan: DispatchPlan, k: int) -> Tensor:
         """E_expert(x_token) of every slot, (N, D) in slot order; the slots of token b are
-        b·k ... b·k+k-1."""
+        b·k ... b·k+k-1. A grouped plan (`plan.grouped`) runs the grouped kernel, else the blocks."""
         d_model = x_BD.shape[1]
+        if plan.grouped:
+            x_RD = dispatch(x_BD, plan, k)
+            y_RD = grouped_expert_mlp(
+                x_RD, self.w_in, self.w_out, plan.kept_E, sparse_grad=self.sparse_grad
+            )
+            return from_rows(y_RD, plan)
         x_LCD = dispatch(x_BD, plan, k).view(plan.num_blocks, plan.block_size, d_model)
         y_LCD = block_expert_mlp(
             x_LCD,

@@ -22,6 +22,7 @@ from moe_impl.layer.config import ConfiguredLayer, MoEConfig
 from moe_impl.layer.dispatch import make_plan
 from moe_impl.layer.experts import ExpertBank
 from moe_impl.layer.gating import NoisyTopKGate
+from moe_impl.layer.grouped import choose_kernel, compute_dtype
 
 
 class RoutingStats(NamedTuple):
@@ -106,6 +107,13 @@ def expert_bank(
     )  # fmt: skip
 
 
+def grouped_experts(x_BD: Tensor, config: MoEConfig) -> bool:
+    """Whether the experts run as grouped matmuls on this input (grouped.choose_kernel): the
+    expert plan is then made with `make_plan(..., grouped=True)`."""
+    kernel = choose_kernel(x_BD.device, compute_dtype(x_BD), config.d_model, config.d_hidden)
+    return kernel == "grouped"
+
+
 class MoE(ConfiguredLayer, nn.Module):
     """Flat MoE: `num_experts` experts d_model -> d_hidden -> d_model, k of them per token.
 
@@ -151,7 +159,8 @@ class MoE(ConfiguredLayer, nn.Module):
         gate_N = gate.top_gates_BK.reshape(-1)
         token_N = torch.arange(num_tokens, device=x.device).repeat_interleave(cfg.k)
         capacity = expert_capacity(expert_N.numel(), cfg.num_experts, cfg.capacity_factor)
-        plan = make_plan(expert_N, token_N, cfg.num_experts, capacity=capacity)
+        grouped = grouped_experts(x_BD, cfg)
+        plan = make_plan(expert_N, token_N, cfg.num_experts, capacity=capacity, grouped=grouped)
         y_BD = self.experts(x_BD, gate_N, plan, cfg.k)
 
         importance_E = balancing.importance(expert_N, gate_N, cfg.num_experts)

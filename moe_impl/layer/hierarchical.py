@@ -25,7 +25,14 @@ from torch import Tensor, nn
 from moe_impl.layer import balancing
 from moe_impl.layer.config import ConfiguredLayer, MoEConfig
 from moe_impl.layer.dispatch import DispatchPlan, block_weights, dispatch, from_rows, make_plan
-from moe_impl.layer.flat import MoEOutput, expert_bank, expert_capacity, flatten_input, moe_output
+from moe_impl.layer.flat import (
+    MoEOutput,
+    expert_bank,
+    expert_capacity,
+    flatten_input,
+    grouped_experts,
+    moe_output,
+)
 from moe_impl.layer.gating import GateOutput, GatingNetwork, NoisyTopKGate, gate_matmul
 
 
@@ -130,7 +137,8 @@ class HierarchicalMoE(ConfiguredLayer, nn.Module):
         gate_M = (primary.top_gates_BK.reshape(-1, 1) * secondary.top_gates_BK).reshape(-1)
         token_M = token_P.repeat_interleave(k2)
         capacity = expert_capacity(expert_M.numel(), cfg.num_experts, cfg.capacity_factor)
-        plan = make_plan(expert_M, token_M, cfg.num_experts, capacity=capacity)
+        grouped = grouped_experts(x_BD, cfg)  # the experts' plan only: the group plan stays blocked
+        plan = make_plan(expert_M, token_M, cfg.num_experts, capacity=capacity, grouped=grouped)
         y_BD = self.experts(x_BD, gate_M, plan, k1 * k2)
 
         # Eq. 13 and 14: |X^(i)| is the true count of pairs in group i (the group plan's counts)

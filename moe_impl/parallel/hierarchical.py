@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from moe_impl.layer import balancing
 from moe_impl.layer.config import ConfiguredLayer, MoEConfig
 from moe_impl.layer.dispatch import make_plan
-from moe_impl.layer.flat import MoEOutput, expert_bank, flatten_input, moe_output
+from moe_impl.layer.flat import MoEOutput, expert_bank, flatten_input, grouped_experts, moe_output
 from moe_impl.layer.gating import NoisyTopKGate
 from moe_impl.layer.hierarchical import GroupGates, expert_index
 from moe_impl.parallel.comm import exchange, rank_and_size, replicated_sum
@@ -133,7 +133,8 @@ class DistributedHierarchicalMoE(ConfiguredLayer, nn.Module):
         expert_Q = expert_index(local_group_M, group_size, secondary.top_idx_BK)
         gate_Q = secondary.top_gates_BK.reshape(-1)
         token_Q = torch.arange(num_pairs, device=device).repeat_interleave(k2)
-        plan = make_plan(expert_Q, token_Q, local_groups * group_size)
+        grouped = grouped_experts(x_BD, cfg)  # the experts' plan only: the pair plan stays blocked
+        plan = make_plan(expert_Q, token_Q, local_groups * group_size, grouped=grouped)
         y_MD = self.experts(x_MD, gate_Q, plan, k2)
         (y_back_PD,) = exchange([y_MD], r.recv, r.send, self.group)
         y_BD = combine(y_back_PD, r, gate_P, k1, x_BD.dtype)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from moe_impl.layer import balancing
 from moe_impl.layer.config import ConfiguredLayer, MoEConfig
 from moe_impl.layer.dispatch import make_plan
-from moe_impl.layer.flat import MoEOutput, expert_bank, flatten_input, moe_output
+from moe_impl.layer.flat import MoEOutput, expert_bank, flatten_input, grouped_experts, moe_output
 from moe_impl.layer.gating import NoisyTopKGate
 from moe_impl.parallel.comm import all_gather_sizes, exchange, rank_and_size, replicated_sum
 from moe_impl.parallel.routing import combine, gather_slots, route, shard_bounds
@@ -111,8 +111,9 @@ class DistributedMoE(ConfiguredLayer, nn.Module):
         )
         local_M = expert_M - self.experts.first_expert
         plan = make_plan(
-            local_M, torch.arange(local_M.numel(), device=x.device), self.experts.w_in.shape[0]
-        )
+            local_M, torch.arange(local_M.numel(), device=x.device), self.experts.w_in.shape[0],
+            grouped=grouped_experts(x_BD, cfg),
+        )  # fmt: skip
         y_recv_MD = self.experts.slot_outputs(x_recv_MD, plan, 1)
         (y_back_ND,) = exchange([y_recv_MD], r.recv, r.send, self.group)
         y_BD = combine(y_back_ND, r, gate_N, k, x_BD.dtype)

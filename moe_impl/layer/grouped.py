@@ -1,0 +1,225 @@
+"""The experts as grouped GEMMs (`torch._grouped_mm`), and the choice between them and the blocks.
+
+    h = relu(x · w_in[e]),  y = h · w_out[e]      for the rows x of each expert e
+
+The blocked path (dispatch.py's padded blocks, expert_mlp.py's batched matmuls) runs anywhere. On a
+GPU with grouped-GEMM kernels (Hopper and later, bf16) one grouped matmul over an unpadded run of
+rows sorted by expert (`make_plan(..., grouped=True)`) does the same work without padding rows or a
+block cost model. `choose_kernel` picks the path per forward pass; `expert_kernel(name)` forces it:
+
+    with expert_kernel("grouped"):   # or "blocked"; "auto" restores the automatic choice
+        out = layer(x)
+
+Like expert_mlp.py, the backward is written by hand: the expert weight gradients come back dense or
+as sparse COO tensors over the active experts (never a dense (E, D, H) temporary for 131072
+experts), and plain autograd through `_grouped_mm` is not available on CPU.
+
+Shape suffixes: R = rows (kept slots), D = d_model, H = d_hidden, E = experts, G = groups (the
+experts the grouped matmuls run over: all E, or only the A active ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from moe_impl.layer.dispatch import select_rows
+from moe_impl.layer.expert_mlp import compute_dtype, layout_weight_grads
+
+__all__ = [
+    "KERNELS",
+    "choose_kernel",
+    "compute_dtype",
+    "current_kernel",
+    "expert_kernel",
+    "grouped_expert_mlp",
+    "grouped_mm_available",
+]
+
+KERNELS = ("auto", "blocked", "grouped")
+# `torch._grouped_mm`'s fast kernels need compute capability 9.0 (Hopper) or later.
+MIN_CAPABILITY = (9, 0)
+# Every stride of its operands must be a multiple of 16 bytes: 8 bf16 elements.
+ALIGN_BYTES = 16
+# At most this many groups per call: CUDA's kernel refuses more ("Can't process more than 1024
+# groups", torch 2.11 on an H200, docs/gpu.md); more experts run as several calls.
+MAX_GROUPS = 512
+
+_kernel = "auto"
+
+
+def _check_name(name: str) -> None:
+    if name not in KERNELS:
+        raise ValueError(f"expert kernel must be one of {', '.join(KERNELS)}; got {name!r}")
+
+
+@contextmanager
+def expert_kernel(name: str) -> Iterator[None]:
+    """Force the experts' kernel ("blocked" or "grouped"; "auto" = `choose_kernel`'s rule) for the
+    code inside; nestable, the previous choice is restored on exit. Module-level state: it holds
+    for every layer and thread while inside."""
+    global _kernel
+    _check_name(name)
+    previous, _kernel = _kernel, name
+    try:
+        yield
+    finally:
+        _kernel = previous
+
+
+def current_kernel() -> str:
+    """The kernel forced now ("auto" when none is)."""
+    return _kernel
+
+
+def grouped_mm_available() -> bool:
+    """Whether this torch has `torch._grouped_mm`."""
+    return hasattr(torch, "_grouped_mm")
+
+
+def _aligned(size: int, dtype: torch.dtype) -> bool:
+    return size * dtype.itemsize % ALIGN_BYTES == 0
+
+
+def choose_kernel(device: torch.device, dtype: torch.dtype, d_model: int, d_hidden: int) -> str:
+    """ "grouped" or "blocked" for experts d_model -> d_hidden -> d_model computing in `dtype` on
+    `device`. A kernel forced by `expert_kernel` wins; "auto" picks "grouped" only where torch has
+    `_grouped_mm`, on CUDA with compute capability >= 9.0, in bfloat16, with d_model and d_hidden
+    multiples of 8 (16-byte strides); everywhere else (CPU included, where `_grouped_mm` is far
+    slower than the blocks: docs/performance.md) "blocked"."""
+    device = torch.device(device)
+    if _kernel == "blocked":
+        return "blocked"
+    if _kernel == "grouped":
+        if not grouped_mm_available():
+            raise ValueError(
+                f"expert_kernel('grouped') needs torch._grouped_mm, which torch {torch.__version__} "
+                "does not have; use 'blocked' or 'auto'"
+            )
+        if not (_aligned(d_model, dtype) and _aligned(d_hidden, dtype)):
+            raise ValueError(
+                f"expert_kernel('grouped') needs d_model and d_hidden whose rows are multiples of "
+                f"{ALIGN_BYTES} bytes in {dtype}; got d_model={d_model}, d_hidden={d_hidden}"
+            )
+        return "grouped"
+    if (
+        grouped_mm_available()
+        and device.type == "cuda"
+        and dtype == torch.bfloat16
+        and d_model % 8 == 0
+        and d_hidden % 8 == 0
+        and tuple(torch.cuda.get_device_capability(device)) >= MIN_CAPABILITY
+    ):
+        return "grouped"
+    return "blocked"
+
+
+def _ready(t: Tensor) -> Tensor:
+    """t contiguous and starting on a 16-byte boundary, as `_grouped_mm` requires."""
+    t = t.contiguous()
+    if t.data_ptr() % ALIGN_BYTES:
+        t = t.clone()
+    return t
+
+
+def _grouped_mm(a: Tensor, b: Tensor, offs_G: Tensor, ends: list[int] | None) -> Tensor:
+    """`torch._grouped_mm(a, b, offs=offs_G)` in calls of at most MAX_GROUPS groups.
+
+    2-D x 3-D (a: rows x K, b: G x K x N) gives rows x N; 2-D x 2-D (a: K x rows, b: rows x N,
+    the groups splitting the rows) gives G x K x N. `ends` is offs_G on the host (None when there
+    are at most MAX_GROUPS groups, which then need no host copy)."""
+    if ends is None:
+        return torch._grouped_mm(a, b, offs=offs_G)
+    parts = []
+    for g0 in range(0, len(ends), MAX_GROUPS):
+        g1 = min(g0 + MAX_GROUPS, len(ends))
+        start, end = (ends[g0 - 1] if g0 else 0), ends[g1 - 1]
+        offs = offs_G[g0:g1] - start
+        if b.dim() == 3:  # rows start:end against the weights of groups g0:g1
+            parts.append(torch._grouped_mm(a[start:end], b[g0:g1], offs=offs))
+        else:  # the reduction over rows start:end, one product per group
+            parts.append(torch._grouped_mm(a[:, start:end], b[start:end], offs=offs))
+    return torch.cat(parts)
+
+
+def _host_ends(offs_G: Tensor) -> list[int] | None:
+    return offs_G.tolist() if offs_G.numel() > MAX_GROUPS else None
+
+
+class _GroupedExpertMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_RD, w_in_EDH, w_out_EHD, counts_E, sparse_grad):
+        device = x_RD.device.type
+        dtype = compute_dtype(x_RD)
+        num_experts, num_rows = counts_E.numel(), x_RD.shape[0]
+        active_A = counts_E.nonzero().squeeze(1)
+        if active_A.numel() == num_experts:  # every expert has rows: weights in place
+            rows_G, sizes_G, w_in_GDH, w_out_GHD = None, counts_E, w_in_EDH, w_out_EHD
+        else:  # only the active experts' weights, gathered (no empty group anywhere)
+            rows_G, sizes_G = active_A, counts_E.index_select(0, active_A)
+            w_in_GDH = select_rows(w_in_EDH, active_A)
+            w_out_GHD = select_rows(w_out_EHD, active_A)
+        offs_G = torch.cumsum(sizes_G, 0, dtype=torch.int32)
+        with torch.autocast(device, enabled=False):
+            x_RD_c = _ready(x_RD.to(dtype))
+            w_in_GDH, w_out_GHD = _ready(w_in_GDH.to(dtype)), _ready(w_out_GHD.to(dtype))
+            if num_rows == 0:
+                h_RH = x_RD_c.new_zeros(0, w_in_GDH.shape[-1])
+                y_RD = x_RD_c.new_zeros(0, w_out_GHD.shape[-1])
+            else:
+                ends = _host_ends(offs_G)
+                h_RH = _grouped_mm(x_RD_c, w_in_GDH, offs_G, ends).relu_()
+                y_RD = _grouped_mm(h_RH, w_out_GHD, offs_G, ends)
+        ctx.save_for_backward(x_RD_c, h_RH, w_in_GDH, w_out_GHD, offs_G, rows_G)
+        ctx.sparse_grad = sparse_grad
+        ctx.w_shapes = (w_in_EDH.shape, w_out_EHD.shape)
+        ctx.w_dtype = w_in_EDH.dtype
+        ctx.x_dtype = x_RD.dtype
+        return y_RD
+
+    @staticmethod
+    def backward(ctx, gy_RD):
+        x_RD, h_RH, w_in_GDH, w_out_GHD, offs_G, rows_G = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        gx_RD = gw_in = gw_out = None
+        with torch.autocast(x_RD.device.type, enabled=False):
+            if x_RD.shape[0] == 0:  # no rows: nothing for _grouped_mm to do
+                gx_RD = x_RD.new_zeros(x_RD.shape, dtype=ctx.x_dtype) if need_x else None
+                g_in, g_out = (
+                    w_in_GDH.new_zeros(w_in_GDH.shape),
+                    w_out_GHD.new_zeros(w_out_GHD.shape),
+                )
+            else:
+                ends = _host_ends(offs_G)
+                gy_RD = _ready(gy_RD.to(h_RH.dtype))
+                gh_RH = torch.ops.aten.threshold_backward(
+                    _grouped_mm(gy_RD, w_out_GHD.transpose(1, 2), offs_G, ends), h_RH, 0.0
+                )  # relu': zero where h = relu(·) is 0
+                if need_x:
+                    gx_RD = _grouped_mm(gh_RH, w_in_GDH.transpose(1, 2), offs_G, ends)
+                    gx_RD = gx_RD.to(ctx.x_dtype)
+                if need_w:  # 2-D x 2-D: offs split the row (reduction) dim, a product per group
+                    g_in = _grouped_mm(x_RD.t(), gh_RH, offs_G, ends)
+                    g_out = _grouped_mm(h_RH.t(), gy_RD, offs_G, ends)
+        if need_w:
+            if rows_G is None and ctx.sparse_grad:  # in place: every one of the E experts active
+                rows_G = torch.arange(w_in_GDH.shape[0], device=offs_G.device)
+            gw_in, gw_out = layout_weight_grads(
+                rows_G, g_in.to(ctx.w_dtype), g_out.to(ctx.w_dtype), *ctx.w_shapes, ctx.sparse_grad
+            )
+        return gx_RD, gw_in, gw_out, None, None
+
+
+def grouped_expert_mlp(
+    x_RD: Tensor, w_in_EDH: Tensor, w_out_EHD: Tensor, counts_E: Tensor, *, sparse_grad: bool
+) -> Tensor:
+    """relu(x · w_in[e]) · w_out[e] for rows x_RD sorted by expert, expert e owning the next
+    counts_E[e] rows (no padding; sum(counts_E) = R). Computes in `compute_dtype(x_RD)` (bf16 under
+    autocast) and returns y in it; the input gradient comes back in x's dtype, the weight gradients
+    in the weights' dtype: dense (E, ...), or coalesced sparse COO tensors over the experts with
+    rows (sparse_dim 1, indices sorted) when `sparse_grad`, as `expert_mlp.block_expert_mlp`."""
+    return _GroupedExpertMLP.apply(x_RD, w_in_EDH, w_out_EHD, counts_E, sparse_grad)
