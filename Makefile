@@ -7,7 +7,8 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install test test-integration test-slow test-all lint format bench reproduce smoke clean mlflow-ui
+.PHONY: install test test-integration test-slow test-all lint format bench reproduce smoke clean mlflow-ui \
+	gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +46,13 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m moe_impl bench --out results/bench
+
+# One GPU, under 8 minutes: exactness on the device, kernels, 131072 experts, speed against the
+# dense FFN and Table 7, the trainer with NVML, NCCL, and config/gpu.yaml's projected time
+# (docs/gpu.md). It runs with the machine's own python3 and its CUDA torch, not .venv's CPU build.
+GPU_CHECK_OUT ?= results/gpu_check
+gpu-check:
+	PYTHONUNBUFFERED=1 $(PY) -m moe_impl gpu-check --device cuda --out $(GPU_CHECK_OUT)
 
 # the MLflow UI on http://127.0.0.1:5000 for results/mlflow.db (tracking ui --help for options)
 mlflow-ui: $(STAMP)

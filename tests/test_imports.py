@@ -3,6 +3,7 @@
     layer  <-  parallel  <-  model  <-  train  <-  cli  <-  __main__
     data, runs  <-  train;   runs  <-  telemetry, tracking  <-  train
     bench (beside train): layer, parallel, model, telemetry, runs
+    gpucheck (above train and bench, below cli): the GPU check's sections
 
 Every `moe_impl.*` import (absolute, relative, or a module named in a string such as the lazy
 re-exports and the CLI's command table) must follow `ALLOWED`. A second check imports the
@@ -38,6 +39,8 @@ ALLOWED: dict[str, set[str]] = {
     "model": {"layer", "parallel"},
     "train": {"layer", "parallel", "model", "data", "runs", "telemetry", "tracking"},
     "bench": {"layer", "parallel", "model", "runs", "telemetry", "runtime"},
+    # the GPU check (python -m moe_impl gpu-check): measures the layers, models, trainer, bench
+    "gpucheck": {"layer", "model", "runs", "telemetry", "train", "bench"},
     # the entry points
     "cli": {
         "layer",
@@ -49,6 +52,7 @@ ALLOWED: dict[str, set[str]] = {
         "tracking",
         "train",
         "bench",
+        "gpucheck",
         "runtime",
     },
     "__main__": {"cli"},

@@ -7,7 +7,7 @@ gradients. Per rank it reports the tokens its experts received, the bytes it sen
 (all_to_all, forward and backward) and all-reduced, and how the step's time splits between the
 collectives (moe_impl.parallel.meter, device-synchronised) and everything else (compute).
 
-Under torchrun (WORLD_SIZE > 1) this process is one rank; otherwise it spawns `--world-size` local
+Under torchrun (even with one process) this process is one rank; otherwise it spawns `--world-size` local
 processes (gloo on CPU; nccl when --device cuda, one GPU each).
 """
 
@@ -137,8 +137,12 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(bench_plot.aligned_lines(COLUMNS, rows))
 
 
-def check(args: argparse.Namespace, world: int, specs: list[ExpertSpec]) -> None:
-    if world < 2:
+def check(
+    args: argparse.Namespace, world: int, specs: list[ExpertSpec], *, under_torchrun: bool = False
+) -> None:
+    """Arguments a user can get wrong; torchrun may start one process (a check of the collectives'
+    backend, e.g. NCCL on one GPU), a spawned run needs two."""
+    if world < 2 and not under_torchrun:
         raise ValueError(f"--world-size must be >= 2, got {world}")
     for flag in ("tokens", "reps", "d_model", "d_hidden", "k"):
         value = getattr(args, flag)
@@ -164,13 +168,18 @@ def check(args: argparse.Namespace, world: int, specs: list[ExpertSpec]) -> None
 def run(args: argparse.Namespace, specs: list[ExpertSpec]) -> int:
     """The --distributed mode of `python -m moe_impl bench` (bench.py parses the arguments)."""
     from moe_impl.parallel import spawn
-    from moe_impl.parallel.launch import env_world_size, init_from_env, resolve_backend
+    from moe_impl.parallel.launch import (
+        env_world_size,
+        init_from_env,
+        resolve_backend,
+        under_launcher,
+    )
 
-    under_torchrun = env_world_size() > 1
+    under_torchrun = env_world_size() > 1 or under_launcher()  # torchrun, even with one process
     world = env_world_size() if under_torchrun else args.world_size
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.device = device
-    check(args, world, specs)
+    check(args, world, specs, under_torchrun=under_torchrun)
     cfg = {
         "specs": [tuple(s) for s in specs],
         "tokens": args.tokens or 4096,

@@ -16,6 +16,7 @@ from moe_impl import runtime
 COMMANDS = {
     "bench": "moe_impl.cli.bench",
     "flops": "moe_impl.cli.flops",
+    "gpu-check": "moe_impl.cli.gpu_check",
     "tracking": "moe_impl.cli.tracking",
     "train": "moe_impl.cli.train",
 }

@@ -28,6 +28,12 @@ class DistInfo:
     backend: str
 
 
+def under_launcher() -> bool:
+    """Whether torchrun (torch.distributed.run) started this process, even as its only rank: it
+    sets TORCHELASTIC_RUN_ID, as well as WORLD_SIZE, RANK and LOCAL_RANK."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
+
+
 def env_world_size() -> int:
     """WORLD_SIZE as torchrun sets it (1 outside torchrun)."""
     value = os.environ.get("WORLD_SIZE", "1")

@@ -1,0 +1,188 @@
+"""Speed on the device, bf16 autocast:
+- the MoE layer against a FLOP-matched dense FFN `Linear(d, k·h) -> ReLU -> Linear(k·h, d)` at
+  the paper's expert shape (d_model 512, d_hidden 1024), at fixed tokens per expert, with each
+  expert kernel (bench's protocol, moe_impl/cli/bench.py: forward + backward, gradients set to
+  None between steps);
+- the language models' training step (forward, backward, clipping, optimizer) of the paper's
+  1-Billion-Word presets that fit one GPU, TFLOPS per GPU and MFU beside Table 7's column.
+Achieved TFLOPS count the analytic FLOPs (moe_impl/model/flops.py), as training does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moe_impl import telemetry
+from moe_impl.bench.spec import K_PRIMARY, K_SECONDARY, gate_outputs, parse_experts, train_flops
+from moe_impl.bench.worker import build_moe
+from moe_impl.gpucheck.build import on_device
+from moe_impl.gpucheck.sizes import Sizes
+from moe_impl.gpucheck.timing import free_memory, is_oom, peak_gib, time_steps
+from moe_impl.layer.grouped import choose_kernel, expert_kernel, grouped_mm_available
+from moe_impl.model import flops
+from moe_impl.model.config import ModelConfig
+from moe_impl.model.lm import MoELanguageModel
+from moe_impl.model.presets import ALL_PRESETS, PAPER_VALUES
+from moe_impl.runs import runinfo
+from moe_impl.train.config import TrainSection
+from moe_impl.train.optim import build_optimizers, clip_gradients
+
+
+def bf16_peak(device: torch.device) -> float | None:
+    peak, _ = telemetry.resolve_peak_flops(
+        str(device), "bfloat16", device_name=runinfo.device_name(str(device))
+    )
+    return peak
+
+
+def _layer_step(layer: nn.Module, x: torch.Tensor, is_moe: bool):
+    def step() -> None:
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = layer(x)
+        y = out.y if is_moe else out
+        loss = y.float().square().mean()
+        (loss + out.aux_loss if is_moe else loss).backward()
+
+    return step
+
+
+def layer_speed(device: torch.device, sizes: Sizes) -> dict:
+    """One row per (experts, tokens per expert, kernel); a configuration that runs out of memory
+    is recorded as such and the others go on."""
+    d, h = sizes.speed_d, sizes.speed_h
+    peak = bf16_peak(device)
+    kernels = ["blocked"]
+    auto = choose_kernel(device, torch.bfloat16, d, h)
+    if grouped_mm_available() and (device.type == "cuda" or auto == "grouped"):
+        kernels = ["grouped", "blocked"]
+    elif grouped_mm_available():  # on CPU the grouped kernel runs too (slowly): time it at toy size
+        kernels = ["blocked", "grouped"]
+    rows = []
+    for spec in parse_experts(",".join(sizes.speed_experts)):
+        k = K_PRIMARY * K_SECONDARY if spec.hierarchical else 4
+        free_memory(device)
+        try:
+            moe = on_device(lambda spec=spec, k=k: build_moe(spec, d, h, k), device).train()
+        except Exception as err:
+            if not is_oom(err):
+                raise
+            rows.append({"experts": spec.config, "status": "out of memory building the layer"})
+            continue
+        dense = nn.Sequential(
+            nn.Linear(d, k * h, bias=False), nn.ReLU(), nn.Linear(k * h, d, bias=False)
+        ).to(device)
+        for m in sizes.speed_tokens_per_expert:
+            tokens = math.ceil(m * spec.num_experts / k)
+            row = {"experts": spec.config, "tokens": tokens, "tokens_per_expert": m}
+            try:
+                x = torch.randn(tokens, d, device=device)
+                dense_s = time_steps(
+                    _layer_step(dense, x, False), device, warmup=sizes.warmup, reps=sizes.reps
+                )["median_s"]
+                for kernel in kernels:
+                    with expert_kernel(kernel):
+                        moe_s = time_steps(
+                            _layer_step(moe, x, True), device, warmup=sizes.warmup,
+                            reps=sizes.reps,
+                        )["median_s"]  # fmt: skip
+                    tflops = train_flops(tokens, d, h, k, gate_outputs(spec)) / moe_s / 1e12
+                    rows.append({
+                        **row, "kernel": kernel, "moe_ms": 1e3 * moe_s, "dense_ms": 1e3 * dense_s,
+                        "moe_us_per_token": 1e6 * moe_s / tokens, "ratio_to_dense": moe_s / dense_s,
+                        "moe_tflops": tflops,
+                        "dense_tflops": train_flops(tokens, d, h, k, 0) / dense_s / 1e12,
+                        "mfu": telemetry.mfu(tflops, peak), "peak_gib": peak_gib(device),
+                    })  # fmt: skip
+                del x
+            except Exception as err:
+                if not is_oom(err):
+                    raise
+                rows.append({**row, "status": "out of memory"})
+                free_memory(device)
+        del moe, dense
+    best = [r for r in rows if r.get("kernel") == kernels[0]]
+    return {
+        "d_model": d,
+        "d_hidden": h,
+        "auto_kernel": auto,
+        "peak_tflops": None if peak is None else peak / 1e12,
+        "worst_ratio_to_dense": max((r["ratio_to_dense"] for r in best), default=None),
+        "rows": rows,
+    }
+
+
+def time_lm_step(
+    cfg: ModelConfig,
+    train: TrainSection,
+    device: torch.device,
+    *,
+    batch: int,
+    seq_len: int,
+    warmup: int,
+    reps: int,
+    dropout: float = 0.0,
+) -> dict:
+    """Seconds per training step of the language model `cfg` (forward, backward, clipping, the
+    optimizers training builds from `train`) on random tokens of its vocabulary, in train.dtype."""
+    free_memory(device)
+    model = on_device(lambda: MoELanguageModel(cfg, dropout=dropout), device).train()
+    optimizers, _ = build_optimizers(model, train)
+    gen = torch.Generator(device=device).manual_seed(0)
+    inputs = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device, generator=gen)
+    targets = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device, generator=gen)
+    scored = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+    bf16 = train.dtype == "bfloat16"
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(inputs, targets, scored, generator=gen)
+        (out.nll_sum.float() / inputs.numel() + out.aux_loss.float()).backward()
+        clip_gradients(model, train.clip_norm, distributed=False)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    result = time_steps(step, device, warmup=warmup, reps=reps)
+    result["peak_gib"] = peak_gib(device)
+    return result
+
+
+def lm_step_speed(device: torch.device, sizes: Sizes) -> dict:
+    """The training step of each preset on random tokens of its own vocabulary (sampled softmax
+    as the preset sets it), bf16 autocast, Adam / factored Adam as training builds them."""
+    peak = bf16_peak(device)
+    tokens = sizes.lm_batch * sizes.lm_seq
+    train = TrainSection(lr=1e-4, dtype="bfloat16")
+    rows = []
+    for name in sizes.lm_presets:
+        cfg = ALL_PRESETS[name]
+        paper = PAPER_VALUES.get("lm1b/" + name.split("/", 1)[1])
+        row = {"preset": name, "batch": sizes.lm_batch, "seq_len": sizes.lm_seq,
+               "params_b": flops.total_params(cfg) / 1e9}  # fmt: skip
+        try:
+            timed = time_lm_step(
+                cfg, train, device, batch=sizes.lm_batch, seq_len=sizes.lm_seq, warmup=2,
+                reps=sizes.lm_reps,
+            )  # fmt: skip
+        except Exception as err:
+            if not is_oom(err):
+                raise
+            rows.append({**row, "status": "out of memory"})
+            continue
+        step_s = timed["median_s"]
+        tflops = flops.train_flops_per_token(cfg) * tokens / step_s / 1e12
+        rows.append({
+            **row, "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s,
+            "tflops_per_gpu": tflops, "mfu": telemetry.mfu(tflops, peak),
+            "peak_gib": timed["peak_gib"],
+            "paper_tflops_per_gpu": None if paper is None else paper.tflops_per_gpu,
+        })  # fmt: skip
+    return {
+        "tokens_per_step": tokens,
+        "paper_column": "Table 7 TFLOPS/GPU: 16 or 32 K40s, float32; ours: one GPU, bf16",
+        "rows": rows,
+    }
