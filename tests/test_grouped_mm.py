@@ -97,6 +97,18 @@ def test_auto_on_mocked_cuda(monkeypatch, capability, dtype, d, h, expected):
         assert choose_kernel(CUDA, dtype, d, h) == "blocked"
 
 
+@needs_grouped_mm
+def test_auto_keeps_more_experts_than_one_call_takes_blocked(monkeypatch):
+    """From MAX_GROUPS + 1 experts the grouped path needs several calls (measured slower than the
+    blocks on an H200), so auto keeps the blocks; forcing "grouped" still works."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    limit = grouped.MAX_GROUPS
+    assert choose_kernel(CUDA, torch.bfloat16, 64, 128, limit) == "grouped"
+    assert choose_kernel(CUDA, torch.bfloat16, 64, 128, limit + 1) == "blocked"
+    with expert_kernel("grouped"):
+        assert choose_kernel(CUDA, torch.bfloat16, 64, 128, 4 * limit) == "grouped"
+
+
 def test_without_grouped_mm(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.delattr(torch, "_grouped_mm", raising=False)

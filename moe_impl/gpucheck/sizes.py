@@ -40,6 +40,7 @@ class Sizes:
     speed_d: int = 512  # the paper's expert shape (App. C.1)
     speed_h: int = 1024
     speed_tokens_per_expert: tuple[int, ...] = (256, 1024)
+    profile_experts: tuple[str, ...] = ("256", "4096-h")  # where one step's time goes
     warmup: int = 3
     reps: int = 10
     # the language models' training step
@@ -78,6 +79,7 @@ QUICK = Sizes(
     speed_d=16,
     speed_h=32,
     speed_tokens_per_expert=(8, 32),
+    profile_experts=("16-h",),
     warmup=1,
     reps=2,
     lm_presets=("cpu/MoE-4", "cpu/MoE-256-h"),

@@ -20,7 +20,7 @@ from moe_impl.bench.spec import K_PRIMARY, K_SECONDARY, gate_outputs, parse_expe
 from moe_impl.bench.worker import build_moe
 from moe_impl.gpucheck.build import on_device
 from moe_impl.gpucheck.sizes import Sizes
-from moe_impl.gpucheck.timing import free_memory, is_oom, peak_gib, time_steps
+from moe_impl.gpucheck.timing import free_memory, is_oom, peak_gib, sync, time_steps
 from moe_impl.layer.grouped import choose_kernel, expert_kernel, grouped_mm_available
 from moe_impl.model import flops
 from moe_impl.model.config import ModelConfig
@@ -50,6 +50,31 @@ def _layer_step(layer: nn.Module, x: torch.Tensor, is_moe: bool):
     return step
 
 
+def profile_step(step, device: torch.device, rows: int = 15) -> list[dict]:
+    """Where one step's time goes: the GPU kernels with the most time (on a CPU, the ops with the
+    most self time), per step over 3 profiled steps after one warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    step()
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync(device)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    if cuda:  # the kernels themselves (an op's "self" device time repeats its kernels')
+        events = [e for e in events if e.device_type.name == "CUDA"]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [
+        {"op": e.key[:60], "calls_per_step": e.count / 3, "ms_per_step": getattr(e, attr) / 3e3,
+         "share": getattr(e, attr) / total}
+        for e in events[:rows]
+    ]  # fmt: skip
+
+
 def layer_speed(device: torch.device, sizes: Sizes) -> dict:
     """One row per (experts, tokens per expert, kernel); a configuration that runs out of memory
     is recorded as such and the others go on."""
@@ -61,7 +86,7 @@ def layer_speed(device: torch.device, sizes: Sizes) -> dict:
         kernels = ["grouped", "blocked"]
     elif grouped_mm_available():  # on CPU the grouped kernel runs too (slowly): time it at toy size
         kernels = ["blocked", "grouped"]
-    rows = []
+    rows, profiles = [], {}
     for spec in parse_experts(",".join(sizes.speed_experts)):
         k = K_PRIMARY * K_SECONDARY if spec.hierarchical else 4
         free_memory(device)
@@ -77,7 +102,8 @@ def layer_speed(device: torch.device, sizes: Sizes) -> dict:
         ).to(device)
         for m in sizes.speed_tokens_per_expert:
             tokens = math.ceil(m * spec.num_experts / k)
-            row = {"experts": spec.config, "tokens": tokens, "tokens_per_expert": m}
+            row = {"experts": spec.config, "tokens": tokens, "tokens_per_expert": m,
+                   "auto_picks": choose_kernel(device, torch.bfloat16, d, h, spec.num_experts)}  # fmt: skip
             try:
                 x = torch.randn(tokens, d, device=device)
                 dense_s = time_steps(
@@ -97,6 +123,10 @@ def layer_speed(device: torch.device, sizes: Sizes) -> dict:
                         "dense_tflops": train_flops(tokens, d, h, k, 0) / dense_s / 1e12,
                         "mfu": telemetry.mfu(tflops, peak), "peak_gib": peak_gib(device),
                     })  # fmt: skip
+                if spec.config in sizes.profile_experts and m == max(sizes.speed_tokens_per_expert):
+                    with expert_kernel(kernels[0]):
+                        name = f"{spec.config} at {m} tokens per expert, {kernels[0]}"
+                        profiles[name] = profile_step(_layer_step(moe, x, True), device)
                 del x
             except Exception as err:
                 if not is_oom(err):
@@ -112,6 +142,7 @@ def layer_speed(device: torch.device, sizes: Sizes) -> dict:
         "peak_tflops": None if peak is None else peak / 1e12,
         "worst_ratio_to_dense": max((r["ratio_to_dense"] for r in best), default=None),
         "rows": rows,
+        **{f"profile: {name}": table for name, table in profiles.items()},
     }
 
 

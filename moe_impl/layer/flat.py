@@ -110,7 +110,9 @@ def expert_bank(
 def grouped_experts(x_BD: Tensor, config: MoEConfig) -> bool:
     """Whether the experts run as grouped matmuls on this input (grouped.choose_kernel): the
     expert plan is then made with `make_plan(..., grouped=True)`."""
-    kernel = choose_kernel(x_BD.device, compute_dtype(x_BD), config.d_model, config.d_hidden)
+    kernel = choose_kernel(
+        x_BD.device, compute_dtype(x_BD), config.d_model, config.d_hidden, config.num_experts
+    )
     return kernel == "grouped"
 
 

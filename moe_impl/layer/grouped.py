@@ -84,12 +84,20 @@ def _aligned(size: int, dtype: torch.dtype) -> bool:
     return size * dtype.itemsize % ALIGN_BYTES == 0
 
 
-def choose_kernel(device: torch.device, dtype: torch.dtype, d_model: int, d_hidden: int) -> str:
-    """ "grouped" or "blocked" for experts d_model -> d_hidden -> d_model computing in `dtype` on
-    `device`. A kernel forced by `expert_kernel` wins; "auto" picks "grouped" only where torch has
-    `_grouped_mm`, on CUDA with compute capability >= 9.0, in bfloat16, with d_model and d_hidden
-    multiples of 8 (16-byte strides); everywhere else (CPU included, where `_grouped_mm` is far
-    slower than the blocks: docs/performance.md) "blocked"."""
+def choose_kernel(
+    device: torch.device,
+    dtype: torch.dtype,
+    d_model: int,
+    d_hidden: int,
+    num_experts: int | None = None,
+) -> str:
+    """ "grouped" or "blocked" for `num_experts` experts d_model -> d_hidden -> d_model computing in
+    `dtype` on `device`. A kernel forced by `expert_kernel` wins; "auto" picks "grouped" only
+    where torch has `_grouped_mm`, on CUDA with compute capability >= 9.0, in bfloat16, with
+    d_model and d_hidden multiples of 8 (16-byte strides) and at most MAX_GROUPS experts (one call:
+    on an H200 the blocks were faster from 1024 experts on, where the grouped path needs several
+    calls and concatenates their outputs; docs/gpu.md); everywhere else (CPU included, where
+    `_grouped_mm` is far slower than the blocks: docs/performance.md) "blocked"."""
     device = torch.device(device)
     if _kernel == "blocked":
         return "blocked"
@@ -111,6 +119,7 @@ def choose_kernel(device: torch.device, dtype: torch.dtype, d_model: int, d_hidd
         and dtype == torch.bfloat16
         and d_model % 8 == 0
         and d_hidden % 8 == 0
+        and (num_experts is None or num_experts <= MAX_GROUPS)
         and tuple(torch.cuda.get_device_capability(device)) >= MIN_CAPABILITY
     ):
         return "grouped"
