@@ -31,8 +31,14 @@ from moe_impl.model.presets import ALL_PRESETS
 from moe_impl.runs import rundir, runinfo
 from moe_impl.train.config import MODEL_FIELDS, resolve_model
 
-# the CPU family's stand-ins for the paper's baselines (moe_impl/model/presets.py); others share names
-PAPER_NAME = {"4xLSTM-64": "4xLSTM-512", "LSTM-256-64": "LSTM-2048-512"}
+# the CPU and GPU families' stand-ins for the paper's baselines (moe_impl/model/presets.py); others
+# share names
+PAPER_NAME = {
+    "4xLSTM-64": "4xLSTM-512",
+    "LSTM-256-64": "LSTM-2048-512",
+    "4xLSTM-256": "4xLSTM-512",
+    "LSTM-1024-256": "LSTM-2048-512",
+}
 FAMILY = {"flat": "flat MoE", "hierarchical": "hierarchical MoE", "dense": "baseline"}
 FAMILIES = ("baseline", "flat MoE", "hierarchical MoE")
 K40_PEAK_TFLOPS = 4.29  # Sec. 5.1: NVIDIA's theoretical K40 peak, as the paper quotes it

@@ -606,3 +606,17 @@ def test_config_yaml_written_by_write_run_is_a_full_config(tmp_path):
     path = write_run(tmp_path, make_run("lm1b", "cpu/MoE-32", 100.0))
     cfg = yaml.safe_load((path / rundir.CONFIG_FILE).read_text())
     assert cfg["model"]["preset"] == "cpu/MoE-32" and cfg["sweep"] == "lm1b"
+
+
+@pytest.mark.parametrize("prefix", ["cpu/", "gpu/"])
+def test_every_scaled_down_model_is_a_figure_2_model_of_the_paper(prefix):
+    """The cpu/ and gpu/ families' models stand for Figure 2-left's (the LSTM baselines under the
+    paper's name, collect.PAPER_NAME), so the figures and tables put each beside its paper row."""
+    from analysis import paper
+    from moe_impl.model.presets import ALL_PRESETS
+
+    names = [cfg.name for p, cfg in ALL_PRESETS.items() if p.startswith(prefix)]
+    figure2 = {name for names in paper.FIGURE2_LEFT.values() for name in names}
+    covered = {collect.PAPER_NAME.get(name, name) for name in names}
+    assert figure2 <= covered, sorted(figure2 - covered)
+    assert all(collect.PAPER_NAME.get(n, n) in figure2 or n.startswith("MoE-") for n in names)

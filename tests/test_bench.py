@@ -80,7 +80,14 @@ def test_moe_layer_train_flops_per_token_hand_computed(d, h, active, gates, laye
 
 @pytest.mark.parametrize(
     "preset",
-    ["cpu/MoE-1-Wide", "cpu/MoE-32", "cpu/MoE-1024-h", "lm1b/MoE-1-Deep", "lm1b/MoE-4096-h"],
+    [
+        "cpu/MoE-1-Wide",
+        "cpu/MoE-32",
+        "cpu/MoE-1024-h",
+        "gpu/MoE-131072-h",
+        "lm1b/MoE-1-Deep",
+        "lm1b/MoE-4096-h",
+    ],
 )
 def test_bench_and_training_count_the_moe_layer_alike(preset):
     # the layer's share of train_flops_per_token (training's MFU) is the bench's formula

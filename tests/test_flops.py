@@ -15,12 +15,18 @@ from moe_impl.cli import flops as flops_cli
 from moe_impl.model import flops
 from moe_impl.model.config import ModelConfig
 from moe_impl.model.presets import (
+    CPU_PRESETS,
+    GPU_D_HIDDEN,
+    GPU_D_MODEL,
+    GPU_MAX_EXPERT_PARAMS,
+    GPU_PRESETS,
     NEWS100B_VOCAB,
     PAPER_EXCEPTIONS,
     PAPER_VALUES,
     PRESETS,
     SOFTMAX_SAMPLES,
     TABLE1,
+    gpu_d_hidden,
 )
 
 _COUNTS = {  # printed column -> (our count, unit)
@@ -121,6 +127,94 @@ def test_expert_flops_share_claim_of_section_5_1():
             share = 6 * flops.expert_ops_per_timestep(cfg) / flops.train_flops_per_token(cfg)
             assert 0.37 <= share <= 0.46, (name, share)
     assert SOFTMAX_SAMPLES == 4096
+
+
+# --- the scaled-down families: cpu/ (d = 64) and gpu/ (d = 256, config/gpu.yaml) ----------------
+
+_BASELINE_NAMES = {"4xLSTM-64": "4xLSTM-256", "LSTM-256-64": "LSTM-1024-256"}
+
+
+def _family(presets: dict, prefix: str) -> dict:
+    return {name.removeprefix(prefix): cfg for name, cfg in presets.items()}
+
+
+def test_the_gpu_family_has_the_cpu_familys_models():
+    """The same models, the LSTM baselines named by their own sizes as the paper names them."""
+    cpu, gpu = _family(CPU_PRESETS, "cpu/"), _family(GPU_PRESETS, "gpu/")
+    assert sorted(_BASELINE_NAMES.get(n, n) for n in cpu) == sorted(gpu)
+    assert all(p.startswith("gpu/") and cfg.name == p[4:] for p, cfg in GPU_PRESETS.items())
+    for name, cfg in gpu.items():
+        twin = cpu[{v: k for k, v in _BASELINE_NAMES.items()}.get(name, name)]
+        assert (cfg.moe, cfg.num_experts, cfg.k, cfg.num_groups, cfg.group_size) == (
+            twin.moe, twin.num_experts, twin.k, twin.num_groups, twin.group_size
+        )  # fmt: skip
+        assert len(cfg.lstm_layers) == len(twin.lstm_layers) and cfg.d_model == GPU_D_MODEL
+
+
+@pytest.mark.parametrize(("presets", "prefix"), [(CPU_PRESETS, "cpu/"), (GPU_PRESETS, "gpu/")])
+def test_the_baselines_are_compute_matched_to_moe_4(presets, prefix):
+    """App. C.1's matched baselines: 4xLSTM, MoE-1-Wide and MoE-1-Deep do MoE-4's work without
+    its gate (exactly, with h = 2·d); the one projected LSTM 4·d units wide does ~12% more."""
+    family = _family(presets, prefix)
+    moe4 = family["MoE-4"]
+    work = flops.ops_per_timestep(moe4) - flops.gate_ops(moe4)
+    d = moe4.d_model
+    for name in (f"4xLSTM-{d}", "MoE-1-Wide", "MoE-1-Deep"):
+        assert flops.ops_per_timestep(family[name]) == work, name
+    lstm = flops.ops_per_timestep(family[f"LSTM-{4 * d}-{d}"])
+    assert 1.0 < lstm / work < 1.15
+
+
+def test_gpu_experts_keep_their_size_until_they_fill_one_gpu():
+    """App. D's memory rule on one GPU: d_hidden 512 up to 4096 experts, then halved until the
+    experts' weights fit GPU_MAX_EXPERT_PARAMS (2^31); the 131072-expert model has a smaller expert
+    than the 4096-expert one."""
+    hidden = {cfg.num_experts: cfg.d_hidden for cfg in GPU_PRESETS.values() if cfg.num_experts > 1}
+    assert hidden == {
+        4: 512, 32: 512, 256: 512, 1024: 512, 4096: 512, 16384: 256, 65536: 64, 131072: 32
+    }  # fmt: skip
+    for n, h in hidden.items():
+        assert h == gpu_d_hidden(n) and 2 * GPU_D_MODEL * h * n <= GPU_MAX_EXPERT_PARAMS
+        assert h == GPU_D_HIDDEN or 2 * GPU_D_MODEL * (2 * h) * n > GPU_MAX_EXPERT_PARAMS
+    assert GPU_PRESETS["gpu/MoE-1-Wide"].d_hidden == 4 * GPU_D_HIDDEN
+
+
+def test_gpu_counts_by_hand():
+    """d = 256, h = 512: two LSTMs 2·4·256·512; an expert 2·256·512; a gate 2·256·n."""
+    lstms = 2 * 4 * 256 * (256 + 256)
+    assert lstms == 1_048_576
+    moe256 = GPU_PRESETS["gpu/MoE-256"]
+    assert flops.params_excl_embedding_softmax(moe256) == 256 * 262_144 + lstms + 2 * 256 * 256
+    assert flops.ops_per_timestep(moe256) == 4 * 262_144 + lstms + 2 * 256 * 256 == 2_228_224
+    big = GPU_PRESETS["gpu/MoE-131072-h"]  # 256 x 512 groups, h = 32
+    gates = 2 * 256 * 256 + 256 * 2 * 256 * 512
+    assert flops.params_excl_embedding_softmax(big) == 131_072 * 2 * 256 * 32 + lstms + gates
+    assert flops.params_excl_embedding_softmax(big) == 2_215_772_160
+    assert (
+        flops.ops_per_timestep(big) == 4 * 2 * 256 * 32 + lstms + 2 * 256 * 256 + 2 * 2 * 256 * 512
+    )
+
+
+# Measured on an H200 (2026-11-30, bf16, config/train/gpu.yaml's 262,144 tokens per step, peak
+# allocated; docs/workflow.md): MoE-131072-h 42.4 GiB for 2.22B parameters (20.5 B per parameter,
+# activations included), MoE-16384-h 31.3 GiB, MoE-4096-h 19.5, MoE-256 11.4, 4xLSTM-256 8.5 (all
+# activations). A bound above every measurement:
+GPU_BYTES_PER_PARAM = 21
+GPU_ACTIVATIONS_GB = 16
+
+
+@pytest.mark.parametrize("preset", list(GPU_PRESETS))
+def test_every_gpu_model_fits_an_80_gb_gpu(preset):
+    cfg = GPU_PRESETS[preset]
+    need = flops.total_params(cfg) * GPU_BYTES_PER_PARAM + GPU_ACTIVATIONS_GB * 10**9
+    assert need <= 80 * 10**9, (preset, need / 1e9)
+
+
+def test_cli_counts_the_gpu_family(capsys):
+    assert _cli(["--model", "gpu/MoE-131072-h", "--model", "gpu/4xLSTM-256", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["params_excl_embedding_softmax"] == 2_215_772_160
+    assert rows[0]["num_experts"] == 131_072 and rows[1]["moe"] == "none"
 
 
 # Tiny configs, counted by hand: d=4, V=10, two 4-unit LSTMs of 4·4·(4+4) = 128 weights each.

@@ -69,6 +69,7 @@ TORCH_FREE = {  # module -> what importing it must not load
     "moe_impl.runtime": {"torch"},
     "moe_impl.runs.rundir": {"torch", "mlflow"},
     "moe_impl.runs.runinfo": {"torch", "mlflow"},
+    "moe_impl.runs.sweeps": {"torch", "mlflow"},  # the workflow's run table, for any tool
     "moe_impl.model.flops": {"torch"},
     "moe_impl.model.config": {"torch"},
     "moe_impl.layer.config": {"torch"},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -280,6 +281,21 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match=r"train\.device='cuda' but torch sees no CUDA device"):
         Trainer(tiny("train.device=cuda"), tmp_path / "r")
+
+
+def test_train_on_cuda_without_a_gpu_exits_with_one_line(tmp_path, capsys):
+    """config/train/gpu.yaml as is, on a machine without CUDA: exit 2, one line saying why, and
+    no run directory (the corpus is not even built)."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    out = tmp_path / "r"
+    gpu_yaml = str(Path(__file__).resolve().parents[1] / "config/train/gpu.yaml")
+    argv = ["train", "--config", gpu_yaml, "--set", "model.preset=gpu/MoE-4"]
+    assert main([*argv, "--set", "train.tokens=262144", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not out.exists()
+    assert err.startswith("error: train.device='cuda' but torch sees no CUDA device (torch ")
+    assert "set train.device=cpu" in err
 
 
 @pytest.mark.integration

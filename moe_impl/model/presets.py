@@ -156,7 +156,77 @@ CPU_PRESETS: dict[str, ModelConfig] = {
         for a, b in ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (256, 512))
     },
 }
-ALL_PRESETS: dict[str, ModelConfig] = {**PRESETS, **CPU_PRESETS}
+
+# The family for one GPU (`gpu/...`, config/gpu.yaml): the CPU family's structure and names at
+# d = 256, h = 2·d = 512, between the CPU family (64 / 128) and the paper's (512 / 1024). The
+# compute-matched baselines are built as the CPU family's: 4xLSTM-256 (two more LSTMs), one LSTM of
+# 4·d units projected to d (LSTM-1024-256, LSTM-2048-512's shape), MoE-1-Wide (h = 4·512),
+# MoE-1-Deep (4 hidden layers of 512). The vocabulary is config/train/gpu.yaml's synthetic corpus
+# (1023 words + </S> + 1024 topic headers); a training run replaces it with its corpus's.
+GPU_D_MODEL = 256
+GPU_D_HIDDEN = 512
+GPU_VOCAB = 2048
+# App. D sizes the 100B-word family by memory: every model keeps the same expert (1M weights) and
+# gets as many GPUs as its parameters need, at up to 1B parameters per GPU (recomputed expert
+# activations, factored Adam): 32 K40s, and 64 and 128 for 65536 and 131072 experts "so as to have
+# enough memory for all the parameters". On one GPU the memory is what is fixed, so we apply App.
+# D's rule from the other side: a model's expert weights are at most GPU_MAX_EXPERT_PARAMS = 2^31
+# (2.1B, 8.6 GB in float32; sparse gradients and factored Adam from 4096 experts on), and the
+# experts of the models above it are smaller (d_hidden halved until they fit; d_model, the LSTMs
+# and the group shapes stay): MoE-16384-h has h = 256, MoE-65536-h h = 64, MoE-131072-h h = 32.
+# The parameters stop growing at 16384 experts (2.2B), and ops/timestep fall by the experts'
+# share beyond 4096 (the paper's grow slightly through the gates, Table 8). Measured on an H200
+# (bf16, 262,144 tokens per step, docs/workflow.md): peak 42 GiB allocated for MoE-131072-h, 35 for
+# MoE-65536-h, 31 for MoE-16384-h; at 2^32 (h twice as large) MoE-131072-h peaked at 65 GiB
+# allocated, 78 GiB reserved, too close to an H100's 80 GB.
+GPU_MAX_EXPERT_PARAMS = 2**31
+_GPU_LSTM = ((GPU_D_MODEL, None),) * 2
+
+
+def _gpu(name: str, lstm=_GPU_LSTM, **moe) -> ModelConfig:
+    return ModelConfig(
+        name=name, vocab_size=GPU_VOCAB, d_model=GPU_D_MODEL, lstm_layers=lstm,
+        softmax_samples=None, **moe,
+    )  # fmt: skip
+
+
+def gpu_d_hidden(num_experts: int) -> int:
+    """The expert hidden size of the gpu/ model with `num_experts` experts: GPU_D_HIDDEN, halved
+    until the experts' 2·d·h·n weights are at most GPU_MAX_EXPERT_PARAMS."""
+    h = GPU_D_HIDDEN
+    while h > 1 and 2 * GPU_D_MODEL * h * num_experts > GPU_MAX_EXPERT_PARAMS:
+        h //= 2
+    return h
+
+
+def _gpu_flat(n: int) -> ModelConfig:
+    return _gpu(f"MoE-{n}", moe="flat", num_experts=n, d_hidden=gpu_d_hidden(n), k=4)
+
+
+def _gpu_hier(a: int, b: int) -> ModelConfig:
+    return _gpu(
+        f"MoE-{a * b}-h", moe="hierarchical", num_experts=a * b, d_hidden=gpu_d_hidden(a * b),
+        num_groups=a, group_size=b, k_primary=2, k_secondary=2,
+    )  # fmt: skip
+
+
+GPU_PRESETS: dict[str, ModelConfig] = {
+    f"gpu/4xLSTM-{GPU_D_MODEL}": _gpu(f"4xLSTM-{GPU_D_MODEL}", lstm=_GPU_LSTM * 2),
+    f"gpu/LSTM-{4 * GPU_D_MODEL}-{GPU_D_MODEL}": _gpu(
+        f"LSTM-{4 * GPU_D_MODEL}-{GPU_D_MODEL}", lstm=((4 * GPU_D_MODEL, GPU_D_MODEL),)
+    ),
+    "gpu/MoE-1-Wide": _gpu("MoE-1-Wide", moe="dense", num_experts=1, d_hidden=4 * GPU_D_HIDDEN),
+    "gpu/MoE-1-Deep": _gpu(
+        "MoE-1-Deep", moe="dense", num_experts=1, d_hidden=GPU_D_HIDDEN, expert_hidden_layers=4
+    ),
+    **{f"gpu/MoE-{n}": _gpu_flat(n) for n in (4, 32, 256)},
+    # the CPU family's group shapes, a = 2^floor(log2(n) / 2)
+    **{
+        f"gpu/MoE-{a * b}-h": _gpu_hier(a, b)
+        for a, b in ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (256, 512))
+    },
+}
+ALL_PRESETS: dict[str, ModelConfig] = {**PRESETS, **CPU_PRESETS, **GPU_PRESETS}
 
 
 @dataclass(frozen=True, kw_only=True)

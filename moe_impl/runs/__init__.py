@@ -1,2 +1,3 @@
 """The run directory, source of truth for everything downstream: its files (rundir) and the
-run's identity and environment (runinfo). Torch-free and MLflow-free."""
+run's identity and environment (runinfo); and which runs a workflow config has (sweeps).
+Torch-free and MLflow-free."""

@@ -42,7 +42,7 @@ class ModelSection:
     """`model`: a preset, overrides of its ModelConfig fields (None = the preset's value), and how
     the model trains. `lstm_layers` is written `[[units, projection or null], ...]`."""
 
-    # any `python -m moe_impl flops` name: cpu/..., lm1b/..., news100b/...
+    # any `python -m moe_impl flops` name: cpu/..., gpu/..., lm1b/..., news100b/...
     preset: str = "cpu/MoE-32"
     # overrides of the preset's ModelConfig, in its field order (MODEL_FIELDS)
     name: str | None = None

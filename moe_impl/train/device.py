@@ -16,7 +16,10 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     """The configured device; a bare 'cuda' in a distributed run is the process's own GPU."""
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but torch sees no CUDA device")
+        raise ValueError(
+            f"train.device={name!r} but torch sees no CUDA device ({no_cuda_reason()}); train "
+            "where a GPU is, or set train.device=cpu"
+        )
     if device.type == "cuda" and device.index is not None and local_rank is not None:
         raise ValueError(
             f"train.device={name!r} names one GPU, but each process of a distributed run takes "
@@ -25,6 +28,15 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     if device.type == "cuda" and device.index is None and local_rank is not None:
         device = torch.device("cuda", local_rank)
     return device
+
+
+def no_cuda_reason() -> str:
+    """Why torch has no CUDA device here, in a few words."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no GPU{where}"
 
 
 def autocast(device: torch.device, dtype: str) -> AbstractContextManager:

@@ -1,13 +1,17 @@
 # Config validation and the run table: which runs exist, and the `python -m moe_impl train`
-# overrides of each. No rules here: the rules' input functions and params are the get_* helpers
-# below. Every run is checked at parse time through the same code the training uses
+# overrides of each (planned by moe_impl/runs/sweeps.py, which tools outside Snakemake call too).
+# No rules here: the rules' input functions and params are the get_* helpers below. Every run is checked at parse time through the same code the training uses
 # (moe_impl.train.config, called from run_config only), so a bad expert count or key fails before
 # any job starts, with a message naming the config entry. Nothing imported here loads torch or
 # matplotlib.
 
 import math
+import os
 import runpy
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -18,7 +22,8 @@ from snakemake.utils import validate
 from analysis.figures import FIGURES
 from moe_impl.bench.spec import parse_experts
 from moe_impl.model.flops import total_params
-from moe_impl.model.presets import ALL_PRESETS
+from moe_impl.model.presets import ALL_PRESETS, LM1B_VOCAB
+from moe_impl.runs.sweeps import planned_runs
 from moe_impl.train.config import load_config, model_config
 from moe_impl.train.identity import changes, describe, fingerprint, set_aside
 
@@ -27,31 +32,6 @@ validate(config, schema="../schemas/config.schema.yaml")
 RUNS_DIR = "results/runs"
 # starts `python -m moe_impl` on one process, torchrun, or srun + torchrun (gpus_per_run, nodes_per_run)
 LAUNCH = str(Path(workflow.basedir) / "workflow" / "scripts" / "launch.sh")
-
-
-def _model_entries(sweep, spec):
-    """(run name, full preset name, extra overrides) for each model entry of a sweep."""
-    prefix = spec.get("presets", config["presets"])
-    for i, entry in enumerate(spec["models"]):
-        where = f"sweeps.{sweep}.models[{i}]"
-        if isinstance(entry, str):
-            yield where, entry, prefix + entry, {}
-        else:
-            yield where, entry["name"], prefix + entry["preset"], entry.get("set", {})
-
-
-def _overrides(mapping):
-    return [f"{key}={_yaml(value)}" for key, value in mapping.items()]
-
-
-def _yaml(value):
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ", ".join(_yaml(v) for v in value) + "]"
-    return str(value)
 
 
 def processes_per_run():
@@ -80,8 +60,10 @@ def run_config(preset, overrides):
     """What the workflow reads of a run's training config, built and checked by the training's own
     code (moe_impl.train.config): the corpus, the batch sizes and the model's size."""
     cfg = load_config([config["train_config"]], overrides)
-    # the corpus fixes the real vocabulary; the preset's is the estimate (793,471 for lm1b/...)
-    model = model_config(cfg, vocab_size=ALL_PRESETS[preset].vocab_size)
+    # the corpus fixes the real vocabulary; the estimate is LM1B's on LM1B (any preset: the paper's
+    # news100b/ ones there, gpu/ with data_path), else the preset's (made for its corpus)
+    vocab = LM1B_VOCAB if cfg.data.corpus == "lm1b" else ALL_PRESETS[preset].vocab_size
+    model = model_config(cfg, vocab_size=vocab)
     return {
         "corpus": cfg.data.corpus,
         "batch_size": {"train": cfg.train.batch_size, "eval": cfg.eval.batch_size},
@@ -106,51 +88,22 @@ def check_divisible(batch_size):
             )
 
 
-def selected_sweeps():
-    """The sweeps that run: those named in `sweeps_to_run` (`--config
-    'sweeps_to_run=[lm1b]'`), or every sweep of the config (which is the --configfile
-    given, all of it: Snakefile)."""
-    names = config.get("sweeps_to_run")
-    if names is None:
-        return list(config["sweeps"])
-    unknown = [name for name in names if name not in config["sweeps"]]
-    if unknown:
-        raise ValueError(
-            f"config sweeps_to_run: {', '.join(map(repr, unknown))} is not a sweep of this "
-            f"config; its sweeps are {', '.join(sorted(config['sweeps']))}"
-        )
-    return list(names)
-
-
 def build_runs():
     """{(sweep, run): {"overrides", "preset", and run_config's keys}} for every run of every
-    selected sweep (an empty sweep, `models: []`, has none)."""
+    selected sweep (moe_impl/runs/sweeps.py: `planned_runs`, the same table without Snakemake),
+    each checked by the training's config code as it is planned."""
     runs = {}
-    for sweep in selected_sweeps():
-        spec = config["sweeps"][sweep]
-        weights = spec.get("balance_weights") or [None]
-        for where, name, preset, extra in _model_entries(sweep, spec):
-            for w in weights:
-                run = name if w is None else f"{name}_wi{w[0]:g}_wl{w[1]:g}"
-                overrides = [f"model.preset={preset}", f"sweep={sweep}", f"name={run}"]
-                if config.get("data_path"):
-                    overrides.append(f"data.path={config['data_path']}")
-                if w is not None:
-                    overrides += [
-                        f"model.w_importance={w[0]:g}",
-                        f"model.w_load={w[1]:g}",
-                    ]
-                overrides += _overrides(spec.get("set", {})) + _overrides(extra)
-                try:
-                    cfg = run_config(preset, overrides)
-                    check_divisible(cfg["batch_size"])
-                except ValueError as err:
-                    raise ValueError(f"config {where} ({name}): {err}") from None
-                if (sweep, run) in runs:
-                    raise ValueError(
-                        f"config {where}: run {sweep}/{run} is listed twice"
-                    )
-                runs[(sweep, run)] = {"overrides": overrides, "preset": preset, **cfg}
+
+    def check(run):
+        cfg = run_config(run.preset, run.overrides)
+        check_divisible(cfg["batch_size"])
+        runs[(run.sweep, run.run)] = {
+            "overrides": run.overrides,
+            "preset": run.preset,
+            **cfg,
+        }
+
+    planned_runs(config, check=check)
     return runs
 
 
@@ -270,6 +223,85 @@ def check_memory_budget(dag):
             f"({free} MB after a reserve): jobs started together may be killed. `make "
             f"reproduce` sets it from free memory, or pass --resources mem_mb=$(python {script})."
         )
+
+
+# --- CUDA: a config that trains on GPUs stops before any job where there is none -----------------
+# Checked only when jobs are about to run here (onstart, train.smk: never in a dry run, which plans
+# such a config on any machine), through the `python` the jobs run (launch.sh's, the first on
+# PATH), so that parsing the workflow never imports torch.
+
+CUDA_PROBE = "import torch; print(torch.cuda.is_available(), torch.__version__)"
+
+
+def cuda_jobs(dag):
+    """The jobs about to run that need a CUDA device: training runs with train.device cuda (or
+    cuda:N), and the benchmark with bench.device cuda."""
+    jobs = []
+    for job in dag.needrun_jobs():
+        if job.rule.name == "train":
+            cfg = RUNS[(job.wildcards.sweep, job.wildcards.run)]["config"]
+            if cfg.train.device.startswith("cuda"):
+                jobs.append(job)
+        elif (
+            job.rule.name == "bench" and config["bench"].get("device", "cpu") == "cuda"
+        ):
+            jobs.append(job)
+    return jobs
+
+
+def cuda_missing():
+    """Why the jobs' `python` cannot use CUDA ("torch 2.13.0+cpu sees none"), or None when it can,
+    or when that cannot be told here (no python or no torch on PATH, e.g. with per-rule conda
+    environments: each job then stops with its own one-line error)."""
+    python = shutil.which("python") or sys.executable
+    try:
+        proc = subprocess.run(
+            [python, "-c", CUDA_PROBE], capture_output=True, text=True, timeout=600
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    words = proc.stdout.split()
+    if proc.returncode != 0 or len(words) < 2 or words[-2] == "True":
+        return None
+    return f"torch {words[-1]} sees none"
+
+
+def config_names():
+    """The workflow config as the user named it: the --configfile paths, else the default."""
+    files = workflow.overwrite_configfiles
+    if not files:
+        return "config/config.yaml"
+    return ", ".join(os.path.relpath(f) for f in files)
+
+
+def check_cuda(dag):
+    """Before any job (onstart, train.smk): when jobs about to run on this machine need CUDA and it
+    has none, one line and exit 1, nothing started; when it has, a warning if nothing limits how
+    many of them share the GPUs (`--resources gpu=N`). A cluster run (--executor slurm, ...) is not
+    checked here: its jobs run on the nodes it asks for."""
+    if not workflow.local_exec:
+        return
+    jobs = cuda_jobs(dag)
+    if not jobs:
+        return
+    why = cuda_missing()
+    if why is None:
+        if len(jobs) > 1 and workflow.global_resources.get("gpu") is None:
+            logger.warning(
+                f"{len(jobs)} jobs ask for GPUs (resources: gpu) but no --resources gpu=N "
+                "limits how many run at once, so several may share a GPU: pass --resources "
+                "gpu=<this machine's GPUs> (gpu=1 for one)."
+            )
+        return
+    key = (
+        "train.device" if any(j.rule.name == "train" for j in jobs) else "bench.device"
+    )
+    logger.error(
+        f"{config_names()} trains on cuda ({key}=cuda) but this machine has no CUDA device "
+        f"({why}); no job was started. Run it where a GPU and a CUDA build of PyTorch are, "
+        "or plan it here with `snakemake -n`."
+    )
+    raise SystemExit(1)
 
 
 def run_dir(sweep, run):

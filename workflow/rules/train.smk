@@ -73,8 +73,10 @@ rule train:
         "--replace-changed > {log} 2>&1"
 
 
-# one onstart handler per workflow (a second would replace this one); check_memory_budget
-# (common.smk) only warns
+# one onstart handler per workflow (a second would replace this one), run before any job of a real
+# run (never in a dry run): check_cuda (common.smk) stops a run that needs CUDA on a machine
+# without it, before anything is touched; check_memory_budget only warns
 onstart:
+    check_cuda(workflow.dag)
     check_memory_budget(workflow.dag)
     set_aside_changed_runs(workflow.dag)
