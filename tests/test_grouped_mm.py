@@ -309,6 +309,18 @@ def assert_same(layer, x, monkeypatch, *, autocast=False, atol=1e-5, rtol=1e-4):
     return out_b
 
 
+def assert_case(layer, b: int, cf, idle: bool, monkeypatch) -> None:
+    """assert_same on b random tokens, and that the case is what it claims: some experts idle,
+    some slots dropped by the capacity."""
+    randomise_gates(layer)
+    x = torch.randn(b, 16, generator=torch.Generator().manual_seed(SEED))
+    out = assert_same(layer, x, monkeypatch)
+    if idle:
+        assert bool((out.stats.tokens_per_expert == 0).any())
+    if cf is not None:
+        assert out.stats.num_dropped > 0
+
+
 # (tokens, num_experts, k, capacity_factor, train, some experts idle)
 FLAT_CASES = [
     (32, 4, 2, None, True, False),
@@ -326,13 +338,7 @@ FLAT_CASES = [
 def test_flat_grouped_equals_blocked(monkeypatch, b, n, k, cf, train, idle, sparse):
     torch.manual_seed(0)
     layer = MoE(16, 24, n, k, capacity_factor=cf, sparse_grad=sparse).train(train)
-    randomise_gates(layer)
-    x = torch.randn(b, 16, generator=torch.Generator().manual_seed(SEED))
-    out = assert_same(layer, x, monkeypatch)
-    if idle:
-        assert bool((out.stats.tokens_per_expert == 0).any())
-    if cf is not None:
-        assert out.stats.num_dropped > 0
+    assert_case(layer, b, cf, idle, monkeypatch)
 
 
 # (tokens, groups, group size, capacity_factor, train, some experts idle)
@@ -350,13 +356,7 @@ HIER_CASES = [
 def test_hierarchical_grouped_equals_blocked(monkeypatch, b, a, s, cf, train, idle, sparse):
     torch.manual_seed(0)
     layer = HierarchicalMoE(16, 24, a, s, capacity_factor=cf, sparse_grad=sparse).train(train)
-    randomise_gates(layer)
-    x = torch.randn(b, 16, generator=torch.Generator().manual_seed(SEED))
-    out = assert_same(layer, x, monkeypatch)
-    if idle:
-        assert bool((out.stats.tokens_per_expert == 0).any())
-    if cf is not None:
-        assert out.stats.num_dropped > 0
+    assert_case(layer, b, cf, idle, monkeypatch)
 
 
 @needs_grouped_mm
