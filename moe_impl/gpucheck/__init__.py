@@ -6,3 +6,7 @@ others still run. The report (report.py) is rewritten after every section, so an
 still leaves what it measured. `--device cpu --quick` runs the same sections at toy size, which is
 how the test suite exercises this code on machines without a GPU.
 """
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: configs are read and commands run here

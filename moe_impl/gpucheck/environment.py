@@ -10,6 +10,7 @@ import time
 import torch
 
 from moe_impl import telemetry
+from moe_impl.gpucheck.timing import sync
 from moe_impl.runs import runinfo
 from moe_impl.telemetry.nvml import _load_nvml, _nvml_handle, _text
 
@@ -49,11 +50,6 @@ def matmul_rate(device: torch.device, n: int, dtype: torch.dtype, reps: int = 10
         a @ b
     sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def check_environment(device: torch.device, quick: bool) -> dict:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from moe_impl.gpucheck.build import on_device
 from moe_impl.gpucheck.report import CheckFailed, SectionSkipped
 from moe_impl.gpucheck.sizes import Sizes
+from moe_impl.gpucheck.timing import free_memory, peak_gib
 from moe_impl.layer.flat import MoE
 from moe_impl.layer.grouped import choose_kernel, expert_kernel, grouped_mm_available
 from moe_impl.layer.hierarchical import HierarchicalMoE
@@ -241,10 +242,6 @@ def check_kernels(device: torch.device, sizes: Sizes) -> dict:
     return {"auto_kernel_bf16": auto, "tolerance": TOL_KERNELS_BF16, "comparisons": rows}
 
 
-def peak_bytes(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
 def check_scale(device: torch.device, sizes: Sizes) -> dict:
     """131072 experts (a x b), bf16 autocast: forward + backward; the expert gradients are sparse
     over exactly the experts that received tokens; memory beyond the parameters stays below one
@@ -252,9 +249,7 @@ def check_scale(device: torch.device, sizes: Sizes) -> dict:
     a, b = sizes.scale_groups
     d, h, tokens = sizes.scale_d, sizes.scale_h, sizes.scale_tokens
     num_experts = a * b
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    free_memory(device)
     layer = on_device(lambda: HierarchicalMoE(d, h, a, b), device)
     param_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
     x = torch.randn(tokens, d, device=device)
@@ -273,7 +268,7 @@ def check_scale(device: torch.device, sizes: Sizes) -> dict:
         with expert_kernel(kernel):
             outs[kernel] = run_step(layer, x, probe, train=True, bf16=True, seed=7)
         if kernel == "auto" and device.type == "cuda":
-            results["peak_gib_after_auto_step"] = peak_bytes(device) / 2**30
+            results["peak_gib_after_auto_step"] = peak_gib(device)
     out = outs["auto"]
     counts = out["tokens_per_expert"]
     active = int((counts > 0).sum())

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
+from moe_impl.gpucheck import ROOT
 from moe_impl.gpucheck.report import CheckFailed
 from moe_impl.gpucheck.sizes import Sizes
 
-ROOT = Path(__file__).resolve().parents[2]
 NVML_KEYS = ("gpu_utilization_pct", "gpu_memory_used_mb", "gpu_power_w", "gpu_sm_clock_mhz")
 
 

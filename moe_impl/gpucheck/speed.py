@@ -80,12 +80,12 @@ def layer_speed(device: torch.device, sizes: Sizes) -> dict:
     is recorded as such and the others go on."""
     d, h = sizes.speed_d, sizes.speed_h
     peak = bf16_peak(device)
-    kernels = ["blocked"]
     auto = choose_kernel(device, torch.bfloat16, d, h)
-    if grouped_mm_available() and (device.type == "cuda" or auto == "grouped"):
-        kernels = ["grouped", "blocked"]
-    elif grouped_mm_available():  # on CPU the grouped kernel runs too (slowly): time it at toy size
-        kernels = ["blocked", "grouped"]
+    # both kernels where torch has the grouped one (on a CPU it runs too, slowly: toy size only);
+    # the first is the one the profiles and worst_ratio_to_dense use
+    kernels = ["grouped", "blocked"] if device.type == "cuda" else ["blocked", "grouped"]
+    if not grouped_mm_available():
+        kernels = ["blocked"]
     rows, profiles = [], {}
     for spec in parse_experts(",".join(sizes.speed_experts)):
         k = K_PRIMARY * K_SECONDARY if spec.hierarchical else 4

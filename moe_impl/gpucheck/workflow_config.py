@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import yaml
 
+from moe_impl.gpucheck import ROOT
 from moe_impl.gpucheck.sizes import Sizes
 from moe_impl.gpucheck.speed import time_lm_step
 from moe_impl.gpucheck.timing import is_oom
@@ -27,8 +27,6 @@ from moe_impl.runs.sweeps import planned_runs
 from moe_impl.train.config import load_config, model_config
 from moe_impl.train.corpus import build_corpus
 from moe_impl.train.schedule import total_steps
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _corpus(cfg):
