@@ -45,6 +45,33 @@ def test_rows_have_distinct_successors_with_zipf_probabilities():
     assert not np.array_equal(table[0], table[1])  # topics differ
 
 
+def test_clusters_share_their_leading_slots_and_keep_the_floor():
+    """Topic t's first K_s successors are its cluster's (t mod C), the other K − K_s its own and
+    distinct from them; the floor is the unclustered closed form, and the oracle still scores it."""
+    cfg = TopicMarkovConfig(
+        vocab_size=64, num_topics=8, fanout=4, num_clusters=2, shared_fanout=2, seed=3
+    )
+    corpus = TopicMarkov(cfg)
+    table = corpus.successors
+    for t in range(8):
+        assert np.array_equal(table[t, :, :2], table[t % 2, :, :2])
+    assert not np.array_equal(table[0, :, :2], table[1, :, :2])  # clusters differ
+    assert not np.array_equal(table[0, :, 2:], table[2, :, 2:])  # topics of a cluster differ
+    assert (np.sort(table, axis=-1)[..., 1:] != np.sort(table, axis=-1)[..., :-1]).all()
+    plain = TopicMarkov(TopicMarkovConfig(vocab_size=64, num_topics=8, fanout=4, seed=3))
+    assert corpus.floor_nats() == plain.floor_nats()
+    _, tokens, logps = corpus.sequences("test", np.arange(20_000))
+    empirical = -sum(lp.sum() for lp in logps) / sum(t.size for t in tokens)
+    assert abs(empirical - corpus.floor_nats()) < 0.01
+
+
+def test_no_shared_slots_is_the_unclustered_corpus():
+    """shared_fanout = 0 draws exactly the tables it always drew, whatever num_clusters says."""
+    base = dict(vocab_size=64, num_topics=8, fanout=3, seed=3)
+    plain = TopicMarkov(TopicMarkovConfig(**base)).successors
+    assert np.array_equal(plain, TopicMarkov(TopicMarkovConfig(**base, num_clusters=4)).successors)
+
+
 def test_random_access_and_disjoint_splits():
     corpus = TopicMarkov(SMALL)
     _, together, _ = corpus.sequences("train", np.arange(10))
@@ -121,6 +148,9 @@ def test_eval_batches_need_a_budget_and_a_split():
         ({"eos_prob": 1.0}, "data.eos_prob"),
         ({"zipf_s": -1.0}, "data.zipf_s"),
         ({"num_topics": 100_000}, "successor entries"),
+        ({"shared_fanout": 5}, r"data.shared_fanout must be an integer in \[0, data.fanout=4\]"),
+        ({"num_clusters": 65}, "data.num_clusters=65 must be <= data.num_topics=64"),
+        ({"num_clusters": 0}, "data.num_clusters"),
     ],
 )
 def test_bad_config_names_the_key(kwargs, message):

@@ -12,6 +12,12 @@ which is exactly the Bayes-optimal cross-entropy per scored token: the perplexit
 exp(H_row). Reaching it means storing T·(V+1)·K successor facts, whose count grows with the topics
 while the compute per token does not: the regime where more experts should help (docs/data.md).
 
+Topic clusters (`num_clusters` C, `shared_fanout` K_s > 0) give the facts levels: the K_s most
+probable successors of row (t, v) are shared by the topics of t's cluster (t mod C), the other
+K − K_s are t's own. A model that reads only the cluster from the header gets the shared mass right,
+one that stores every topic's rows gets the rest; every row still has K distinct successors with
+the same q, so the floor above is unchanged.
+
 The corpus is never stored: every random number is a counter-based hash of (seed, split, sequence,
 position), so sequence j of a split is the same whichever batch asks for it (deterministic random
 access), splits are disjoint streams over the same tables, and generation is vectorised over a batch.
@@ -38,6 +44,11 @@ class TopicMarkovConfig:
     vocab_size: int = 512  # V content words
     num_topics: int = 64  # T
     fanout: int = 4  # K successors per (topic, state) row
+    # Topic clusters: topic t belongs to cluster t mod C, and the first `shared_fanout` successors
+    # of each of its rows (the most probable slots) are the cluster's, the rest the topic's own.
+    # 0 shared slots (the default) makes every row the topic's own.
+    num_clusters: int = 1  # C
+    shared_fanout: int = 0  # K_s of the K slots, shared by the topics of a cluster
     zipf_s: float = 1.0  # base distribution b_w ∝ w^-s
     row_beta: float = 1.0  # within-row choice q_k ∝ k^-β
     eos_prob: float = 1 / 16  # e
@@ -45,13 +56,27 @@ class TopicMarkovConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "num_topics", "fanout", "max_len"):
+        for name in ("vocab_size", "num_topics", "fanout", "max_len", "num_clusters"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
         if self.fanout > self.vocab_size:
             raise ValueError(
                 f"data.fanout={self.fanout} must be <= data.vocab_size={self.vocab_size}"
+            )
+        if (
+            isinstance(self.shared_fanout, bool)
+            or not isinstance(self.shared_fanout, int)
+            or not 0 <= self.shared_fanout <= self.fanout
+        ):
+            raise ValueError(
+                f"data.shared_fanout must be an integer in [0, data.fanout={self.fanout}], "
+                f"got {self.shared_fanout!r}"
+            )
+        if self.num_clusters > self.num_topics:
+            raise ValueError(
+                f"data.num_clusters={self.num_clusters} must be <= "
+                f"data.num_topics={self.num_topics}"
             )
         if isinstance(self.eos_prob, bool) or not isinstance(self.eos_prob, int | float):
             raise ValueError(f"data.eos_prob must be a number, got {self.eos_prob!r}")
@@ -112,16 +137,35 @@ class TopicMarkov:
 
     def _successor_table(self) -> np.ndarray:
         """K distinct successors per row, drawn without replacement from the Zipf base in order
-        (Gumbel-top-K: the ordered sample without replacement)."""
+        (Gumbel-top-K: the ordered sample without replacement). With shared slots, each cluster
+        first draws its K_s successors per state; each topic then draws its own K − K_s from the
+        words its cluster's row does not hold, so a row's K successors stay distinct."""
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, 0x5EED])
         log_base = -cfg.zipf_s * np.log(np.arange(1, cfg.vocab_size + 1, dtype=np.float64))
+        rows = np.arange(cfg.vocab_size + 1)[:, None]
+
+        def draw(count: int, exclude: np.ndarray | None = None) -> np.ndarray:
+            keys = log_base + rng.gumbel(size=(cfg.vocab_size + 1, cfg.vocab_size))
+            if exclude is not None:
+                keys[rows, exclude] = -np.inf
+            top = np.argpartition(-keys, count - 1, axis=1)[:, :count]
+            order = np.argsort(-np.take_along_axis(keys, top, axis=1), axis=1)
+            return np.take_along_axis(top, order, axis=1)
+
+        shared = (
+            [draw(cfg.shared_fanout) for _ in range(cfg.num_clusters)] if cfg.shared_fanout else []
+        )
+        own = cfg.fanout - cfg.shared_fanout
         table = np.empty((cfg.num_topics, cfg.vocab_size + 1, cfg.fanout), dtype=np.int32)
         for t in range(cfg.num_topics):  # one topic at a time bounds the Gumbel buffer
-            keys = log_base + rng.gumbel(size=(cfg.vocab_size + 1, cfg.vocab_size))
-            top = np.argpartition(-keys, cfg.fanout - 1, axis=1)[:, : cfg.fanout]
-            order = np.argsort(-np.take_along_axis(keys, top, axis=1), axis=1)
-            table[t] = np.take_along_axis(top, order, axis=1)
+            if not shared:
+                table[t] = draw(cfg.fanout)
+                continue
+            common = shared[t % cfg.num_clusters]
+            table[t, :, : cfg.shared_fanout] = common
+            if own:
+                table[t, :, cfg.shared_fanout :] = draw(own, exclude=common)
         return table
 
     def floor_nats(self) -> float:
