@@ -51,19 +51,25 @@ def tiny_config(**top) -> dict:
 def test_runs_and_overrides_in_config_order():
     runs = planned_runs(tiny_config())
     assert runs == [
-        PlannedRun("a", "MoE-4", "cpu/MoE-4", ["model.preset=cpu/MoE-4", "sweep=a", "name=MoE-4"]),
-        PlannedRun("a", "M8", "cpu/MoE-32", ["model.preset=cpu/MoE-32", "sweep=a", "name=M8", "k=2"]),
+        PlannedRun(
+            "a", "MoE-4", "cpu/MoE-4",
+            ["model.preset=cpu/MoE-4", "sweep=a", "name=MoE-4", "train.seed=0"],
+        ),
+        PlannedRun(
+            "a", "M8", "cpu/MoE-32",
+            ["model.preset=cpu/MoE-32", "sweep=a", "name=M8", "k=2", "train.seed=0"],
+        ),
         PlannedRun(
             "b", "MoE-256_wi0_wl0.1", "lm1b/MoE-256",
             ["model.preset=lm1b/MoE-256", "sweep=b", "name=MoE-256_wi0_wl0.1",
              "model.w_importance=0", "model.w_load=0.1", "train.tokens=100",
-             "eval.at_tokens=[10, 20]"],
+             "eval.at_tokens=[10, 20]", "train.seed=0"],
         ),
         PlannedRun(
             "b", "MoE-256_wi1_wl1", "lm1b/MoE-256",
             ["model.preset=lm1b/MoE-256", "sweep=b", "name=MoE-256_wi1_wl1",
              "model.w_importance=1", "model.w_load=1", "train.tokens=100",
-             "eval.at_tokens=[10, 20]"],
+             "eval.at_tokens=[10, 20]", "train.seed=0"],
         ),
     ]  # fmt: skip
     assert runs[0].overrides == runs[0][3]  # a NamedTuple: (sweep, run, preset, overrides)
@@ -130,9 +136,86 @@ def test_values_are_written_as_yaml_that_reads_back(value, text):
 
 
 def test_defaults_are_the_schema_defaults():
+    """Top-level keys at the top; `seeds` is a key of each sweep (and, without a default, of a
+    model entry, which then takes its sweep's)."""
     schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    sweep = schema["properties"]["sweeps"]["additionalProperties"]["properties"]
     for key, value in DEFAULTS.items():
-        assert schema["properties"][key]["default"] == value, key
+        place = sweep if key == "seeds" else schema["properties"]
+        assert place[key]["default"] == value, key
+    entry = schema["properties"]["sweeps"]["additionalProperties"]["properties"]["models"]
+    entry = entry["items"]["oneOf"][1]["properties"]["seeds"]
+    assert "default" not in entry  # Snakemake fills defaults in: the sweep's would be lost
+
+
+def test_seeds_of_a_sweep_and_of_an_entry_plan_one_run_each():
+    """Seed 0 keeps the run's name; seed S appends `_seed<S>` after the balance weights; the
+    seed is the last override; an entry's own seeds replace the sweep's."""
+    cfg = tiny_config()
+    cfg["sweeps"]["b"]["seeds"] = [0, 1]
+    cfg["sweeps"]["a"]["seeds"] = [2]
+    cfg["sweeps"]["a"]["models"][1]["seeds"] = [0, 3]
+    runs = planned_runs(cfg)
+    assert [(r.sweep, r.run) for r in runs] == [
+        ("a", "MoE-4_seed2"),
+        ("a", "M8"),
+        ("a", "M8_seed3"),
+        ("b", "MoE-256_wi0_wl0.1"),
+        ("b", "MoE-256_wi0_wl0.1_seed1"),
+        ("b", "MoE-256_wi1_wl1"),
+        ("b", "MoE-256_wi1_wl1_seed1"),
+    ]
+    assert [r.overrides[-1] for r in runs] == [f"train.seed={s}" for s in (2, 0, 3, 0, 1, 0, 1)]
+    assert runs[4].overrides[:3] == [
+        "model.preset=lm1b/MoE-256", "sweep=b", "name=MoE-256_wi0_wl0.1_seed1"
+    ]  # fmt: skip
+    seeded = load_config([ROOT / cfg["train_config"]], runs[4].overrides)
+    assert (seeded.train.seed, seeded.name) == (1, "MoE-256_wi0_wl0.1_seed1")
+
+
+def test_without_seeds_the_runs_are_those_of_seeds_0():
+    """The schema's default, [0]: a config without `seeds` plans the same runs (names, results
+    paths) as one with `seeds: [0]` everywhere, and as before seeds existed."""
+    cfg = tiny_config()
+    explicit = tiny_config()
+    for spec in explicit["sweeps"].values():
+        spec["seeds"] = [0]
+    assert planned_runs(cfg) == planned_runs(explicit)
+    assert [r.run for r in planned_runs(cfg)] == [
+        "MoE-4", "M8", "MoE-256_wi0_wl0.1", "MoE-256_wi1_wl1"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("where", "seeds", "message"),
+    [
+        ("sweep", [], r"^config sweeps\.b\.seeds: must be a non-empty list of seeds, got \[\]$"),
+        ("sweep", 1, r"^config sweeps\.b\.seeds: must be a non-empty list of seeds, got 1$"),
+        ("sweep", [0, -1], r"^config sweeps\.b\.seeds: .*non-negative integers, got -1 in \[0, -1\]$"),
+        ("sweep", [0, 1.5], r"^config sweeps\.b\.seeds: .*non-negative integers, got 1\.5 in"),
+        ("sweep", [True], r"^config sweeps\.b\.seeds: .*non-negative integers, got True in"),
+        ("sweep", [1, 1], r"^config sweeps\.b\.seeds: seeds must be distinct, got \[1, 1\]$"),
+        ("entry", [0, "1"], r"^config sweeps\.a\.models\[1\]\.seeds: .*got '1' in \[0, '1'\]$"),
+    ],
+)  # fmt: skip
+def test_bad_seeds_are_errors_naming_the_key_and_value(where, seeds, message):
+    cfg = tiny_config()
+    target = cfg["sweeps"]["b"] if where == "sweep" else cfg["sweeps"]["a"]["models"][1]
+    target["seeds"] = seeds
+    with pytest.raises(ValueError, match=message):
+        planned_runs(cfg)
+
+
+def test_a_train_seed_in_a_set_is_an_error_naming_the_entry():
+    """The seeds choose the seed (the workflow cannot tell an absent `seeds` from the default)."""
+    cfg = tiny_config()
+    cfg["sweeps"]["a"]["models"][1]["set"]["train.seed"] = 5
+    with pytest.raises(ValueError, match=r"^config sweeps\.a\.models\[1\] \(M8\): train\.seed in its set:"):  # fmt: skip
+        planned_runs(cfg)
+    cfg = tiny_config()
+    cfg["sweeps"]["b"]["set"]["train.seed"] = 5
+    with pytest.raises(ValueError, match=r"^config sweeps\.b\.models\[0\] \(MoE-256\): train\.seed in sweeps\.b\.set"):  # fmt: skip
+        planned_runs(cfg)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

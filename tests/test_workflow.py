@@ -187,3 +187,27 @@ def test_smoke_config_runs_end_to_end(tmp_path):
     logged = runs[runs["tags.sweep"].notna()]
     assert len(logged) == len(want)  # one MLflow run per run directory, each with its result
     assert sorted(logged["metrics.test_perplexity"]) == pytest.approx(perplexities)
+
+
+def test_seeds_plan_one_run_per_seed(tmp_path):
+    """`seeds` of a sweep and of a model entry (moe_impl/runs/sweeps.py): seed 0 keeps the run's
+    name, seed S adds `_seed<S>` and passes `--set train.seed=S`; a bad list names its key."""
+    wd = workdir(tmp_path)
+    cfg = yaml.safe_load((wd / "config/smoke.yaml").read_text())
+    cfg["sweeps"]["balance"]["seeds"] = [0, 1]
+    cfg["sweeps"]["news100b"]["models"][0] = {"name": "MoE-32", "preset": "MoE-32", "seeds": [2]}
+    (wd / "config/seeds.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(wd, "-n", "-p", "--cores", "2", "--configfile", "config/seeds.yaml")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    runs = planned_runs(proc.stdout)
+    unseeded = configured_runs(merged_config(wd, "config/smoke.yaml"))
+    extra = {"balance/MoE-256_wi0_wl0_seed1", "balance/MoE-256_wi0.1_wl0.1_seed1"}
+    assert runs == (unseeded - {"news100b/MoE-32"}) | extra | {"news100b/MoE-32_seed2"}
+    assert "name=MoE-256_wi0.1_wl0.1_seed1 " in proc.stdout
+    assert "--set train.tokens=2048 --set train.seed=1" in proc.stdout
+    cfg["sweeps"]["lm1b"]["set"]["train.seed"] = 3
+    (wd / "config/seeds.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(wd, "-n", "--cores", "1", "--configfile", "config/seeds.yaml")
+    assert proc.returncode != 0
+    message = "config sweeps.lm1b.models[0] (MoE-4): train.seed in sweeps.lm1b.set"
+    assert message in proc.stdout + proc.stderr

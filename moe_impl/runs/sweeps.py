@@ -11,11 +11,18 @@ same YAML to list the runs:
     for run in planned_runs(yaml.safe_load(open("config/gpu.yaml"))):
         print(run.sweep, run.run, run.preset, run.overrides)
 
-A run is one model entry of one selected sweep, once per `balance_weights` pair. Its overrides, in
-order: `model.preset=<presets><entry>`, `sweep=`, `name=`, then `data.path=<data_path>` and the
-`data_path_set:` overrides when `data_path` is set, the balance weights, the sweep's `set:` and the
-model entry's `set:` (a later override of the same key wins). Keys the config leaves out take the
-defaults of workflow/schemas/config.schema.yaml (`DEFAULTS`).
+A run is one model entry of one selected sweep, once per `balance_weights` pair and per seed. Its
+overrides, in order: `model.preset=<presets><entry>`, `sweep=`, `name=`, then `data.path=<data_path>`
+and the `data_path_set:` overrides when `data_path` is set, the balance weights, the sweep's `set:`,
+the model entry's `set:` (a later override of the same key wins) and last `train.seed=<seed>`. Keys
+the config leaves out take the defaults of workflow/schemas/config.schema.yaml (`DEFAULTS`).
+
+Seeds: `seeds:` of the model entry (its mapping form), else of the sweep, else `[0]`: a non-empty
+list of distinct non-negative integers, one run each. Seed 0 keeps the run's name (`MoE-32`, so a
+config without `seeds` plans the runs and results paths it always did, at train.seed=0 as before);
+another seed S appends `_seed<S>` (`MoE-32_seed1`, `MoE-256_wi0.1_wl0.1_seed1`). The seed of a run
+is its seeds' (the schema fills in the default, so the workflow cannot tell an absent `seeds` from
+`[0]`): a `train.seed` in the sweep's or a model entry's `set:` is an error naming the entry.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
-# the schema's defaults of the keys read here (tests/test_sweeps.py holds them equal)
-DEFAULTS = {"presets": "cpu/", "data_path": None, "data_path_set": {}}
+# the schema's defaults of the keys read here (tests/test_sweeps.py holds them equal); `seeds` is
+# a key of each sweep (`sweeps.<name>.seeds` in the schema) and of a model entry
+DEFAULTS = {"presets": "cpu/", "data_path": None, "data_path_set": {}, "seeds": [0]}
+SEED_KEY = "train.seed"
 
 
 class PlannedRun(NamedTuple):
@@ -52,17 +61,62 @@ def selected_sweeps(config: Mapping) -> list[str]:
     return list(names)
 
 
-def model_entries(config: Mapping, sweep: str) -> Iterator[tuple[str, str, str, Mapping]]:
-    """(where, run name, full preset name, the entry's `set:`) for each model entry of a sweep;
-    `where` is the entry's place in the config, `sweeps.<sweep>.models[<i>]`."""
+class ModelEntry(NamedTuple):
+    """One model entry of a sweep: `where` is its place in the config, `sweeps.<sweep>.models[<i>]`;
+    `extra` its `set:`; `seeds` its own seeds, else the sweep's, else DEFAULTS'."""
+
+    where: str
+    name: str
+    preset: str
+    extra: Mapping
+    seeds: list[int]
+
+
+def check_seeds(seeds, where: str) -> list[int]:
+    """`seeds` as a list, or ValueError naming `where` (`sweeps.lm1b.seeds`) and the bad value:
+    it must be a non-empty list of distinct non-negative integers."""
+    if not isinstance(seeds, list) or not seeds:
+        raise ValueError(f"config {where}: must be a non-empty list of seeds, got {seeds!r}")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(
+                f"config {where}: seeds must be non-negative integers, got {seed!r} in {seeds!r}"
+            )
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"config {where}: seeds must be distinct, got {seeds!r}")
+    return list(seeds)
+
+
+def model_entries(config: Mapping, sweep: str) -> Iterator[ModelEntry]:
+    """Each model entry of a sweep, its seeds checked (check_seeds); a train.seed in the sweep's or
+    the entry's `set:` is a ValueError naming the entry (the seeds choose the seed)."""
     spec = config["sweeps"][sweep]
     prefix = spec.get("presets", config.get("presets", DEFAULTS["presets"]))
+    sweep_seeds = check_seeds(spec.get("seeds", DEFAULTS["seeds"]), f"sweeps.{sweep}.seeds")
+    sweep_set = spec.get("set") or {}
     for i, entry in enumerate(spec["models"]):
         where = f"sweeps.{sweep}.models[{i}]"
         if isinstance(entry, str):
-            yield where, entry, prefix + entry, {}
+            name, preset, extra, seeds = entry, entry, {}, sweep_seeds
         else:
-            yield where, entry["name"], prefix + entry["preset"], entry.get("set") or {}
+            name, preset, extra = entry["name"], entry["preset"], entry.get("set") or {}
+            seeds = sweep_seeds
+            if "seeds" in entry:
+                seeds = check_seeds(entry["seeds"], f"{where}.seeds")
+        if SEED_KEY in extra or SEED_KEY in sweep_set:
+            whose = "its set:" if SEED_KEY in extra else f"sweeps.{sweep}.set"
+            raise ValueError(
+                f"config {where} ({name}): {SEED_KEY} in {whose}; the seeds choose a run's "
+                f"training seed (seeds: {seeds}), set them instead"
+            )
+        yield ModelEntry(where, name, prefix + preset, extra, seeds)
+
+
+def run_name(name: str, weights: list | tuple | None, seed: int) -> str:
+    """`MoE-256`, `MoE-256_wi0.1_wl0.1`, `MoE-256_seed1`, `MoE-256_wi0.1_wl0.1_seed1`: seed 0
+    adds nothing."""
+    run = name if weights is None else f"{name}_wi{weights[0]:g}_wl{weights[1]:g}"
+    return run if seed == 0 else f"{run}_seed{seed}"
 
 
 def yaml_value(value) -> str:
@@ -85,7 +139,7 @@ def planned_runs(
     config: Mapping, check: Callable[[PlannedRun], object] | None = None
 ) -> list[PlannedRun]:
     """Every run of every selected sweep of a workflow config, in config order (an empty sweep,
-    `models: []`, has none).
+    `models: []`, has none): per model entry, each balance-weights pair, each seed in turn.
 
     `check`, if given, is called with each run as it is planned (the workflow resolves and
     validates it there); a ValueError it raises comes back naming the config entry, `config
@@ -98,9 +152,9 @@ def planned_runs(
     for sweep in selected_sweeps(config):
         spec = config["sweeps"][sweep]
         weights = spec.get("balance_weights") or [None]
-        for where, name, preset, extra in model_entries(config, sweep):
-            for w in weights:
-                run = name if w is None else f"{name}_wi{w[0]:g}_wl{w[1]:g}"
+        for where, name, preset, extra, seeds in model_entries(config, sweep):
+            for w, seed in ((w, seed) for w in weights for seed in seeds):
+                run = run_name(name, w, seed)
                 overrides = [f"model.preset={preset}", f"sweep={sweep}", f"name={run}"]
                 if data_path:
                     overrides.append(f"data.path={data_path}")
@@ -108,6 +162,7 @@ def planned_runs(
                 if w is not None:
                     overrides += [f"model.w_importance={w[0]:g}", f"model.w_load={w[1]:g}"]
                 overrides += set_overrides(spec.get("set") or {}) + set_overrides(extra)
+                overrides.append(f"{SEED_KEY}={seed}")
                 planned = PlannedRun(sweep, run, preset, overrides)
                 if check is not None:
                     try:
