@@ -123,9 +123,9 @@ CPU_VOCAB = 577  # TopicMarkovConfig() defaults: 512 words + </S> + 64 topic hea
 _CPU_LSTM = ((CPU_D_MODEL, None),) * 2
 
 
-def _cpu(name: str, lstm=_CPU_LSTM, **moe) -> ModelConfig:
+def _cpu(name: str, lstm=_CPU_LSTM, d: int = CPU_D_MODEL, **moe) -> ModelConfig:
     return ModelConfig(
-        name=name, vocab_size=CPU_VOCAB, d_model=CPU_D_MODEL, lstm_layers=lstm,
+        name=name, vocab_size=CPU_VOCAB, d_model=d, lstm_layers=lstm,
         softmax_samples=None, **moe,
     )  # fmt: skip
 
@@ -155,6 +155,36 @@ CPU_PRESETS: dict[str, ModelConfig] = {
         f"cpu/MoE-{a * b}-h": _cpu_hier(a, b)
         for a, b in ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (256, 512))
     },
+    # Fig. 2-right's budgets (Table 7, App. C.2), scaled as the family: the LSTM line one projected
+    # LSTM as Jozefowicz et al.'s LSTM-<units>-512, the MoE line MoE-34M's and MoE-143M's shapes at
+    # d = 2·64 with the base MoE-4096-h's 67M expert weights (the paper keeps ~4B in each): ~4x and
+    # ~15x the base family's ~0.15M ops/timestep.
+    "cpu/LSTM-512-128": _cpu("LSTM-512-128", lstm=((512, 128),), d=128),
+    "cpu/LSTM-2048-128": _cpu("LSTM-2048-128", lstm=((2048, 128),), d=128),
+    "cpu/MoE-0.5M": _cpu(
+        "MoE-0.5M",
+        lstm=((128, None),) * 2,
+        d=128,
+        moe="hierarchical",
+        num_experts=1024,
+        d_hidden=256,
+        num_groups=32,
+        group_size=32,
+        k_primary=2,
+        k_secondary=2,
+    ),
+    "cpu/MoE-2.2M": _cpu(
+        "MoE-2.2M",
+        lstm=((512, 128),) * 2,
+        d=128,
+        moe="hierarchical",
+        num_experts=256,
+        d_hidden=1024,
+        num_groups=16,
+        group_size=16,
+        k_primary=2,
+        k_secondary=2,
+    ),
 }
 
 # The family for one GPU (`gpu/...`, config/gpu.yaml): the CPU family's structure and names at
@@ -225,6 +255,36 @@ GPU_PRESETS: dict[str, ModelConfig] = {
         f"gpu/MoE-{a * b}-h": _gpu_hier(a, b)
         for a, b in ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (256, 512))
     },
+    # Fig. 2-right's budgets (Table 7, App. C.2), scaled as the family: the LSTM line one projected
+    # LSTM as Jozefowicz et al.'s LSTM-<units>-512, the MoE line MoE-34M's and MoE-143M's shapes at
+    # d = 2·64 with the base MoE-4096-h's 67M expert weights (the paper keeps ~4B in each): ~4x and
+    # ~15x the base family's ~0.15M ops/timestep.
+    "cpu/LSTM-512-128": _cpu("LSTM-512-128", lstm=((512, 128),), d=128),
+    "cpu/LSTM-2048-128": _cpu("LSTM-2048-128", lstm=((2048, 128),), d=128),
+    "cpu/MoE-0.5M": _cpu(
+        "MoE-0.5M",
+        lstm=((128, None),) * 2,
+        d=128,
+        moe="hierarchical",
+        num_experts=1024,
+        d_hidden=256,
+        num_groups=32,
+        group_size=32,
+        k_primary=2,
+        k_secondary=2,
+    ),
+    "cpu/MoE-2.2M": _cpu(
+        "MoE-2.2M",
+        lstm=((512, 128),) * 2,
+        d=128,
+        moe="hierarchical",
+        num_experts=256,
+        d_hidden=1024,
+        num_groups=16,
+        group_size=16,
+        k_primary=2,
+        k_secondary=2,
+    ),
 }
 ALL_PRESETS: dict[str, ModelConfig] = {**PRESETS, **CPU_PRESETS, **GPU_PRESETS}
 
