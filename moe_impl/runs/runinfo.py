@@ -214,6 +214,23 @@ def summary_metrics(summary: dict) -> dict[str, float]:
     return {k: v for k in rundir.SUMMARY_KEYS if (v := number(summary.get(k))) is not None}
 
 
+def final_metrics(summary: dict) -> dict[str, float]:
+    """A finished run's final MLflow metrics, the live tracker's and the importer's: every numeric
+    SUMMARY_KEYS entry (summary_metrics), each numeric value of summary.json's "regime" as
+    `regime.<key>` (`regime.tokens_per_expert_per_step`, `regime.paper_tokens_per_parameter`),
+    and `corpus.unigram_perplexity`."""
+    out = summary_metrics(summary)
+    nested = {"regime": summary.get("regime")}
+    corpus = summary.get("corpus")
+    if isinstance(corpus, dict):
+        nested["corpus"] = {"unigram_perplexity": corpus.get("unigram_perplexity")}
+    nested = {key: value for key, value in nested.items() if isinstance(value, dict)}
+    for key, value in flatten(nested).items():
+        if (v := number(value)) is not None:
+            out[metric_key(key)] = v
+    return out
+
+
 def run_artifacts(run_dir: str | Path) -> list[Path]:
     """The files a run logs as artifacts: config, summary, metrics, identity, the per-expert
     load, and its plots."""

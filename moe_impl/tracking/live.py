@@ -213,7 +213,7 @@ class RunTracker:
                 self._call(lambda c, p=path: c.log_artifact(self.run_id, str(p), artifact_path))
 
     def finish(self, summary: dict | None = None, status: str = "FINISHED") -> None:
-        """Log summary.json's SUMMARY_KEYS as final metrics, the run files as artifacts, close."""
+        """Log summary.json's final metrics (runinfo.final_metrics), the run files as artifacts, close."""
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
         if self._closed:
@@ -222,7 +222,7 @@ class RunTracker:
             summary = rundir.read_summary(self.run_dir) or {}
         self.flush()
         step = int(runinfo.number(summary.get("steps")) or self._last_step)
-        self.log_metrics(runinfo.summary_metrics(summary), step)
+        self.log_metrics(runinfo.final_metrics(summary), step)
         self.flush()
         if status == "FINISHED" and rundir.is_finished(self.run_dir):
             self._call(self._fill_gaps)

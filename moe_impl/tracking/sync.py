@@ -149,7 +149,7 @@ def _metric_points(run_dir: Path, started_ms: int, seen: dict[str, set[int]], lo
     wall = runinfo.number(summary.get("wall_time_s"))
     end_ms = started_ms + int(wall * 1000) if wall is not None else started_ms
     step = int(runinfo.number(summary.get("steps")) or last_step)
-    for key, value in runinfo.summary_metrics(summary).items():
+    for key, value in runinfo.final_metrics(summary).items():
         if step not in seen.get(key, ()):
             metrics.append(store.metric(key, value, end_ms, step))
     return metrics, end_ms

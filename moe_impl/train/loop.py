@@ -327,7 +327,8 @@ class Trainer:
             tracker, {"kind": "eval", "step": loop.step, "tokens": loop.step * per_step, **final}
         )
         summary = build_summary(
-            name=self.name, preset=self.cfg.model.preset, corpus=self.corpus, model=self.model_cfg,
+            name=self.name, preset=self.cfg.model.preset, sweep=self.cfg.sweep,
+            corpus=self.corpus, evaluation=self.cfg.eval, model=self.model_cfg,
             final=final, loop=loop, tokens_per_step=per_step, wall_time=self._wall_time(),
             peak_flops=self.peak_flops, peak_flops_source=self.peak_flops_source,
             peak_memory_mb=self.ctx.max(peak_memory_mb(self.device), self.device),  # over ranks

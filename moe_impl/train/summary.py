@@ -1,5 +1,7 @@
 """summary.json of a finished run (moe_impl/runs/rundir.py, SUMMARY_KEYS): the final evaluation,
-the resolved model and its accounting (moe_impl/model/flops.py), throughput and MFU, the routing
+the corpus (its describe() and the unigram perplexity of the evaluated tokens,
+moe_impl/data/unigram.py), the resolved model and its accounting (moe_impl/model/flops.py), the
+training regime beside the paper's (moe_impl/model/regime.py), throughput and MFU, the routing
 statistics of the last steps, and where and how the run ran."""
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import numpy as np
 import torch
 
 from moe_impl import telemetry
-from moe_impl.model import flops
+from moe_impl.data.unigram import eval_unigram_perplexity
+from moe_impl.model import flops, regime
 from moe_impl.model.config import ModelConfig
 from moe_impl.runs import rundir
+from moe_impl.train.config import EvalSection
 from moe_impl.train.device import device_name
 from moe_impl.train.state import STATS, STATS_WINDOW, LoopState
 
@@ -28,11 +32,23 @@ def model_dict(model: ModelConfig) -> dict:
     return out
 
 
+def corpus_dict(corpus, split: str, evaluation: EvalSection) -> dict:
+    """summary.json's "corpus": the corpus's describe() and `unigram_perplexity`, that of the
+    tokens the final evaluation of `split` scored (data/unigram.py: the scored targets of
+    `eval_batches(split, eval.batch_size, eval.seq_len, eval.tokens)`)."""
+    unigram = eval_unigram_perplexity(
+        corpus, split, evaluation.batch_size, evaluation.seq_len, evaluation.tokens
+    )
+    return {**corpus.describe(), "unigram_perplexity": unigram}
+
+
 def build_summary(
     *,
     name: str,
     preset: str,
+    sweep: str | None,
     corpus,
+    evaluation: EvalSection,
     model: ModelConfig,
     final: dict,
     loop: LoopState,
@@ -47,7 +63,9 @@ def build_summary(
     backend: str | None,
     dtype: str,
 ) -> dict:
-    """The summary of a run that trained `loop.step` steps and scored `final` (evaluate's dict)."""
+    """The summary of a run that trained `loop.step` steps of `tokens_per_step` positions (the
+    global batch) and scored `final` (evaluate's dict, with the `evaluation` settings); `sweep`
+    (the run's cfg.sweep) picks the paper regime its "regime" compares with (model/regime.py)."""
     train_tokens = loop.step * tokens_per_step
     tokens_per_second = train_tokens / loop.train_time if loop.train_time else None
     train_flops = flops.train_flops_per_token(model)
@@ -60,7 +78,7 @@ def build_summary(
     return {
         "name": name,
         "preset": preset,
-        "corpus": corpus.describe(),
+        "corpus": corpus_dict(corpus, final["split"], evaluation),
         "model": model_dict(model),
         "test_perplexity": final["perplexity"],
         "test_nll": final["nll"],
@@ -73,6 +91,9 @@ def build_summary(
         "params_total": flops.total_params(model),
         "params_excl_embedding_softmax": flops.params_excl_embedding_softmax(model),
         "ops_per_timestep": flops.ops_per_timestep(model),
+        "regime": regime.regime(
+            model, tokens_per_step=tokens_per_step, steps=loop.step, sweep=sweep
+        ),
         "train_flops_per_token": train_flops,
         "tflops_per_device": tflops,
         "mfu": telemetry.mfu(tflops, peak_flops),
