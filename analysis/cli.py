@@ -15,12 +15,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from analysis import collect, figures, io, report, tables
+from analysis import collect, figures, io, report, rules, tables
 
 SNAPSHOTS_FILE, LOADS_FILE = "snapshots.csv", "expert_load.csv"
 DEFAULT_SUMMARY = Path("results/summary.csv")  # collect's output, figures' input
 DEFAULT_BENCH = Path("results/bench/bench.json")
-VERDICT_METRIC = {report.REPRODUCED: 1.0, report.NOT_REPRODUCED: 0.0}  # "not run": no metric
+VERDICT_METRIC = {rules.REPRODUCED: 1.0, rules.NOT_REPRODUCED: 0.0}  # "not run": no metric
 
 
 def _add_path(parser: argparse.ArgumentParser, flag: str, default: Path, help_text: str) -> None:
@@ -118,7 +118,7 @@ def run_figures(args: argparse.Namespace) -> int:
     verdicts = report.verdicts(summary, snapshots)
     written.append(io.write_text(args.out / "REPORT.md", report.render(verdicts, summary)))
     for v in verdicts:
-        print(f"{report.CLAIMS[v.key][0]}: {v.status}")
+        print(f"{rules.CLAIMS[v.key][0]}: {v.status}")
     print(f"wrote {len(written)} files under {args.out}")
     if not args.no_mlflow:
         _log_analysis_run(args, verdicts)

@@ -28,17 +28,10 @@ import yaml
 
 from analysis import io, paper
 from moe_impl.model.presets import ALL_PRESETS
+from moe_impl.model.regime import PAPER_NAME  # the scaled families' stand-ins
 from moe_impl.runs import rundir, runinfo
 from moe_impl.train.config import MODEL_FIELDS, resolve_model
 
-# the CPU and GPU families' stand-ins for the paper's baselines (moe_impl/model/presets.py); others
-# share names
-PAPER_NAME = {
-    "4xLSTM-64": "4xLSTM-512",
-    "LSTM-256-64": "LSTM-2048-512",
-    "4xLSTM-256": "4xLSTM-512",
-    "LSTM-1024-256": "LSTM-2048-512",
-}
 FAMILY = {"flat": "flat MoE", "hierarchical": "hierarchical MoE", "dense": "baseline"}
 FAMILIES = ("baseline", "flat MoE", "hierarchical MoE")
 K40_PEAK_TFLOPS = 4.29  # Sec. 5.1: NVIDIA's theoretical K40 peak, as the paper quotes it
@@ -305,15 +298,31 @@ def sweep(summary: pd.DataFrame, name: str) -> pd.DataFrame:
     return summary[summary["sweep"].fillna("") == name]
 
 
-def per_model(df: pd.DataFrame, values: list[str], keys: list[str] | None = None) -> pd.DataFrame:
-    """Mean of `values` over the runs (seeds) of each model, with n_runs; sorted by experts."""
+def per_model(
+    df: pd.DataFrame,
+    values: list[str],
+    keys: list[str] | None = None,
+    spread: list[str] | None = None,
+) -> pd.DataFrame:
+    """Mean of `values` over the runs (seeds) of each model, with n_runs; sorted by experts.
+
+    spread: values whose seed-to-seed spread is added as `<value>_sd` (sample SD, ddof = 1; NaN
+    for a model with one run), `<value>_min` and `<value>_max`."""
     keys = keys or ["family", "model", "paper_model", "moe", "num_experts"]
+    extra = [f"{v}_{s}" for v in spread or [] for s in ("sd", "min", "max")]
     if df.empty:
-        return pd.DataFrame(columns=[*keys, *values, "n_runs"])
+        return pd.DataFrame(columns=[*keys, *values, "n_runs", *extra])
     present = [v for v in values if v in df]
     g = df.groupby(keys, dropna=False, sort=False)
-    out = g[present].mean(numeric_only=True).join(g.size().rename("n_runs")).reset_index()
-    for v in values:
+    out = g[present].mean(numeric_only=True).join(g.size().rename("n_runs"))
+    for v in spread or []:
+        if v not in df:
+            continue
+        x = pd.to_numeric(df[v], errors="coerce").astype(float)
+        s = x.groupby([df[k] for k in keys], dropna=False, sort=False).agg(["std", "min", "max"])
+        out = out.join(s.rename(columns={"std": f"{v}_sd", "min": f"{v}_min", "max": f"{v}_max"}))
+    out = out.reset_index()
+    for v in [*values, *extra]:
         if v not in out:
             out[v] = np.nan
     return out.sort_values(["num_experts", "model"], kind="stable").reset_index(drop=True)
@@ -357,10 +366,13 @@ def early_late(summary: pd.DataFrame, snapshots: pd.DataFrame, name: str) -> pd.
     return out[out_cols].sort_values("params_excl_embedding_softmax").reset_index(drop=True)
 
 
-def early_late_per_model(early_late_runs: pd.DataFrame) -> pd.DataFrame:
+def early_late_per_model(
+    early_late_runs: pd.DataFrame, spread: list[str] | None = None
+) -> pd.DataFrame:
     """early_late's frame averaged over the runs (seeds) of each model: the model size, N and
-    final tokens, the perplexities there and the gap, with n_runs (per_model)."""
-    return per_model(early_late_runs, ["params_excl_embedding_softmax", *EARLY_LATE])
+    final tokens, the perplexities there and the gap, with n_runs (per_model; spread: columns
+    whose per-model SD, min and max are added)."""
+    return per_model(early_late_runs, ["params_excl_embedding_softmax", *EARLY_LATE], spread=spread)
 
 
 def balance(summary: pd.DataFrame, name: str = "balance") -> pd.DataFrame:

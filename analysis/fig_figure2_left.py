@@ -15,15 +15,19 @@ from analysis import collect, paper, style
 
 def _params_panel(ax, pts: pd.DataFrame) -> None:
     """Baselines as distinct grey markers, flat and hierarchical MoE as lines with the expert
-    count beside each point. pts: family, model, num_experts, x, y.
+    count beside each point. pts: family, model, num_experts, x, y; with n_runs, y_min and y_max
+    (our runs), a bar over the seeds' range at each model with >= 2 runs.
 
     Baselines share (nearly) one x, so they are dodged sideways by up to ±10% of x (a log axis:
     a small, constant visual offset) to keep every marker visible."""
     base = pts[pts["family"] == "baseline"]
     dodge = np.linspace(-0.1, 0.1, len(base)) if len(base) > 1 else [0.0]
+    pts = pts.copy()
+    pts.loc[base.index, "x"] = base["x"] * (1 + np.asarray(dodge))
+    base = pts.loc[base.index]
     for i, (_, r) in enumerate(base.iterrows()):
         ax.plot(
-            r["x"] * (1 + dodge[i]),
+            r["x"],
             r["y"],
             style.BASELINE_MARKERS[i % len(style.BASELINE_MARKERS)],
             ms=7,
@@ -57,9 +61,11 @@ def _params_panel(ax, pts: pd.DataFrame) -> None:
                 fontsize=7.5,
                 color=style.COLORS[fam],
             )
+    bars = style.seed_errorbars(ax, pts, "x", "y")
     style.scale(ax, "x", pts["x"])
     ax.margins(x=0.08, y=0.1)
-    style.legend(ax, title="experts beside points", title_fontsize=7.5)
+    title = "experts beside points" + (f"\nbars: {style.SEED_BARS}" if bars else "")
+    style.legend(ax, title=title, title_fontsize=7.5)
 
 
 @style.styled
@@ -67,7 +73,8 @@ def figure2_left(summary: pd.DataFrame, paper_points: pd.DataFrame | None = None
     """Fig. 2-left (Sec. 5.1): test perplexity vs capacity at ~constant ops/timestep.
 
     Left panel: the paper's Table 7 models after 10 epochs; right: our `lm1b` sweep's runs (mean
-    over seeds), with the flat and hierarchical MoE lines and the compute-matched baselines.
+    over seeds, a bar from the lowest to the highest seed where a model has >= 2 runs), with the
+    flat and hierarchical MoE lines and the compute-matched baselines.
     """
     pts = paper.figure2_left_series() if paper_points is None else paper_points
     pts = pts.assign(
@@ -84,6 +91,7 @@ def figure2_left(summary: pd.DataFrame, paper_points: pd.DataFrame | None = None
     ours = collect.per_model(
         collect.sweep(summary, "lm1b"),
         ["params_excl_embedding_softmax", "test_perplexity", "ops_per_timestep", "train_tokens"],
+        spread=["test_perplexity"],
     )
     title = "this run: sweep lm1b"
     if ours.empty:
@@ -91,7 +99,13 @@ def figure2_left(summary: pd.DataFrame, paper_points: pd.DataFrame | None = None
         return fig
     ops = ours["ops_per_timestep"] / 1e6
     _params_panel(
-        ax_r, ours.assign(x=ours["params_excl_embedding_softmax"] / 1e6, y=ours["test_perplexity"])
+        ax_r,
+        ours.assign(
+            x=ours["params_excl_embedding_softmax"] / 1e6,
+            y=ours["test_perplexity"],
+            y_min=ours["test_perplexity_min"],
+            y_max=ours["test_perplexity_max"],
+        ),
     )
     ax_r.set(
         xlabel=style.PARAMS_LABEL,

@@ -57,8 +57,9 @@ def figure2_right(summary: pd.DataFrame, paper_points: pd.DataFrame | None = Non
     """Fig. 2-right (Sec. 5.1): test perplexity vs computational budget (ops/timestep).
 
     Paper: Jozefowicz et al.'s LSTMs (final perplexity, solid; at 10 epochs where printed, dashed)
-    and the ~4B-parameter MoE models at 10 epochs. This run: the `lm1b` sweep, no-MoE baselines
-    vs sparse MoE, each line through the best run at each ops/timestep.
+    and the ~4B-parameter MoE models at 10 epochs. This run: the `lm1b` sweep, one point per
+    model (mean over seeds, a bar from the lowest to the highest seed where a model has >= 2
+    runs), no-MoE baselines vs sparse MoE, each line through the best model at each ops/timestep.
     """
     pts = paper.figure2_right_series() if paper_points is None else paper_points
     fig, axes = style.new_figure(1, 2, (11.5, 4.6))
@@ -96,36 +97,41 @@ def figure2_right(summary: pd.DataFrame, paper_points: pd.DataFrame | None = Non
     if runs.empty:
         style.empty_panel(ax_r, title, f"{style.NOT_RUN}: no runs with sweep=lm1b")
         return fig
+    m = collect.per_model(
+        runs, ["ops_per_timestep", "test_perplexity"], spread=["test_perplexity"]
+    ).assign(x=lambda d: d["ops_per_timestep"] / 1e6)
     for fam in collect.FAMILIES:
-        part = runs[runs["family"] == fam]
+        part = m[m["family"] == fam]
         ax_r.plot(
-            part["ops_per_timestep"] / 1e6,
+            part["x"],
             part["test_perplexity"],
             style.FAMILY_MARKERS[fam],
             color=style.COLORS[fam],
             alpha=0.8,
             label=f"{fam} runs",
         )
-    ops = runs["ops_per_timestep"] / 1e6
+    bars = style.seed_errorbars(ax_r, m, "x", "test_perplexity")
+    ops = m["x"]
     matched = ops.max() < 1.5 * ops.min()  # no budget axis to draw lines along
     for group, fams, color in (
         ("no sparse MoE", ["baseline"], style.COLORS["LSTM"]),
         ("sparse MoE", ["flat MoE", "hierarchical MoE"], style.COLORS["MoE"]),
     ):
-        part = runs[runs["family"].isin(fams)]
-        best = part.groupby((part["ops_per_timestep"] / 1e6).round(3))["test_perplexity"].min()
+        part = m[m["family"].isin(fams)]
+        best = part.groupby(part["x"].round(3))["test_perplexity"].min()
         if len(best) > 1 and not matched:
             ax_r.plot(
                 best.index, best.to_numpy(), "-", color=color, label=f"{group}: best per budget"
             )
     style.scale(ax_r, "x", ops)
     ax_r.margins(x=0.3)
-    _label_points(ax_r, ops.to_numpy(), runs["test_perplexity"].to_numpy(), list(runs["model"]))
+    _label_points(ax_r, ops.to_numpy(), m["test_perplexity"].to_numpy(), list(m["model"]))
     ax_r.set(
         xlabel=style.OPS_LABEL.replace(", log", "") if matched else style.OPS_LABEL,
         ylabel=f"test perplexity after {style.fmt_tokens(runs['train_tokens'].max())} tokens",
     )
     spread = "compute-matched, " if matched else ""
-    ax_r.set_title(f"{title} ({spread}{ops.min():.3g}-{ops.max():.3g}M ops)")
+    seeds = f"\n(seed means; bars: {style.SEED_BARS})" if bars else ""
+    ax_r.set_title(f"{title} ({spread}{ops.min():.3g}-{ops.max():.3g}M ops){seeds}")
     style.legend(ax_r)
     return fig

@@ -19,6 +19,8 @@ def _gap_lines(ax, pts: pd.DataFrame, early: str, late: str, labels: tuple[str, 
     for col, label, key in ((early, labels[0], "early"), (late, labels[1], "late")):
         ax.plot(pts["x"], pts[col], "-o", color=style.COLORS[key], label=label, ms=5)
     ax.vlines(pts["x"], pts[late], pts[early], colors="0.6", lw=0.8, ls=":", label="gap")
+    for col, key in ((early, "early"), (late, "late")):
+        style.seed_errorbars(ax, pts, "x", col, color=style.COLORS[key])
     base = pts[pts["family"] == "baseline"]
     if not base.empty:
         ax.plot(
@@ -39,6 +41,7 @@ def _gap_lines(ax, pts: pd.DataFrame, early: str, late: str, labels: tuple[str, 
 def _gap_panel(ax, pts: pd.DataFrame, ylabel: str) -> None:
     pts = pts.sort_values("x")
     ax.plot(pts["x"], pts["gap"], "-o", color="0.3", ms=4)
+    style.seed_errorbars(ax, pts, "x", "gap", color="0.3")
     for _, r in pts.iterrows():
         text = f"{r['gap']:.0f}" if abs(r["gap"]) >= 100 else f"{r['gap']:.1f}"
         ax.annotate(
@@ -59,7 +62,8 @@ def figure3(summary: pd.DataFrame, snapshots: pd.DataFrame) -> Figure:
     """Fig. 3 (Sec. 5.2): test perplexity vs capacity after N and 10N tokens, and the gap.
 
     Paper: Table 8 after 10B and 100B words (4xLSTM-512 baseline marked). This run: the
-    `news100b` sweep, its earliest snapshot and its final evaluation. Bottom row: gap = early -
+    `news100b` sweep, its earliest snapshot and its final evaluation, means over seeds (a bar
+    from the lowest to the highest seed where a model has >= 2 runs). Bottom row: gap = early -
     late perplexity per model (the paper's gap is not monotonic: analysis/paper_data/README.md).
     """
     g = paper.figure3_gap().rename(columns={"params_excl_embedding_softmax_M": "x"})
@@ -83,7 +87,9 @@ def figure3(summary: pd.DataFrame, snapshots: pd.DataFrame) -> Figure:
         )
         style.empty_panel(axes[1, 1], "this run: gap", style.NOT_RUN)
         return fig
-    m = collect.early_late_per_model(ours)
+    m = collect.early_late_per_model(ours, spread=["early_perplexity", "late_perplexity", "gap"])
+    if (m["n_runs"] >= 2).any():
+        title += f"\n(seed means; bars: {style.SEED_BARS})"
     m["x"] = m["params_excl_embedding_softmax"] / 1e6
     n_early, n_late = sorted(set(ours["early_tokens"])), sorted(set(ours["late_tokens"]))
     early = "after " + "/".join(map(style.fmt_tokens, n_early)) + " tokens (N)"

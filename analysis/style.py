@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import matplotlib as mpl
 import numpy as np
+import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -149,6 +150,32 @@ def sparse_log2_ticks(ax, values) -> None:
     ax.set_xticks(ticks)
     ax.set_xticklabels([f"{t:,}" for t in ticks], rotation=30 if len(ticks) > 5 else 0)
     ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+SEED_BARS = "min–max over seeds"
+
+
+def seed_errorbars(ax, pts, x: str, y: str, color=None) -> bool:
+    """Bars from `<y>_min` to `<y>_max` at the points of models with n_runs >= 2 (means over
+    seeds at `y`), coloured by family unless `color`; True when any bar was drawn. No marker and
+    no legend entry: the points are drawn by the caller."""
+    lo, hi = f"{y}_min", f"{y}_max"
+    if not {lo, hi, "n_runs"} <= set(pts.columns):
+        return False
+    many = pts[(pts["n_runs"] >= 2) & pts[lo].notna() & pts[hi].notna()]
+    by = many["family"] if color is None and "family" in many else pd.Series(0, many.index)
+    for fam, part in many.groupby(by, sort=False):
+        ax.errorbar(
+            part[x],
+            part[y],
+            yerr=[part[y] - part[lo], part[hi] - part[y]],
+            fmt="none",
+            ecolor=color or COLORS.get(fam, "0.3"),
+            elinewidth=1.0,
+            capsize=2.5,
+            label="_nolegend_",
+        )
+    return not many.empty
 
 
 def fmt_tokens(n: float) -> str:

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from analysis import cli, collect, figures, io, report, tables
+from analysis import cli, collect, figures, io, report, rules, tables
 from moe_impl import cli as moe_cli
 from moe_impl import tracking
 from moe_impl.model import flops
@@ -25,6 +25,7 @@ from moe_impl.runs import rundir, runinfo
 from moe_impl.train.config import load_config, model_config
 
 VOCAB = 577
+UNIGRAM, FLOOR = 400.0, 20.0  # the corpus's unigram and Bayes-optimal (floor) perplexities
 
 
 def make_run(
@@ -37,8 +38,12 @@ def make_run(
     cv: tuple[float, float, float] = (0.1, 0.1, 1.3),
     load: list[int] | None = None,
     seed: int = 0,
+    unigram: float | None = UNIGRAM,
+    floor: float = FLOOR,
 ) -> dict:
-    """A finished run as io.read_run returns it (config resolved by the real config loader)."""
+    """A finished run as io.read_run returns it (config resolved by the real config loader).
+    unigram, floor: the corpus's unigram and Bayes-optimal perplexities (unigram None: unknown,
+    as in summaries written before it was recorded)."""
     cfg = load_config(
         overrides=[
             f"model.preset={preset}",
@@ -55,8 +60,10 @@ def make_run(
         name=model.name,
         preset=preset,
         model=dataclasses.asdict(model),  # the resolved model, as training writes it
-        corpus={"corpus": "synthetic", "vocab_size": VOCAB},
+        corpus={"corpus": "synthetic", "vocab_size": VOCAB}
+        | ({} if unigram is None else {"unigram_perplexity": unigram}),
         test_perplexity=ppl,
+        floor_nll=math.log(floor),
         test_nll=math.log(ppl),
         eval_split="test",
         params_excl_embedding_softmax=flops.params_excl_embedding_softmax(model),
@@ -120,11 +127,13 @@ def good_runs() -> list[dict]:
         make_run("lm1b", "cpu/MoE-256", 112.0),
         make_run("lm1b", "cpu/MoE-256-h", 113.0),
         make_run("lm1b", "cpu/MoE-1024-h", 108.0),
-        make_run("news100b", "cpu/4xLSTM-64", 150.0, early=300.0),
-        make_run("news100b", "cpu/MoE-32", 140.0, early=290.0),
-        make_run("news100b", "cpu/MoE-256-h", 130.0, early=285.0),
-        make_run("news100b", "cpu/MoE-65536-h", 118.0, early=290.0),
-        make_run("news100b", "cpu/MoE-131072-h", 119.0, early=295.0),
+        # N snapshots past the unigram stage: ln(85 / FLOOR) <= ln(UNIGRAM / FLOOR) / 2
+        make_run("news100b", "cpu/4xLSTM-64", 60.0, early=85.0),
+        make_run("news100b", "cpu/MoE-32", 56.0, early=81.0),
+        make_run("news100b", "cpu/MoE-256-h", 52.0, early=78.0),
+        make_run("news100b", "cpu/MoE-16384-h", 47.0, early=76.0),
+        make_run("news100b", "cpu/MoE-65536-h", 45.0, early=75.0),
+        make_run("news100b", "cpu/MoE-131072-h", 46.0, early=77.0),
         make_run("balance", "cpu/MoE-256", 125.0, w=(0, 0), cv=(2.0, 1.8, 9.0), load=skewed),
         make_run("balance", "cpu/MoE-256", 112.0, w=(0.1, 0.1), cv=(0.1, 0.08, 1.2), load=even),
         make_run("balance", "cpu/MoE-256", 113.0, w=(0, 0.1), cv=(0.3, 0.1, 1.5)),
@@ -191,7 +200,7 @@ def test_collect_gives_the_tidy_contract(tmp_path):
     )
     assert s.loc[s["model"] == "4xLSTM-64", "paper_model"].iloc[0] == "4xLSTM-512"
     snaps = data.snapshots
-    assert len(snaps) == len(runs) + 5  # a final evaluation each, 5 news100b snapshots
+    assert len(snaps) == len(runs) + 6  # a final evaluation each, 6 news100b snapshots
     assert set(snaps["kind"]) == {"snapshot", "final"}
     assert len(data.loads) == 2 * 256
 
@@ -374,7 +383,8 @@ def test_figure3_panels_and_gap(good):
     top = fig.axes[0].get_lines()
     assert len(top[0].get_xdata()) == 8 and len(top[1].get_xdata()) == 8  # Table 8's models
     ours_gap = fig.axes[3].get_lines()[0].get_ydata()
-    assert list(ours_gap) == [150.0, 150.0, 155.0, 172.0, 176.0]
+    assert list(ours_gap) == [25.0, 25.0, 26.0, 29.0, 30.0, 31.0]
+    assert "seeds" not in _titles(fig)[1]  # one run per model: no bars
     assert any("N" in lab for lab in _labels(fig.axes[1]))
 
 
@@ -436,7 +446,7 @@ def test_tables_put_paper_values_beside_ours(good):
     assert t7.loc[t7["paper model"] == "MoE-4096-h", "runs"].isna().all()  # paper only
     t8 = tables.table8(good.summary, good.snapshots)
     row = t8[t8["paper model"] == "MoE-131072-h"].iloc[0]
-    assert (row["gap (this run)"], row["gap (paper)"]) == (176.0, pytest.approx(10.6))
+    assert (row["gap (this run)"], row["gap (paper)"]) == (31.0, pytest.approx(10.6))
     md = tables.to_markdown(tables.table6(good.summary))
     assert md.count("\n") == 2 + 7 and "| 0 | 0 | 1 | 125 | 39.8 |" in md
     tex = tables.to_latex(t7, "Table 7")
@@ -445,11 +455,13 @@ def test_tables_put_paper_values_beside_ours(good):
 
 def test_report_verdicts_follow_the_numbers(good):
     v = {x.key: x for x in report.verdicts(good.summary, good.snapshots)}
-    assert {k: x.status for k, x in v.items()} == dict.fromkeys(v, report.REPRODUCED)
-    assert all(x.paper_status == report.PAPER_HOLDS for x in v.values())
+    assert {k: x.status for k, x in v.items()} == dict.fromkeys(v, rules.REPRODUCED)
+    assert all(x.paper_status == rules.PAPER_HOLDS for x in v.values())
     assert "4: 128, 32: 120, 256: 112, 1,024: 108" in v["more_experts"].reason
     text = report.render(list(v.values()), good.summary)
-    assert text.count("**reproduced**") == 2 * 5 and "15 finished runs" in text
+    assert text.count("**reproduced**") == 2 * 5 and "16 finished runs" in text
+    assert "one seed per model: no seed spread measured" in v["more_experts"].reason
+    assert "unigram perplexity 400" in v["gap"].reason and "## Regime" in text
 
 
 def _status(key: str, runs: list[dict]) -> str:
@@ -463,7 +475,7 @@ def _status(key: str, runs: list[dict]) -> str:
         (
             "more_experts",
             [make_run("lm1b", "cpu/MoE-4", 110.0), make_run("lm1b", "cpu/MoE-32", 120.0)],
-            report.NOT_REPRODUCED,
+            rules.NOT_REPRODUCED,
         ),
         (
             "more_experts",
@@ -472,7 +484,7 @@ def _status(key: str, runs: list[dict]) -> str:
                 make_run("lm1b", "cpu/MoE-32", 121.0),
                 make_run("lm1b", "cpu/MoE-256", 110.0),
             ],
-            report.REPRODUCED,
+            rules.REPRODUCED,
         ),  # +0.8%: within 1%
         (
             "more_experts",
@@ -481,51 +493,148 @@ def _status(key: str, runs: list[dict]) -> str:
                 make_run("lm1b", "cpu/MoE-32", 125.0),
                 make_run("lm1b", "cpu/MoE-256", 110.0),
             ],
-            report.NOT_REPRODUCED,
+            rules.NOT_REPRODUCED,
         ),
-        ("more_experts", [make_run("lm1b", "cpu/MoE-4", 120.0)], report.NOT_RUN),
+        ("more_experts", [make_run("lm1b", "cpu/MoE-4", 120.0)], rules.NOT_RUN),
         (
             "hier_flat",
             [make_run("lm1b", "cpu/MoE-256", 100.0), make_run("lm1b", "cpu/MoE-256-h", 104.0)],
-            report.NOT_REPRODUCED,
+            rules.NOT_REPRODUCED,
         ),
-        ("hier_flat", [make_run("lm1b", "cpu/MoE-256", 100.0)], report.NOT_RUN),
+        ("hier_flat", [make_run("lm1b", "cpu/MoE-256", 100.0)], rules.NOT_RUN),
         (
             "gap",
             [
-                make_run("news100b", "cpu/MoE-32", 100.0, early=200.0),
-                make_run("news100b", "cpu/MoE-256-h", 100.0, early=190.0),
-                make_run("news100b", "cpu/MoE-1024-h", 100.0, early=180.0),
+                make_run("news100b", "cpu/MoE-32", 50.0, early=80.0),
+                make_run("news100b", "cpu/MoE-256-h", 50.0, early=75.0),
+                make_run("news100b", "cpu/MoE-1024-h", 50.0, early=70.0),
             ],
-            report.NOT_REPRODUCED,
+            rules.NOT_REPRODUCED,
         ),
-        ("gap", [make_run("news100b", "cpu/MoE-32", 100.0, early=200.0)], report.NOT_RUN),
         (
-            "degrade",
+            "gap",  # widens, but N is still at the unigram stage (200 vs unigram 400)
+            [
+                make_run("news100b", "cpu/MoE-32", 100.0, early=180.0),
+                make_run("news100b", "cpu/MoE-256-h", 100.0, early=190.0),
+                make_run("news100b", "cpu/MoE-1024-h", 100.0, early=200.0),
+            ],
+            rules.NOT_TESTABLE,
+        ),
+        (
+            "gap",  # the corpus's unigram perplexity unknown
+            [
+                make_run("news100b", f"cpu/{m}", 50.0, early=e, unigram=None)
+                for m, e in (("MoE-32", 70.0), ("MoE-256-h", 75.0), ("MoE-1024-h", 80.0))
+            ],
+            rules.NOT_TESTABLE,
+        ),
+        ("gap", [make_run("news100b", "cpu/MoE-32", 100.0, early=200.0)], rules.NOT_RUN),
+        (
+            "degrade",  # more experts help up to 16384, but 131072 is within 1% of 65536
+            [
+                make_run("news100b", "cpu/MoE-32", 60.0),
+                make_run("news100b", "cpu/MoE-16384-h", 50.0),
+                make_run("news100b", "cpu/MoE-65536-h", 48.0),
+                make_run("news100b", "cpu/MoE-131072-h", 48.2),
+            ],
+            rules.NOT_REPRODUCED,
+        ),
+        (
+            "degrade",  # worse at 131072, but more experts never helped
+            [
+                make_run("news100b", "cpu/MoE-32", 50.0),
+                make_run("news100b", "cpu/MoE-16384-h", 55.0),
+                make_run("news100b", "cpu/MoE-65536-h", 56.0),
+                make_run("news100b", "cpu/MoE-131072-h", 58.0),
+            ],
+            rules.NOT_TESTABLE,
+        ),
+        (
+            "degrade",  # no 16384-expert model to see more experts help
             [
                 make_run("news100b", "cpu/MoE-65536-h", 120.0),
-                make_run("news100b", "cpu/MoE-131072-h", 119.0),
+                make_run("news100b", "cpu/MoE-131072-h", 125.0),
             ],
-            report.NOT_REPRODUCED,
+            rules.NOT_RUN,
         ),
-        ("degrade", [make_run("news100b", "cpu/MoE-4096-h", 120.0)], report.NOT_RUN),
+        ("degrade", [make_run("news100b", "cpu/MoE-4096-h", 120.0)], rules.NOT_RUN),
+        (
+            "hier_flat",  # -4.8%, but two seeds each 10% apart cannot resolve 3%
+            [make_run("lm1b", "cpu/MoE-256", p, seed=i) for i, p in enumerate((100.0, 110.0))]
+            + [make_run("lm1b", "cpu/MoE-256-h", p, seed=i) for i, p in enumerate((104.0, 96.0))],
+            rules.NOT_TESTABLE,
+        ),
+        (
+            "hier_flat",  # +0.9% with seeds 0.4% apart
+            [make_run("lm1b", "cpu/MoE-256", p, seed=i) for i, p in enumerate((100.0, 100.4))]
+            + [make_run("lm1b", "cpu/MoE-256-h", p, seed=i) for i, p in enumerate((101.0, 101.4))],
+            rules.REPRODUCED,
+        ),
         (
             "balance",
             [
                 make_run("balance", "cpu/MoE-256", 100.0, w=(0, 0), cv=(0.5, 0.3, 3.5)),
                 make_run("balance", "cpu/MoE-256", 100.0, cv=(0.38, 0.1, 2.2)),
             ],
-            report.NOT_REPRODUCED,
+            rules.NOT_REPRODUCED,
         ),  # CV(Importance) only x0.76
         (
             "balance",
             [make_run("balance", "cpu/MoE-256", 100.0, cv=(0.38, 0.1, 2.2))],
-            report.NOT_RUN,
+            rules.NOT_RUN,
         ),
     ],
 )
 def test_a_failing_or_missing_claim_says_so(key, runs, expected):
     assert _status(key, runs) == expected
+
+
+def _seeded(sweep: str, runs: dict[str, tuple], **kw) -> list[dict]:
+    """One run per (preset, perplexity); runs: preset -> perplexities (or (perplexity, early)
+    pairs) of its seeds."""
+    out = []
+    for preset, values in runs.items():
+        for seed, v in enumerate(values):
+            ppl, early = v if isinstance(v, tuple) else (v, None)
+            out.append(make_run(sweep, f"cpu/{preset}", ppl, early=early, seed=seed, **kw))
+    return out
+
+
+def test_seeds_set_the_noise_band_and_the_error_bars():
+    """Two seeds per model: a +1.6% rise is beyond the fixed 1% but within 2 SE of the seeds'
+    spread (~2.8%, band ~5.7%), so more experts still help; the figures draw min-max bars."""
+    seeded = _seeded("lm1b", {"MoE-4": (120, 125), "MoE-32": (122, 127), "MoE-256": (100, 104)})
+    c = collect.frames(seeded)
+    v = {x.key: x for x in report.verdicts(c.summary, c.snapshots)}["more_experts"]
+    assert v.status == rules.REPRODUCED, v.reason
+    assert "seed-to-seed SD 2.8% (pooled over 3 models, 2 seeds each)" in v.reason
+    assert list(v.evidence["n_runs"]) == [2, 2, 2] and v.evidence["perplexity_sd"].notna().all()
+    single = _seeded("lm1b", {"MoE-4": (122.5,), "MoE-32": (124.5,), "MoE-256": (102.0,)})
+    assert _status("more_experts", single) == rules.NOT_REPRODUCED  # +1.6% > 1%
+    fig = figures.figure2_left(c.summary)
+    assert report_bars(fig.axes[1]) == 1  # one family with bars
+    assert "min–max over seeds" in fig.axes[1].get_legend().get_title().get_text()
+    assert list(fig.axes[1].get_lines()[0].get_ydata()) == [122.5, 124.5, 102.0]  # the means
+    fig = figures.figure2_right(c.summary)
+    assert report_bars(fig.axes[1]) == 1 and "min–max over seeds" in _titles(fig)[1]
+    news = _seeded(
+        "news100b",
+        {
+            "MoE-32": ((56.0, 81.0), (57.0, 82.0)),
+            "MoE-256-h": ((52.0, 78.0), (53.0, 80.0)),
+            "MoE-1024-h": ((50.0, 78.0),),
+        },
+    )
+    c = collect.frames(news)
+    fig = figures.figure3(c.summary, c.snapshots)
+    assert "min–max over seeds" in _titles(fig)[1]
+    assert report_bars(fig.axes[1]) == 2 and report_bars(fig.axes[3]) == 1
+    assert list(fig.axes[3].get_lines()[0].get_ydata()) == [25.0, 26.5, 28.0]
+
+
+def report_bars(ax) -> int:
+    """The error-bar containers drawn on ax."""
+    return sum(type(c).__name__ == "ErrorbarContainer" for c in ax.containers)
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -611,12 +720,17 @@ def test_config_yaml_written_by_write_run_is_a_full_config(tmp_path):
 @pytest.mark.parametrize("prefix", ["cpu/", "gpu/"])
 def test_every_scaled_down_model_is_a_figure_2_model_of_the_paper(prefix):
     """The cpu/ and gpu/ families' models stand for Figure 2-left's (the LSTM baselines under the
-    paper's name, collect.PAPER_NAME), so the figures and tables put each beside its paper row."""
+    paper's name, collect.PAPER_NAME), so the figures and tables put each beside its paper row;
+    the cpu/ family's budget models stand for Figure 2-right's, but for one intermediate LSTM."""
     from analysis import paper
     from moe_impl.model.presets import ALL_PRESETS
 
     names = [cfg.name for p, cfg in ALL_PRESETS.items() if p.startswith(prefix)]
     figure2 = {name for names in paper.FIGURE2_LEFT.values() for name in names}
+    right = {m.rstrip("*") for m in paper.figure2_right_series()["model"]}
     covered = {collect.PAPER_NAME.get(name, name) for name in names}
     assert figure2 <= covered, sorted(figure2 - covered)
-    assert all(collect.PAPER_NAME.get(n, n) in figure2 or n.startswith("MoE-") for n in names)
+    if prefix == "cpu/":
+        assert {"2xLSTM-8192-1024", "MoE-34M", "MoE-143M"} <= covered
+    stand_ins = figure2 | right | {"LSTM-512-128"}
+    assert all(collect.PAPER_NAME.get(n, n) in stand_ins or n.startswith("MoE-") for n in names)
