@@ -302,7 +302,7 @@ def render(verdict_list: list[Verdict], summary: pd.DataFrame) -> str:
         "Our perplexities are not on the paper's corpora or budgets, so no rule compares absolute",
         "numbers: each compares our runs with each other, as the paper compares its models. Every",
         'rule is also applied to the paper\'s own numbers ("paper, same rule"), a check that the',
-        "rule is fair. Rules live in `analysis/report.py` (`RULES`, `rule_*`).",
+        "rule is fair. Rules live in `analysis/rules.py` (`RULES`, `rule_*`).",
         "",
         "A model's runs (seeds) are averaged. Where models have >= 2 seeds, a change counts only",
         "beyond 2 standard errors of the seed-to-seed spread (pooled over the sweep's models).",
