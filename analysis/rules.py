@@ -110,7 +110,8 @@ RULES = {
         "gives the tokens per expert per step and tokens per parameter of the large models, "
         f"and the batch a test needs). Reproduced iff {DEGRADE_PAIR[1]:,} experts is worse than "
         f"{DEGRADE_PAIR[0]:,} by more than the band ({_BAND}). Needs both, {HELPS_UP_TO:,} "
-        "experts and a smaller MoE."
+        "experts and a smaller MoE; a sweep that stops short of both is not testable at this "
+        "scale (the reason gives the tokens per expert per step its batch would give them)."
     ),
     "balance": (
         "In the balance sweep (means over seeds), compare every run with both w_importance > 0 "
@@ -429,6 +430,22 @@ def _regime_text(df: pd.DataFrame, counts: tuple[int, ...]) -> str:
     return "; ".join(parts)
 
 
+def _at_pair_text(df: pd.DataFrame) -> str:
+    """What the sweep's batch would give the pair's experts per step (Sec. 3.1: b·k/n), beside
+    App. D's, for a sweep that does not run them."""
+    if "batch_positions" not in df or df["batch_positions"].isna().all():
+        return "the sweep's batch is unknown (no regime columns)"
+    b = float(df["batch_positions"].max())
+    k = float(df["k"].max()) if "k" in df and df["k"].notna().any() else 4.0
+    parts = [
+        f"{n:,} experts {b * k / n:.2g} (paper {PAPER_BATCH_WORDS * 4 / n:.0f})"
+        for n in DEGRADE_PAIR
+    ]
+    return f"at this sweep's {b:,.0f} positions per step, tokens per expert per step: " + ", ".join(
+        parts
+    )
+
+
 def _needs_text(df: pd.DataFrame) -> str:
     """The batch a test of claim 4 needs (App. D's regime)."""
     hi = DEGRADE_PAIR[1]
@@ -455,8 +472,15 @@ def rule_degrade(df: pd.DataFrame, spread: Spread = Spread()) -> Outcome:
     best = _best_per_count(moe) if not moe.empty else moe
     lo, hi = DEGRADE_PAIR
     run = ", ".join(f"{int(n):,}" for n in best.index) or "none"
+    if best.empty:
+        return Outcome(NOT_RUN, f"needs {lo:,} and {hi:,} experts; run: none")
     if lo not in best.index or hi not in best.index:
-        return Outcome(NOT_RUN, f"needs {lo:,} and {hi:,} experts; run: {run}")
+        largest = int(best.index.max())
+        if largest >= lo:  # one of the pair ran: a run is missing, not the scale
+            return Outcome(NOT_RUN, f"needs {lo:,} and {hi:,} experts; run: {run}")
+        why = f"the sweep stops at {largest:,} experts, short of {lo:,} and {hi:,}"
+        reason = f"{why} (run: {run}); {_at_pair_text(df)}; {_needs_text(df)}"
+        return Outcome(NOT_TESTABLE, reason, why)
     upto = best[best.index <= HELPS_UP_TO]
     if HELPS_UP_TO not in best.index or len(upto) < 2:
         return Outcome(

@@ -557,7 +557,12 @@ def _status(key: str, runs: list[dict]) -> str:
             ],
             rules.NOT_RUN,
         ),
-        ("degrade", [make_run("news100b", "cpu/MoE-4096-h", 120.0)], rules.NOT_RUN),
+        (
+            "degrade",  # the sweep stops at 4096 experts: the scale cannot show it
+            [make_run("news100b", "cpu/MoE-4096-h", 120.0)],
+            rules.NOT_TESTABLE,
+        ),
+        ("degrade", [make_run("lm1b", "cpu/MoE-4096-h", 120.0)], rules.NOT_RUN),
         (
             "hier_flat",  # -4.8%, but two seeds each 10% apart cannot resolve 3%
             [make_run("lm1b", "cpu/MoE-256", p, seed=i) for i, p in enumerate((100.0, 110.0))]

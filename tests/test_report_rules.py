@@ -190,7 +190,16 @@ def test_degrade_states():
     assert rules.rule_degrade(models({**HELPS, 131072: 49.0})).status == R  # +2.1%
     assert rules.rule_degrade(models({**HELPS, 131072: 48.3})).status == NR  # +0.6%: within 1%
     assert rules.rule_degrade(models({65536: 48.0, 131072: 49.0})).status == NRUN  # no 16384
-    assert rules.rule_degrade(models({32: 60.0, 16384: 50.0})).status == NRUN
+    assert rules.rule_degrade(models({**HELPS, 131072: 49.0}).iloc[:0]).status == NRUN
+    assert rules.rule_degrade(models({**HELPS})).status == NRUN  # 65536 ran, 131072 did not
+    short = models({32: 60.0, 16384: 50.0}, k=4).assign(batch_positions=16384.0)
+    o = rules.rule_degrade(short)  # a sweep that stops at 16384 experts cannot test the claim
+    assert (
+        o.status == NT and o.why == "the sweep stops at 16,384 experts, short of 65,536 and 131,072"
+    )
+    assert (
+        "tokens per expert per step: 65,536 experts 1 (paper 153), 131,072 experts 0.5" in o.reason
+    )
 
 
 def test_degrade_band_from_seeds():
