@@ -366,6 +366,33 @@ def early_late(summary: pd.DataFrame, snapshots: pd.DataFrame, name: str) -> pd.
     return out[out_cols].sort_values("params_excl_embedding_softmax").reset_index(drop=True)
 
 
+def at_common_tokens(
+    summary: pd.DataFrame, snapshots: pd.DataFrame, name: str
+) -> tuple[pd.DataFrame, int | None]:
+    """Sweep `name`'s runs compared after the same number of training tokens: T = the fewest any
+    run of the sweep trained, and each run's test perplexity there (its final evaluation, or the
+    snapshot it took at T; Fig. 2-right's budget models train fewer tokens than the rest of the
+    sweep, which evaluates them at T on the way, so every model is compared at T).
+
+    Returns (the sweep's summary rows with test_perplexity at T, T); runs with neither are left
+    out. T is None for an empty sweep. With the inverse-square-root schedule (App. C.1) the state
+    after T tokens does not depend on the budget, so a snapshot at T is the run a budget of T gives.
+    """
+    runs = sweep(summary, name)
+    if runs.empty:
+        return runs, None
+    tokens = int(runs["train_tokens"].min())
+    final = runs["train_tokens"] == tokens
+    at = runs[final].copy()
+    if snapshots.empty or final.all():
+        return at, tokens
+    snaps = snapshots[(snapshots["kind"] == "snapshot") & (snapshots["tokens"] == tokens)]
+    snap = snaps.groupby("run_id")["perplexity"].last()
+    rest = runs[~final & runs["run_id"].isin(snap.index)].copy()
+    rest["test_perplexity"] = rest["run_id"].map(snap)
+    return pd.concat([at, rest]).reset_index(drop=True), tokens
+
+
 def early_late_per_model(
     early_late_runs: pd.DataFrame, spread: list[str] | None = None
 ) -> pd.DataFrame:

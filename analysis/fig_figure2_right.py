@@ -53,13 +53,19 @@ def _label_points(ax, xs, ys, names) -> None:
 
 
 @style.styled
-def figure2_right(summary: pd.DataFrame, paper_points: pd.DataFrame | None = None) -> Figure:
+def figure2_right(
+    summary: pd.DataFrame,
+    snapshots: pd.DataFrame | None = None,
+    paper_points: pd.DataFrame | None = None,
+) -> Figure:
     """Fig. 2-right (Sec. 5.1): test perplexity vs computational budget (ops/timestep).
 
     Paper: Jozefowicz et al.'s LSTMs (final perplexity, solid; at 10 epochs where printed, dashed)
     and the ~4B-parameter MoE models at 10 epochs. This run: the `lm1b` sweep, one point per
     model (mean over seeds, a bar from the lowest to the highest seed where a model has >= 2
-    runs), no-MoE baselines vs sparse MoE, each line through the best model at each ops/timestep.
+    runs), no-MoE baselines vs sparse MoE, each line through the best model at each ops/timestep,
+    every model after the same number of training tokens (collect.at_common_tokens: the budget
+    models' count, a snapshot of the others; runs with no evaluation there are left out).
     """
     pts = paper.figure2_right_series() if paper_points is None else paper_points
     fig, axes = style.new_figure(1, 2, (11.5, 4.6))
@@ -92,7 +98,8 @@ def figure2_right(summary: pd.DataFrame, paper_points: pd.DataFrame | None = Non
     ax_p.set(xlabel=style.OPS_LABEL, ylabel="test perplexity")
     ax_p.set_title("paper: 1B Word, Table 7")
     style.legend(ax_p)
-    runs = collect.sweep(summary, "lm1b")
+    snaps = snapshots if snapshots is not None else pd.DataFrame(columns=collect.SNAPSHOT_COLUMNS)
+    runs, tokens = collect.at_common_tokens(summary, snaps, "lm1b")
     title = "this run: lm1b"
     if runs.empty:
         style.empty_panel(ax_r, title, f"{style.NOT_RUN}: no runs with sweep=lm1b")
@@ -128,7 +135,7 @@ def figure2_right(summary: pd.DataFrame, paper_points: pd.DataFrame | None = Non
     _label_points(ax_r, ops.to_numpy(), m["test_perplexity"].to_numpy(), list(m["model"]))
     ax_r.set(
         xlabel=style.OPS_LABEL.replace(", log", "") if matched else style.OPS_LABEL,
-        ylabel=f"test perplexity after {style.fmt_tokens(runs['train_tokens'].max())} tokens",
+        ylabel=f"test perplexity after {style.fmt_tokens(tokens)} tokens",
     )
     spread = "compute-matched, " if matched else ""
     seeds = f"\n(seed means; bars: {style.SEED_BARS})" if bars else ""

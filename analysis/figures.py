@@ -39,7 +39,7 @@ __all__ = ["FIGURES", "all_figures", "plot_function"]
 # figure name -> the frames its function takes, in order; the function is <name> in fig_<name>.py
 _FRAMES = {
     "figure2_left": ("summary",),
-    "figure2_right": ("summary",),
+    "figure2_right": ("summary", "snapshots"),
     "figure3": ("summary", "snapshots"),
     "table6_balance": ("summary", "loads"),
     "perf_scaling": ("bench",),

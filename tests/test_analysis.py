@@ -376,6 +376,28 @@ def test_figure2_left_and_right_panels(good):
     assert _labels(fig.axes[1]) == [f"{f} runs" for f in collect.FAMILIES]
 
 
+def test_budget_models_are_compared_at_their_token_count():
+    """Fig. 2-right's budget models train fewer tokens than the rest of the lm1b sweep: every run
+    is taken at that count, from its snapshot there (a run without one is left out)."""
+    short = make_run("lm1b", "cpu/LSTM-2048-128", 90.0)
+    short["summary"].update(train_tokens=2048, steps=4)
+    runs = [
+        short,
+        make_run("lm1b", "cpu/MoE-4096-h", 60.0, early=95.0),  # its snapshot at 2048 tokens
+        make_run("lm1b", "cpu/MoE-32", 70.0),  # no snapshot there
+        make_run("news100b", "cpu/MoE-32", 50.0, early=80.0),  # another sweep
+    ]
+    c = collect.frames(runs)
+    at, tokens = collect.at_common_tokens(c.summary, c.snapshots, "lm1b")
+    assert tokens == 2048
+    assert dict(zip(at["model"], at["test_perplexity"], strict=True)) == {
+        "LSTM-2048-128": 90.0,
+        "MoE-4096-h": 95.0,
+    }
+    fig = figures.figure2_right(c.summary, c.snapshots)
+    assert fig.axes[1].get_ylabel() == "test perplexity after 2,048 tokens"
+
+
 def test_figure3_panels_and_gap(good):
     fig = figures.figure3(good.summary, good.snapshots)
     assert len(fig.axes) == 4
