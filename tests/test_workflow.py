@@ -41,15 +41,18 @@ def merged_config(wd: Path, configfile: str) -> dict:
 
 
 def configured_runs(cfg: dict) -> set[str]:
-    """sweep/run for every model entry of every sweep, one per balance-weight pair."""
+    """sweep/run for every model entry of every sweep, one per balance-weight pair and seed (the
+    entry's seeds, else the sweep's, else [0]; seed S > 0 adds `_seed<S>`)."""
     runs = set()
     for sweep, spec in cfg["sweeps"].items():
         for entry in spec["models"]:
             name = entry if isinstance(entry, str) else entry["name"]
+            seeds = spec.get("seeds", [0])
+            if isinstance(entry, dict):
+                seeds = entry.get("seeds", seeds)
             for w in spec.get("balance_weights") or [None]:
-                runs.add(
-                    f"{sweep}/{name}" if w is None else f"{sweep}/{name}_wi{w[0]:g}_wl{w[1]:g}"
-                )
+                run = f"{sweep}/{name}" if w is None else f"{sweep}/{name}_wi{w[0]:g}_wl{w[1]:g}"
+                runs |= {run if s == 0 else f"{run}_seed{s}" for s in seeds}
     return runs
 
 
