@@ -77,6 +77,8 @@ data:
     vocab_size: 128
     num_topics: 64
     fanout: 4
+    num_clusters: 1
+    shared_fanout: 0
     zipf_s: 1.0
     row_beta: 1.0
     eos_prob: 0.0625
@@ -234,7 +236,8 @@ def test_later_files_and_overrides_win(tmp_path):
         ([], ["train.lrr=1"], r"^unknown config key 'train\.lrr'; valid keys in 'train': batch_size,"),
         ([], ["data.synthetic.topics=3"],
          r"^unknown config key 'data\.synthetic\.topics'; valid keys in 'data\.synthetic': eos_prob, "
-         r"fanout, max_len, num_topics, row_beta, seed, vocab_size, zipf_s$"),
+         r"fanout, max_len, num_clusters, num_topics, row_beta, seed, shared_fanout, vocab_size, "
+             r"zipf_s$"),
         ([], ["train=5"], r"^config key 'train' must be a mapping, got 5$"),
         ([], ["data.synthetic=[1]"], r"^config key 'data\.synthetic' must be a mapping, got \[1\]$"),
         (["missing.yaml"], [], r"^config file 'missing\.yaml' does not exist$"),

@@ -15,6 +15,7 @@ from moe_impl.cli import flops as flops_cli
 from moe_impl.model import flops
 from moe_impl.model.config import ModelConfig
 from moe_impl.model.presets import (
+    CPU_BUDGET_PRESETS,
     CPU_PRESETS,
     GPU_D_HIDDEN,
     GPU_D_MODEL,
@@ -139,8 +140,10 @@ def _family(presets: dict, prefix: str) -> dict:
 
 
 def test_the_gpu_family_has_the_cpu_familys_models():
-    """The same models, the LSTM baselines named by their own sizes as the paper names them."""
-    cpu, gpu = _family(CPU_PRESETS, "cpu/"), _family(GPU_PRESETS, "gpu/")
+    """The same models, the LSTM baselines named by their own sizes as the paper names them
+    (Fig. 2-right's budget models are the CPU family's only)."""
+    base = {p: cfg for p, cfg in CPU_PRESETS.items() if p not in CPU_BUDGET_PRESETS}
+    cpu, gpu = _family(base, "cpu/"), _family(GPU_PRESETS, "gpu/")
     assert sorted(_BASELINE_NAMES.get(n, n) for n in cpu) == sorted(gpu)
     assert all(p.startswith("gpu/") and cfg.name == p[4:] for p, cfg in GPU_PRESETS.items())
     for name, cfg in gpu.items():
@@ -163,6 +166,26 @@ def test_the_baselines_are_compute_matched_to_moe_4(presets, prefix):
         assert flops.ops_per_timestep(family[name]) == work, name
     lstm = flops.ops_per_timestep(family[f"LSTM-{4 * d}-{d}"])
     assert 1.0 < lstm / work < 1.15
+
+
+def test_the_budget_models_scale_the_base_budget_as_figure_2_right():
+    """Fig. 2-right's CPU budgets: ~4x and ~15x the base MoE-4096-h's ops/timestep (the paper's
+    MoE-34M and MoE-143M are 3.8x and 16x MoE-4096-h's 8.9M), the MoE line keeping its expert
+    weights (Table 7: ~4B parameters in each)."""
+    base = CPU_PRESETS["cpu/MoE-4096-h"]
+    ops = {
+        p: flops.ops_per_timestep(cfg) / flops.ops_per_timestep(base)
+        for p, cfg in CPU_BUDGET_PRESETS.items()
+    }
+    assert 3.3 < ops["cpu/LSTM-512-128"] < 4.5 and 3.3 < ops["cpu/MoE-0.5M"] < 4.5
+    assert 13 < ops["cpu/LSTM-2048-128"] < 17 and 13 < ops["cpu/MoE-2.2M"] < 17
+    weights = {
+        p: cfg.num_experts * 2 * cfg.d_model * cfg.d_hidden
+        for p, cfg in CPU_BUDGET_PRESETS.items()
+        if cfg.moe == "hierarchical"
+    }
+    expert = base.num_experts * 2 * base.d_model * base.d_hidden
+    assert weights == {"cpu/MoE-0.5M": expert, "cpu/MoE-2.2M": expert}
 
 
 def test_gpu_experts_keep_their_size_until_they_fill_one_gpu():

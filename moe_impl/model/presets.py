@@ -141,24 +141,11 @@ def _cpu_hier(a: int, b: int) -> ModelConfig:
     )  # fmt: skip
 
 
-CPU_PRESETS: dict[str, ModelConfig] = {
-    "cpu/4xLSTM-64": _cpu("4xLSTM-64", lstm=_CPU_LSTM * 2),
-    # LSTM-2048-512's shape: 4·d units projected to d
-    "cpu/LSTM-256-64": _cpu("LSTM-256-64", lstm=((4 * CPU_D_MODEL, CPU_D_MODEL),)),
-    "cpu/MoE-1-Wide": _cpu("MoE-1-Wide", moe="dense", num_experts=1, d_hidden=4 * CPU_D_HIDDEN),
-    "cpu/MoE-1-Deep": _cpu(
-        "MoE-1-Deep", moe="dense", num_experts=1, d_hidden=CPU_D_HIDDEN, expert_hidden_layers=4
-    ),
-    **{f"cpu/MoE-{n}": _cpu_flat(n) for n in (4, 32, 256)},
-    # a = 2^floor(log2(n) / 2) groups, as the benchmark's N-h shapes
-    **{
-        f"cpu/MoE-{a * b}-h": _cpu_hier(a, b)
-        for a, b in ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (256, 512))
-    },
-    # Fig. 2-right's budgets (Table 7, App. C.2), scaled as the family: the LSTM line one projected
-    # LSTM as Jozefowicz et al.'s LSTM-<units>-512, the MoE line MoE-34M's and MoE-143M's shapes at
-    # d = 2·64 with the base MoE-4096-h's 67M expert weights (the paper keeps ~4B in each): ~4x and
-    # ~15x the base family's ~0.15M ops/timestep.
+# Fig. 2-right's budgets (Table 7, App. C.2), scaled as the CPU family (no gpu/ twins): the LSTM
+# line one projected LSTM as Jozefowicz et al.'s LSTM-<units>-512, the MoE line MoE-34M's and
+# MoE-143M's shapes at d = 2·64 with the base MoE-4096-h's 67M expert weights (the paper keeps ~4B
+# in each): ~4x and ~15x the base family's ~0.15M ops/timestep.
+CPU_BUDGET_PRESETS: dict[str, ModelConfig] = {
     "cpu/LSTM-512-128": _cpu("LSTM-512-128", lstm=((512, 128),), d=128),
     "cpu/LSTM-2048-128": _cpu("LSTM-2048-128", lstm=((2048, 128),), d=128),
     "cpu/MoE-0.5M": _cpu(
@@ -186,6 +173,24 @@ CPU_PRESETS: dict[str, ModelConfig] = {
         k_secondary=2,
     ),
 }
+
+CPU_PRESETS: dict[str, ModelConfig] = {
+    "cpu/4xLSTM-64": _cpu("4xLSTM-64", lstm=_CPU_LSTM * 2),
+    # LSTM-2048-512's shape: 4·d units projected to d
+    "cpu/LSTM-256-64": _cpu("LSTM-256-64", lstm=((4 * CPU_D_MODEL, CPU_D_MODEL),)),
+    "cpu/MoE-1-Wide": _cpu("MoE-1-Wide", moe="dense", num_experts=1, d_hidden=4 * CPU_D_HIDDEN),
+    "cpu/MoE-1-Deep": _cpu(
+        "MoE-1-Deep", moe="dense", num_experts=1, d_hidden=CPU_D_HIDDEN, expert_hidden_layers=4
+    ),
+    **{f"cpu/MoE-{n}": _cpu_flat(n) for n in (4, 32, 256)},
+    # a = 2^floor(log2(n) / 2) groups, as the benchmark's N-h shapes
+    **{
+        f"cpu/MoE-{a * b}-h": _cpu_hier(a, b)
+        for a, b in ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (256, 512))
+    },
+    **CPU_BUDGET_PRESETS,
+}
+
 
 # The family for one GPU (`gpu/...`, config/gpu.yaml): the CPU family's structure and names at
 # d = 256, h = 2·d = 512, between the CPU family (64 / 128) and the paper's (512 / 1024). The
@@ -255,36 +260,6 @@ GPU_PRESETS: dict[str, ModelConfig] = {
         f"gpu/MoE-{a * b}-h": _gpu_hier(a, b)
         for a, b in ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (256, 512))
     },
-    # Fig. 2-right's budgets (Table 7, App. C.2), scaled as the family: the LSTM line one projected
-    # LSTM as Jozefowicz et al.'s LSTM-<units>-512, the MoE line MoE-34M's and MoE-143M's shapes at
-    # d = 2·64 with the base MoE-4096-h's 67M expert weights (the paper keeps ~4B in each): ~4x and
-    # ~15x the base family's ~0.15M ops/timestep.
-    "cpu/LSTM-512-128": _cpu("LSTM-512-128", lstm=((512, 128),), d=128),
-    "cpu/LSTM-2048-128": _cpu("LSTM-2048-128", lstm=((2048, 128),), d=128),
-    "cpu/MoE-0.5M": _cpu(
-        "MoE-0.5M",
-        lstm=((128, None),) * 2,
-        d=128,
-        moe="hierarchical",
-        num_experts=1024,
-        d_hidden=256,
-        num_groups=32,
-        group_size=32,
-        k_primary=2,
-        k_secondary=2,
-    ),
-    "cpu/MoE-2.2M": _cpu(
-        "MoE-2.2M",
-        lstm=((512, 128),) * 2,
-        d=128,
-        moe="hierarchical",
-        num_experts=256,
-        d_hidden=1024,
-        num_groups=16,
-        group_size=16,
-        k_primary=2,
-        k_secondary=2,
-    ),
 }
 ALL_PRESETS: dict[str, ModelConfig] = {**PRESETS, **CPU_PRESETS, **GPU_PRESETS}
 
