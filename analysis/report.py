@@ -166,7 +166,11 @@ def paper_data() -> dict[str, pd.DataFrame]:
         .assign(sweep="lm1b")
     )
     gap = paper.figure3_gap().rename(
-        columns={"params_excl_embedding_softmax_M": "params", "ppl_10B_words": "early_perplexity"}
+        columns={
+            "params_excl_embedding_softmax_M": "params",
+            "ppl_10B_words": "early_perplexity",
+            "ppl_100B_words": "late_perplexity",
+        }
     )
     t8 = collect.paper_models("table8", ["test_perplexity_100B_words"])
     t8 = t8.rename(columns={"test_perplexity_100B_words": "test_perplexity"})

@@ -99,8 +99,10 @@ RULES = {
         "Reproduced iff the least-squares slope of gap against log10(parameters excl. embedding "
         "and softmax) is positive and the largest model's gap exceeds the smallest model's (by "
         "more than 2·SE, SE = SD·sqrt(1/n_small + 1/n_large) from the gap's seed-to-seed SD "
-        "pooled over the sweep's models, where seeds exist). A non-monotonic gap can pass (the "
-        "paper's does: 8.1 at MoE-32, 7.5 at MoE-256-h). Needs >= 3 models."
+        "pooled over the sweep's models, where seeds exist), and at 10N the largest model is no "
+        "worse than the smallest (a large model that starts behind and only catches up widens "
+        "the gap without using more data better). A non-monotonic gap can pass (the paper's "
+        "does: 8.1 at MoE-32, 7.5 at MoE-256-h). Needs >= 3 models."
     ),
     "degrade": (
         "In the news100b sweep (means over seeds, per expert count the lowest), the claim counts "
@@ -338,7 +340,8 @@ def rule_gap(
     floor_nll: float | None = None,
     past_unigram: str = "",
 ) -> Outcome:
-    """df: params (any unit), gap, early_perplexity, n_runs (optional; one row per model).
+    """df: params (any unit), gap, early_perplexity, late_perplexity and n_runs (optional; one
+    row per model).
     spread: the sweep's seed spread of the gap (perplexity units). unigram_perplexity and
     floor_nll: the corpus's; past_unigram: a note that replaces the trivial-stage check (the
     paper's numbers, whose unigram perplexity is unknown)."""
@@ -396,6 +399,13 @@ def rule_gap(
         wider = last.gap > first.gap
         noise = spread.describe()
     holds = slope > 0 and wider
+    if "late_perplexity" in df:  # more capacity must use the data, not only catch up
+        ahead = last.late_perplexity <= first.late_perplexity
+        noise += (
+            f"; at 10N the largest model {tables.fmt(last.late_perplexity)} vs the smallest "
+            f"{tables.fmt(first.late_perplexity)}" + ("" if ahead else " (behind)")
+        )
+        holds = holds and ahead
     return Outcome(REPRODUCED if holds else NOT_REPRODUCED, f"{stage}; {reason}; {noise}")
 
 

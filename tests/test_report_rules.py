@@ -162,6 +162,20 @@ def test_gap_states():
     assert rules.rule_gap(gaps([20, 22]), **corpus).status == NRUN
 
 
+def test_gap_widened_by_a_large_model_that_only_catches_up_does_not_count():
+    """The gap widens with capacity, but the largest model ends behind the smallest at 10N: it
+    started further behind, it did not use the data better."""
+    corpus = {"unigram_perplexity": UNIGRAM, "floor_nll": FLOOR}
+    ahead = gaps([20, 22, 25]).assign(early_perplexity=[60.0, 61.0, 62.0])
+    ahead["late_perplexity"] = ahead["early_perplexity"] - ahead["gap"]  # 40, 39, 37
+    o = rules.rule_gap(ahead, **corpus)
+    assert o.status == R and "the largest model 37 vs the smallest 40" in o.reason
+    behind = ahead.assign(early_perplexity=[60.0, 64.0, 70.0])
+    behind["late_perplexity"] = behind["early_perplexity"] - behind["gap"]  # 40, 42, 45
+    o = rules.rule_gap(behind, **corpus)
+    assert o.status == NR and "(behind)" in o.reason
+
+
 def test_gap_trivial_stage_boundary_and_unknown_floor():
     limit = math.exp(FLOOR + 0.5 * (math.log(UNIGRAM) - FLOOR))  # ~89.4
     corpus = {"unigram_perplexity": UNIGRAM, "floor_nll": FLOOR}
