@@ -134,10 +134,12 @@ def _cpu_flat(n: int) -> ModelConfig:
     return _cpu(f"MoE-{n}", moe="flat", num_experts=n, d_hidden=CPU_D_HIDDEN, k=4)
 
 
-def _cpu_hier(a: int, b: int) -> ModelConfig:
+def _cpu_hier(
+    a: int, b: int, *, name: str = "", d: int = CPU_D_MODEL, h: int = CPU_D_HIDDEN, lstm=_CPU_LSTM
+) -> ModelConfig:
     return _cpu(
-        f"MoE-{a * b}-h", moe="hierarchical", num_experts=a * b, d_hidden=CPU_D_HIDDEN,
-        num_groups=a, group_size=b, k_primary=2, k_secondary=2,
+        name or f"MoE-{a * b}-h", lstm=lstm, d=d, moe="hierarchical", num_experts=a * b,
+        d_hidden=h, num_groups=a, group_size=b, k_primary=2, k_secondary=2,
     )  # fmt: skip
 
 
@@ -148,30 +150,8 @@ def _cpu_hier(a: int, b: int) -> ModelConfig:
 CPU_BUDGET_PRESETS: dict[str, ModelConfig] = {
     "cpu/LSTM-512-128": _cpu("LSTM-512-128", lstm=((512, 128),), d=128),
     "cpu/LSTM-2048-128": _cpu("LSTM-2048-128", lstm=((2048, 128),), d=128),
-    "cpu/MoE-0.5M": _cpu(
-        "MoE-0.5M",
-        lstm=((128, None),) * 2,
-        d=128,
-        moe="hierarchical",
-        num_experts=1024,
-        d_hidden=256,
-        num_groups=32,
-        group_size=32,
-        k_primary=2,
-        k_secondary=2,
-    ),
-    "cpu/MoE-2.2M": _cpu(
-        "MoE-2.2M",
-        lstm=((512, 128),) * 2,
-        d=128,
-        moe="hierarchical",
-        num_experts=256,
-        d_hidden=1024,
-        num_groups=16,
-        group_size=16,
-        k_primary=2,
-        k_secondary=2,
-    ),
+    "cpu/MoE-0.5M": _cpu_hier(32, 32, name="MoE-0.5M", d=128, h=256, lstm=((128, None),) * 2),
+    "cpu/MoE-2.2M": _cpu_hier(16, 16, name="MoE-2.2M", d=128, h=1024, lstm=((512, 128),) * 2),
 }
 
 CPU_PRESETS: dict[str, ModelConfig] = {
