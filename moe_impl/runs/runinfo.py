@@ -220,11 +220,13 @@ def final_metrics(summary: dict) -> dict[str, float]:
     `regime.<key>` (`regime.tokens_per_expert_per_step`, `regime.paper_tokens_per_parameter`),
     and `corpus.unigram_perplexity`."""
     out = summary_metrics(summary)
-    nested = {"regime": summary.get("regime")}
-    corpus = summary.get("corpus")
-    if isinstance(corpus, dict):
-        nested["corpus"] = {"unigram_perplexity": corpus.get("unigram_perplexity")}
-    nested = {key: value for key, value in nested.items() if isinstance(value, dict)}
+    regime, corpus = summary.get("regime"), summary.get("corpus")
+    nested = {
+        "regime": regime if isinstance(regime, dict) else {},
+        "corpus": {"unigram_perplexity": corpus.get("unigram_perplexity")}
+        if isinstance(corpus, dict)
+        else {},
+    }
     for key, value in flatten(nested).items():
         if (v := number(value)) is not None:
             out[metric_key(key)] = v
