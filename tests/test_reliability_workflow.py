@@ -27,6 +27,8 @@ import pytest
 import yaml
 from helpers import SNAKEMAKE, job_counts, planned_runs, snakemake, workdir
 
+from moe_impl.runs import sweeps
+
 ROOT = Path(__file__).resolve().parents[1]
 PEAKS = ROOT / "workflow" / "resources" / "peak_memory.yaml"
 REFERENCE = ROOT / "results" / "reference" / "summary.csv"
@@ -42,6 +44,11 @@ Buffers:          123456 kB
 needs_snakemake = pytest.mark.skipif(
     not SNAKEMAKE.exists(), reason="snakemake (the `workflow` extra) not installed"
 )
+
+
+def sweep_runs(cfg: dict, sweep: str) -> set[str]:
+    """`sweep/run` of every run the config plans in that sweep (a model per seed)."""
+    return {f"{r.sweep}/{r.run}" for r in sweeps.planned_runs(cfg) if r.sweep == sweep}
 
 
 def write_config(wd: Path, name: str, cfg: dict) -> str:
@@ -68,8 +75,8 @@ def test_a_config_naming_only_lm1b_plans_only_lm1b(tmp_path):
     proc = snakemake(wd, "-n", "--cores", "2", "--configfile", write_config(wd, "lm1b.yaml", cfg))
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = planned_runs(proc.stdout)
-    assert runs == {f"lm1b/{m}" for m in cfg["sweeps"]["lm1b"]["models"]}, sorted(runs)
-    assert job_counts(proc.stdout)["train"] == len(cfg["sweeps"]["lm1b"]["models"])
+    assert runs == sweep_runs(cfg, "lm1b"), sorted(runs)
+    assert job_counts(proc.stdout)["train"] == len(runs)
 
 
 @pytest.mark.integration
@@ -80,9 +87,7 @@ def test_sweeps_to_run_picks_sweeps_of_a_config(tmp_path):
     wd = workdir(tmp_path)
     proc = snakemake(wd, "-n", "--cores", "2", "--config", "sweeps_to_run=[lm1b]")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert planned_runs(proc.stdout) == {
-        f"lm1b/{m}" for m in default_config()["sweeps"]["lm1b"]["models"]
-    }
+    assert planned_runs(proc.stdout) == sweep_runs(default_config(), "lm1b")
     bad = snakemake(wd, "-n", "--cores", "2", "--config", "sweeps_to_run=[lm1b,news]")
     assert bad.returncode != 0
     out = bad.stdout + bad.stderr
@@ -166,7 +171,9 @@ def default_plan(tmp_path_factory) -> list[dict]:
     proc = snakemake(wd, "-n", "-p", "--forceall", "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = planned_jobs(proc.stdout)
-    assert sum(j["rule"] == "train" for j in jobs) == 24 and sum(j["rule"] == "bench" for j in jobs)
+    assert sum(j["rule"] == "train" for j in jobs) == len(
+        sweeps.planned_runs(default_config())
+    ) and sum(j["rule"] == "bench" for j in jobs)
     return jobs
 
 
@@ -200,20 +207,39 @@ def test_the_budget_is_the_available_memory_less_a_reserve():
 
 
 @pytest.mark.integration
-def test_the_two_largest_jobs_never_run_together_on_a_24gb_machine(default_plan):
-    """Snakemake starts jobs together only while their mem_mb sum stays within the budget."""
+@needs_snakemake
+def test_jobs_whose_peaks_do_not_fit_together_never_run_together_on_a_24gb_machine(
+    default_plan, tmp_path
+):
+    """Snakemake starts jobs together only while their mem_mb sum stays within the budget. The
+    default plan's jobs all fit in pairs; the news100b sweep taken to 131072 experts (as the
+    default was until 2026-12-01, and as a user may configure it) has two that must not."""
     budget = budget_24gb()
-    by_name = {j["name"]: j for j in default_plan}
-    assert all(j["mem_mb"] <= budget for j in default_plan)  # each one can run
-    largest = sorted(default_plan, key=lambda j: j["mem_mb"])[-2:]
-    assert sum(j["mem_mb"] for j in largest) > budget, largest
+    wd = workdir(tmp_path)
+    cfg = default_config()
+    cfg["sweeps"]["news100b"]["models"] += ["MoE-65536-h", "MoE-131072-h"]
+    proc = snakemake(
+        wd,
+        "-n",
+        "-p",
+        "--forceall",
+        "--cores",
+        "2",
+        "--configfile",
+        write_config(wd, "big.yaml", cfg),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    big_plan = planned_jobs(proc.stdout)
+    by_name = {j["name"]: j for j in big_plan}
     pair = by_name["news100b/MoE-131072-h"], by_name["news100b/MoE-65536-h"]
     assert sum(j["mem_mb"] for j in pair) > budget, pair
-    # any two jobs whose measured peaks would not fit are never started together
     measured = measured_train_peaks_mb()
-    for a, b in itertools.combinations([j for j in default_plan if j["preset"]], 2):
-        if measured[a["preset"]] + measured[b["preset"]] > budget:
-            assert a["mem_mb"] + b["mem_mb"] > budget, (a, b)
+    for plan in default_plan, big_plan:
+        assert all(j["mem_mb"] <= budget for j in plan)  # each one can run
+        # any two jobs whose measured peaks would not fit are never started together
+        for a, b in itertools.combinations([j for j in plan if j["preset"]], 2):
+            if measured[a["preset"]] + measured[b["preset"]] > budget:
+                assert a["mem_mb"] + b["mem_mb"] > budget, (a, b)
 
 
 @pytest.mark.integration
