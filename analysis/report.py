@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from analysis import collect, paper, tables
+from analysis import collect, paper, tables, walltime
 from analysis.rules import (
     CLAIMS,
     COMPUTE_MATCH_TOL,
@@ -296,6 +296,28 @@ def _regime_section(summary: pd.DataFrame) -> list[str]:
     return out
 
 
+def _walltime_section(summary: pd.DataFrame) -> list[str]:
+    sweeps = walltime.per_sweep(summary)
+    if sweeps.empty:
+        return []
+    total = sweeps["core-min"].sum()
+    return [
+        "",
+        "## Wall time: the training jobs, and on more cores",
+        "",
+        f"{int(sweeps['jobs'].sum())} training jobs, {total:.0f} core-minutes in all (each job one "
+        "process on `threads_per_run` cores; `wall_time_s` of `summary.csv`).",
+        "",
+        tables.to_markdown(sweeps).rstrip(),
+        "",
+        "The same jobs scheduled longest first on single-thread workers (`analysis/walltime.py`: "
+        "without the memory budget, the benchmark and the analysis; Snakemake does not start "
+        "jobs longest first, so a real run can take longer):",
+        "",
+        tables.to_markdown(walltime.projection(summary)).rstrip(),
+    ]
+
+
 def render(verdict_list: list[Verdict], summary: pd.DataFrame) -> str:
     """REPORT.md's text."""
     out = [
@@ -336,4 +358,5 @@ def render(verdict_list: list[Verdict], summary: pd.DataFrame) -> str:
         if not v.evidence.empty:
             out += ["", tables.to_markdown(v.evidence).rstrip()]
     out += _regime_section(summary)
+    out += _walltime_section(summary)
     return "\n".join(out) + "\n"
