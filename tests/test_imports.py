@@ -37,7 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     "tracking": {"runs"},
     # the language models, then training them, and the layer benchmark beside training
     "model": {"layer", "parallel"},
-    "train": {"layer", "parallel", "model", "data", "runs", "telemetry", "tracking"},
+    "train": {"layer", "parallel", "model", "data", "runs", "telemetry", "tracking", "runtime"},
     "bench": {"layer", "parallel", "model", "runs", "telemetry", "runtime"},
     # the GPU check (python -m moe_impl gpu-check): measures the layers, models, trainer, bench
     "gpucheck": {"layer", "model", "runs", "telemetry", "train", "bench"},

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_impl import telemetry
+from moe_impl import runtime, telemetry
 from moe_impl.bench.spec import ExpertSpec, gate_outputs, train_flops
 from moe_impl.layer import balancing
 from moe_impl.layer.flat import MoE
@@ -42,6 +42,8 @@ def measure(cfg: dict) -> dict:
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
     device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
+    if device.type == "cpu":
+        runtime.flush_denormals()  # as training does (moe_impl/runtime.py)
     # the peak training's MFU uses (summary.json): the datasheet table on GPUs, a GEMM measured
     # here, at the configuration's thread count, on CPUs; None where the device is unknown
     peak, _ = telemetry.resolve_peak_flops(cfg["device"], cfg["dtype"])

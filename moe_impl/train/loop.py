@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe_impl import telemetry
+from moe_impl import runtime, telemetry
 from moe_impl.model.lm import MoELanguageModel
 from moe_impl.parallel import context as parallel_context
 from moe_impl.runs import lock, rundir
@@ -77,6 +77,8 @@ class Trainer:
         self.device = resolve_device(
             train.device, self.ctx.local_rank if self.ctx.distributed else None
         )
+        if self.device.type == "cpu":
+            runtime.flush_denormals()  # the load loss's CDF gradient underflows (runtime.py)
         batches = {"train.batch_size": train.batch_size, "eval.batch_size": cfg.eval.batch_size}
         for key, rows in batches.items():
             if rows % self.ctx.world_size:
