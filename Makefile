@@ -62,10 +62,13 @@ mlflow-ui: $(STAMP)
 # less a reserve (workflow/scripts/mem_budget.py); `make reproduce MEM_MB=12000` sets it by hand
 MEM_MB  ?= $$($(BIN)/python workflow/scripts/mem_budget.py)
 
-# the default reproduction (Snakefile + config/config.yaml), then its HTML report
+# the default reproduction (Snakefile + config/config.yaml), then its HTML report; `make reproduce
+# CONFIG=config/regime.yaml` runs another workflow config
+CONFIG  ?=
+CONFIGFILE = $(if $(CONFIG),--configfile $(CONFIG))
 reproduce: $(STAMP)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all --resources mem_mb=$(MEM_MB)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --report results/report.html
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all --resources mem_mb=$(MEM_MB) $(CONFIGFILE)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --report results/report.html $(CONFIGFILE)
 
 # every step of the reproduction at toy size (config/smoke.yaml), in a few minutes
 smoke: $(STAMP)

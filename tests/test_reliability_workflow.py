@@ -211,30 +211,21 @@ def test_the_budget_is_the_available_memory_less_a_reserve():
 def test_jobs_whose_peaks_do_not_fit_together_never_run_together_on_a_24gb_machine(
     default_plan, tmp_path
 ):
-    """Snakemake starts jobs together only while their mem_mb sum stays within the budget. The
-    default plan's jobs all fit in pairs; the news100b sweep taken to 131072 experts (as the
-    default was until 2026-12-01, and as a user may configure it) has two that must not."""
+    """Snakemake starts jobs together only while their mem_mb sum stays within the budget: the
+    default's two largest jobs (MoE-131072-h, MoE-65536-h) never run together, and neither do
+    two jobs of config/regime.yaml (256 x 64 positions) whose measured peaks would not fit."""
     budget = budget_24gb()
     wd = workdir(tmp_path)
-    cfg = default_config()
-    cfg["sweeps"]["news100b"]["models"] += ["MoE-65536-h", "MoE-131072-h"]
     proc = snakemake(
-        wd,
-        "-n",
-        "-p",
-        "--forceall",
-        "--cores",
-        "2",
-        "--configfile",
-        write_config(wd, "big.yaml", cfg),
+        wd, "-n", "-p", "--forceall", "--cores", "2", "--configfile", "config/regime.yaml"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    big_plan = planned_jobs(proc.stdout)
-    by_name = {j["name"]: j for j in big_plan}
+    regime_plan = planned_jobs(proc.stdout)
+    by_name = {j["name"]: j for j in default_plan}
     pair = by_name["news100b/MoE-131072-h"], by_name["news100b/MoE-65536-h"]
     assert sum(j["mem_mb"] for j in pair) > budget, pair
     measured = measured_train_peaks_mb()
-    for plan in default_plan, big_plan:
+    for plan in default_plan, regime_plan:
         assert all(j["mem_mb"] <= budget for j in plan)  # each one can run
         # any two jobs whose measured peaks would not fit are never started together
         for a, b in itertools.combinations([j for j in plan if j["preset"]], 2):

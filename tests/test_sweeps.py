@@ -24,7 +24,13 @@ from moe_impl.runs.sweeps import (
 from moe_impl.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ["config/config.yaml", "config/smoke.yaml", "config/paper.yaml", "config/gpu.yaml"]
+CONFIGS = [
+    "config/config.yaml",
+    "config/regime.yaml",
+    "config/smoke.yaml",
+    "config/paper.yaml",
+    "config/gpu.yaml",
+]
 
 
 def load(name: str) -> dict:
