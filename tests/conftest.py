@@ -63,3 +63,12 @@ def _isolated_from_the_repository(monkeypatch, scratch, mlflow_store_uri):
     changed = [str(p) for p, b in zip(_GUARDED, before, strict=True) if _state(p) != b]
     if changed:
         pytest.fail(f"the test wrote the repository's MLflow files: {', '.join(changed)}")
+
+
+@pytest.fixture(autouse=True)
+def _subnormals_kept_after_each_test():
+    """A CPU Trainer flushes subnormals for its process (moe_impl/runtime.py): a test that builds one
+    must not change the arithmetic of the tests after it."""
+    yield
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_flush_denormal(False)

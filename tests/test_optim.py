@@ -97,3 +97,19 @@ def test_bad_hyperparameters(kwargs, message):
 def test_rejects_vectors():
     with pytest.raises(ValueError, match="shape"):
         FactoredAdam([torch.zeros(5, requires_grad=True)])
+
+
+def test_an_expert_without_gradient_stays_finite_when_subnormals_are_flushed():
+    """Dense gradient, one expert all zero: its scale, correction · tiny, is a subnormal, which
+    flushing (as CPU training does) would turn into 0 and the update into 0/0."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    w = torch.randn(3, 2, 4, requires_grad=True)
+    start = w.detach().clone()
+    opt = FactoredAdam([w], lr=0.01)
+    for _ in range(2):
+        w.grad = torch.randn(3, 2, 4)
+        w.grad[1] = 0.0
+        opt.step()
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w[1].detach(), start[1])  # no gradient, no move

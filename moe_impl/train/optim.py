@@ -140,7 +140,9 @@ class FactoredAdam(torch.optim.Optimizer):
         del g2
         step = take(state["step"]) + 1
         correction = 1 - beta2 ** step.to(g.dtype)
-        scale = correction * v_row.mean(1).clamp_min(torch.finfo(g.dtype).tiny)
+        # clamped after the product: clamping the mean alone left correction · tiny, a subnormal
+        # that flushing (moe_impl/runtime.py) turns into 0, and an expert without gradient into 0/0
+        scale = (correction * v_row.mean(1)).clamp_min(torch.finfo(g.dtype).tiny)
         # sqrt(v̂) = outer(sqrt(v_row / scale), sqrt(v_col)): one (E, r, c) pass builds
         # sqrt(v̂) + ε, a second turns it into the update g / (sqrt(v̂) + ε)
         r = v_row.div(scale[:, None]).sqrt_()
