@@ -1,4 +1,5 @@
-"""Process-level settings that make CPU runs faster; called by the CLI, never on import.
+"""Process-level settings that make CPU runs faster; called by the CLI and the trainer, not on
+import.
 
 glibc returns large freed blocks to the kernel (mmap'd allocations above 32 MB are unmapped, and the
 heap top is trimmed), so every training step page-faults again on each large temporary: at 131072
