@@ -1,4 +1,5 @@
-"""moe_impl/runtime.py: the process settings CPU training turns on."""
+"""moe_impl/runtime.py: the process settings CPU training turns on (conftest.py restores the
+default arithmetic after each test)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,7 @@ from moe_impl.train.loop import Trainer
 SUBNORMAL = 1e-39  # float32 subnormal: below 2**-126 ≈ 1.18e-38
 
 
-@pytest.fixture
-def restore_denormals():
-    yield
-    torch.set_flush_denormal(False)
-
-
-def test_flushing_treats_subnormals_as_zero(restore_denormals):
+def test_flushing_treats_subnormals_as_zero():
     x = torch.tensor([SUBNORMAL, 1e-30])
     torch.set_flush_denormal(False)
     assert (x * 1.0)[0] > 0  # kept by default
@@ -28,7 +23,7 @@ def test_flushing_treats_subnormals_as_zero(restore_denormals):
     assert y[0] == 0 and y[1] == pytest.approx(1e-30)  # normal values unchanged
 
 
-def test_a_cpu_trainer_flushes_subnormals(tmp_path, restore_denormals):
+def test_a_cpu_trainer_flushes_subnormals(tmp_path):
     """The load loss's CDF gradient underflows into subnormals, which made CPU steps ~2x slower."""
     if not runtime.flush_denormals():
         pytest.skip("this CPU cannot flush subnormals")

@@ -25,7 +25,7 @@ pytestmark = [
 ]
 
 
-def merged_config(wd: Path, configfile: str) -> dict:
+def workflow_config(wd: Path, configfile: str) -> dict:
     """What snakemake sees: the --configfile named, all of it (the Snakefile reads
     config/config.yaml only when none is named, and merges nothing)."""
     return yaml.safe_load((wd / configfile).read_text())
@@ -56,7 +56,7 @@ def test_dry_run_plans_exactly_the_configured_runs(tmp_path, configfile):
     proc = snakemake(wd, "-n", "--cores", "2", "--configfile", configfile)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     runs = planned_runs(proc.stdout)
-    want = configured_runs(merged_config(wd, configfile))
+    want = configured_runs(workflow_config(wd, configfile))
     assert runs == want, (sorted(runs - want), sorted(want - runs))
     jobs = job_counts(proc.stdout)
     assert jobs["train"] == len(want)  # one training job per run, none twice
@@ -66,7 +66,7 @@ def test_dry_run_plans_exactly_the_configured_runs(tmp_path, configfile):
     models = {run.split("/")[1] for run in runs}
     # every count is benchmarked, and trained, except by regime.yaml, which stops at 4096-h
     # (beyond, claim 4 is not testable on a laptop at its batch: docs/sizing.md)
-    assert merged_config(wd, configfile)["bench"]["experts"] == EXPERT_COUNTS
+    assert workflow_config(wd, configfile)["bench"]["experts"] == EXPERT_COUNTS
     trained = EXPERT_COUNTS[:6] if configfile.endswith("regime.yaml") else EXPERT_COUNTS
     for n in trained:
         name = f"MoE-{n}"
@@ -92,7 +92,7 @@ def test_parsing_the_workflow_imports_neither_torch_nor_matplotlib(tmp_path):
         wd, "-n", "--cores", "2", "--configfile", "config/smoke.yaml", pythonpath=(poisoned,)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert planned_runs(proc.stdout) == configured_runs(merged_config(wd, "config/smoke.yaml"))
+    assert planned_runs(proc.stdout) == configured_runs(workflow_config(wd, "config/smoke.yaml"))
 
 
 def test_multi_gpu_runs_start_through_the_launcher(tmp_path):
@@ -159,7 +159,7 @@ def test_smoke_config_runs_end_to_end(tmp_path):
     wd = workdir(tmp_path)
     proc = snakemake(wd, "--cores", "2", "--configfile", "config/smoke.yaml", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    want = configured_runs(merged_config(wd, "config/smoke.yaml"))
+    want = configured_runs(workflow_config(wd, "config/smoke.yaml"))
     summaries = {
         p.parent.relative_to(wd / "results/runs").as_posix(): json.loads(p.read_text())
         for p in (wd / "results/runs").glob("*/*/summary.json")
@@ -199,7 +199,7 @@ def test_seeds_plan_one_run_per_seed(tmp_path):
     proc = snakemake(wd, "-n", "-p", "--cores", "2", "--configfile", "config/seeds.yaml")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     runs = planned_runs(proc.stdout)
-    unseeded = configured_runs(merged_config(wd, "config/smoke.yaml"))
+    unseeded = configured_runs(workflow_config(wd, "config/smoke.yaml"))
     extra = {"balance/MoE-256_wi0_wl0_seed1", "balance/MoE-256_wi0.1_wl0.1_seed1"}
     assert runs == (unseeded - {"news100b/MoE-32"}) | extra | {"news100b/MoE-32_seed2"}
     assert "name=MoE-256_wi0.1_wl0.1_seed1 " in proc.stdout
