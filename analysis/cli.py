@@ -145,6 +145,7 @@ def _log_analysis_run(args: argparse.Namespace, verdicts: list[report.Verdict]) 
         tags={"kind": "analysis"},
         tracking_uri=args.uri,
         system_metrics_interval_s=None,
+        runs_view=False,  # its runs are analyses, not training runs
     )
     inputs = [args.summary, args.summary.with_name(SNAPSHOTS_FILE), *args.bench]
     tracker.log_artifacts([args.out / "figures", args.out / "tables", args.out / "REPORT.md"])

@@ -95,6 +95,19 @@ def test_data_path_adds_its_path_and_data_path_set_only_when_set():
     ]
 
 
+def test_a_configs_experiment_goes_to_every_run_after_its_name():
+    """The MLflow experiment of a config (docs/tracking.md): named, it follows `name=`; absent,
+    no override, so the training config's (`moe`) holds and no run's values change."""
+    runs = planned_runs(tiny_config(experiment="moe-x"))
+    assert all(r.overrides[3] == "experiment=moe-x" for r in runs)
+    assert load_config([], runs[0].overrides).experiment == "moe-x"
+    assert not any(
+        o.startswith("experiment=") for r in planned_runs(tiny_config()) for o in r.overrides
+    )
+    names = {load(c).get("experiment") for c in CONFIGS}
+    assert len(names) == len(CONFIGS)  # one experiment per shipped config (None: config.yaml's)
+
+
 def test_sweeps_to_run_picks_sweeps_in_its_order_and_names_unknown_ones():
     cfg = tiny_config(sweeps_to_run=["b", "a"])
     assert selected_sweeps(cfg) == ["b", "a"]

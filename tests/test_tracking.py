@@ -266,6 +266,103 @@ def test_cli_init_and_import(store, tmp_path, capsys):
     assert cli.main(["tracking", "init", "--uri", "mlruns"]) == 2
 
 
+def with_card(run_dir: Path, name: str, digest: str = "d1") -> dict:
+    """Give a run directory the card the trainer writes into run.json (moe_impl/train/card.py)."""
+    card = {
+        "display_name": name,
+        "description": f"**{name}**: a test run.",
+        "dataset": {"name": "synthetic", "digest": digest, "source_type": "code",
+                    "source": "{}", "profile": "{}"},
+    }  # fmt: skip
+    runinfo.write_run_identity(run_dir, name, EXP, card)
+    return card
+
+
+def mlflow_run(uri: str, run_id: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri).get_run(run_id)
+
+
+@pytest.mark.integration
+def test_a_run_carries_its_card_and_its_experiment_the_ui_view(store, tmp_path):
+    """Run name, description and dataset from the card; resumed, nothing is logged twice; the
+    experiment is a machine-learning one with our saved view (moe_impl/tracking/view.py)."""
+    run_dir = write_run_dir(tmp_path / "run", finished=False)
+    with_card(run_dir, "lm1b/MoE-4/seed1")
+    first = track_live(run_dir, store, system_metrics_interval_s=None)
+    first.flush()
+    write_run_dir(run_dir)
+    again = track_live(run_dir, store, system_metrics_interval_s=None)  # resumed
+    assert again.run_id == first.run_id
+    again.finish(rundir.read_summary(run_dir))
+    run = mlflow_run(store, again.run_id)
+    assert run.info.run_name == "lm1b/MoE-4/seed1"
+    assert run.data.tags[tracking.view.NOTE_TAG] == "**lm1b/MoE-4/seed1**: a test run."
+    (dataset,) = run.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.digest) == ("synthetic", "d1")
+    assert [(t.key, t.value) for t in dataset.tags] == [("mlflow.data.context", "training")]
+
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(store).get_experiment_by_name(EXP).tags
+    assert tags[tracking.view.KIND_TAG] == "custom_model_development"
+    saved = json.loads(tags[tracking.view.VIEW_TAG_PREFIX + tracking.view.VIEW_KEY])
+    assert saved["name"] == tracking.view.VIEW_NAME
+    ((_, url),) = [u for u in tracking.experiment_urls(store, "http://h:1") if u[0] == EXP]
+    exp_id = MlflowClient(store).get_experiment_by_name(EXP).experiment_id
+    assert url == tracking.view.experiment_url("http://h:1", exp_id)
+
+
+@pytest.mark.integration
+def test_a_replaced_run_gives_up_its_name(tmp_path):
+    """A run directory set aside for a changed config (docs/workflow.md) and the new run in its
+    place: the new run takes the name, the old one is renamed and tagged, export reads the new one.
+    Two runs that merely share a name are both kept as they are."""
+    from moe_impl.train.identity import set_aside
+
+    uri = "sqlite:///" + (tmp_path / "mlflow.db").as_posix()
+    run_dir = write_run_dir(tmp_path / "runs" / "MoE-4")
+    with_card(run_dir, "lm1b/MoE-4")
+    (old_id,) = tracking.import_runs([run_dir], tracking_uri=uri)
+    twin = write_run_dir(tmp_path / "elsewhere" / "MoE-4")  # same name, not a replacement
+    with_card(twin, "lm1b/MoE-4")
+    (twin_id,) = tracking.import_runs([twin], tracking_uri=uri)
+    assert mlflow_run(uri, old_id).info.run_name == "lm1b/MoE-4"  # untouched by its namesake
+    set_aside(run_dir)
+    write_run_dir(run_dir)
+    with_card(run_dir, "lm1b/MoE-4")
+    new = track_live(run_dir, uri, system_metrics_interval_s=None)
+    new.finish(rundir.read_summary(run_dir))
+    old = mlflow_run(uri, old_id)
+    assert old.info.run_name.startswith("lm1b/MoE-4 (replaced 20")
+    new_moe_id = rundir.read_json(run_dir / rundir.RUN_FILE)["run_id"]
+    assert old.data.tags[tracking.REPLACED_TAG] == new_moe_id
+    assert mlflow_run(uri, new.run_id).info.run_name == "lm1b/MoE-4"
+    assert mlflow_run(uri, twin_id).info.run_name == "lm1b/MoE-4"
+    exported = tracking.export_runs(EXP, tmp_path / "export", tracking_uri=uri)
+    assert sorted(e["mlflow_run_id"] for e in exported) == sorted([new.run_id, twin_id])
+
+
+@pytest.mark.integration
+def test_import_names_a_run_without_a_card_from_its_config(tmp_path, capsys):
+    """A run directory written before cards (and whose config train cannot read back, so no card
+    can be built): `sweep/name/seedS` from config.yaml, and the sweep tag the runs page groups by."""
+    uri = "sqlite:///" + (tmp_path / "mlflow.db").as_posix()
+    run_dir = write_run_dir(tmp_path / "run", name="MoE-4_seed3")
+    config = {**CONFIG, "sweep": "news100b", "train": {**CONFIG["train"], "seed": 3}}
+    (run_dir / rundir.CONFIG_FILE).write_text(yaml.safe_dump(config))
+    assert cli.main(["tracking", "import", str(run_dir), "--uri", uri]) == 0
+    (row,) = runs_tagged(uri, rundir.read_json(run_dir / "run.json")["run_id"]).to_dict("records")
+    assert row["tags.mlflow.runName"] == "news100b/MoE-4/seed3" and row["tags.sweep"] == "news100b"
+    assert (
+        cli.main(["tracking", "init", "--uri", uri, "--experiment", "a", "--experiment", "b"]) == 0
+    )
+    assert "'a', 'b'" in capsys.readouterr().out
+    names = {name for name, _ in tracking.experiment_urls(uri, "http://h:1")}
+    assert {"a", "b", EXP} <= names
+
+
 def test_uri_resolution(tmp_path, monkeypatch):
     tmp_path = tmp_path.resolve()
     monkeypatch.chdir(tmp_path)

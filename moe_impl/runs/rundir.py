@@ -14,7 +14,8 @@
                            see SUMMARY_KEYS
       checkpoints/       step-NNNNNNNN.pt, the newest few kept; latest.txt names the newest
       run.json           identity: {"run_id" (uuid4 hex, stable across resumes), "name",
-                            "experiment", "started", "host", "git_commit", "git_dirty"}
+                            "experiment", "started", "host", "git_commit", "git_dirty", "card"
+                            (the MLflow run name, description and dataset: train/card.py)}
       .lock              flock-ed by the process training into the directory (runs/lock.py)
 
 Every number is a plain JSON number; NaN and infinities are written as null (JSON has none).
@@ -35,6 +36,9 @@ SUMMARY_FILE = "summary.json"
 EXPERT_LOAD_FILE = "expert_load.json"
 RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoints"
+# a run directory set aside for a changed config (train/identity.py, set_aside): D ->
+# D.parent / ".{D.name}.replaced-<UTC time>", whole
+ASIDE_MARK = ".replaced-"
 
 # summary.json: these keys are always present (value null where not applicable); the tracking
 # module logs each numeric one as a final MLflow metric of the same name.
@@ -107,6 +111,12 @@ def write_json(path: str | Path, data: dict) -> None:
 
 def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def set_aside_copies(run_dir: str | Path) -> list[Path]:
+    """The earlier run directories set aside in place of run_dir (ASIDE_MARK), oldest first."""
+    run_dir = Path(run_dir)
+    return sorted(p for p in run_dir.parent.glob(f".{run_dir.name}{ASIDE_MARK}*") if p.is_dir())
 
 
 def read_summary(run_dir: str | Path) -> dict | None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from moe_impl.runs import rundir
 
 GIT_TIMEOUT_S = 5.0
+CARD_KEY = "card"  # run.json: {"display_name", "description", "dataset"} (moe_impl/train/card.py)
 _REPO_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -125,19 +126,44 @@ def new_run_identity(name: str, experiment: str) -> dict:
     }
 
 
-def write_run_identity(run_dir: str | Path, name: str, experiment: str) -> dict:
+def write_run_identity(
+    run_dir: str | Path, name: str, experiment: str, card: dict | None = None
+) -> dict:
     """Create run_dir/run.json once and return the identity; a resumed run gets the old one.
 
-    Idempotent: an existing run.json is returned unchanged, so `run_id` is stable across resumes
-    and is the key that keeps MLflow from duplicating a run (moe_impl.tracking).
+    Idempotent: an existing run.json keeps its identity, so `run_id` is stable across resumes
+    and is the key that keeps MLflow from duplicating a run (moe_impl.tracking). `card` (what the
+    run is, in words: moe_impl/train/card.py) is stored under "card", and replaced when it differs
+    (a run resumed by newer code gets the newer card).
     """
     path = Path(run_dir) / rundir.RUN_FILE
     if path.exists():
-        return rundir.read_json(path)
+        identity = rundir.read_json(path)
+        if card is not None and identity.get(CARD_KEY) != card:
+            identity = {**identity, CARD_KEY: card}
+            rundir.write_json(path, identity)
+        return identity
     path.parent.mkdir(parents=True, exist_ok=True)
     identity = new_run_identity(name, experiment)
+    if card is not None:
+        identity[CARD_KEY] = card
     rundir.write_json(path, identity)
     return identity
+
+
+def display_name(name: str, sweep: str | None = None, seed: int = 0) -> str:
+    """The run's name in MLflow, unique within a workflow config: `lm1b/MoE-32`, `lm1b/MoE-32/seed1`,
+    `balance/MoE-256_wi0.1_wl0.1`. The sweep comes first, a seed other than 0 last; the
+    `_seed<S>` suffix the workflow gives a run directory (moe_impl/runs/sweeps.py) is taken off
+    `name` so that the seed is not said twice."""
+    suffix = f"_seed{seed}"
+    if seed and name.endswith(suffix) and len(name) > len(suffix):
+        name = name[: -len(suffix)]
+    parts = [sweep] if sweep else []
+    parts.append(name)
+    if seed:
+        parts.append(f"seed{seed}")
+    return "/".join(parts)
 
 
 # --- the run directory as tracking sees it (names shared by live logging and import) ----------

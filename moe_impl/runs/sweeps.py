@@ -12,7 +12,8 @@ same YAML to list the runs:
         print(run.sweep, run.run, run.preset, run.overrides)
 
 A run is one model entry of one selected sweep, once per `balance_weights` pair and per seed. Its
-overrides, in order: `model.preset=<presets><entry>`, `sweep=`, `name=`, then `data.path=<data_path>`
+overrides, in order: `model.preset=<presets><entry>`, `sweep=`, `name=`, `experiment=` where the
+config names one (else the training config's, `moe`, holds), then `data.path=<data_path>`
 and the `data_path_set:` overrides when `data_path` is set, the balance weights, the sweep's `set:`,
 the model entry's `set:` (a later override of the same key wins) and last `train.seed=<seed>`. Keys
 the config leaves out take the defaults of workflow/schemas/config.schema.yaml (`DEFAULTS`).
@@ -146,6 +147,7 @@ def planned_runs(
     sweeps.lm1b.models[10] (MoE-1000-h): <its message>`. A run listed twice is a ValueError too.
     """
     data_path = config.get("data_path", DEFAULTS["data_path"])
+    experiment = config.get("experiment")
     data_set = config.get("data_path_set") or DEFAULTS["data_path_set"]
     runs: list[PlannedRun] = []
     seen: set[tuple[str, str]] = set()
@@ -156,6 +158,8 @@ def planned_runs(
             for w, seed in ((w, seed) for w in weights for seed in seeds):
                 run = run_name(name, w, seed)
                 overrides = [f"model.preset={preset}", f"sweep={sweep}", f"name={run}"]
+                if experiment:
+                    overrides.append(f"experiment={experiment}")
                 if data_path:
                     overrides.append(f"data.path={data_path}")
                     overrides += set_overrides(data_set)

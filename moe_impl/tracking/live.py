@@ -78,11 +78,14 @@ class RunTracker:
         tags: dict | None = None,
         tracking_uri: str | None = None,
         system_metrics_interval_s: float | None = 10.0,
+        runs_view: bool = True,
     ) -> RunTracker:
         """Start (or, when run.json names a run in this store, resume) the job's MLflow run.
 
         Never raises because of the store. Creates run.json (runinfo.write_run_identity) when
-        the caller has not. system_metrics_interval_s=None turns MLflow's system metrics off.
+        the caller has not. system_metrics_interval_s=None turns MLflow's system metrics off;
+        runs_view=False leaves the experiment without the saved runs view (view.py), for an
+        experiment that holds no training runs.
         """
         tracker = cls(run_dir, tracking_uri)
         # the run directory and the config are not the store: their errors do raise
@@ -90,15 +93,17 @@ class RunTracker:
         params = runinfo.flatten_config(config)
         try:
             tracker.tracking_uri = store.resolve_tracking_uri(tracking_uri)
-            tracker._start(identity, params, experiment, run_name, tags or {})
+            tracker._start(identity, params, experiment, run_name, tags or {}, runs_view)
             if system_metrics_interval_s:
                 tracker._start_monitor(system_metrics_interval_s)
         except Exception as err:  # store unreachable, locked, misconfigured...: never the run
             tracker._disable(err)
         return tracker
 
-    def _start(self, identity: dict, params: dict, experiment, run_name, tags: dict) -> None:
-        client, experiment_id = store.open_store(self.tracking_uri, experiment)
+    def _start(
+        self, identity: dict, params: dict, experiment, run_name, tags: dict, runs_view: bool
+    ) -> None:
+        client, experiment_id = store.open_store(self.tracking_uri, experiment, runs_view)
         run = None
         if identity.get(store.MLFLOW_URI_KEY) == self.tracking_uri and identity.get(
             store.MLFLOW_RUN_KEY
@@ -108,12 +113,15 @@ class RunTracker:
                 run = None
         run = run or store.find_run(client, identity["run_id"])
         git = {} if "git_commit" in identity else runinfo.git_info()
+        card = identity.get(runinfo.CARD_KEY) or {}
+        run_name = card.get("display_name") or run_name
         all_tags = {
             **store.identity_tags({**git, **identity}),
             "host": runinfo.host(),
             **runinfo.versions(),
             "experiment": experiment,
             **{k: str(v) for k, v in tags.items()},
+            **store.card_tags(card),
         }
         all_tags.setdefault("device_name", runinfo.device_name())
         if run is None:
@@ -124,12 +132,15 @@ class RunTracker:
                 run_name=run_name,
             )
             store.log_batch(client, run.info.run_id, params=params)
+            store.mark_replaced(client, run, self.run_dir)
         else:  # resume
             self._logged = {k: max(s) for k, s in store.metric_steps(client, run).items() if s}
-            client.update_run(run.info.run_id, status="RUNNING")
+            client.update_run(run.info.run_id, status="RUNNING", name=run_name)
             store.log_batch(
                 client, run.info.run_id, params=store.new_params(run, params), tags=all_tags
             )
+        if card.get("dataset"):
+            store.log_dataset(client, run.info.run_id, card["dataset"])
         self._client, self.run_id = client, run.info.run_id
         identity = {
             **identity,

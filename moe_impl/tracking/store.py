@@ -21,9 +21,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from moe_impl.runs import rundir
+from moe_impl.tracking import view
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,7 @@ DEFAULT_EXPERIMENT = "moe"
 RUN_ID_TAG = "moe.run_id"  # run.json's run_id: the idempotency key
 COMPLETE_TAG = "moe.complete"  # "true" once everything in the run directory is in MLflow
 IMPORTED_TAG = "moe.imported"
+REPLACED_TAG = "moe.replaced_by"  # the moe.run_id of the run that took this run's name
 MLFLOW_RUN_KEY, MLFLOW_URI_KEY = "mlflow_run_id", "mlflow_tracking_uri"  # added to run.json
 BATCH_PARAMS, BATCH_METRICS = 100, 1000  # log_batch limits
 HTTP_PROBE_TIMEOUT_S = 3.0
@@ -115,9 +120,10 @@ def _store_lock(uri: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def open_store(uri: str, experiment: str | None = None):
+def open_store(uri: str, experiment: str | None = None, runs_view: bool = True):
     """(MlflowClient, experiment id or None); creates and migrates the store, and the
-    experiment with an explicit artifact location (docs/tracking.md), under the store lock."""
+    experiment with an explicit artifact location (docs/tracking.md) and the UI's tags (view.py;
+    the saved runs view only with `runs_view`), under the store lock."""
     if _is_http(uri):
         for key, value in HTTP_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
@@ -133,8 +139,11 @@ def open_store(uri: str, experiment: str | None = None):
         if exp is None:
             root = artifact_root(uri)
             location = None if root is None else (root / _safe(experiment)).as_uri()
+            tags = view.experiment_tags(experiment, {}, runs_view=runs_view)
             try:
-                return client, client.create_experiment(experiment, artifact_location=location)
+                return client, client.create_experiment(
+                    experiment, artifact_location=location, tags=tags
+                )
             except MlflowException:  # created meanwhile by a process on another host
                 exp = client.get_experiment_by_name(experiment)
                 if exp is None:
@@ -142,6 +151,9 @@ def open_store(uri: str, experiment: str | None = None):
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
             log.info("restored the deleted MLflow experiment %r", experiment)
+        existing = dict(exp.tags)
+        for key, value in view.experiment_tags(experiment, existing, runs_view=runs_view).items():
+            client.set_experiment_tag(exp.experiment_id, key, value)  # a store made before
         return client, exp.experiment_id
 
 
@@ -171,14 +183,26 @@ def _safe(name: str) -> str:
 
 
 def init_store(uri: str | None = None, experiment: str | None = None) -> str:
-    """Create and migrate the store once (idempotent) and create the experiment; returns the
-    resolved URI. Run it before parallel jobs share a SQLite store (docs/tracking.md)."""
+    """Create and migrate the store once (idempotent) and, when named, create the experiment;
+    returns the resolved URI. Run it before parallel jobs share a SQLite store
+    (docs/tracking.md); each job creates its experiment when it starts (under the store lock)."""
     uri = resolve_tracking_uri(uri)
     try:
-        open_store(uri, experiment or DEFAULT_EXPERIMENT)
+        open_store(uri, experiment)
     except ConnectionError as err:
         raise ValueError(str(err)) from err
     return uri
+
+
+def experiment_urls(uri: str, base_url: str) -> list[tuple[str, str]]:
+    """(name, address) of each live experiment of the store that has this project's saved view,
+    the address opening it on its training runs in that view (view.experiment_url)."""
+    client = open_client(uri)
+    return [
+        (exp.name, view.experiment_url(base_url, exp.experiment_id))
+        for exp in client.search_experiments()
+        if view.VIEW_VERSION_TAG in exp.tags
+    ]
 
 
 def server_command(host: str = "127.0.0.1", port: int = 5000, uri: str | None = None) -> list[str]:
@@ -216,6 +240,12 @@ def identity_tags(identity: dict) -> dict[str, str]:
     if "git_commit" in tags:
         tags["mlflow.source.git.commit"] = tags["git_commit"]
     return tags
+
+
+def card_tags(card: dict) -> dict[str, str]:
+    """The MLflow tags of a run's card (moe_impl/train/card.py): its description, as the run's
+    note."""
+    return {view.NOTE_TAG: card["description"]} if card.get("description") else {}
 
 
 def find_run(client, moe_run_id: str):
@@ -290,3 +320,42 @@ def start_system_metrics(run_id: str, interval_s: float, tracking_uri: str):
     )
     monitor.start()
     return monitor
+
+
+def log_dataset(client, run_id: str, dataset: dict, context: str = "training") -> None:
+    """The run's corpus as an MLflow dataset input (moe_impl/train/card.py, `corpus_dataset`);
+    logging the same dataset again adds nothing."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    entity = Dataset(
+        name=dataset["name"],
+        digest=dataset["digest"],
+        source_type=dataset["source_type"],
+        source=dataset["source"],
+        profile=dataset.get("profile"),
+    )
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
+    client.log_inputs(run_id, datasets=[DatasetInput(entity, tags)])
+
+
+def mark_replaced(client, run, run_dir) -> list[str]:
+    """The MLflow runs of the run directories set aside in place of `run_dir` (its config changed,
+    docs/workflow.md; rundir.set_aside_copies), renamed `<name> (replaced <date>)` and tagged
+    REPLACED_TAG with the run that replaced them (`run`), so that the name is the new run's and
+    `export_runs` reads each run once. Each found by the MLflow run id or the moe.run_id its
+    run.json holds; one already tagged is left alone. Returns the ids of the runs marked."""
+    marked = []
+    for old_dir in rundir.set_aside_copies(run_dir):
+        path = old_dir / rundir.RUN_FILE
+        identity = rundir.read_json(path) if path.is_file() else {}
+        old = get_run(client, identity[MLFLOW_RUN_KEY]) if identity.get(MLFLOW_RUN_KEY) else None
+        if old is None and identity.get("run_id"):
+            old = find_run(client, str(identity["run_id"]))
+        if old is None or old.info.run_id == run.info.run_id or REPLACED_TAG in old.data.tags:
+            continue
+        day = time.strftime("%Y-%m-%d", time.gmtime(old.info.start_time / 1000))
+        client.update_run(old.info.run_id, name=f"{old.info.run_name} (replaced {day})")
+        client.set_tag(old.info.run_id, REPLACED_TAG, run.data.tags.get(RUN_ID_TAG, ""))
+        marked.append(old.info.run_id)
+    return marked

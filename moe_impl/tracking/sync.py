@@ -78,15 +78,24 @@ def _import_one(client, uri: str, run_dir: Path, experiment: str | None) -> str:
     started_ms = _started_ms(run_dir, identity)
     seen: dict[str, set[int]] = {}
     config = _read_config(run_dir)
+    card = identity.get(runinfo.CARD_KEY) or {}
     if run is None:
         exp_name = experiment or identity.get("experiment") or store.DEFAULT_EXPERIMENT
         _, experiment_id = store.open_store(uri, str(exp_name))
-        tags = {**store.identity_tags(identity), store.IMPORTED_TAG: "true"}
-        name = str(identity.get("name") or run_dir.name)
+        tags = {
+            **store.identity_tags(identity),
+            **_config_tags(config),
+            **store.card_tags(card),
+            store.IMPORTED_TAG: "true",
+        }
+        name = card.get("display_name") or _display_name(identity, config, run_dir)
         run = client.create_run(experiment_id, start_time=started_ms, tags=tags, run_name=name)
+        store.mark_replaced(client, run, run_dir)
     else:  # a partial live run: add only the (key, step) points it lacks
         seen = store.metric_steps(client, run)
     run_id = run.info.run_id
+    if card.get("dataset"):
+        store.log_dataset(client, run_id, card["dataset"])
     metrics, end_ms = _metric_points(run_dir, started_ms, seen, _log_every(config))
     params = store.new_params(run, runinfo.flatten_config(config))
     store.log_batch(client, run_id, metrics=metrics, params=params)
@@ -96,6 +105,25 @@ def _import_one(client, uri: str, run_dir: Path, experiment: str | None) -> str:
     client.set_terminated(run_id, "FINISHED", end_time=end_ms)
     log.info("%s: imported as MLflow run %s", run_dir, run_id)
     return run_id
+
+
+def _display_name(identity: dict, config: dict, run_dir: Path) -> str:
+    """A run's MLflow name from its run.json and config.yaml (runinfo.display_name), for a run
+    directory without a card."""
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    seed = train.get("seed") if isinstance(train.get("seed"), int) else 0
+    name = str(identity.get("name") or config.get("name") or run_dir.name)
+    return runinfo.display_name(name, config.get("sweep") or None, seed)
+
+
+def _config_tags(config: dict) -> dict[str, str]:
+    """The tags a live run gets from its config (moe_impl/train/monitor.py): preset, corpus and
+    sweep, the last the runs page's grouping (moe_impl/tracking/view.py)."""
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    tags = {"preset": model.get("preset"), "corpus": data.get("corpus")}
+    tags["sweep"] = config.get("sweep") or ""
+    return {k: str(v) for k, v in tags.items() if v is not None}
 
 
 def missing_points(run_dir: str | Path, seen: dict[str, set[int]]) -> list:
@@ -165,7 +193,8 @@ def _is_train(record: dict) -> bool:
 def export_runs(
     experiment: str, dest: str | Path, *, tracking_uri: str | None = None
 ) -> list[dict]:
-    """The FINISHED runs of an MLflow experiment, for `python -m analysis collect --from-mlflow`.
+    """The FINISHED runs of an MLflow experiment, for `python -m analysis collect --from-mlflow`,
+    except those another run replaced (tag REPLACED_TAG, store.mark_replaced).
 
     Each run's artifacts (the run-directory files `finish` and `import_runs` log: config.yaml,
     summary.json, run.json, metrics.jsonl) are downloaded into dest/<mlflow run id>/, so analysis
@@ -192,7 +221,11 @@ def export_runs(
         token = page.token
         if not token:
             break
-    return [_export_one(client, run, Path(dest)) for run in runs]
+    replaced = [r for r in runs if store.REPLACED_TAG in r.data.tags]
+    if replaced:  # runs whose run directory was set aside for a changed config
+        log.info("skipped %d replaced runs (tag %s)", len(replaced), store.REPLACED_TAG)
+    kept = [r for r in runs if store.REPLACED_TAG not in r.data.tags]
+    return [_export_one(client, run, Path(dest)) for run in kept]
 
 
 def _export_one(client, run, dest: Path) -> dict:

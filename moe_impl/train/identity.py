@@ -23,7 +23,7 @@ from moe_impl.train.config import RunConfig, load_config
 # how a segment runs, not what it computes: a resumed segment may use other values
 EXECUTION_KEYS = frozenset({"train.threads", "train.progress"})
 
-ASIDE_MARK = ".replaced-"  # D -> D.parent / ".{D.name}.replaced-<UTC time>"
+ASIDE_MARK = rundir.ASIDE_MARK  # D -> D.parent / ".{D.name}.replaced-<UTC time>"
 
 
 def identity(cfg: RunConfig) -> dict[str, object]:

@@ -30,6 +30,7 @@ from moe_impl.parallel import context as parallel_context
 from moe_impl.runs import lock, rundir
 from moe_impl.tracking.live import tracked_step
 from moe_impl.train import checkpoint
+from moe_impl.train.card import run_card
 from moe_impl.train.config import RunConfig
 from moe_impl.train.corpus import local_batch, local_rows, open_corpus
 from moe_impl.train.device import autocast, device_name, peak_memory_mb, resolve_device
@@ -112,9 +113,11 @@ class Trainer:
         self.loop = LoopState()
         self._stop, self._stop_agreed = StopSignals(), False  # SIGTERM / SIGINT (interrupt.py)
         # only now, with everything built and checked, touch the run directory
+        # what the run is, in words (MLflow's run name, description, dataset): rank 0 writes it
+        card = run_card(cfg, self.model_cfg, self.corpus.describe()) if self.ctx.is_main else None
         prepare_run_dir(
             self.run_dir, cfg, resume=resume, ctx=self.ctx, name=self.name,
-            experiment=cfg.experiment, replace_changed=replace_changed,
+            experiment=cfg.experiment, replace_changed=replace_changed, card=card,
         )  # fmt: skip
         if resume and not rundir.is_finished(self.run_dir):  # finished: run() returns its summary
             self.loop = resumed_state(

@@ -89,8 +89,9 @@ def prepare_run_dir(
     name: str,
     experiment: str,
     replace_changed: bool = False,
+    card: dict | None = None,
 ) -> None:
-    """Check, then write config.yaml and run.json (rank 0). A new run needs an empty (or no)
+    """Check, then write config.yaml and run.json (rank 0; with the run's `card`, train/card.py). A new run needs an empty (or no)
     directory; a resumed one the values it was started with (identity.differences), else a
     ValueError lists each differing key, or, with `replace_changed`, the old run directory is set
     aside (identity.set_aside, every file kept) and a new run starts in its place."""
@@ -122,7 +123,7 @@ def prepare_run_dir(
         runlock.acquire(run_dir)  # held until Trainer.run ends (or the process does)
         if not config_path.exists():  # a resumed run keeps the file it was started with
             config_path.write_text(dump(cfg))
-        runinfo.write_run_identity(run_dir, name, experiment)
+        runinfo.write_run_identity(run_dir, name, experiment, card)
     ctx.barrier()
 
 
