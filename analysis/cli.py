@@ -142,7 +142,7 @@ def _log_analysis_run(args: argparse.Namespace, verdicts: list[report.Verdict]) 
         config=config,
         experiment=args.experiment,
         run_name="analysis",
-        tags={"kind": "analysis"},
+        tags={"kind": "analysis", "mlflow.source.name": "python -m analysis figures"},
         tracking_uri=args.uri,
         system_metrics_interval_s=None,
         runs_view=False,  # its runs are analyses, not training runs

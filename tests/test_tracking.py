@@ -298,6 +298,7 @@ def test_a_run_carries_its_card_and_its_experiment_the_ui_view(store, tmp_path):
     again.finish(rundir.read_summary(run_dir))
     run = mlflow_run(store, again.run_id)
     assert run.info.run_name == "lm1b/MoE-4/seed1"
+    assert run.data.tags["mlflow.source.name"] == "python -m moe_impl train"
     assert run.data.tags[tracking.view.NOTE_TAG] == "**lm1b/MoE-4/seed1**: a test run."
     (dataset,) = run.inputs.dataset_inputs
     assert (dataset.dataset.name, dataset.dataset.digest) == ("synthetic", "d1")

@@ -231,12 +231,15 @@ def start_server(
 
 
 def identity_tags(identity: dict) -> dict[str, str]:
-    """run.json's identity as MLflow tags: IDENTITY_TAGS, moe.run_id and MLflow's git tag."""
+    """run.json's identity as MLflow tags: IDENTITY_TAGS, moe.run_id and MLflow's source and git
+    tags."""
     tags = {}
     for key in IDENTITY_TAGS:
         if (value := identity.get(key)) is not None:
             tags[key] = str(value).lower() if isinstance(value, bool) else str(value)
     tags[RUN_ID_TAG] = str(identity["run_id"])
+    # the runs table's Source column: what made the run (MLflow's own tags)
+    tags["mlflow.source.name"], tags["mlflow.source.type"] = "python -m moe_impl train", "LOCAL"
     if "git_commit" in tags:
         tags["mlflow.source.git.commit"] = tags["git_commit"]
     return tags

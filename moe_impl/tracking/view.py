@@ -26,7 +26,7 @@ NOTE_TAG = "mlflow.note.content"  # an experiment's or a run's description (Mark
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 VIEW_KEY = "moe-sweeps"
 VIEW_NAME = "Sweeps: perplexity, parameters, ops/timestep"
-VIEW_VERSION = 1  # bump when the view below changes, so stores made before get the new one
+VIEW_VERSION = 2  # bump when the view below changes, so stores made before get the new one
 VIEW_VERSION_TAG = "moe.view_version"
 
 # the runs table's columns (MLflow's `<type>.\`<key>\``), after the run name: the paper's tables
@@ -41,17 +41,38 @@ COLUMNS = (
     "attributes.`Dataset`",
     "attributes.`Duration`",
 )
+# the table's column ids, left to right, and widths in pixels: the run name, then the metrics, the
+# paper's first; MLflow's own columns (created, dataset, duration) after them
+RUN_NAME_COLUMN, CREATED_COLUMN, DURATION_COLUMN = (
+    "attributes.`Run Name`",
+    "runDateAndNestInfo",
+    "duration",
+)
+COLUMN_ORDER = (RUN_NAME_COLUMN, *COLUMNS[:5], CREATED_COLUMN, COLUMNS[5], DURATION_COLUMN)
+COLUMN_WIDTHS = {
+    RUN_NAME_COLUMN: 250,
+    COLUMNS[0]: 130,
+    COLUMNS[1]: 230,
+    COLUMNS[2]: 150,
+    COLUMNS[3]: 110,
+    COLUMNS[4]: 150,
+    CREATED_COLUMN: 130,
+    COLUMNS[5]: 320,
+}
 SORT_KEY = "metrics.`test_perplexity`"
 GROUP_TAG = "sweep"  # the runs' tag that names their sweep (moe_impl/train/monitor.py)
 
 
 def view_state() -> dict:
     """The runs page's state of our saved view (keys of MLflow 3.17's runs page): the runs grouped
-    by sweep, every run shown in the charts, each run's own line (not the group's mean)."""
+    by sweep and sorted by test perplexity, its column first, every run shown in the charts, each
+    run's own line (not the group's mean)."""
     return {
         "orderByKey": SORT_KEY,
         "orderByAsc": True,
         "selectedColumns": list(COLUMNS),
+        "columnOrder": list(COLUMN_ORDER),
+        "columnWidths": dict(COLUMN_WIDTHS),
         "groupBy": {
             "aggregateFunction": "min",
             "groupByKeys": [{"mode": "tag", "groupByData": GROUP_TAG}],
