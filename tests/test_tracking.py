@@ -310,9 +310,12 @@ def test_a_run_carries_its_card_and_its_experiment_the_ui_view(store, tmp_path):
     assert tags[tracking.view.KIND_TAG] == "custom_model_development"
     saved = json.loads(tags[tracking.view.VIEW_TAG_PREFIX + tracking.view.VIEW_KEY])
     assert saved["name"] == tracking.view.VIEW_NAME
-    ((_, url),) = [u for u in tracking.experiment_urls(store, "http://h:1") if u[0] == EXP]
     exp_id = MlflowClient(store).get_experiment_by_name(EXP).experiment_id
+    MlflowClient(store).set_experiment_tag(exp_id, tracking.view.VIEW_VERSION_TAG, "0")  # older
+    ((_, url),) = [u for u in tracking.experiment_urls(store, "http://h:1") if u[0] == EXP]
     assert url == tracking.view.experiment_url("http://h:1", exp_id)
+    renewed = MlflowClient(store).get_experiment(exp_id).tags  # the UI gets the current view
+    assert renewed[tracking.view.VIEW_VERSION_TAG] == str(tracking.view.VIEW_VERSION)
 
 
 @pytest.mark.integration

@@ -196,13 +196,17 @@ def init_store(uri: str | None = None, experiment: str | None = None) -> str:
 
 def experiment_urls(uri: str, base_url: str) -> list[tuple[str, str]]:
     """(name, address) of each live experiment of the store that has this project's saved view,
-    the address opening it on its training runs in that view (view.experiment_url)."""
+    the address opening it on its training runs in that view (view.experiment_url). A view saved
+    by an older version of this code (view.VIEW_VERSION) is renewed first."""
     client = open_client(uri)
-    return [
-        (exp.name, view.experiment_url(base_url, exp.experiment_id))
-        for exp in client.search_experiments()
-        if view.VIEW_VERSION_TAG in exp.tags
-    ]
+    urls = []
+    for exp in client.search_experiments():
+        if view.VIEW_VERSION_TAG not in exp.tags:
+            continue
+        for key, value in view.experiment_tags(exp.name, dict(exp.tags)).items():
+            client.set_experiment_tag(exp.experiment_id, key, value)
+        urls.append((exp.name, view.experiment_url(base_url, exp.experiment_id)))
+    return urls
 
 
 def server_command(host: str = "127.0.0.1", port: int = 5000, uri: str | None = None) -> list[str]:
