@@ -316,6 +316,14 @@ def test_a_run_carries_its_card_and_its_experiment_the_ui_view(store, tmp_path):
     assert url == tracking.view.experiment_url("http://h:1", exp_id)
     renewed = MlflowClient(store).get_experiment(exp_id).tags  # the UI gets the current view
     assert renewed[tracking.view.VIEW_VERSION_TAG] == str(tracking.view.VIEW_VERSION)
+    # a store from before the view: an experiment of training runs gets it, others do not
+    old = MlflowClient(store).create_experiment("before-views")
+    MlflowClient(store).create_run(old, tags={tracking.RUN_ID_TAG: "x", "sweep": "lm1b"})
+    other = MlflowClient(store).create_experiment("other-runs")
+    MlflowClient(store).create_run(other, tags={tracking.RUN_ID_TAG: "y", "kind": "analysis"})
+    names = [name for name, _ in tracking.experiment_urls(store, "http://h:1")]
+    assert "before-views" in names and "other-runs" not in names
+    assert tracking.view.VIEW_VERSION_TAG in MlflowClient(store).get_experiment(old).tags
 
 
 @pytest.mark.integration

@@ -195,13 +195,18 @@ def init_store(uri: str | None = None, experiment: str | None = None) -> str:
 
 
 def experiment_urls(uri: str, base_url: str) -> list[tuple[str, str]]:
-    """(name, address) of each live experiment of the store that has this project's saved view,
-    the address opening it on its training runs in that view (view.experiment_url). A view saved
-    by an older version of this code (view.VIEW_VERSION) is renewed first."""
+    """(name, address) of each live experiment of the store with this project's training runs,
+    the address opening it on those runs in our saved view (view.experiment_url). The view is
+    added where it is missing (a store made before it) or renewed where older code saved it
+    (view.VIEW_VERSION)."""
     client = open_client(uri)
     urls = []
     for exp in client.search_experiments():
-        if view.VIEW_VERSION_TAG not in exp.tags:
+        # training runs carry a sweep tag (moe_impl/train/monitor.py), the analysis's do not
+        training = f"tags.`{RUN_ID_TAG}` LIKE '%' AND tags.sweep LIKE '%'"
+        if view.VIEW_VERSION_TAG not in exp.tags and not client.search_runs(
+            [exp.experiment_id], training, max_results=1
+        ):
             continue
         for key, value in view.experiment_tags(exp.name, dict(exp.tags)).items():
             client.set_experiment_tag(exp.experiment_id, key, value)
