@@ -1,7 +1,8 @@
 """The MLflow UI in a real browser: the smoke workflow's training runs (two sweeps, a model with two
 seeds) in a real store, `python -m moe_impl tracking ui` serving it, and headless Chromium
 rendering the address that command prints. From the rendered page: it opens on the training runs
-(not MLflow's GenAI overview), every run name appears once, and `test_perplexity` is a column.
+(not MLflow's GenAI overview), every run name appears once, and `test_perplexity` is a column; a
+sweep's own saved view shows that sweep's runs alone.
 
 Integration tier (about a minute and a half on 2 cores, most of it the training jobs). Skipped, with
 the reason, where no Chromium is installed (Debian: `apt-get install chromium`), except where
@@ -115,6 +116,13 @@ def test_the_ui_opens_on_the_training_runs_each_named_once(smoke_store, ui):
     assert "No data available" not in dom  # not the GenAI overview of traces
     assert ">test_perplexity<" in dom  # the saved view's first column
     assert "Group: lm1b" in dom and "Group: news100b" in dom  # grouped by sweep
+
+
+def test_a_sweeps_own_view_shows_its_runs_alone(smoke_store, ui):
+    url, _ = ui
+    lm1b = [name for name in expected_names(smoke_store) if name.startswith("lm1b/")]
+    names, _ = rendered_names(url.replace("moe-sweeps", "moe-sweep-lm1b"), len(lm1b))
+    assert sorted(names) == sorted(lm1b)
 
 
 def test_screenshot_of_the_runs_page(smoke_store, tmp_path):

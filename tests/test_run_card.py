@@ -140,6 +140,18 @@ def test_experiment_tags_fill_in_what_is_missing_and_renew_an_old_view():
     assert view.experiment_tags("analysis", {}, runs_view=False) == {view.KIND_TAG: view.KIND}
 
 
+def test_a_sweep_view_shows_that_sweep_alone():
+    state = view.view_state("lm1b")
+    assert state["searchFilter"] == "tags.sweep = 'lm1b'" and state["groupBy"] is None
+    assert state["orderByKey"] == view.view_state()["orderByKey"]
+    tags = view.sweep_view_tags("lm1b", {}, now_ms=3)
+    envelope = json.loads(tags[view.VIEW_TAG_PREFIX + "moe-sweep-lm1b"])
+    assert envelope["name"] == "Sweep lm1b alone" and json.loads(envelope["state"]) == state
+    assert view.sweep_view_tags("lm1b", tags) == {}  # added once
+    assert view.sweep_view_tags("", {}) == {} and view.sweep_view_tags("a'b", {}) == {}
+    assert view.sweep_view_key("my sweep/2") == "moe-sweep-my_sweep_2"
+
+
 def test_experiment_url_opens_the_training_runs_in_the_saved_view():
     url = view.experiment_url("http://127.0.0.1:5000/", "7")
     parts = urlsplit(url)

@@ -367,6 +367,10 @@ def test_import_names_a_run_without_a_card_from_its_config(tmp_path, capsys):
     assert cli.main(["tracking", "import", str(run_dir), "--uri", uri]) == 0
     (row,) = runs_tagged(uri, rundir.read_json(run_dir / "run.json")["run_id"]).to_dict("records")
     assert row["tags.mlflow.runName"] == "news100b/MoE-4/seed3" and row["tags.sweep"] == "news100b"
+    from mlflow.tracking import MlflowClient
+
+    exp_tags = MlflowClient(uri).get_experiment_by_name(EXP).tags  # its sweep's own view
+    assert tracking.view.VIEW_TAG_PREFIX + "moe-sweep-news100b" in exp_tags
     assert (
         cli.main(["tracking", "init", "--uri", uri, "--experiment", "a", "--experiment", "b"]) == 0
     )

@@ -141,6 +141,8 @@ class RunTracker:
             )
         if card.get("dataset"):
             store.log_dataset(client, run.info.run_id, card["dataset"])
+        if runs_view and all_tags.get("sweep"):
+            store.add_sweep_views(client, run.info.experiment_id, [all_tags["sweep"]])
         self._client, self.run_id = client, run.info.run_id
         identity = {
             **identity,

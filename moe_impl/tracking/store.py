@@ -198,7 +198,7 @@ def experiment_urls(uri: str, base_url: str) -> list[tuple[str, str]]:
     """(name, address) of each live experiment of the store with this project's training runs,
     the address opening it on those runs in our saved view (view.experiment_url). The view is
     added where it is missing (a store made before it) or renewed where older code saved it
-    (view.VIEW_VERSION)."""
+    (view.VIEW_VERSION), and each sweep of its runs gets its own view."""
     client = open_client(uri)
     urls = []
     for exp in client.search_experiments():
@@ -210,6 +210,8 @@ def experiment_urls(uri: str, base_url: str) -> list[tuple[str, str]]:
             continue
         for key, value in view.experiment_tags(exp.name, dict(exp.tags)).items():
             client.set_experiment_tag(exp.experiment_id, key, value)
+        runs = client.search_runs([exp.experiment_id], training, max_results=5000)
+        add_sweep_views(client, exp.experiment_id, {r.data.tags["sweep"] for r in runs})
         urls.append((exp.name, view.experiment_url(base_url, exp.experiment_id)))
     return urls
 
@@ -252,6 +254,14 @@ def identity_tags(identity: dict) -> dict[str, str]:
     if "git_commit" in tags:
         tags["mlflow.source.git.commit"] = tags["git_commit"]
     return tags
+
+
+def add_sweep_views(client, experiment_id: str, sweeps) -> None:
+    """Give the experiment the saved view of each sweep it lacks (view.sweep_view_tags)."""
+    existing = dict(client.get_experiment(experiment_id).tags)
+    for sweep in sorted(set(sweeps)):
+        for key, value in view.sweep_view_tags(sweep, existing).items():
+            client.set_experiment_tag(experiment_id, key, value)
 
 
 def card_tags(card: dict) -> dict[str, str]:

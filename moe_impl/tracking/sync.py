@@ -96,6 +96,8 @@ def _import_one(client, uri: str, run_dir: Path, experiment: str | None) -> str:
     run_id = run.info.run_id
     if card.get("dataset"):
         store.log_dataset(client, run_id, card["dataset"])
+    if config.get("sweep"):
+        store.add_sweep_views(client, run.info.experiment_id, [str(config["sweep"])])
     metrics, end_ms = _metric_points(run_dir, started_ms, seen, _log_every(config))
     params = store.new_params(run, runinfo.flatten_config(config))
     store.log_batch(client, run_id, metrics=metrics, params=params)

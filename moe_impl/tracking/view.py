@@ -11,12 +11,14 @@ The runs table's columns, sort and grouping are browser state too, except for a 
 experiment tag `mlflow.sharedViewState.<key>` whose value is {"name", "createdAt", "updatedAt",
 "state"} with `state` the JSON of the table's state. It is listed under the runs page's "Views"
 and opened by the address parameter `viewStateShareKey=<key>`. `saved_view` builds ours: grouped by
-sweep, sorted by test perplexity, with the columns the paper's tables compare.
+sweep, sorted by test perplexity, with the columns the paper's tables compare; and one view per
+sweep with that sweep's runs alone (`sweep_view_tags`), added when the sweep's first run starts.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from urllib.parse import urlencode
 
@@ -25,7 +27,9 @@ KIND = "custom_model_development"  # the UI's "Machine learning" kind
 NOTE_TAG = "mlflow.note.content"  # an experiment's or a run's description (Markdown)
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 VIEW_KEY = "moe-sweeps"
+SWEEP_VIEW_KEY_PREFIX = "moe-sweep-"
 VIEW_NAME = "Sweeps: perplexity, parameters, ops/timestep"
+SWEEP_VIEW_NAME = "Sweep {sweep} alone"
 VIEW_VERSION = 2  # bump when the view below changes, so stores made before get the new one
 VIEW_VERSION_TAG = "moe.view_version"
 
@@ -63,11 +67,12 @@ SORT_KEY = "metrics.`test_perplexity`"
 GROUP_TAG = "sweep"  # the runs' tag that names their sweep (moe_impl/train/monitor.py)
 
 
-def view_state() -> dict:
-    """The runs page's state of our saved view (keys of MLflow 3.17's runs page): the runs grouped
-    by sweep and sorted by test perplexity, its column first, every run shown in the charts, each
-    run's own line (not the group's mean)."""
-    return {
+def view_state(sweep: str | None = None) -> dict:
+    """The runs page's state of a saved view (keys of MLflow 3.17's runs page): sorted by test
+    perplexity, its column first, every run shown in the charts, each run's own line (not a
+    group's mean); all runs grouped by sweep, or (`sweep`) that sweep's runs alone, whose charts
+    then compare runs of one budget (a shared view cannot hide runs: MLflow drops `runsHidden`)."""
+    state = {
         "orderByKey": SORT_KEY,
         "orderByAsc": True,
         "selectedColumns": list(COLUMNS),
@@ -82,18 +87,39 @@ def view_state() -> dict:
         "useGroupedValuesInCharts": False,
         "hideEmptyCharts": True,
     }
+    if sweep is not None:
+        state["searchFilter"] = f"tags.{GROUP_TAG} = '{sweep}'"
+        state["groupBy"] = None
+    return state
 
 
-def saved_view(now_ms: int | None = None) -> str:
-    """The value of the saved-view tag: MLflow's envelope around `view_state`."""
+def saved_view(now_ms: int | None = None, sweep: str | None = None) -> str:
+    """The value of a saved-view tag: MLflow's envelope around `view_state`."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     envelope = {
-        "name": VIEW_NAME,
+        "name": VIEW_NAME if sweep is None else SWEEP_VIEW_NAME.format(sweep=sweep),
         "createdAt": now_ms,
         "updatedAt": now_ms,
-        "state": json.dumps(view_state()),
+        "state": json.dumps(view_state(sweep)),
     }
     return json.dumps(envelope)
+
+
+def sweep_view_key(sweep: str) -> str:
+    """The saved-view key of one sweep's view: `moe-sweep-lm1b`."""
+    return SWEEP_VIEW_KEY_PREFIX + re.sub(r"[^A-Za-z0-9_-]+", "_", sweep)
+
+
+def sweep_view_tags(sweep: str, existing: dict[str, str], now_ms: int | None = None) -> dict:
+    """The tags that give an experiment whose tags are `existing` the saved view of `sweep`,
+    where it lacks it or older code saved it ({} otherwise, and for a run outside any sweep)."""
+    if not sweep or "'" in sweep:
+        return {}
+    key = sweep_view_key(sweep)
+    version = f"{VIEW_VERSION_TAG}.{key}"
+    if existing.get(version) == str(VIEW_VERSION):
+        return {}
+    return {VIEW_TAG_PREFIX + key: saved_view(now_ms, sweep), version: str(VIEW_VERSION)}
 
 
 def experiment_note(experiment: str) -> str:
@@ -102,8 +128,9 @@ def experiment_note(experiment: str) -> str:
         f"Runs of `{experiment}`: one per model, balancing-loss setting and seed of each sweep "
         "of the workflow config (run names `<sweep>/<model>[/seed<S>]`). The saved view "
         f'"{VIEW_NAME}" (Views, top right) groups them by sweep and adds the columns the '
-        "paper's Tables 7 and 8 compare; each run's description names the paper's number for "
-        "its model."
+        "paper's Tables 7 and 8 compare; a view per sweep shows that sweep alone, so that its "
+        "charts compare runs of one budget. Each run's description names the paper's number "
+        "for its model."
     )
 
 
