@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -186,6 +187,13 @@ def make_wikitext(base: Path, *, valid: bool = True) -> Path:
 
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")  # the `workflow` extra, next to python
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (just now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def workdir(tmp_path: Path) -> Path:

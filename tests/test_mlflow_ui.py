@@ -14,13 +14,12 @@ from __future__ import annotations
 import collections
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import SNAKEMAKE, snakemake, workdir
+from helpers import SNAKEMAKE, free_port, snakemake, workdir
 
 from moe_impl import cli
 from moe_impl.runs import rundir
@@ -38,12 +37,6 @@ pytestmark = [
 SWEEPS = "sweeps_to_run=[lm1b,news100b]"
 # a run-name cell of the runs table: a link to the run's page around the name
 RUN_LINK = re.compile(r'href="#/experiments/\d+/runs/[0-9a-f]{32}"><span[^>]*>([^<]+)</span>')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import free_port
 
 from moe_impl import cli, tracking
 from moe_impl.runs import rundir, runinfo
@@ -93,10 +93,7 @@ def artifact_names(uri: str, run_id: str) -> set[str]:
 
 
 def closed_port_uri() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 @pytest.fixture(scope="module")
@@ -449,9 +446,7 @@ def test_config_and_record_conversions():
 
 @pytest.mark.slow  # `mlflow server` needs ~15 s to come up on 2 cores
 def test_mlflow_server_receives_a_run_over_http(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     db = "sqlite:///" + (tmp_path / "server.db").as_posix()
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed in finally

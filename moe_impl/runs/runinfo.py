@@ -166,6 +166,17 @@ def display_name(name: str, sweep: str | None = None, seed: int = 0) -> str:
     return "/".join(parts)
 
 
+def config_tags(config: dict) -> dict[str, str]:
+    """The MLflow tags a training run takes from its config (config.yaml's mapping): preset,
+    corpus and sweep ("" outside a sweep), the last the runs page's grouping
+    (moe_impl/tracking/view.py). The live tracker and the importer share them."""
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    tags = {"preset": model.get("preset"), "corpus": data.get("corpus")}
+    tags["sweep"] = config.get("sweep") or ""
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
 # --- the run directory as tracking sees it (names shared by live logging and import) ----------
 
 MAX_PARAM_VALUE, MAX_KEY = 6000, 250  # MLflow's limits (mlflow.utils.validation)

@@ -151,10 +151,14 @@ def open_store(uri: str, experiment: str | None = None, runs_view: bool = True):
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
             log.info("restored the deleted MLflow experiment %r", experiment)
-        existing = dict(exp.tags)
-        for key, value in view.experiment_tags(experiment, existing, runs_view=runs_view).items():
-            client.set_experiment_tag(exp.experiment_id, key, value)  # a store made before
+        tags = view.experiment_tags(experiment, dict(exp.tags), runs_view=runs_view)
+        _set_experiment_tags(client, exp.experiment_id, tags)  # a store made before
         return client, exp.experiment_id
+
+
+def _set_experiment_tags(client, experiment_id: str, tags: dict[str, str]) -> None:
+    for key, value in tags.items():
+        client.set_experiment_tag(experiment_id, key, value)
 
 
 def open_client(uri: str):
@@ -200,17 +204,14 @@ def experiment_urls(uri: str, base_url: str) -> list[tuple[str, str]]:
     added where it is missing (a store made before it) or renewed where older code saved it
     (view.VIEW_VERSION), and each sweep of its runs gets its own view."""
     client = open_client(uri)
+    # training runs carry a sweep tag (runinfo.config_tags), the analysis's do not
+    training = f"tags.`{RUN_ID_TAG}` LIKE '%' AND tags.sweep LIKE '%'"
     urls = []
     for exp in client.search_experiments():
-        # training runs carry a sweep tag (moe_impl/train/monitor.py), the analysis's do not
-        training = f"tags.`{RUN_ID_TAG}` LIKE '%' AND tags.sweep LIKE '%'"
-        if view.VIEW_VERSION_TAG not in exp.tags and not client.search_runs(
-            [exp.experiment_id], training, max_results=1
-        ):
-            continue
-        for key, value in view.experiment_tags(exp.name, dict(exp.tags)).items():
-            client.set_experiment_tag(exp.experiment_id, key, value)
         runs = client.search_runs([exp.experiment_id], training, max_results=5000)
+        if view.VIEW_VERSION_TAG not in exp.tags and not runs:
+            continue
+        _set_experiment_tags(client, exp.experiment_id, view.experiment_tags(exp.name, exp.tags))
         add_sweep_views(client, exp.experiment_id, {r.data.tags["sweep"] for r in runs})
         urls.append((exp.name, view.experiment_url(base_url, exp.experiment_id)))
     return urls
@@ -260,8 +261,7 @@ def add_sweep_views(client, experiment_id: str, sweeps) -> None:
     """Give the experiment the saved view of each sweep it lacks (view.sweep_view_tags)."""
     existing = dict(client.get_experiment(experiment_id).tags)
     for sweep in sorted(set(sweeps)):
-        for key, value in view.sweep_view_tags(sweep, existing).items():
-            client.set_experiment_tag(experiment_id, key, value)
+        _set_experiment_tags(client, experiment_id, view.sweep_view_tags(sweep, existing))
 
 
 def card_tags(card: dict) -> dict[str, str]:

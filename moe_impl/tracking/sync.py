@@ -84,7 +84,7 @@ def _import_one(client, uri: str, run_dir: Path, experiment: str | None) -> str:
         _, experiment_id = store.open_store(uri, str(exp_name))
         tags = {
             **store.identity_tags(identity),
-            **_config_tags(config),
+            **runinfo.config_tags(config),
             **store.card_tags(card),
             store.IMPORTED_TAG: "true",
         }
@@ -116,16 +116,6 @@ def _display_name(identity: dict, config: dict, run_dir: Path) -> str:
     seed = train.get("seed") if isinstance(train.get("seed"), int) else 0
     name = str(identity.get("name") or config.get("name") or run_dir.name)
     return runinfo.display_name(name, config.get("sweep") or None, seed)
-
-
-def _config_tags(config: dict) -> dict[str, str]:
-    """The tags a live run gets from its config (moe_impl/train/monitor.py): preset, corpus and
-    sweep, the last the runs page's grouping (moe_impl/tracking/view.py)."""
-    model = config.get("model") if isinstance(config.get("model"), dict) else {}
-    data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    tags = {"preset": model.get("preset"), "corpus": data.get("corpus")}
-    tags["sweep"] = config.get("sweep") or ""
-    return {k: str(v) for k, v in tags.items() if v is not None}
 
 
 def missing_points(run_dir: str | Path, seen: dict[str, set[int]]) -> list:

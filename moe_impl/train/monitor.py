@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from moe_impl import telemetry
+from moe_impl.runs import runinfo
 from moe_impl.train.config import RunConfig
 
 
@@ -18,17 +19,13 @@ def start_tracker(cfg: RunConfig, run_dir: Path, name: str, tags: dict, *, is_ma
         return None
     from moe_impl.tracking import RunTracker  # mlflow is imported only in moe_impl.tracking
 
+    config = cfg.to_dict()
     return RunTracker.start(
         run_dir,
-        config=cfg.to_dict(),
+        config=config,
         experiment=cfg.experiment,
         run_name=name,
-        tags={
-            "preset": cfg.model.preset,
-            "corpus": cfg.data.corpus,
-            **tags,
-            "sweep": cfg.sweep or "",
-        },
+        tags={**tags, **runinfo.config_tags(config)},
         tracking_uri=cfg.tracking.uri,
     )
 
