@@ -13,7 +13,7 @@ PIP     := $(BIN)/python -m pip --disable-pip-version-check -q
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install $(TORCH)
-	$(PIP) install -e ".[workflow,dev]"
+	$(PIP) install -e ".[workflow,dev,peers]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -439,6 +439,18 @@ def paper_structure(presets: Iterable[str]) -> dict[str, list]:
     }
 
 
+OURS = "moe_impl"  # bench.json's `implementation` of our layer (moe_impl/bench/peers.py)
+
+
+def split_bench(bench: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(our rows, the peers' rows) of bench.json frames: `bench --peers` measures the installed
+    peers beside ours in the same run; files from before it have no `implementation` (all ours)."""
+    if bench.empty or "implementation" not in bench:
+        return bench, bench.iloc[0:0]
+    ours = bench["implementation"].fillna(OURS) == OURS
+    return bench[ours], bench[~ours]
+
+
 def match_peers(bench: pd.DataFrame, peers: pd.DataFrame | None = None) -> pd.DataFrame:
     """peers.csv measurements whose configuration equals one of our benchmark rows: same kind
     (flat: ref, davidmrau, lucidrains; hierarchical: ref_hier, lucidrains_hier), experts, tokens,

@@ -51,6 +51,8 @@ def efficiency(summary: pd.DataFrame, bench: pd.DataFrame | None = None) -> Figu
     runs = collect.sweep(summary, "lm1b")
     runs = pd.concat([runs, collect.sweep(summary, "news100b")])
     runs = runs[runs["tflops_per_device"].notna()] if not runs.empty else runs
+    if bench is not None:
+        bench = collect.split_bench(bench)[0]  # our layer's rows, not the peers'
     has_bench = bench is not None and not bench.empty and "moe_gflops" in bench
     xs = list(pp["x"])
     if runs.empty and not has_bench:

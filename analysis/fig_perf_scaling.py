@@ -29,8 +29,11 @@ def _mode_title(df: pd.DataFrame, mode: str) -> str:
 def perf_scaling(bench: pd.DataFrame, peers: pd.DataFrame | None = None) -> Figure:
     """The layer benchmark (moe_impl/cli/bench.py; the shrinking batch of Sec. 3.1): µs per token
     (MoE solid, its FLOP-matched dense FFN dashed) and the MoE/dense ratio against experts, one
-    column per tokens mode; the peers' measurements (peers.csv) as black markers where the configuration
-    (kind, n, T, d, h, k, threads, CPU) equals ours (hollow: not paired with a dense step)."""
+    column per tokens mode; the peers measured in this run (`bench --peers`, each against its own
+    dense FFN) as gray lines, dotted where hierarchical; the published peers' measurements
+    (peers.csv) as black markers where the configuration (kind, n, T, d, h, k, threads, CPU) equals
+    ours (faded: not paired with a dense step)."""
+    bench, run_peers = collect.split_bench(bench)
     modes = [
         m for m in style.TOKENS_MODES if not bench.empty and m in set(bench.get("tokens_mode", []))
     ]
@@ -60,13 +63,14 @@ def perf_scaling(bench: pd.DataFrame, peers: pd.DataFrame | None = None) -> Figu
                 alpha=0.7,
                 label=f"dense FFN matched to {kind}",
             )
+        _draw_run_peers(ax_t, ax_r, run_peers[run_peers["tokens_mode"] == mode])
         peers_here = matched[matched["tokens_mode"] == mode]
         for impl, p in peers_here.groupby("implementation"):
             for paired, q in p.groupby("paired"):
                 kw = {"color": "black", "ms": 8, "ls": "none", "mew": 1.4}
                 if not paired:
                     kw["alpha"] = 0.5
-                lab = f"{impl} (peers.csv)" + ("" if paired else " (under load)")
+                lab = f"{impl} (peers.csv, published)" + ("" if paired else " (under load)")
                 marker = style.PEER_MARKERS.get(impl, "x")
                 for ax, col in ((ax_t, "us_per_token"), (ax_r, "ratio_vs_dense")):
                     ax.plot(q["num_experts"], q[col], marker, label=lab, **kw)
@@ -85,3 +89,22 @@ def perf_scaling(bench: pd.DataFrame, peers: pd.DataFrame | None = None) -> Figu
         ax_r.set_title("this run: ratio to the FLOP-matched dense FFN")
     style.fig_legend(fig, axes, ncol=2 if axes.shape[1] == 1 else 4)  # one column of panels: 2 fit
     return fig
+
+
+RUN_PEER_MARKERS = ("s", "^", "D", "v")
+
+
+def _draw_run_peers(ax_t, ax_r, rows: pd.DataFrame) -> None:
+    """The peers measured in this run: one gray line per implementation and kind."""
+    ok = rows[rows["status"] == "ok"] if "status" in rows else rows
+    names = list(dict.fromkeys(ok["implementation"])) if not ok.empty else []
+    for name, marker in zip(names, RUN_PEER_MARKERS * len(names), strict=False):
+        for kind, line in (("flat", "-"), ("hierarchical", ":")):
+            part = ok[(ok["implementation"] == name) & (ok["kind"] == kind)]
+            if part.empty:
+                continue
+            part = part.sort_values("num_experts")
+            kw = {"color": "0.45", "marker": marker, "ls": line, "ms": 6, "mfc": "none"}
+            label = f"{name}, {kind} entries (this run)"
+            ax_t.plot(part["num_experts"], part["moe_us_per_token"], label=label, **kw)
+            ax_r.plot(part["num_experts"], part["ratio_median"], label=label, **kw)

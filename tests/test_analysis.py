@@ -425,10 +425,31 @@ def test_perf_scaling_panels_and_peer_points():
     assert "fixed tokens per step" in fig.axes[0].get_title()
     assert "1 configuration(s) skipped" in fig.axes[1].get_title()
     labels = {t.get_text() for t in fig.legends[0].get_texts()}
-    assert {"flat MoE", "hierarchical MoE", "ref (peers.csv)", "davidmrau (peers.csv)"} <= labels
-    ref = next(ln for ln in fig.axes[0].get_lines() if ln.get_label() == "ref (peers.csv)")
+    published = {"ref (peers.csv, published)", "davidmrau (peers.csv, published)"}
+    assert {"flat MoE", "hierarchical MoE", *published} <= labels
+    ref = next(
+        ln for ln in fig.axes[0].get_lines() if ln.get_label() == "ref (peers.csv, published)"
+    )
     assert list(ref.get_ydata()) == [14.1, 12.4]  # peers.csv's n=4 and n=32 rows (T=4096)
     assert fig.axes[0].get_xscale() == "log" and fig.axes[0].get_yscale() == "log"
+
+
+def test_perf_scaling_draws_the_peers_measured_in_the_run_apart_from_ours():
+    ours = bench_frame()
+    fixed = ours[ours["tokens_mode"] == "fixed_tokens"]
+    peer = fixed.assign(implementation="st-moe-pytorch", moe_us_per_token=99.0, ratio_median=9.0)
+    both = pd.concat([ours.assign(implementation="moe_impl"), peer], ignore_index=True)
+    split_ours, split_peers = collect.split_bench(both)
+    assert len(split_ours) == len(ours) and set(split_peers["implementation"]) == {"st-moe-pytorch"}
+    fig = figures.perf_scaling(both)
+    lines = {ln.get_label(): ln for ln in fig.axes[2].get_lines()}  # ratio panel, fixed tokens
+    ok_flat = peer[(peer["kind"] == "flat") & (peer["status"] == "ok")]
+    run_line = lines["st-moe-pytorch, flat entries (this run)"]
+    assert list(run_line.get_ydata()) == [9.0] * len(ok_flat)
+    flat_ours = lines["flat MoE"]  # ours alone: the peer's rows do not join our line
+    assert 9.0 not in list(flat_ours.get_ydata())
+    eff = figures.efficiency(pd.DataFrame(), both)  # the efficiency figure counts our rows only
+    assert eff is not None
 
 
 def test_match_peers_requires_the_same_configuration():

@@ -122,6 +122,8 @@ def test_gate_outputs_flat_is_n_hierarchical_is_a_plus_k1_b():
         (["--experts", "2"], "--k=4"),
         (["--experts", "4", "--max-tokens", "8"], "--max-tokens"),
         (["--experts", "4", "--reps", "0"], "--reps"),
+        (["--experts", "4", "--peers", "nope"], "--peers: unknown peer 'nope'"),
+        (["--experts", "4", "--peers-max-experts", "0"], "--peers-max-experts"),
     ],
 )
 def test_cli_errors_are_one_line_with_exit_code_2(argv, message, capsys):
@@ -182,7 +184,7 @@ def test_table_lists_every_row_and_the_skip_reason():
     assert flat["tokens"] == skipped["tokens"] == "64"
     measured = ["MoE ms med/min", "us/tok MoE", "ratio med/min", "GFLOP/s", "MFU", "CV load"]
     assert all(skipped[h] == "-" for h in measured)  # NaN is never printed as a number
-    assert lines[-2:] == ["peak for MFU: 2.0 GFLOP/s", "skipped: 64-h: too slow"]
+    assert lines[-2:] == ["peak for MFU: 2.0 GFLOP/s", "skipped: 64-h moe_impl: too slow"]
 
 
 def test_plot_has_moe_and_dense_series_per_kind():

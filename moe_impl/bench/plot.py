@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 # (header, row key, format) of the text table; two keys give "a / b" cells ("axb" for the shape).
 COLUMNS = (
     ("config", "config", "{}"),
+    ("implementation", "implementation", "{}"),
     ("n", "num_experts", "{:d}"),
     ("a x b", ("num_groups", "group_size"), "{:d}"),
     ("tokens", "tokens", "{:d}"),
@@ -80,8 +81,21 @@ def format_table(rows: list[dict]) -> str:
     peaks = {row["peak_gflops"] for row in rows if not is_missing(row["peak_gflops"])}
     if peaks:
         lines.append(f"peak for MFU: {', '.join(f'{p:.1f}' for p in sorted(peaks))} GFLOP/s")
-    lines += [f"{r['status']}: {r['config']}: {r['reason']}" for r in rows if r["status"] != "ok"]
+    lines += [
+        f"{r['status']}: {r['config']} {implementation(r)}: {r['reason']}"
+        for r in rows
+        if r["status"] != "ok"
+    ]
+    configs = {implementation(r): r["peer_config"] for r in rows if r.get("peer_config")}
+    lines += [f"{name}: {text}" for name, text in configs.items()]
     return "\n".join(lines)
+
+
+def implementation(row: dict) -> str:
+    """The row's implementation, with its kind for a peer (a peer's configuration names differ
+    between its flat and hierarchical entries); rows from before peers are ours."""
+    name = row.get("implementation") or "moe_impl"
+    return name if name == "moe_impl" else f"{name} ({row['kind']})"
 
 
 def json_value(value: object) -> object:
@@ -111,16 +125,21 @@ def write_outputs(
         plot_bench(rows).savefig(png_path, dpi=120)
 
 
+PEER_STYLES = ("s", "^", "D", "v")  # markers of the peers' lines, in order of appearance
+
+
 def plot_bench(rows: list[dict]) -> Figure:
-    """µs per token (MoE solid, its dense baseline dashed) and the ratio, against experts (log2)."""
+    """µs per token (MoE solid, its dense baseline dashed) and the ratio, against experts (log2);
+    peers (`--peers`) as gray lines with their own markers, dotted where hierarchical."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_time, ax_ratio = fig.subplots(1, 2)
+    ours = [r for r in rows if (r.get("implementation") or "moe_impl") == "moe_impl"]
     for kind, color in (("flat", "tab:blue"), ("hierarchical", "tab:orange")):
         ok = sorted(
-            (r for r in rows if r["kind"] == kind and r["status"] == "ok"),
+            (r for r in ours if r["kind"] == kind and r["status"] == "ok"),
             key=lambda r: r["num_experts"],
         )
         if not ok:
@@ -130,6 +149,19 @@ def plot_bench(rows: list[dict]) -> Figure:
         dense_us = [r["dense_us_per_token"] for r in ok]
         ax_time.plot(n, dense_us, "x--", color=color, alpha=0.6, label=f"dense (vs {kind})")
         ax_ratio.plot(n, [r["ratio_median"] for r in ok], "o-", color=color, label=kind)
+    peer_names = list(dict.fromkeys(r["implementation"] for r in rows if r not in ours))
+    for name, marker in zip(peer_names, PEER_STYLES * len(peer_names), strict=False):
+        for kind, line in (("flat", "-"), ("hierarchical", ":")):
+            ok = sorted(
+                (r for r in rows if r.get("implementation") == name and r["kind"] == kind
+                 and r["status"] == "ok"),
+                key=lambda r: r["num_experts"],
+            )  # fmt: skip
+            if ok:
+                n = [r["num_experts"] for r in ok]
+                style = {"color": "0.35", "marker": marker, "ls": line, "label": f"{name} ({kind})"}
+                ax_time.plot(n, [r["moe_us_per_token"] for r in ok], **style)
+                ax_ratio.plot(n, [r["ratio_median"] for r in ok], **style)
     for ax, ylabel in ((ax_time, "µs per token (median)"), (ax_ratio, "MoE / dense (median)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

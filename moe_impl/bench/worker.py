@@ -14,13 +14,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from moe_impl import runtime, telemetry
+from moe_impl.bench import peers
 from moe_impl.bench.spec import ExpertSpec, gate_outputs, train_flops
 from moe_impl.layer import balancing
-from moe_impl.layer.flat import MoE
-from moe_impl.layer.hierarchical import HierarchicalMoE
 
 EXIT_TOO_SLOW = 86  # a child's exit code when its first step exceeds --max-seconds-per-step
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -31,14 +30,9 @@ MEASURED = (  # noqa: SIM905 (what the child process reports; NaN in a skipped r
 ).split()
 
 
-def build_moe(spec: ExpertSpec, d_model: int, d_hidden: int, k: int) -> nn.Module:
-    if spec.hierarchical:
-        return HierarchicalMoE(d_model, d_hidden, spec.num_groups, spec.group_size)
-    return MoE(d_model, d_hidden, spec.num_experts, k=k)
-
-
 def measure(cfg: dict) -> dict:
-    """Child process: build both layers, alternate timed MoE and dense steps, return MEASURED."""
+    """Child process: build the layer (ours or a peer, peers.build) and its dense FFN, alternate
+    timed layer and dense steps, return MEASURED."""
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
     device, dtype = torch.device(cfg["device"]), DTYPES[cfg["dtype"]]
@@ -48,8 +42,10 @@ def measure(cfg: dict) -> dict:
     # here, at the configuration's thread count, on CPUs; None where the device is unknown
     peak, _ = telemetry.resolve_peak_flops(cfg["device"], cfg["dtype"])
     spec = ExpertSpec(*(cfg[key] for key in ExpertSpec._fields))
-    d, h, k, tokens = cfg["d_model"], cfg["d_hidden"], cfg["k"], cfg["tokens"]
-    moe = build_moe(spec, d, h, k).to(device).train()
+    d, h, tokens = cfg["d_model"], cfg["d_hidden"], cfg["tokens"]
+    built = peers.build(cfg.get("implementation", peers.OURS), spec, d, h, cfg["k"])
+    moe = built.module.to(device).train()
+    k = built.k
     dense = nn.Sequential(
         nn.Linear(d, k * h, bias=False), nn.ReLU(), nn.Linear(k * h, d, bias=False)
     )
@@ -58,22 +54,23 @@ def measure(cfg: dict) -> dict:
     # NOTE: plain SGD accepts the sparse expert gradients (>= 4096 experts) and keeps no state.
     opts = {m: torch.optim.SGD(m.parameters(), lr=1e-3) for m in (moe, dense) if cfg["optimizer"]}
 
-    def step(model: nn.Module) -> tuple[float, object]:
+    def dense_forward(x: Tensor) -> tuple[Tensor, Tensor, None]:
+        return dense(x), x.new_zeros(()), None
+
+    def step(model: nn.Module, forward) -> tuple[float, object]:
         model.zero_grad(set_to_none=True)
         x_BD.grad = None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            out = model(x_BD)
-        is_moe = model is moe
-        loss = (out.y if is_moe else out).float().square().mean()
-        (loss + out.aux_loss if is_moe else loss).backward()
+            y, aux, stats = forward(x_BD)
+        (y.float().square().mean() + aux).backward()
         if model in opts:
             opts[model].step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - start, out.stats if is_moe else None
+        return time.perf_counter() - start, stats
 
     # The first MoE step estimates the step time: a watchdog ends the child if it runs too long.
     watchdog = threading.Timer(cfg["max_seconds"], os._exit, args=(EXIT_TOO_SLOW,))
@@ -82,14 +79,15 @@ def measure(cfg: dict) -> dict:
     times: dict[str, list[float]] = {"moe": [], "dense": []}
     stats = []
     for i in range(cfg["warmup"] + cfg["reps"]):
-        moe_s, moe_stats = step(moe)
+        moe_s, moe_stats = step(moe, built.forward)
         watchdog.cancel()
-        dense_s, _ = step(dense)
+        dense_s, _ = step(dense, dense_forward)
         if i >= cfg["warmup"]:
             times["moe"].append(moe_s)
             times["dense"].append(dense_s)
             stats.append(moe_stats)
-    return summarize(cfg, gate_outputs(spec), times, stats, peak)
+    params = sum(p.numel() for p in moe.parameters())
+    return {**summarize({**cfg, "k": k}, gate_outputs(spec), times, stats, peak), "params": params}
 
 
 def summarize(
@@ -101,14 +99,14 @@ def summarize(
     telemetry.mfu of the MoE's achieved rate, as training computes it, NaN without a peak.
 
     Routing stats are means over the timed steps: cv_load is the CV of the load the loss used (the
-    smooth estimate of Eq. 10 / 14 in training), cv_tokens_per_expert that of the true counts.
+    smooth estimate of Eq. 10 / 14 in training), cv_tokens_per_expert that of the true counts; NaN
+    for a peer (its stats are None). FLOPs are the analytic ones of our configuration at the
+    layer's k (spec.train_flops), so a peer's GFLOP/s counts the same useful work.
     """
     tokens, k, d, h = cfg["tokens"], cfg["k"], cfg["d_model"], cfg["d_hidden"]
     moe_med, moe_min = statistics.median(times["moe"]), min(times["moe"])
     dense_med, dense_min = statistics.median(times["dense"]), min(times["dense"])
     moe_gflops = train_flops(tokens, d, h, k, num_gate_outputs) / moe_med / 1e9
-    counts_E = torch.stack([s.tokens_per_expert for s in stats]).float()
-    active = (counts_E > 0).sum(1).float()
     if cfg["device"] == "cuda":
         peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20
     else:  # ru_maxrss is in KiB on Linux
@@ -123,19 +121,33 @@ def summarize(
         math.nan if peak is None else peak / 1e9,
         telemetry.mfu(moe_gflops / 1e3, peak),
         peak_mem_mb,
+        *routing_values(stats, tokens * k),
+    ]
+    return dict(zip(MEASURED, values, strict=True))
+
+
+def routing_values(stats: list, slots: int) -> list[float]:
+    """Active experts, slots per active expert, CV of the load, CV of the counts, max/mean load:
+    means over the timed steps' RoutingStats, NaN where the layer reports none (a peer)."""
+    if any(s is None for s in stats):
+        return [math.nan] * 5
+    counts_E = torch.stack([s.tokens_per_expert for s in stats]).float()
+    active = (counts_E > 0).sum(1).float()
+    return [
         active.mean().item(),
-        (tokens * k / active).mean().item(),
+        (slots / active).mean().item(),
         statistics.mean(s.cv_load.item() for s in stats),
         statistics.mean(balancing.cv_squared(c).sqrt().item() for c in counts_E),
         statistics.mean(s.max_over_mean_load.item() for s in stats),
     ]
-    return dict(zip(MEASURED, values, strict=True))
 
 
 def run_worker(cfg_path: str, result_path: str) -> int:
     cfg = json.loads(Path(cfg_path).read_text())
     try:
         result = {"status": "ok", **measure(cfg)}
+    except ImportError as err:  # a peer installed without what its layer imports (peers.py)
+        result = {"status": "skipped", "reason": f"cannot import: {err}"}
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
         oom = ("out of memory", "can't allocate memory")
         if isinstance(err, RuntimeError) and not any(s in str(err).lower() for s in oom):

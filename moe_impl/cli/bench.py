@@ -27,6 +27,7 @@ import torch
 
 from moe_impl.bench import plot as bench_plot
 from moe_impl.bench.memory import estimate_peak_bytes
+from moe_impl.bench.peers import OURS, PEERS, build_moe, parse_peers, unavailable
 from moe_impl.bench.spec import (
     K_PRIMARY,
     K_SECONDARY,
@@ -35,7 +36,7 @@ from moe_impl.bench.spec import (
     parse_experts,
     train_flops,
 )
-from moe_impl.bench.worker import DTYPES, EXIT_TOO_SLOW, MEASURED, build_moe, run_worker
+from moe_impl.bench.worker import DTYPES, EXIT_TOO_SLOW, MEASURED, run_worker
 
 DEFAULT_EXPERTS = "4,32,256,256-h,1024-h,4096-h,16384-h,65536-h,131072-h"
 EXIT_SOME_FAILED = 1  # a configuration crashed (the others were measured)
@@ -110,7 +111,8 @@ def count_params(spec: ExpertSpec, d_model: int, d_hidden: int, k: int) -> int:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for flag in ("d_model", "d_hidden", "k", "tokens", "reps", "threads", "max_tokens"):
+    flags = ("d_model", "d_hidden", "k", "tokens", "reps", "threads", "max_tokens")
+    for flag in (*flags, "peers_max_experts"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -125,27 +127,34 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--device cuda: no CUDA device is available")
 
 
-def make_row(spec: ExpertSpec, args: argparse.Namespace) -> dict:
-    """One row with every key, measurements NaN; it is also the child process's config."""
+def make_row(spec: ExpertSpec, args: argparse.Namespace, implementation: str = OURS) -> dict:
+    """One row with every key, measurements NaN; it is also the child process's config. A peer's
+    row (moe_impl/bench/peers.py) has its k and configuration; its memory is not estimated."""
     k = K_PRIMARY * K_SECONDARY if spec.hierarchical else args.k
     if k > spec.num_experts:
         raise ValueError(f"--k={k} must be <= the experts of --experts entry {spec.config!r}")
+    ours = implementation == OURS
+    peer = None if ours else PEERS[implementation]
+    if peer is not None:
+        k = peer.k(spec, args.k)
     d, h, m, tokens = args.d_model, args.d_hidden, args.tokens_per_expert, args.tokens or 4096
     if m is not None:
         tokens = min(math.ceil(m * spec.num_experts / k), args.max_tokens or 131072)
     return {
+        "implementation": implementation,
         **spec._asdict(),
         "kind": "hierarchical" if spec.hierarchical else "flat",
+        "peer_config": "" if ours else peer.describe(spec, args.k),
         "d_model": d,
         "d_hidden": h,
         "k": k,
-        "params": count_params(spec, d, h, k),
+        "params": count_params(spec, d, h, k) if ours else math.nan,  # a peer's: its child's
         "tokens": tokens,
         "tokens_mode": "fixed_tokens" if m is None else "fixed_tokens_per_expert",
         "target_tokens_per_expert": m,
         "max_tokens": None if m is None else args.max_tokens or 131072,
         "tokens_per_expert": tokens * k / spec.num_experts,
-        "est_mem_mb": estimate_peak_bytes(spec, d, h, k, tokens) / 2**20,
+        "est_mem_mb": estimate_peak_bytes(spec, d, h, k, tokens) / 2**20 if ours else math.nan,
         "train_gflop": train_flops(tokens, d, h, k, gate_outputs(spec)) / 1e9,
         **{key: getattr(args, key) for key in ("reps", "warmup", "optimizer", "device", "dtype")},
         "threads": args.threads or torch.get_num_threads(),
@@ -197,6 +206,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="kill a child whose resident memory exceeds this (default: the memory available "
         "when it starts, MemAvailable)",
     )  # fmt: skip
+    p.add_argument(
+        "--peers", nargs="?", const="all", metavar="NAMES",
+        help="also time the peers' MoE layers that are installed, each beside its own dense FFN: "
+        f"all (the default with no value) or some of {', '.join(PEERS)} (moe_impl/bench/peers.py)",
+    )  # fmt: skip
+    p.add_argument(
+        "--peers-max-experts", type=int, default=16384,
+        help="skip peers above this many experts (their dense routing tensors grow with tokens x "
+        "experts; default 16384)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, help="write bench.json, bench.csv and bench.png here")
     p.add_argument("--json", type=Path)
     p.add_argument("--csv", type=Path)
@@ -225,15 +244,22 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     if args.k != 4 and any(s.hierarchical for s in specs):
         print("warning: --k applies to flat entries; hierarchical ones use k=2+2", file=sys.stderr)
-    rows = [make_row(spec, args) for spec in specs]  # validates every entry before running
+    names = parse_peers(args.peers)
+    missing = {name: why for name in names if (why := unavailable(name, args.device))}
+    impls = [OURS, *(name for name in names if name not in missing)]
+    # validates every entry before running; per configuration, ours then each peer
+    rows = [make_row(spec, args, impl) for spec in specs for impl in impls]
     for i, row in enumerate(rows, 1):
-        print(f"[{i}/{len(rows)}] {row['config']} T={row['tokens']} ...", file=sys.stderr)
+        label = f"{row['config']} {row['implementation']}"
+        print(f"[{i}/{len(rows)}] {label} T={row['tokens']} ...", file=sys.stderr)
         row["load_avg"] = os.getloadavg()[0]
-        if reason := too_large(row, args.device):
+        if reason := too_large(row, args.device, args.peers_max_experts):
             row.update(status="skipped", reason=reason)
             continue
         row.update(run_child({**row, "max_seconds": args.max_seconds_per_step}, rss_limit(args)))
     print(bench_plot.format_table(rows))
+    for name, why in missing.items():
+        print(f"peer {name}: {why}")
     paths = {"json": args.json, "csv": args.csv, "png": args.png}
     if args.out is not None:
         paths = {ext: p or args.out / f"bench.{ext}" for ext, p in paths.items()}
@@ -245,9 +271,15 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if any(r["status"] == "failed" for r in rows) else 0
 
 
-def too_large(row: dict, device: str) -> str | None:
-    """Why `row` cannot run here, or None: its estimated peak (moe_impl/bench/memory.py) against
-    the memory available now, on the device that holds its tensors."""
+def too_large(row: dict, device: str, peers_max_experts: int | None = None) -> str | None:
+    """Why `row` cannot run here, or None: a peer above --peers-max-experts, or our estimated peak
+    (moe_impl/bench/memory.py) against the memory available now, on the device that holds its
+    tensors (a peer's is not estimated: its child is stopped at the RSS limit instead)."""
+    if row["implementation"] != OURS:
+        limit = peers_max_experts
+        if limit is not None and row["num_experts"] > limit:
+            return f"peer above --peers-max-experts={limit}"
+        return None
     free = available_bytes(device)
     need = row["est_mem_mb"] * 2**20
     if free is None or need <= free:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from moe_impl import telemetry
+from moe_impl.bench.peers import build_moe
 from moe_impl.bench.spec import K_PRIMARY, K_SECONDARY, gate_outputs, parse_experts, train_flops
-from moe_impl.bench.worker import build_moe
 from moe_impl.gpucheck.build import on_device
 from moe_impl.gpucheck.sizes import Sizes
 from moe_impl.gpucheck.timing import free_memory, is_oom, peak_gib, sync, time_steps

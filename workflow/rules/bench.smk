@@ -20,6 +20,13 @@ rule bench:
         experts=",".join(config["bench"]["experts"]),
         tokens=config["bench"]["tokens"],
         device=config["bench"].get("device", "cpu"),
+        # the installed peers (moe_impl/bench/peers.py), each beside its own dense FFN
+        peers=(
+            f"--peers --peers-max-experts {config['bench'].get('peers_max_experts', 4096)}"
+            if config["bench"].get("peers", True)
+            else ""
+        ),
     shell:
         "python -m moe_impl bench --experts {params.experts} --tokens {params.tokens} "
-        "--device {params.device} --threads {threads} --out results/bench > {log} 2>&1"
+        "--device {params.device} --threads {threads} {params.peers} --out results/bench "
+        "> {log} 2>&1"
