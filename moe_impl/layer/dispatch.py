@@ -156,10 +156,11 @@ def select_rows(t: Tensor, idx: Tensor) -> Tensor:
     return flat.index_select(0, idx).view(idx.numel(), *t.shape[1:])
 
 
-def add_rows(shape: torch.Size, idx: Tensor, values: Tensor) -> Tensor:
-    """zeros(shape) with values[j] added at row idx[j] (duplicates summed), through a 2-D view."""
+def add_rows(shape: torch.Size, idx: Tensor, values: Tensor, out: Tensor | None = None) -> Tensor:
+    """zeros(shape) with values[j] added at row idx[j] (duplicates summed), through a 2-D view;
+    into `out` (zeroed first, any contiguous tensor of `shape`) where given."""
     width = math.prod(shape[1:])
-    out = values.new_zeros(shape[0], width)
+    out = values.new_zeros(shape[0], width) if out is None else out.view(shape[0], width).zero_()
     return out.index_add_(0, idx, values.reshape(values.shape[0], width)).view(shape)
 
 

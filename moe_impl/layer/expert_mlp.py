@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from moe_impl.layer.dispatch import add_rows, select_rows
+from moe_impl.layer.workspace import GradBuffers
 
 
 def _t(x: Tensor) -> Tensor:
@@ -36,7 +37,7 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 class _BlockExpertMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_LCD, w_in_EDH, w_out_EHD, block_expert_L, counts_E, sparse_grad):
+    def forward(ctx, x_LCD, w_in_EDH, w_out_EHD, block_expert_L, counts_E, sparse_grad, buffers):
         device = x_LCD.device.type
         dtype = compute_dtype(x_LCD)
         if block_expert_L is None:  # in place: block l is expert l
@@ -51,6 +52,7 @@ class _BlockExpertMLP(torch.autograd.Function):
             y_LCD = torch.bmm(h_LCH, w_out_LHD)
         ctx.save_for_backward(x_LCD_c, h_LCH, w_in_LDH, w_out_LHD, block_expert_L, counts_E)
         ctx.sparse_grad = sparse_grad
+        ctx.buffers = buffers
         ctx.w_shapes = (w_in_EDH.shape, w_out_EHD.shape)
         ctx.w_dtype = w_in_EDH.dtype
         ctx.x_dtype = x_LCD.dtype
@@ -60,9 +62,7 @@ class _BlockExpertMLP(torch.autograd.Function):
     def backward(ctx, gy_LCD):
         x_LCD, h_LCH, w_in_LDH, w_out_LHD, block_expert_L, counts_E = ctx.saved_tensors
         gy_LCD = gy_LCD.to(h_LCH.dtype).contiguous()
-        gh_LCH = torch.ops.aten.threshold_backward(
-            torch.bmm(gy_LCD, w_out_LHD.transpose(1, 2)), h_LCH, 0.0
-        )  # relu': zero where h = relu(·) is 0
+        gh_LCH = relu_backward_(torch.bmm(gy_LCD, w_out_LHD.transpose(1, 2)), h_LCH)
         gx_LCD = None
         if ctx.needs_input_grad[0]:
             gx_LCD = torch.bmm(gh_LCH, w_in_LDH.transpose(1, 2)).to(ctx.x_dtype)
@@ -71,7 +71,13 @@ class _BlockExpertMLP(torch.autograd.Function):
             gw_in, gw_out = _weight_grads(
                 ctx, x_LCD, h_LCH, gh_LCH, gy_LCD, block_expert_L, counts_E
             )
-        return gx_LCD, gw_in, gw_out, None, None, None
+        return gx_LCD, gw_in, gw_out, None, None, None, None
+
+
+def relu_backward_(grad: Tensor, h: Tensor) -> Tensor:
+    """relu', in place: grad where h = relu(·) > 0, else 0 (no new tensor of grad's size)."""
+    torch.ops.aten.threshold_backward.grad_input(grad, h, 0.0, grad_input=grad)
+    return grad
 
 
 def _weight_grads(ctx, x_LCD, h_LCH, gh_LCH, gy_LCD, block_expert_L, counts_E):
@@ -83,9 +89,19 @@ def _weight_grads(ctx, x_LCD, h_LCH, gh_LCH, gy_LCD, block_expert_L, counts_E):
             x_LCD, h_LCH = select_rows(x_LCD, active_A), select_rows(h_LCH, active_A)
             gh_LCH, gy_LCD = select_rows(gh_LCH, active_A), select_rows(gy_LCD, active_A)
         block_expert_L = active_A
-    g_in = torch.bmm(_t(x_LCD), gh_LCH).to(ctx.w_dtype)
-    g_out = torch.bmm(_t(h_LCH), gy_LCD).to(ctx.w_dtype)
-    return layout_weight_grads(block_expert_L, g_in, g_out, shape_in, shape_out, ctx.sparse_grad)
+    g_in = _bmm(ctx.buffers, "w_in", _t(x_LCD), gh_LCH).to(ctx.w_dtype)
+    g_out = _bmm(ctx.buffers, "w_out", _t(h_LCH), gy_LCD).to(ctx.w_dtype)
+    return layout_weight_grads(
+        block_expert_L, g_in, g_out, shape_in, shape_out, ctx.sparse_grad, ctx.buffers
+    )
+
+
+def _bmm(buffers: GradBuffers | None, name: str, a: Tensor, b: Tensor) -> Tensor:
+    """a @ b, written into the bank's buffer `name` (workspace.py) where it has one."""
+    if buffers is None:
+        return torch.bmm(a, b)
+    out = buffers.take(name, (a.shape[0], a.shape[1], b.shape[2]), a)
+    return torch.bmm(a, b, out=out)
 
 
 def layout_weight_grads(
@@ -95,17 +111,22 @@ def layout_weight_grads(
     shape_in: torch.Size,
     shape_out: torch.Size,
     sparse_grad: bool,
+    buffers: GradBuffers | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-block weight gradients in the layout the layer asked for. `rows_L` is the (sorted)
     expert of each block, None when block l is expert l of all E (returned as they are, dense);
     else a dense (E, ...) tensor with the blocks added at their rows, or a coalesced sparse COO
-    tensor over the blocks' experts (sparse_dim 1) when `sparse_grad`."""
+    tensor over the blocks' experts (sparse_dim 1) when `sparse_grad`. A dense one is written into
+    `buffers` (the bank's GradBuffers) where given."""
     pairs = ((g_in_LDH, shape_in), (g_out_LHD, shape_out))
     if rows_L is None:  # in place, dense
         return g_in_LDH, g_out_LHD
     if sparse_grad:
         return tuple(_sparse_rows(rows_L, g, shape) for g, shape in pairs)
-    return tuple(add_rows(shape, rows_L, g) for g, shape in pairs)
+    return tuple(
+        add_rows(shape, rows_L, g, None if buffers is None else buffers.take(name, shape, g))
+        for (g, shape), name in zip(pairs, ("dense_w_in", "dense_w_out"), strict=True)
+    )
 
 
 def _sparse_rows(rows_L: Tensor, values_L: Tensor, shape: torch.Size) -> Tensor:
@@ -128,7 +149,11 @@ def block_expert_mlp(
     counts_E: Tensor,
     *,
     sparse_grad: bool,
+    buffers: GradBuffers | None = None,
 ) -> Tensor:
     """relu(x · w_in) · w_out per block; `block_expert_L=None` means block l is expert l (in place).
-    `counts_E` (slots per expert) tells which experts received tokens, for in-place sparse grads."""
-    return _BlockExpertMLP.apply(x_LCD, w_in_EDH, w_out_EHD, block_expert_L, counts_E, sparse_grad)
+    `counts_E` (slots per expert) tells which experts received tokens, for in-place sparse grads.
+    `buffers` (the bank's GradBuffers) holds the memory of the weight gradients between steps."""
+    return _BlockExpertMLP.apply(
+        x_LCD, w_in_EDH, w_out_EHD, block_expert_L, counts_E, sparse_grad, buffers
+    )

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from moe_impl.layer.dispatch import DispatchPlan, dispatch, from_rows
 from moe_impl.layer.expert_mlp import block_expert_mlp
 from moe_impl.layer.grouped import grouped_expert_mlp
+from moe_impl.layer.workspace import GradBuffers
 
 # Experts are initialised in chunks of this many, each chunk from its own generator seeded by
 # (one seed drawn from torch's global RNG, chunk index): expert i's initial weights then depend only
@@ -64,6 +65,7 @@ class ExpertBank(nn.Module):
             )
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
+        self.grad_buffers = GradBuffers()  # the weight gradients' memory, reused (workspace.py)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -108,6 +110,7 @@ class ExpertBank(nn.Module):
             plan.block_expert_L,
             plan.counts_E,
             sparse_grad=self.sparse_grad,
+            buffers=self.grad_buffers,
         )
         return from_rows(y_LCD.view(-1, d_model), plan)
 
