@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from moe_impl import HierarchicalMoE, MoE
-from moe_impl.layer.workspace import GradBuffers
+from moe_impl.layer.workspace import Workspace
 
 
 def test_take_reuses_a_buffer_only_once_it_is_free():
-    buffers, like = GradBuffers(), torch.zeros(1)
+    buffers, like = Workspace(), torch.zeros(1)
     a = buffers.take("g", (4, 5), like)
     ptr = a.data_ptr()
     a.fill_(1.0)
@@ -38,7 +38,7 @@ def test_take_reuses_a_buffer_only_once_it_is_free():
 
 
 def test_take_follows_dtype():
-    buffers = GradBuffers()
+    buffers = Workspace()
     a = buffers.take("g", (2, 2), torch.zeros(1, dtype=torch.float64))
     assert a.dtype == torch.float64
     del a
@@ -91,11 +91,11 @@ def test_gradients_accumulate_and_kept_references_survive(kind, sparse):
 def test_buffers_are_not_state():
     layer = _layer("flat", False)
     _grads(layer, torch.randn(32, 8))
-    assert not any("grad_buffers" in k for k in layer.state_dict())
+    assert not any("workspace" in k for k in layer.state_dict())
     size_before = len(pickle.dumps(_layer("flat", False)))
     assert len(pickle.dumps(layer)) < size_before + 4096  # the buffers are not pickled
     clone = copy.deepcopy(layer)
-    assert clone.experts.grad_buffers is not layer.experts.grad_buffers
+    assert clone.experts.workspace is not layer.experts.workspace
     f = io.BytesIO()
     torch.save(layer, f)
     f.seek(0)

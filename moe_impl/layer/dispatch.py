@@ -31,6 +31,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from moe_impl.layer.workspace import Workspace, empty
+
 # Block costs in rows of expert compute (measured at d=64, h=128 on our CPU; see
 # docs/performance.md): a batched matmul reads each block's weights whatever its row count (~16
 # rows' worth), and a gathered block first copies them (another ~16). tests/test_dispatch.py
@@ -164,11 +166,24 @@ def add_rows(shape: torch.Size, idx: Tensor, values: Tensor, out: Tensor | None 
     return out.index_add_(0, idx, values.reshape(values.shape[0], width)).view(shape)
 
 
-def _take_rows(values: Tensor, idx: Tensor, has_sentinel: bool) -> Tensor:
-    """values[idx] where idx == len(values) selects a zero row (only appended when it can occur)."""
-    if has_sentinel:
-        values = torch.cat([values, values.new_zeros((1, *values.shape[1:]))])
-    return select_rows(values, idx)
+def _take_rows(
+    values: Tensor, idx: Tensor, has_sentinel: bool, workspace: Workspace | None = None,
+    name: str = "",
+) -> Tensor:  # fmt: skip
+    """values[idx] where idx == len(values) selects a zero row (only checked when it can occur),
+    through a 2-D view, into the workspace's buffer `name` where given."""
+    num = values.shape[0]
+    width = math.prod(values.shape[1:])
+    if has_sentinel and num == 0:
+        return values.new_zeros((idx.numel(), *values.shape[1:]))
+    sentinel = idx == num if has_sentinel else None
+    if sentinel is not None:
+        idx = idx.clamp(max=num - 1)
+    out = empty(workspace, name, (idx.numel(), width), values)
+    torch.index_select(values.reshape(num, width), 0, idx, out=out)
+    if sentinel is not None:
+        out.masked_fill_(sentinel[:, None], 0)
+    return out.view(idx.numel(), *values.shape[1:])
 
 
 class _GatherTokens(torch.autograd.Function):
@@ -176,17 +191,21 @@ class _GatherTokens(torch.autograd.Function):
     owns k consecutive slots, so its gradient is its slots' rows gathered back and summed."""
 
     @staticmethod
-    def forward(ctx, x_BD, token_of_row_R, row_of_slot_N, k, dropped):
+    def forward(ctx, x_BD, token_of_row_R, row_of_slot_N, k, dropped, workspace):
         ctx.save_for_backward(row_of_slot_N)
         ctx.k = k
         ctx.dropped = dropped
-        return x_BD.index_select(0, token_of_row_R)
+        ctx.workspace = workspace
+        return _take_rows(x_BD, token_of_row_R, False, workspace, "gather")
 
     @staticmethod
     def backward(ctx, grad_RD: Tensor):
         (row_of_slot_N,) = ctx.saved_tensors
-        grad_ND = _take_rows(grad_RD, row_of_slot_N, ctx.dropped)
-        return grad_ND.view(-1, ctx.k, grad_ND.shape[-1]).sum(1), None, None, None, None
+        ws = ctx.workspace
+        grad_ND = _take_rows(grad_RD, row_of_slot_N, ctx.dropped, ws, "gather_grad")
+        grad_BKD = grad_ND.view(-1, ctx.k, grad_ND.shape[-1])
+        grad_BD = empty(ws, "gather_grad_sum", (grad_BKD.shape[0], grad_BKD.shape[2]), grad_ND)
+        return torch.sum(grad_BKD, 1, out=grad_BD), None, None, None, None, None
 
 
 class _Permute(torch.autograd.Function):
@@ -194,24 +213,33 @@ class _Permute(torch.autograd.Function):
     inverse map, grad[inverse] (a zero row where inverse == len(grad))."""
 
     @staticmethod
-    def forward(ctx, values, index, inverse, zero_forward, zero_backward):
+    def forward(ctx, values, index, inverse, zero_forward, zero_backward, workspace):
         ctx.save_for_backward(inverse)
         ctx.zero_backward = zero_backward
-        return _take_rows(values, index, zero_forward)
+        ctx.workspace = workspace
+        return _take_rows(values, index, zero_forward, workspace, "permute")
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (inverse,) = ctx.saved_tensors
-        return _take_rows(grad, inverse, ctx.zero_backward), None, None, None, None
+        grad = _take_rows(grad, inverse, ctx.zero_backward, ctx.workspace, "permute_grad")
+        return grad, None, None, None, None, None
 
 
 def gather_tokens(
-    x_BD: Tensor, token_of_row_R: Tensor, row_of_slot_N: Tensor, k: int, *, dropped: bool = False
+    x_BD: Tensor,
+    token_of_row_R: Tensor,
+    row_of_slot_N: Tensor,
+    k: int,
+    *,
+    dropped: bool = False,
+    workspace: Workspace | None = None,
 ) -> Tensor:
     """x_BD[token_of_row_R], for rows that hold the slots of tokens owning k consecutive slots each
     (token b: slots b·k ... b·k+k-1), slot n at row row_of_slot_N[n]; `dropped` says some slots
-    have no row (row_of_slot_N == R). Also the send buffer of moe_impl/parallel/routing.py."""
-    return _GatherTokens.apply(x_BD, token_of_row_R, row_of_slot_N, k, dropped)
+    have no row (row_of_slot_N == R). Also the send buffer of moe_impl/parallel/routing.py.
+    `workspace` (workspace.py) holds the memory of the rows and of their gradient."""
+    return _GatherTokens.apply(x_BD, token_of_row_R, row_of_slot_N, k, dropped, workspace)
 
 
 def permute_rows(
@@ -221,26 +249,30 @@ def permute_rows(
     *,
     zero_forward: bool = False,
     zero_backward: bool = False,
+    workspace: Workspace | None = None,
 ) -> Tensor:
     """values[index] along dim 0, differentiable through the inverse map (grad[inverse]). The
     flags say that index (inverse) may hold len(values) (len(index)) to select a zero row."""
-    return _Permute.apply(values, index, inverse, zero_forward, zero_backward)
+    return _Permute.apply(values, index, inverse, zero_forward, zero_backward, workspace)
 
 
-def dispatch(x_BD: Tensor, plan: DispatchPlan, k: int) -> Tensor:
+def dispatch(
+    x_BD: Tensor, plan: DispatchPlan, k: int, workspace: Workspace | None = None
+) -> Tensor:
     """Token rows laid out in the block buffer, (R, D); the slots of token b are b·k ... b·k+k-1."""
     return gather_tokens(
-        x_BD, plan.token_of_row_R, plan.row_of_slot_N, k, dropped=plan.num_dropped > 0
-    )
+        x_BD, plan.token_of_row_R, plan.row_of_slot_N, k, dropped=plan.num_dropped > 0,
+        workspace=workspace,
+    )  # fmt: skip
 
 
-def from_rows(values_R: Tensor, plan: DispatchPlan) -> Tensor:
+def from_rows(values_R: Tensor, plan: DispatchPlan, workspace: Workspace | None = None) -> Tensor:
     """Per-row results back in slot order, (N, ...): dropped slots get 0; the backward gives the
     padding rows 0."""
     padded = plan.slot_of_row_R.numel() > plan.row_of_slot_N.numel() - plan.num_dropped
     return permute_rows(
         values_R, plan.row_of_slot_N, plan.slot_of_row_R,
-        zero_forward=plan.num_dropped > 0, zero_backward=padded,
+        zero_forward=plan.num_dropped > 0, zero_backward=padded, workspace=workspace,
     )  # fmt: skip
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from moe_impl.layer.dispatch import add_rows, select_rows
-from moe_impl.layer.workspace import GradBuffers
+from moe_impl.layer.workspace import Workspace, empty
 
 
 def _t(x: Tensor) -> Tensor:
@@ -48,8 +48,8 @@ class _BlockExpertMLP(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             x_LCD_c = x_LCD.to(dtype)
             w_in_LDH, w_out_LHD = w_in_LDH.to(dtype), w_out_LHD.to(dtype)
-            h_LCH = torch.bmm(x_LCD_c, w_in_LDH).relu_()
-            y_LCD = torch.bmm(h_LCH, w_out_LHD)
+            h_LCH = _bmm(buffers, "h", x_LCD_c, w_in_LDH).relu_()
+            y_LCD = _bmm(buffers, "y", h_LCH, w_out_LHD)
         ctx.save_for_backward(x_LCD_c, h_LCH, w_in_LDH, w_out_LHD, block_expert_L, counts_E)
         ctx.sparse_grad = sparse_grad
         ctx.buffers = buffers
@@ -62,10 +62,11 @@ class _BlockExpertMLP(torch.autograd.Function):
     def backward(ctx, gy_LCD):
         x_LCD, h_LCH, w_in_LDH, w_out_LHD, block_expert_L, counts_E = ctx.saved_tensors
         gy_LCD = gy_LCD.to(h_LCH.dtype).contiguous()
-        gh_LCH = relu_backward_(torch.bmm(gy_LCD, w_out_LHD.transpose(1, 2)), h_LCH)
+        ws = ctx.buffers
+        gh_LCH = relu_backward_(_bmm(ws, "gh", gy_LCD, w_out_LHD.transpose(1, 2)), h_LCH)
         gx_LCD = None
         if ctx.needs_input_grad[0]:
-            gx_LCD = torch.bmm(gh_LCH, w_in_LDH.transpose(1, 2)).to(ctx.x_dtype)
+            gx_LCD = _bmm(ws, "gx", gh_LCH, w_in_LDH.transpose(1, 2)).to(ctx.x_dtype)
         gw_in = gw_out = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             gw_in, gw_out = _weight_grads(
@@ -96,11 +97,9 @@ def _weight_grads(ctx, x_LCD, h_LCH, gh_LCH, gy_LCD, block_expert_L, counts_E):
     )
 
 
-def _bmm(buffers: GradBuffers | None, name: str, a: Tensor, b: Tensor) -> Tensor:
+def _bmm(workspace: Workspace | None, name: str, a: Tensor, b: Tensor) -> Tensor:
     """a @ b, written into the bank's buffer `name` (workspace.py) where it has one."""
-    if buffers is None:
-        return torch.bmm(a, b)
-    out = buffers.take(name, (a.shape[0], a.shape[1], b.shape[2]), a)
+    out = empty(workspace, name, (a.shape[0], a.shape[1], b.shape[2]), a)
     return torch.bmm(a, b, out=out)
 
 
@@ -111,13 +110,13 @@ def layout_weight_grads(
     shape_in: torch.Size,
     shape_out: torch.Size,
     sparse_grad: bool,
-    buffers: GradBuffers | None = None,
+    buffers: Workspace | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-block weight gradients in the layout the layer asked for. `rows_L` is the (sorted)
     expert of each block, None when block l is expert l of all E (returned as they are, dense);
     else a dense (E, ...) tensor with the blocks added at their rows, or a coalesced sparse COO
     tensor over the blocks' experts (sparse_dim 1) when `sparse_grad`. A dense one is written into
-    `buffers` (the bank's GradBuffers) where given."""
+    `buffers` (the bank's Workspace) where given."""
     pairs = ((g_in_LDH, shape_in), (g_out_LHD, shape_out))
     if rows_L is None:  # in place, dense
         return g_in_LDH, g_out_LHD
@@ -149,11 +148,11 @@ def block_expert_mlp(
     counts_E: Tensor,
     *,
     sparse_grad: bool,
-    buffers: GradBuffers | None = None,
+    buffers: Workspace | None = None,
 ) -> Tensor:
     """relu(x · w_in) · w_out per block; `block_expert_L=None` means block l is expert l (in place).
     `counts_E` (slots per expert) tells which experts received tokens, for in-place sparse grads.
-    `buffers` (the bank's GradBuffers) holds the memory of the weight gradients between steps."""
+    `buffers` (the bank's Workspace) holds the memory of activations and weight gradients."""
     return _BlockExpertMLP.apply(
         x_LCD, w_in_EDH, w_out_EHD, block_expert_L, counts_E, sparse_grad, buffers
     )

@@ -1,19 +1,22 @@
-"""Memory the expert bank reuses across training steps: its weight gradients' buffers.
+"""Memory the expert bank reuses across training steps: the buffers of its large tensors.
 
-Why: the experts' weight gradients are the largest tensors a step allocates (E x 2·d·h values
-dense, or one per active expert sparse: 32 MB each at 1024 experts of 64 x 128, 128 MB at 4096).
-glibc serves allocations of 32 MB and more with mmap and returns them to the kernel when they are
-freed, so a step that allocates them afresh page-faults through all of it again: 4096-h at 4096
-tokens took 1.5x as long (docs/performance.md). `moe_impl.runtime.tune_allocator` avoids that for a
-whole process, but a library's speed must not depend on its caller's allocator settings.
+Why: a step of the layer allocates tens to hundreds of MB of short-lived tensors (the rows of the
+dispatch buffer, the experts' hidden activations, their gradients) and the experts' weight
+gradients (E x 2·d·h values dense, or one per active expert sparse: 32 MB each at 1024 experts of
+64 x 128, 128 MB at 4096). glibc serves large allocations with mmap (from 128 KB up to 32 MB, as its
+threshold adapts) and returns them to the kernel when they are freed, so a step that allocates them
+afresh page-faults through all of that memory again: 4096-h at 4096 tokens took 1.5x as long, and
+a relu' on 8 MB took 4.5 ms instead of 0.7 (docs/performance.md). `moe_impl.runtime.tune_allocator`
+avoids that for a whole process, but a library's speed must not depend on its caller's allocator.
 
-How: the bank keeps one buffer per gradient and writes the next step's gradient into it, handing
-autograd a view. It reuses a buffer only when nothing outside holds its memory any more (the
-storage's reference count is back to the buffer's own): once the optimizer has stepped and the
-gradients are set to None, as every training loop does between steps. While `param.grad` (or any
-view or copy of the same memory a user kept) is alive, for instance when gradients accumulate over
-micro-batches, the next gradient goes into a fresh buffer, so no gradient is ever overwritten. Where
-torch offers no storage reference count, nothing is reused.
+How: the bank keeps one buffer per use (a name) and writes the next step's tensor of that use into
+it. It reuses a buffer only when nothing holds its memory any more (the storage's reference count is
+back to the buffer's own): the activations once backward has run (or the graph was dropped), the
+weight gradients once they are set to None after the optimizer's step, as every training loop does.
+While anything holds it (a graph not yet backpropagated, a second forward before the backward,
+`param.grad` while gradients accumulate over micro-batches, a view or reference a user kept), the
+tensor goes into fresh memory, so nothing is ever overwritten. Where torch offers no storage
+reference count, nothing is reused.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ _use_count = getattr(torch._C, "_storage_Use_Count", None)
 HEADROOM = 8
 
 
-class GradBuffers:
-    """Per-name buffers for gradients; `take` returns an uninitialised tensor of a shape."""
+class Workspace:
+    """Per-name buffers; `take` returns an uninitialised tensor of a shape, in its buffer if free."""
 
     def __init__(self) -> None:
         self._bufs: dict[str, tuple[Tensor, object, int]] = {}  # name -> (buffer, storage, refs)
@@ -62,5 +65,12 @@ class GradBuffers:
     def __getstate__(self) -> dict:
         return {"_bufs": {}}
 
-    def __deepcopy__(self, memo: dict) -> GradBuffers:
-        return GradBuffers()
+    def __deepcopy__(self, memo: dict) -> Workspace:
+        return Workspace()
+
+
+def empty(workspace: Workspace | None, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised tensor of `shape` like `like`: from `workspace` where there is one."""
+    if workspace is None:
+        return like.new_empty(shape)
+    return workspace.take(name, tuple(shape), like)
