@@ -101,3 +101,22 @@ def test_buffers_are_not_state():
     f.seek(0)
     loaded = torch.load(f, weights_only=False)
     _grads(loaded, torch.randn(32, 8))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_combine_equals_autograd_of_the_broadcast_sum_bit_for_bit(k):
+    from moe_impl.layer.experts import _Combine
+    from moe_impl.layer.workspace import Workspace
+
+    torch.manual_seed(k)
+    y = torch.randn(64, k, 16, requires_grad=True)
+    gate = torch.rand(64, k, requires_grad=True)
+    g = torch.randn(64, 16)
+    ref = (y * gate.view(64, k, 1)).sum(1)
+    ref_y, ref_gate = torch.autograd.grad(ref, (y, gate), g)
+    for ws in (None, Workspace()):
+        out = _Combine.apply(y, gate, ws)
+        got_y, got_gate = torch.autograd.grad(out, (y, gate), g)
+        assert (
+            torch.equal(out, ref) and torch.equal(got_y, ref_y) and torch.equal(got_gate, ref_gate)
+        )

@@ -181,8 +181,8 @@ def _take_rows(
         idx = idx.clamp(max=num - 1)
     out = empty(workspace, name, (idx.numel(), width), values)
     torch.index_select(values.reshape(num, width), 0, idx, out=out)
-    if sentinel is not None:
-        out.masked_fill_(sentinel[:, None], 0)
+    if sentinel is not None:  # the rows that select the zero row: few (padding, dropped slots)
+        out.index_fill_(0, sentinel.nonzero().squeeze(1), 0)
     return out.view(idx.numel(), *values.shape[1:])
 
 
