@@ -151,11 +151,18 @@ def make_plan(
     )
 
 
-def select_rows(t: Tensor, idx: Tensor) -> Tensor:
-    """t[idx] along dim 0 for a tensor of any rank. NOTE: index_select on a 3-D CPU tensor is ~7x
-    slower than on its 2-D view (100 vs 14 ms to gather 4096 expert matrices), hence the view."""
-    flat = t.reshape(t.shape[0], math.prod(t.shape[1:]))
-    return flat.index_select(0, idx).view(idx.numel(), *t.shape[1:])
+def select_rows(
+    t: Tensor, idx: Tensor, workspace: Workspace | None = None, name: str = ""
+) -> Tensor:
+    """t[idx] along dim 0 for a tensor of any rank, into the workspace's buffer `name` where
+    given (then not differentiable: for the expert functions' own forward and backward). NOTE: index_select on a 3-D CPU tensor is ~7x slower than on its 2-D view (100 vs 14 ms
+    to gather 4096 expert matrices), hence the view."""
+    width = math.prod(t.shape[1:])
+    flat = t.reshape(t.shape[0], width)
+    if workspace is None:  # differentiable (out= is not)
+        return flat.index_select(0, idx).view(idx.numel(), *t.shape[1:])
+    out = torch.index_select(flat, 0, idx, out=workspace.take(name, (idx.numel(), width), t))
+    return out.view(idx.numel(), *t.shape[1:])
 
 
 def add_rows(shape: torch.Size, idx: Tensor, values: Tensor, out: Tensor | None = None) -> Tensor:

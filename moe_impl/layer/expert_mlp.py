@@ -43,8 +43,8 @@ class _BlockExpertMLP(torch.autograd.Function):
         if block_expert_L is None:  # in place: block l is expert l
             w_in_LDH, w_out_LHD = w_in_EDH, w_out_EHD
         else:
-            w_in_LDH = select_rows(w_in_EDH, block_expert_L)
-            w_out_LHD = select_rows(w_out_EHD, block_expert_L)
+            w_in_LDH = select_rows(w_in_EDH, block_expert_L, buffers, "gathered_w_in")
+            w_out_LHD = select_rows(w_out_EHD, block_expert_L, buffers, "gathered_w_out")
         with torch.autocast(device, enabled=False):
             x_LCD_c = x_LCD.to(dtype)
             w_in_LDH, w_out_LHD = w_in_LDH.to(dtype), w_out_LHD.to(dtype)
@@ -87,8 +87,14 @@ def _weight_grads(ctx, x_LCD, h_LCH, gh_LCH, gy_LCD, block_expert_L, counts_E):
         # in place, sparse: only the experts that received tokens (the others' rows are padding)
         active_A = counts_E.nonzero().squeeze(1)
         if active_A.numel() < x_LCD.shape[0]:
-            x_LCD, h_LCH = select_rows(x_LCD, active_A), select_rows(h_LCH, active_A)
-            gh_LCH, gy_LCD = select_rows(gh_LCH, active_A), select_rows(gy_LCD, active_A)
+            ws = ctx.buffers  # the active experts' rows, into the workspace
+
+            def active(t: Tensor, name: str) -> Tensor:
+                return select_rows(t, active_A, ws, f"active_{name}")
+
+            x_LCD, h_LCH, gh_LCH, gy_LCD = (
+                active(x_LCD, "x"), active(h_LCH, "h"), active(gh_LCH, "gh"), active(gy_LCD, "gy")
+            )  # fmt: skip
         block_expert_L = active_A
     g_in = _bmm(ctx.buffers, "w_in", _t(x_LCD), gh_LCH).to(ctx.w_dtype)
     g_out = _bmm(ctx.buffers, "w_out", _t(h_LCH), gy_LCD).to(ctx.w_dtype)
