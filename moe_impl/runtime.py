@@ -7,7 +7,10 @@ experts the gathered expert weights and their gradients are ~0.5 GB per step, an
 more time in page faults than in arithmetic (130k minor faults, 300-650 ms per step at 1024 tokens).
 Serving all allocations from the heap and never trimming it keeps those pages: 130 ms per step after
 two warm-up steps (measured 2026-11-28 on our 2-core machine). The cost is that the process keeps its
-peak memory until it exits, which suits a training or benchmark process.
+peak memory until it exits, which suits a training or benchmark process. The MoE layers no longer
+need it: their expert bank reuses the memory of its large tensors across steps
+(moe_impl/layer/workspace.py), so a plain `import moe_impl` runs them as fast (docs/performance.md,
+"The layer as a library"); the rest of a process (the LSTMs, a dense FFN) still gains from it.
 
 Subnormal floats (|x| < 1.2e-38 in float32) cost 10-100x a normal one in the CPU's arithmetic. The
 load loss's normal CDF (Eq. 9) has the gradient exp(-z²/2), which underflows into that range as

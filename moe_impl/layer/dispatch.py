@@ -220,17 +220,17 @@ class _Permute(torch.autograd.Function):
     inverse map, grad[inverse] (a zero row where inverse == len(grad))."""
 
     @staticmethod
-    def forward(ctx, values, index, inverse, zero_forward, zero_backward, workspace):
+    def forward(ctx, values, index, inverse, zero_forward, zero_backward, workspace, tag):
         ctx.save_for_backward(inverse)
         ctx.zero_backward = zero_backward
-        ctx.workspace = workspace
-        return _take_rows(values, index, zero_forward, workspace, "permute")
+        ctx.workspace, ctx.tag = workspace, tag
+        return _take_rows(values, index, zero_forward, workspace, f"{tag}permute")
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (inverse,) = ctx.saved_tensors
-        grad = _take_rows(grad, inverse, ctx.zero_backward, ctx.workspace, "permute_grad")
-        return grad, None, None, None, None, None
+        grad = _take_rows(grad, inverse, ctx.zero_backward, ctx.workspace, f"{ctx.tag}permute_grad")
+        return grad, None, None, None, None, None, None
 
 
 def gather_tokens(
@@ -257,10 +257,13 @@ def permute_rows(
     zero_forward: bool = False,
     zero_backward: bool = False,
     workspace: Workspace | None = None,
+    tag: str = "",
 ) -> Tensor:
     """values[index] along dim 0, differentiable through the inverse map (grad[inverse]). The
-    flags say that index (inverse) may hold len(values) (len(index)) to select a zero row."""
-    return _Permute.apply(values, index, inverse, zero_forward, zero_backward, workspace)
+    flags say that index (inverse) may hold len(values) (len(index)) to select a zero row.
+    `workspace` holds the memory of the result and of its gradient, under names prefixed by
+    `tag` (one tag per use within a step)."""
+    return _Permute.apply(values, index, inverse, zero_forward, zero_backward, workspace, tag)
 
 
 def dispatch(
@@ -273,18 +276,13 @@ def dispatch(
     )  # fmt: skip
 
 
-def from_rows(values_R: Tensor, plan: DispatchPlan, workspace: Workspace | None = None) -> Tensor:
+def from_rows(
+    values_R: Tensor, plan: DispatchPlan, workspace: Workspace | None = None, tag: str = ""
+) -> Tensor:
     """Per-row results back in slot order, (N, ...): dropped slots get 0; the backward gives the
     padding rows 0."""
     padded = plan.slot_of_row_R.numel() > plan.row_of_slot_N.numel() - plan.num_dropped
     return permute_rows(
         values_R, plan.row_of_slot_N, plan.slot_of_row_R,
-        zero_forward=plan.num_dropped > 0, zero_backward=padded, workspace=workspace,
+        zero_forward=plan.num_dropped > 0, zero_backward=padded, workspace=workspace, tag=tag,
     )  # fmt: skip
-
-
-def block_weights(w_EXY: Tensor, plan: DispatchPlan) -> Tensor:
-    """The weight matrix of every block, (L, X, Y): w itself in place, else the gathered rows."""
-    if plan.block_expert_L is None:
-        return w_EXY
-    return select_rows(w_EXY, plan.block_expert_L)
