@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_impl.layer.balancing import prob_in_top_k_from_top
+from moe_impl.layer.fused_gate import noisy_top_k_with_load
 
 # tensor2tensor adds 1e-2 to the softplus (noisy_top_k_gating, tensor2tensor/utils/expert_utils.py)
 # so the load estimator never divides by 0.
@@ -38,6 +39,7 @@ def noisy_top_k(
     noise_epsilon: float = NOISE_EPSILON,
     generator: torch.Generator | None = None,
     normal_BE: Tensor | None = None,
+    fused: bool = True,
 ) -> GateOutput:
     """Noisy top-k gating given the clean logits x W_g and, when noise is on, x W_noise.
 
@@ -46,17 +48,27 @@ def noisy_top_k(
     is selected and the gates are the softmax over all (noisy) logits. With a single expert the noise
     cannot change anything, so none is drawn. `normal_BE`, standard-normal samples of the logits'
     shape, replaces the draw from `generator` (the expert-parallel layers pass their rows of a
-    draw made for the whole global batch, moe_impl/parallel).
+    draw made for the whole global batch, moe_impl/parallel). With noise and k < E the gate and
+    its load estimator run as one Function (fused_gate.py); `fused=False` composes them from torch
+    ops instead (the reference the tests hold the Function to).
     """
     num_experts = clean_BE.shape[-1]
     noisy = noise_logits_BE is not None and num_experts > 1
     if noisy:
-        std_BE = F.softplus(noise_logits_BE) + noise_epsilon
         eps_BE = normal_BE
         if eps_BE is None:
             eps_BE = torch.randn(
                 clean_BE.shape, generator=generator, device=clean_BE.device, dtype=clean_BE.dtype
             )
+        if fused and k < num_experts:
+            flat = (-1, num_experts)
+            idx, gates, prob = noisy_top_k_with_load(
+                clean_BE.reshape(flat), noise_logits_BE.reshape(flat), eps_BE.reshape(flat), k,
+                noise_epsilon,
+            )  # fmt: skip
+            lead = clean_BE.shape[:-1]
+            return GateOutput(idx.view(*lead, k), gates.view(*lead, k), prob.view(clean_BE.shape))
+        std_BE = F.softplus(noise_logits_BE) + noise_epsilon
         logits_BE = clean_BE + eps_BE * std_BE
     else:
         logits_BE = clean_BE
