@@ -22,6 +22,7 @@ reference count, nothing is reused.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import Tensor
@@ -37,9 +38,16 @@ class Workspace:
 
     def __init__(self) -> None:
         self._bufs: dict[str, tuple[Tensor, object, int]] = {}  # name -> (buffer, storage, refs)
+        # threads sharing a module (nn.DataParallel's replicas share this object) must not both
+        # find a buffer free before either holds it
+        self._lock = threading.Lock()
 
     def take(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """A tensor of `shape` with like's dtype and device, in name's buffer when it is free."""
+        with self._lock:
+            return self._take(name, tuple(shape), like)
+
+    def _take(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         numel = math.prod(shape)
         entry = self._bufs.get(name)
         if entry is not None and self._free(entry, numel, like):
@@ -63,7 +71,10 @@ class Workspace:
 
     # Neither pickled nor copied with the module: buffers are scratch memory, not state.
     def __getstate__(self) -> dict:
-        return {"_bufs": {}}
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
     def __deepcopy__(self, memo: dict) -> Workspace:
         return Workspace()
@@ -73,4 +84,4 @@ def empty(workspace: Workspace | None, name: str, shape: tuple[int, ...], like: 
     """An uninitialised tensor of `shape` like `like`: from `workspace` where there is one."""
     if workspace is None:
         return like.new_empty(shape)
-    return workspace.take(name, tuple(shape), like)
+    return workspace.take(name, shape, like)
