@@ -31,43 +31,62 @@ _use_count = getattr(torch._C, "_storage_Use_Count", None)
 # A buffer is 1 + 1/HEADROOM times its first request, so that sparse gradients, whose size follows
 # the active experts from step to step, keep fitting.
 HEADROOM = 8
+# A buffer serves a use of at least 1/MAX_WASTE of its size: a small temporary must not take (and
+# hold) the memory a large one, a weight gradient say, is about to need.
+MAX_WASTE = 4
 
 
 class Workspace:
-    """Per-name buffers; `take` returns an uninitialised tensor of a shape, in its buffer if free."""
+    """A pool of buffers; `take` returns an uninitialised tensor of a shape in the smallest free
+    buffer that fits (best fit), else in a new one. Uses whose lifetimes do not overlap (a forward
+    temporary and a backward one) share memory, so the pool holds about the step's largest set of
+    tensors alive at once, as the allocator would at its peak, not one buffer per use."""
 
     def __init__(self) -> None:
-        self._bufs: dict[str, tuple[Tensor, object, int]] = {}  # name -> (buffer, storage, refs)
+        self._bufs: list[tuple[Tensor, object, int]] = []  # (buffer, its storage, baseline refs)
         # threads sharing a module (nn.DataParallel's replicas share this object) must not both
         # find a buffer free before either holds it
         self._lock = threading.Lock()
 
     def take(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """A tensor of `shape` with like's dtype and device, in name's buffer when it is free."""
+        """A tensor of `shape` with like's dtype and device, in a free buffer of the pool where one
+        fits. `name` says what the tensor is for (kept for debugging; any free buffer serves)."""
         with self._lock:
-            return self._take(name, tuple(shape), like)
+            return self._take(tuple(shape), like)
 
-    def _take(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    def _take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
         numel = math.prod(shape)
-        entry = self._bufs.get(name)
-        if entry is not None and self._free(entry, numel, like):
-            return entry[0][:numel].view(shape)
         if _use_count is None:
             return like.new_empty(shape)
+        best = None
+        too_small = []
+        for entry in self._bufs:
+            buf = entry[0]
+            if buf.dtype != like.dtype or buf.device != like.device or not _free(entry):
+                continue
+            if buf.numel() < numel:
+                too_small.append(entry)
+            elif buf.numel() <= MAX_WASTE * numel and (
+                best is None or buf.numel() < best[0].numel()
+            ):
+                best = entry
+        if best is not None:
+            return best[0][:numel].view(shape)
+        # a free buffer too small for this use would only grow the pool: give it back first
+        self._bufs = [e for e in self._bufs if not any(e is t for t in too_small)]
         buf = like.new_empty(numel + numel // HEADROOM)
         storage = buf.untyped_storage()  # kept, so that the count below stays the baseline
-        self._bufs[name] = (buf, storage, _use_count(storage._cdata))
+        self._bufs.append((buf, storage, _use_count(storage._cdata)))
         return buf[:numel].view(shape)
 
-    @staticmethod
-    def _free(entry: tuple[Tensor, object, int], numel: int, like: Tensor) -> bool:
-        buf, storage, refs = entry
-        if buf.dtype != like.dtype or buf.device != like.device or buf.numel() < numel:
-            return False
-        return _use_count(storage._cdata) <= refs
-
     def clear(self) -> None:
-        self._bufs.clear()
+        """Give every buffer back (those in use stay alive with their holders)."""
+        with self._lock:
+            self._bufs = []
+
+    def nbytes(self) -> int:
+        """The memory the pool holds, in bytes."""
+        return sum(e[0].numel() * e[0].element_size() for e in self._bufs)
 
     # Neither pickled nor copied with the module: buffers are scratch memory, not state.
     def __getstate__(self) -> dict:
@@ -78,6 +97,12 @@ class Workspace:
 
     def __deepcopy__(self, memo: dict) -> Workspace:
         return Workspace()
+
+
+def _free(entry: tuple[Tensor, object, int]) -> bool:
+    """Whether nothing but the pool holds the buffer's memory (no view, no tensor, no storage)."""
+    _, storage, refs = entry
+    return _use_count(storage._cdata) <= refs
 
 
 def empty(workspace: Workspace | None, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
