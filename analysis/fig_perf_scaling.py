@@ -105,6 +105,6 @@ def _draw_run_peers(ax_t, ax_r, rows: pd.DataFrame) -> None:
                 continue
             part = part.sort_values("num_experts")
             kw = {"color": "0.45", "marker": marker, "ls": line, "ms": 6, "mfc": "none"}
-            label = f"{name}, {kind} entries (this run)"
+            label = f"{name} (this run)" if kind == "flat" else f"{name}, N-h (this run)"
             ax_t.plot(part["num_experts"], part["moe_us_per_token"], label=label, **kw)
             ax_r.plot(part["num_experts"], part["ratio_median"], label=label, **kw)

@@ -444,7 +444,7 @@ def test_perf_scaling_draws_the_peers_measured_in_the_run_apart_from_ours():
     fig = figures.perf_scaling(both)
     lines = {ln.get_label(): ln for ln in fig.axes[2].get_lines()}  # ratio panel, fixed tokens
     ok_flat = peer[(peer["kind"] == "flat") & (peer["status"] == "ok")]
-    run_line = lines["st-moe-pytorch, flat entries (this run)"]
+    run_line = lines["st-moe-pytorch (this run)"]
     assert list(run_line.get_ydata()) == [9.0] * len(ok_flat)
     flat_ours = lines["flat MoE"]  # ours alone: the peer's rows do not join our line
     assert 9.0 not in list(flat_ours.get_ydata())
