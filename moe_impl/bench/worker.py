@@ -46,10 +46,7 @@ def measure(cfg: dict) -> dict:
     built = peers.build(cfg.get("implementation", peers.OURS), spec, d, h, cfg["k"])
     moe = built.module.to(device).train()
     k = built.k
-    dense = nn.Sequential(
-        nn.Linear(d, k * h, bias=False), nn.ReLU(), nn.Linear(k * h, d, bias=False)
-    )
-    dense = dense.to(device).train()
+    dense = peers.relu_expert(d, k * h).to(device).train()  # k experts' FLOPs in one FFN
     x_BD = torch.randn(tokens, d, device=device, requires_grad=True)
     # NOTE: plain SGD accepts the sparse expert gradients (>= 4096 experts) and keeps no state.
     opts = {m: torch.optim.SGD(m.parameters(), lr=1e-3) for m in (moe, dense) if cfg["optimizer"]}

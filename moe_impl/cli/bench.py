@@ -27,10 +27,8 @@ import torch
 
 from moe_impl.bench import plot as bench_plot
 from moe_impl.bench.memory import estimate_peak_bytes
-from moe_impl.bench.peers import OURS, PEERS, build_moe, parse_peers, unavailable
+from moe_impl.bench.peers import OURS, PEERS, build_moe, k_of, parse_peers, unavailable
 from moe_impl.bench.spec import (
-    K_PRIMARY,
-    K_SECONDARY,
     ExpertSpec,
     gate_outputs,
     parse_experts,
@@ -130,7 +128,7 @@ def check_args(args: argparse.Namespace) -> None:
 def make_row(spec: ExpertSpec, args: argparse.Namespace, implementation: str = OURS) -> dict:
     """One row with every key, measurements NaN; it is also the child process's config. A peer's
     row (moe_impl/bench/peers.py) has its k and configuration; its memory is not estimated."""
-    k = K_PRIMARY * K_SECONDARY if spec.hierarchical else args.k
+    k = k_of(spec, args.k)
     if k > spec.num_experts:
         raise ValueError(f"--k={k} must be <= the experts of --experts entry {spec.config!r}")
     ours = implementation == OURS
