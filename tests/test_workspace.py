@@ -17,32 +17,32 @@ from moe_impl.layer.workspace import Workspace
 
 def test_take_reuses_a_buffer_only_once_it_is_free():
     buffers, like = Workspace(), torch.zeros(1)
-    a = buffers.take("g", (4, 5), like)
+    a = buffers.take((4, 5), like)
     ptr = a.data_ptr()
     a.fill_(1.0)
-    b = buffers.take("g", (4, 5), like)  # `a` is alive: a fresh buffer
+    b = buffers.take((4, 5), like)  # `a` is alive: a fresh buffer
     assert b.data_ptr() != ptr
     b.fill_(2.0)
     assert torch.equal(a, torch.ones(4, 5))
     b_ptr, kept_view = b.data_ptr(), b[1:]  # a view of b's memory counts as a holder too
     del b
-    c = buffers.take("g", (4, 5), like)
+    c = buffers.take((4, 5), like)
     assert c.data_ptr() != b_ptr and torch.equal(kept_view, torch.full((3, 5), 2.0))
     del c
-    d = buffers.take("g", (4, 5), like)
-    e = buffers.take("g", (2, 5), like)  # d holds the buffer
+    d = buffers.take((4, 5), like)
+    e = buffers.take((2, 5), like)  # d holds the buffer
     assert d.data_ptr() != e.data_ptr()
     del d, e
-    f = buffers.take("g", (3, 5), like)  # smaller requests fit the free buffer
+    f = buffers.take((3, 5), like)  # smaller requests fit the free buffer
     assert f.shape == (3, 5)
 
 
 def test_take_follows_dtype():
     buffers = Workspace()
-    a = buffers.take("g", (2, 2), torch.zeros(1, dtype=torch.float64))
+    a = buffers.take((2, 2), torch.zeros(1, dtype=torch.float64))
     assert a.dtype == torch.float64
     del a
-    assert buffers.take("g", (2, 2), torch.zeros(1)).dtype == torch.float32
+    assert buffers.take((2, 2), torch.zeros(1)).dtype == torch.float32
 
 
 def _layer(kind: str, sparse: bool):

@@ -151,17 +151,16 @@ def make_plan(
     )
 
 
-def select_rows(
-    t: Tensor, idx: Tensor, workspace: Workspace | None = None, name: str = ""
-) -> Tensor:
-    """t[idx] along dim 0 for a tensor of any rank, into the workspace's buffer `name` where
-    given (then not differentiable: for the expert functions' own forward and backward). NOTE: index_select on a 3-D CPU tensor is ~7x slower than on its 2-D view (100 vs 14 ms
-    to gather 4096 expert matrices), hence the view."""
+def select_rows(t: Tensor, idx: Tensor, workspace: Workspace | None = None) -> Tensor:
+    """t[idx] along dim 0 for a tensor of any rank, into `workspace` memory where given (then not
+    differentiable: for the expert functions' own forward and backward). NOTE: index_select on a
+    3-D CPU tensor is ~7x slower than on its 2-D view (100 vs 14 ms to gather 4096 expert
+    matrices), hence the view."""
     width = math.prod(t.shape[1:])
     flat = t.reshape(t.shape[0], width)
     if workspace is None:  # differentiable (out= is not)
         return flat.index_select(0, idx).view(idx.numel(), *t.shape[1:])
-    out = torch.index_select(flat, 0, idx, out=workspace.take(name, (idx.numel(), width), t))
+    out = torch.index_select(flat, 0, idx, out=workspace.take((idx.numel(), width), t))
     return out.view(idx.numel(), *t.shape[1:])
 
 
@@ -174,11 +173,10 @@ def add_rows(shape: torch.Size, idx: Tensor, values: Tensor, out: Tensor | None 
 
 
 def _take_rows(
-    values: Tensor, idx: Tensor, has_sentinel: bool, workspace: Workspace | None = None,
-    name: str = "",
-) -> Tensor:  # fmt: skip
+    values: Tensor, idx: Tensor, has_sentinel: bool, workspace: Workspace | None = None
+) -> Tensor:
     """values[idx] where idx == len(values) selects a zero row (only checked when it can occur),
-    through a 2-D view, into the workspace's buffer `name` where given."""
+    through a 2-D view, into `workspace` memory where given."""
     num = values.shape[0]
     width = math.prod(values.shape[1:])
     if has_sentinel and num == 0:
@@ -186,7 +184,7 @@ def _take_rows(
     sentinel = idx == num if has_sentinel else None
     if sentinel is not None:
         idx = idx.clamp(max=num - 1)
-    out = empty(workspace, name, (idx.numel(), width), values)
+    out = empty(workspace, (idx.numel(), width), values)
     torch.index_select(values.reshape(num, width), 0, idx, out=out)
     if sentinel is not None:  # the rows that select the zero row: few (padding, dropped slots)
         out.index_fill_(0, sentinel.nonzero().squeeze(1), 0)
@@ -203,15 +201,15 @@ class _GatherTokens(torch.autograd.Function):
         ctx.k = k
         ctx.dropped = dropped
         ctx.workspace = workspace
-        return _take_rows(x_BD, token_of_row_R, False, workspace, "gather")
+        return _take_rows(x_BD, token_of_row_R, False, workspace)
 
     @staticmethod
     def backward(ctx, grad_RD: Tensor):
         (row_of_slot_N,) = ctx.saved_tensors
         ws = ctx.workspace
-        grad_ND = _take_rows(grad_RD, row_of_slot_N, ctx.dropped, ws, "gather_grad")
+        grad_ND = _take_rows(grad_RD, row_of_slot_N, ctx.dropped, ws)
         grad_BKD = grad_ND.view(-1, ctx.k, grad_ND.shape[-1])
-        grad_BD = empty(ws, "gather_grad_sum", (grad_BKD.shape[0], grad_BKD.shape[2]), grad_ND)
+        grad_BD = empty(ws, (grad_BKD.shape[0], grad_BKD.shape[2]), grad_ND)
         return torch.sum(grad_BKD, 1, out=grad_BD), None, None, None, None, None
 
 
@@ -220,17 +218,17 @@ class _Permute(torch.autograd.Function):
     inverse map, grad[inverse] (a zero row where inverse == len(grad))."""
 
     @staticmethod
-    def forward(ctx, values, index, inverse, zero_forward, zero_backward, workspace, tag):
+    def forward(ctx, values, index, inverse, zero_forward, zero_backward, workspace):
         ctx.save_for_backward(inverse)
         ctx.zero_backward = zero_backward
-        ctx.workspace, ctx.tag = workspace, tag
-        return _take_rows(values, index, zero_forward, workspace, f"{tag}permute")
+        ctx.workspace = workspace
+        return _take_rows(values, index, zero_forward, workspace)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (inverse,) = ctx.saved_tensors
-        grad = _take_rows(grad, inverse, ctx.zero_backward, ctx.workspace, f"{ctx.tag}permute_grad")
-        return grad, None, None, None, None, None, None
+        grad = _take_rows(grad, inverse, ctx.zero_backward, ctx.workspace)
+        return grad, None, None, None, None, None
 
 
 def gather_tokens(
@@ -257,13 +255,11 @@ def permute_rows(
     zero_forward: bool = False,
     zero_backward: bool = False,
     workspace: Workspace | None = None,
-    tag: str = "",
 ) -> Tensor:
     """values[index] along dim 0, differentiable through the inverse map (grad[inverse]). The
     flags say that index (inverse) may hold len(values) (len(index)) to select a zero row.
-    `workspace` holds the memory of the result and of its gradient, under names prefixed by
-    `tag` (one tag per use within a step)."""
-    return _Permute.apply(values, index, inverse, zero_forward, zero_backward, workspace, tag)
+    `workspace` holds the memory of the result and of its gradient."""
+    return _Permute.apply(values, index, inverse, zero_forward, zero_backward, workspace)
 
 
 def dispatch(
@@ -276,13 +272,11 @@ def dispatch(
     )  # fmt: skip
 
 
-def from_rows(
-    values_R: Tensor, plan: DispatchPlan, workspace: Workspace | None = None, tag: str = ""
-) -> Tensor:
+def from_rows(values_R: Tensor, plan: DispatchPlan, workspace: Workspace | None = None) -> Tensor:
     """Per-row results back in slot order, (N, ...): dropped slots get 0; the backward gives the
     padding rows 0."""
     padded = plan.slot_of_row_R.numel() > plan.row_of_slot_N.numel() - plan.num_dropped
     return permute_rows(
         values_R, plan.row_of_slot_N, plan.slot_of_row_R,
-        zero_forward=plan.num_dropped > 0, zero_backward=padded, workspace=workspace, tag=tag,
+        zero_forward=plan.num_dropped > 0, zero_backward=padded, workspace=workspace,
     )  # fmt: skip

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from moe_impl.layer.dispatch import add_rows, select_rows
-from moe_impl.layer.workspace import Workspace, empty
+from moe_impl.layer.workspace import Workspace, bmm, empty
 
 
 def _t(x: Tensor) -> Tensor:
@@ -43,13 +43,13 @@ class _BlockExpertMLP(torch.autograd.Function):
         if block_expert_L is None:  # in place: block l is expert l
             w_in_LDH, w_out_LHD = w_in_EDH, w_out_EHD
         else:
-            w_in_LDH = select_rows(w_in_EDH, block_expert_L, buffers, "gathered_w_in")
-            w_out_LHD = select_rows(w_out_EHD, block_expert_L, buffers, "gathered_w_out")
+            w_in_LDH = select_rows(w_in_EDH, block_expert_L, buffers)
+            w_out_LHD = select_rows(w_out_EHD, block_expert_L, buffers)
         with torch.autocast(device, enabled=False):
             x_LCD_c = x_LCD.to(dtype)
             w_in_LDH, w_out_LHD = w_in_LDH.to(dtype), w_out_LHD.to(dtype)
-            h_LCH = _bmm(buffers, "h", x_LCD_c, w_in_LDH).relu_()
-            y_LCD = _bmm(buffers, "y", h_LCH, w_out_LHD)
+            h_LCH = bmm(buffers, x_LCD_c, w_in_LDH).relu_()
+            y_LCD = bmm(buffers, h_LCH, w_out_LHD)
         ctx.save_for_backward(x_LCD_c, h_LCH, w_in_LDH, w_out_LHD, block_expert_L, counts_E)
         ctx.sparse_grad = sparse_grad
         ctx.buffers = buffers
@@ -63,10 +63,10 @@ class _BlockExpertMLP(torch.autograd.Function):
         x_LCD, h_LCH, w_in_LDH, w_out_LHD, block_expert_L, counts_E = ctx.saved_tensors
         gy_LCD = gy_LCD.to(h_LCH.dtype).contiguous()
         ws = ctx.buffers
-        gh_LCH = relu_backward_(_bmm(ws, "gh", gy_LCD, w_out_LHD.transpose(1, 2)), h_LCH)
+        gh_LCH = relu_backward_(bmm(ws, gy_LCD, w_out_LHD.transpose(1, 2)), h_LCH)
         gx_LCD = None
         if ctx.needs_input_grad[0]:
-            gx_LCD = _bmm(ws, "gx", gh_LCH, w_in_LDH.transpose(1, 2)).to(ctx.x_dtype)
+            gx_LCD = bmm(ws, gh_LCH, w_in_LDH.transpose(1, 2)).to(ctx.x_dtype)
         gw_in = gw_out = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             gw_in, gw_out = _weight_grads(
@@ -87,26 +87,15 @@ def _weight_grads(ctx, x_LCD, h_LCH, gh_LCH, gy_LCD, block_expert_L, counts_E):
         # in place, sparse: only the experts that received tokens (the others' rows are padding)
         active_A = counts_E.nonzero().squeeze(1)
         if active_A.numel() < x_LCD.shape[0]:
-            ws = ctx.buffers  # the active experts' rows, into the workspace
-
-            def active(t: Tensor, name: str) -> Tensor:
-                return select_rows(t, active_A, ws, f"active_{name}")
-
-            x_LCD, h_LCH, gh_LCH, gy_LCD = (
-                active(x_LCD, "x"), active(h_LCH, "h"), active(gh_LCH, "gh"), active(gy_LCD, "gy")
-            )  # fmt: skip
+            x_LCD, h_LCH, gh_LCH, gy_LCD = (  # the active experts' rows, into the workspace
+                select_rows(t, active_A, ctx.buffers) for t in (x_LCD, h_LCH, gh_LCH, gy_LCD)
+            )
         block_expert_L = active_A
-    g_in = _bmm(ctx.buffers, "w_in", _t(x_LCD), gh_LCH).to(ctx.w_dtype)
-    g_out = _bmm(ctx.buffers, "w_out", _t(h_LCH), gy_LCD).to(ctx.w_dtype)
+    g_in = bmm(ctx.buffers, _t(x_LCD), gh_LCH).to(ctx.w_dtype)
+    g_out = bmm(ctx.buffers, _t(h_LCH), gy_LCD).to(ctx.w_dtype)
     return layout_weight_grads(
         block_expert_L, g_in, g_out, shape_in, shape_out, ctx.sparse_grad, ctx.buffers
     )
-
-
-def _bmm(workspace: Workspace | None, name: str, a: Tensor, b: Tensor) -> Tensor:
-    """a @ b, written into the bank's buffer `name` (workspace.py) where it has one."""
-    out = empty(workspace, name, (a.shape[0], a.shape[1], b.shape[2]), a)
-    return torch.bmm(a, b, out=out)
 
 
 def layout_weight_grads(
@@ -128,10 +117,7 @@ def layout_weight_grads(
         return g_in_LDH, g_out_LHD
     if sparse_grad:
         return tuple(_sparse_rows(rows_L, g, shape) for g, shape in pairs)
-    return tuple(
-        add_rows(shape, rows_L, g, None if buffers is None else buffers.take(name, shape, g))
-        for (g, shape), name in zip(pairs, ("dense_w_in", "dense_w_out"), strict=True)
-    )
+    return tuple(add_rows(shape, rows_L, g, out=empty(buffers, shape, g)) for g, shape in pairs)
 
 
 def _sparse_rows(rows_L: Tensor, values_L: Tensor, shape: torch.Size) -> Tensor:

@@ -136,8 +136,8 @@ class _Combine(torch.autograd.Function):
         gate_BK1 = gate_BK.to(y_BKD.dtype)[:, :, None]
         ctx.save_for_backward(y_BKD, gate_BK1)
         ctx.workspace, ctx.gate_dtype = workspace, gate_BK.dtype
-        prod = torch.mul(y_BKD, gate_BK1, out=empty(workspace, "combine_prod", y_BKD.shape, y_BKD))
-        return torch.sum(prod, 1, out=empty(workspace, "combine", (num_tokens, d_model), y_BKD))
+        prod = torch.mul(y_BKD, gate_BK1, out=empty(workspace, y_BKD.shape, y_BKD))
+        return torch.sum(prod, 1, out=empty(workspace, (num_tokens, d_model), y_BKD))
 
     @staticmethod
     def backward(ctx, g_BD: Tensor):
@@ -145,9 +145,9 @@ class _Combine(torch.autograd.Function):
         g_B1D = g_BD.to(y_BKD.dtype)[:, None, :]
         g_y = g_gate = None
         if ctx.needs_input_grad[0]:
-            g_y = empty(ctx.workspace, "combine_grad", y_BKD.shape, y_BKD)
+            g_y = empty(ctx.workspace, y_BKD.shape, y_BKD)
             torch.mul(g_B1D, gate_BK1, out=g_y)
         if ctx.needs_input_grad[1]:
-            prod = empty(ctx.workspace, "combine_gate_grad", y_BKD.shape, y_BKD)
+            prod = empty(ctx.workspace, y_BKD.shape, y_BKD)
             g_gate = torch.mul(g_B1D, y_BKD, out=prod).sum(-1).to(ctx.gate_dtype)
         return g_y, g_gate, None

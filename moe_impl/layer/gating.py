@@ -84,12 +84,17 @@ def noisy_top_k(
     return GateOutput(top_idx_BK[..., :k], gates_BK, prob_BE)
 
 
+def gate_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the gates compute in: x's, but at least float32 (bf16 rounding must not flip
+    which experts win)."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
 def gate_matmul(x: Tensor, w: Tensor) -> Tensor:
-    """x @ w in at least float32, autocast off: bf16 rounding must not flip which experts win."""
+    """x @ w in at least float32 (gate_dtype), autocast off."""
     with torch.autocast(device_type=x.device.type, enabled=False):
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()
-        return torch.matmul(x, w.to(x.dtype))
+        dtype = gate_dtype(x)
+        return torch.matmul(x.to(dtype), w.to(dtype))
 
 
 class GatingNetwork(nn.Module):

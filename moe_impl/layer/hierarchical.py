@@ -40,8 +40,8 @@ from moe_impl.layer.flat import (
     grouped_experts,
     moe_output,
 )
-from moe_impl.layer.gating import GateOutput, GatingNetwork, NoisyTopKGate
-from moe_impl.layer.workspace import Workspace, empty
+from moe_impl.layer.gating import GateOutput, GatingNetwork, NoisyTopKGate, gate_dtype
+from moe_impl.layer.workspace import Workspace, bmm, empty
 
 
 class GroupGates(GatingNetwork):
@@ -70,54 +70,49 @@ class GroupGates(GatingNetwork):
     ) -> tuple[Tensor, Tensor | None]:
         """Each pair's clean logits over its group and, when noise applies, its noise logits."""
         x_RD = dispatch(x_BD, plan, groups_per_token, self.workspace)
-        clean_PS = self._pair_logits(x_RD, self.w_gate, plan, "clean")
+        clean_PS = self._pair_logits(x_RD, self.w_gate, plan)
         noise_PS = None
         if self.uses_noise:
-            noise_PS = self._pair_logits(x_RD, self.w_noise, plan, "noise")
+            noise_PS = self._pair_logits(x_RD, self.w_noise, plan)
         return clean_PS, noise_PS
 
-    def _pair_logits(self, x_RD: Tensor, w_GDS: Tensor, plan: DispatchPlan, tag: str) -> Tensor:
+    def _pair_logits(self, x_RD: Tensor, w_GDS: Tensor, plan: DispatchPlan) -> Tensor:
         x_LCD = x_RD.view(plan.num_blocks, plan.block_size, x_RD.shape[-1])
-        logits_LCS = block_gate_matmul(x_LCD, w_GDS, plan.block_expert_L, self.workspace, tag)
-        return from_rows(logits_LCS.reshape(-1, w_GDS.shape[-1]), plan, self.workspace, tag)
+        logits_LCS = block_gate_matmul(x_LCD, w_GDS, plan.block_expert_L, self.workspace)
+        return from_rows(logits_LCS.reshape(-1, w_GDS.shape[-1]), plan, self.workspace)
 
 
 class _BlockGateMatmul(torch.autograd.Function):
-    """x_LCD @ w[block l's group], as gate_matmul computes it (at least float32, autocast off), the
+    """x_LCD @ w[block l's group], as gate_matmul computes it (gate_dtype, autocast off), the
     backward written by hand so that every large tensor, the weights' dense gradient included,
     goes into the workspace (autograd's gave a fresh (a, d, b) tensor per step)."""
 
     @staticmethod
-    def forward(ctx, x_LCD, w_GDS, block_group_L, workspace, tag):
-        dtype = x_LCD.dtype if x_LCD.dtype in (torch.float32, torch.float64) else torch.float32
+    def forward(ctx, x_LCD, w_GDS, block_group_L, workspace):
+        dtype = gate_dtype(x_LCD)
         with torch.autocast(device_type=x_LCD.device.type, enabled=False):
             x_c, w_c = x_LCD.to(dtype), w_GDS.to(dtype)
             w_LDS = w_c if block_group_L is None else select_rows(w_c, block_group_L)
-            shape = (x_c.shape[0], x_c.shape[1], w_c.shape[2])
-            out = torch.bmm(x_c, w_LDS, out=empty(workspace, f"{tag}_logits", shape, x_c))
+            out = bmm(workspace, x_c, w_LDS)
         ctx.save_for_backward(x_c, w_LDS, block_group_L)
-        ctx.workspace, ctx.tag = workspace, tag
+        ctx.workspace = workspace
         ctx.dtypes, ctx.w_shape = (x_LCD.dtype, w_GDS.dtype), w_GDS.shape
         return out
 
     @staticmethod
     def backward(ctx, g_LCS: Tensor):
         x_c, w_LDS, block_group_L = ctx.saved_tensors
-        ws, tag = ctx.workspace, ctx.tag
+        ws = ctx.workspace
         g_LCS = g_LCS.to(x_c.dtype).contiguous()
         g_x = g_w = None
         if ctx.needs_input_grad[0]:
-            shape = x_c.shape
-            g_x = torch.bmm(g_LCS, w_LDS.transpose(1, 2), out=empty(ws, f"{tag}_gx", shape, x_c))
-            g_x = g_x.to(ctx.dtypes[0])
+            g_x = bmm(ws, g_LCS, w_LDS.transpose(1, 2)).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            shape = (x_c.shape[0], x_c.shape[2], g_LCS.shape[2])
-            g_w = torch.bmm(x_c.transpose(1, 2), g_LCS, out=empty(ws, f"{tag}_gw", shape, x_c))
+            g_w = bmm(ws, x_c.transpose(1, 2), g_LCS)
             if block_group_L is not None:
-                dense = None if ws is None else ws.take(f"{tag}_gw_dense", tuple(ctx.w_shape), g_w)
-                g_w = add_rows(ctx.w_shape, block_group_L, g_w, out=dense)
+                g_w = add_rows(ctx.w_shape, block_group_L, g_w, out=empty(ws, ctx.w_shape, g_w))
             g_w = g_w.to(ctx.dtypes[1])
-        return g_x, g_w, None, None, None
+        return g_x, g_w, None, None
 
 
 def block_gate_matmul(
@@ -125,11 +120,10 @@ def block_gate_matmul(
     w_GDS: Tensor,
     block_group_L: Tensor | None,
     workspace: Workspace | None = None,
-    tag: str = "",
 ) -> Tensor:
     """The logits of every block's rows under its group's gate weights (block l is group l where
     block_group_L is None), in at least float32; `workspace` holds the large tensors."""
-    return _BlockGateMatmul.apply(x_LCD, w_GDS, block_group_L, workspace, tag)
+    return _BlockGateMatmul.apply(x_LCD, w_GDS, block_group_L, workspace)
 
 
 def expert_index(group_P: Tensor, group_size: int, top_idx_PK: Tensor) -> Tensor:

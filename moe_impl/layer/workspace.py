@@ -9,9 +9,9 @@ afresh page-faults through all of that memory again: 4096-h at 4096 tokens took 
 a relu' on 8 MB took 4.5 ms instead of 0.7 (docs/performance.md). `moe_impl.runtime.tune_allocator`
 avoids that for a whole process, but a library's speed must not depend on its caller's allocator.
 
-How: the bank keeps one buffer per use (a name) and writes the next step's tensor of that use into
-it. It reuses a buffer only when nothing holds its memory any more (the storage's reference count is
-back to the buffer's own): the activations once backward has run (or the graph was dropped), the
+How: the bank keeps a pool of buffers and writes each large tensor of a step into the smallest free
+one that fits (a new one where none does). A buffer is free only when nothing holds its memory any
+more (the storage's reference count is back to the buffer's own): the activations once backward has run (or the graph was dropped), the
 weight gradients once they are set to None after the optimizer's step, as every training loop does.
 While anything holds it (a graph not yet backpropagated, a second forward before the backward,
 `param.grad` while gradients accumulate over micro-batches, a view or reference a user kept), the
@@ -48,9 +48,9 @@ class Workspace:
         # find a buffer free before either holds it
         self._lock = threading.Lock()
 
-    def take(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """A tensor of `shape` with like's dtype and device, in a free buffer of the pool where one
-        fits. `name` says what the tensor is for (kept for debugging; any free buffer serves)."""
+        fits, else in a new one added to the pool."""
         with self._lock:
             return self._take(tuple(shape), like)
 
@@ -105,8 +105,13 @@ def _free(entry: tuple[Tensor, object, int]) -> bool:
     return _use_count(storage._cdata) <= refs
 
 
-def empty(workspace: Workspace | None, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+def empty(workspace: Workspace | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
     """An uninitialised tensor of `shape` like `like`: from `workspace` where there is one."""
     if workspace is None:
         return like.new_empty(shape)
-    return workspace.take(name, shape, like)
+    return workspace.take(shape, like)
+
+
+def bmm(workspace: Workspace | None, a: Tensor, b: Tensor) -> Tensor:
+    """a @ b (batched), written into `workspace` memory where there is one."""
+    return torch.bmm(a, b, out=empty(workspace, (a.shape[0], a.shape[1], b.shape[2]), a))
