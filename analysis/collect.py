@@ -27,6 +27,7 @@ import pandas as pd
 import yaml
 
 from analysis import io, paper
+from moe_impl.bench.spec import OURS
 from moe_impl.model.presets import ALL_PRESETS
 from moe_impl.model.regime import PAPER_NAME  # the scaled families' stand-ins
 from moe_impl.runs import rundir, runinfo
@@ -437,9 +438,6 @@ def paper_structure(presets: Iterable[str]) -> dict[str, list]:
         "num_experts": [c.num_experts for c in cfgs],
         "family": [family(c.moe) for c in cfgs],
     }
-
-
-OURS = "moe_impl"  # bench.json's `implementation` of our layer (moe_impl/bench/peers.py)
 
 
 def split_bench(bench: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

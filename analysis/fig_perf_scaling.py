@@ -11,6 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import collect, style
+from moe_impl.bench.plot import PEER_STYLES  # the bench's own figure marks the peers alike
 
 
 def _mode_title(df: pd.DataFrame, mode: str) -> str:
@@ -91,14 +92,11 @@ def perf_scaling(bench: pd.DataFrame, peers: pd.DataFrame | None = None) -> Figu
     return fig
 
 
-RUN_PEER_MARKERS = ("s", "^", "D", "v")
-
-
 def _draw_run_peers(ax_t, ax_r, rows: pd.DataFrame) -> None:
     """The peers measured in this run: one gray line per implementation and kind."""
     ok = rows[rows["status"] == "ok"] if "status" in rows else rows
     names = list(dict.fromkeys(ok["implementation"])) if not ok.empty else []
-    for name, marker in zip(names, RUN_PEER_MARKERS * len(names), strict=False):
+    for name, marker in zip(names, PEER_STYLES * len(names), strict=False):
         for kind, line in (("flat", "-"), ("hierarchical", ":")):
             part = ok[(ok["implementation"] == name) & (ok["kind"] == kind)]
             if part.empty:

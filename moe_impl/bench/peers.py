@@ -30,12 +30,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from moe_impl.bench.spec import K_PRIMARY, K_SECONDARY, ExpertSpec
+from moe_impl.bench.spec import K_PRIMARY, K_SECONDARY, OURS, ExpertSpec
 from moe_impl.layer.flat import MoE
 from moe_impl.layer.hierarchical import HierarchicalMoE
 
 GROUP_TOKENS = 1024  # the lucidrains layers' group (sequence) length
-OURS = "moe_impl"
 
 
 class Built(NamedTuple):

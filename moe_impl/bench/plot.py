@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moe_impl.bench.spec import OURS
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -91,11 +93,16 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def is_ours(row: dict) -> bool:
+    """Whether the row measures this package's layer; rows from before `--peers` have no
+    implementation and are ours."""
+    return (row.get("implementation") or OURS) == OURS
+
+
 def implementation(row: dict) -> str:
     """The row's implementation, with its kind for a peer (a peer's configuration names differ
-    between its flat and hierarchical entries); rows from before peers are ours."""
-    name = row.get("implementation") or "moe_impl"
-    return name if name == "moe_impl" else f"{name} ({row['kind']})"
+    between its flat and hierarchical entries)."""
+    return OURS if is_ours(row) else f"{row['implementation']} ({row['kind']})"
 
 
 def json_value(value: object) -> object:
@@ -125,7 +132,7 @@ def write_outputs(
         plot_bench(rows).savefig(png_path, dpi=120)
 
 
-PEER_STYLES = ("s", "^", "D", "v")  # markers of the peers' lines, in order of appearance
+PEER_STYLES = ("s", "^", "D", "v")  # markers of the peers' lines, in order (also perf_scaling's)
 
 
 def plot_bench(rows: list[dict]) -> Figure:
@@ -136,7 +143,7 @@ def plot_bench(rows: list[dict]) -> Figure:
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_time, ax_ratio = fig.subplots(1, 2)
-    ours = [r for r in rows if (r.get("implementation") or "moe_impl") == "moe_impl"]
+    ours = [r for r in rows if is_ours(r)]
     for kind, color in (("flat", "tab:blue"), ("hierarchical", "tab:orange")):
         ok = sorted(
             (r for r in ours if r["kind"] == kind and r["status"] == "ok"),

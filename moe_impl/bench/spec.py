@@ -9,6 +9,7 @@ from typing import NamedTuple
 from moe_impl.model.flops import moe_layer_train_flops_per_token
 
 K_PRIMARY = K_SECONDARY = 2  # every hierarchical model of the paper uses 2 + 2
+OURS = "moe_impl"  # a bench row's `implementation` for this package's layer (others: peers.py)
 
 
 class ExpertSpec(NamedTuple):
