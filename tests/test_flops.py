@@ -16,6 +16,9 @@ from moe_impl.model import flops
 from moe_impl.model.config import ModelConfig
 from moe_impl.model.presets import (
     CPU_BUDGET_PRESETS,
+    CPU_H16_BUDGET_PRESETS,
+    CPU_H16_D_HIDDEN,
+    CPU_H16_PRESETS,
     CPU_PRESETS,
     GPU_D_HIDDEN,
     GPU_D_MODEL,
@@ -186,6 +189,46 @@ def test_the_budget_models_scale_the_base_budget_as_figure_2_right():
     }
     expert = base.num_experts * 2 * base.d_model * base.d_hidden
     assert weights == {"cpu/MoE-0.5M": expert, "cpu/MoE-2.2M": expert}
+
+
+def test_the_small_expert_family_is_cpus_moe_models_at_h_16():
+    """cpu-h16/: every cpu/ MoE model of the base family with 64 -> 16 -> 64 experts, nothing else
+    changed; MoE-4096-h's expert weights see ~1.9 tokens each at 16,384,000 training tokens
+    (App. C.1: 8.3B tokens / 4.3B parameters)."""
+    for name, cfg in CPU_PRESETS.items():
+        if cfg.moe in ("flat", "hierarchical") and name not in CPU_BUDGET_PRESETS:
+            twin = CPU_H16_PRESETS[name.replace("cpu/", "cpu-h16/")]
+            assert twin == dataclasses.replace(cfg, d_hidden=CPU_H16_D_HIDDEN), name
+    base = CPU_H16_PRESETS["cpu-h16/MoE-4096-h"]
+    weights = base.num_experts * 2 * base.d_model * base.d_hidden
+    assert 1.8 < 16_384_000 / weights < 2.1
+    assert all(p.startswith("cpu-h16/") and cfg.name == p[8:] for p, cfg in CPU_H16_PRESETS.items())
+
+
+def test_the_small_expert_baselines_do_moe_4s_work():
+    """cpu-h16/'s compute-matched baselines (App. C.1) against MoE-4's work without its gate: the
+    projected LSTM and MoE-1-Wide exactly, MoE-1-Deep (4 hidden layers of 32) within 15%."""
+    moe4 = CPU_H16_PRESETS["cpu-h16/MoE-4"]
+    work = flops.ops_per_timestep(moe4) - flops.gate_ops(moe4)
+    for name in ("cpu-h16/LSTM-128-64", "cpu-h16/MoE-1-Wide"):
+        assert flops.ops_per_timestep(CPU_H16_PRESETS[name]) == work, name
+    assert 0.85 < flops.ops_per_timestep(CPU_H16_PRESETS["cpu-h16/MoE-1-Deep"]) / work <= 1.0
+
+
+def test_the_small_expert_budget_models_scale_the_base_budget():
+    """cpu-h16/'s Fig. 2-right budgets: ~4x and ~15x the base MoE-4096-h's ops/timestep, the MoE
+    line keeping its 8.4M expert weights."""
+    base = CPU_H16_PRESETS["cpu-h16/MoE-4096-h"]
+    ops = {
+        p.removeprefix("cpu-h16/"): flops.ops_per_timestep(cfg) / flops.ops_per_timestep(base)
+        for p, cfg in CPU_H16_BUDGET_PRESETS.items()
+    }
+    assert 3.2 < ops["LSTM-320-128"] < 4.5 and 3.2 < ops["MoE-0.3M"] < 4.5
+    assert 12 < ops["LSTM-1152-128"] < 17 and 12 < ops["MoE-1.3M"] < 17
+    expert = base.num_experts * 2 * base.d_model * base.d_hidden
+    for p, cfg in CPU_H16_BUDGET_PRESETS.items():
+        if cfg.moe == "hierarchical":
+            assert cfg.num_experts * 2 * cfg.d_model * cfg.d_hidden == expert, p
 
 
 def test_gpu_experts_keep_their_size_until_they_fill_one_gpu():

@@ -25,7 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME",
-        help="preset (repeatable; default: every paper preset; cpu/... for the CPU family)",
+        help="preset (repeatable; default: every paper preset; cpu/..., cpu-h16/... for the CPU families)",
     )
     p.add_argument("--paper", action="store_true", help="add the values the paper printed")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")

@@ -8,6 +8,7 @@ is explicit; PAPER_EXCEPTIONS lists the few that are not our count rounded to th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from moe_impl.model.config import ModelConfig
@@ -172,6 +173,54 @@ CPU_PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# The small-expert CPU family (`cpu-h16/...`): the cpu/ family with experts of h = 16 (64 → 16 →
+# 64) instead of 2·d, so that at the CPU reproduction's budget (16.4M training tokens) MoE-4096-h's
+# 8.4M expert weights see the paper's ~1.9 training tokens per parameter (App. C.1: 8.3B tokens over
+# 4.3B parameters). With h = 2·d its 67M weights see 0.24, and at 16.4M tokens MoE-1024-h is still
+# far from using all its capacity, so 4096 experts cannot pay off (docs/sizing.md, rounds 3 and 4).
+# The price: the 4 active experts are 11% of the ops/timestep instead of the paper's ~50%, and the
+# gates' ops (the same as cpu/'s) are a larger share, so ops/timestep grow 74k → 98k from MoE-4 to
+# MoE-4096-h (the paper's: 8.4M → 8.9M). Compute-matched baselines as App. C.1, doing MoE-4's work
+# without its gate: MoE-1-Wide (one expert, h = 4·16), one LSTM of 128 units projected to 64
+# (LSTM-128-64, exactly MoE-4's work), MoE-1-Deep (4 hidden layers of 32: 7,168 of the 8,192 expert
+# ops; of 16 it would do 2,816). No 4xLSTM: two more LSTM layers at d = 64 cost 65k ops, 8x the
+# experts' (an LSTM's projection must be smaller than its units, so none can be matched).
+CPU_H16_D_HIDDEN = 16
+
+
+# Fig. 2-right's budgets for this family: ~4x and ~15x the base MoE-4096-h's ops/timestep, the MoE
+# line at d = 2·64 keeping MoE-4096-h's 8.4M expert weights (the paper keeps ~4B in each), the
+# LSTM line one projected LSTM at the same budgets.
+CPU_H16_BUDGET_PRESETS: dict[str, ModelConfig] = {
+    "cpu-h16/LSTM-320-128": _cpu("LSTM-320-128", lstm=((320, 128),), d=128),
+    "cpu-h16/LSTM-1152-128": _cpu("LSTM-1152-128", lstm=((1152, 128),), d=128),
+    "cpu-h16/MoE-0.3M": _cpu_hier(32, 32, name="MoE-0.3M", d=128, h=32, lstm=((128, None),) * 2),
+    "cpu-h16/MoE-1.3M": _cpu_hier(16, 16, name="MoE-1.3M", d=128, h=128, lstm=((512, 128),) * 2),
+}
+
+CPU_H16_PRESETS: dict[str, ModelConfig] = {
+    f"cpu-h16/LSTM-{2 * CPU_D_MODEL}-{CPU_D_MODEL}": _cpu(
+        f"LSTM-{2 * CPU_D_MODEL}-{CPU_D_MODEL}", lstm=((2 * CPU_D_MODEL, CPU_D_MODEL),)
+    ),
+    "cpu-h16/MoE-1-Wide": _cpu(
+        "MoE-1-Wide", moe="dense", num_experts=1, d_hidden=4 * CPU_H16_D_HIDDEN
+    ),
+    "cpu-h16/MoE-1-Deep": _cpu(
+        "MoE-1-Deep",
+        moe="dense",
+        num_experts=1,
+        d_hidden=2 * CPU_H16_D_HIDDEN,
+        expert_hidden_layers=4,
+    ),
+    **{
+        name.replace("cpu/", "cpu-h16/"): dataclasses.replace(cfg, d_hidden=CPU_H16_D_HIDDEN)
+        for name, cfg in CPU_PRESETS.items()
+        if cfg.moe in ("flat", "hierarchical") and name not in CPU_BUDGET_PRESETS
+    },
+    **CPU_H16_BUDGET_PRESETS,
+}
+
+
 # The family for one GPU (`gpu/...`, config/gpu.yaml): the CPU family's structure and names at
 # d = 256, h = 2·d = 512, between the CPU family (64 / 128) and the paper's (512 / 1024). The
 # compute-matched baselines are built as the CPU family's: 4xLSTM-256 (two more LSTMs), one LSTM of
@@ -241,7 +290,7 @@ GPU_PRESETS: dict[str, ModelConfig] = {
         for a, b in ((16, 16), (32, 32), (64, 64), (128, 128), (256, 256), (256, 512))
     },
 }
-ALL_PRESETS: dict[str, ModelConfig] = {**PRESETS, **CPU_PRESETS, **GPU_PRESETS}
+ALL_PRESETS: dict[str, ModelConfig] = {**PRESETS, **CPU_PRESETS, **CPU_H16_PRESETS, **GPU_PRESETS}
 
 
 @dataclass(frozen=True, kw_only=True)
