@@ -1,6 +1,7 @@
 """The paper's language models as ModelConfig presets, and the numbers the paper printed for them.
 
-Tables 1, 7 (1-Billion-Word, App. C) and 8 (100B-word Google News, App. D) of Shazeer et al. 2017.
+Tables 1, 7 (1-Billion-Word, App. C) and 8 (100B-word Google News, App. D) of Shazeer et al. 2017,
+and the scaled-down families that run them on a CPU (`cpu/`, `cpu-h16/`) or one GPU (`gpu/`).
 Presets are named `<corpus>/<model name as printed>`; the Kneser-Ney 5-gram rows are left out (not
 a neural model, nothing to count). Published values are kept as printed strings so their precision
 is explicit; PAPER_EXCEPTIONS lists the few that are not our count rounded to that precision.
