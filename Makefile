@@ -63,7 +63,7 @@ mlflow-ui: $(STAMP)
 MEM_MB  ?= $$($(BIN)/python workflow/scripts/mem_budget.py)
 
 # the default reproduction (Snakefile + config/config.yaml), then its HTML report; `make reproduce
-# CONFIG=config/regime.yaml` runs another workflow config
+# CONFIG=config/gpu.yaml` runs another workflow config
 CONFIG  ?=
 CONFIGFILE = $(if $(CONFIG),--configfile $(CONFIG))
 reproduce: $(STAMP)

@@ -73,13 +73,21 @@ def _per_model(runs: pd.DataFrame, values: list[str], regime: list[str]) -> pd.D
     return m.rename(columns={"test_perplexity_sd": "perplexity_sd", **reg})
 
 
+def _compute_matched(runs: pd.DataFrame) -> pd.DataFrame:
+    """The MoE runs of one sweep at "equal compute": ops/timestep within ±COMPUTE_MATCH_TOL of
+    the sweep's median MoE ops/timestep (Fig. 2-right's larger budgets drop out)."""
+    runs = _moe(runs)
+    if runs.empty:
+        return runs
+    ops = runs["ops_per_timestep"]
+    return runs[(ops / ops.median() - 1).abs() <= COMPUTE_MATCH_TOL]
+
+
 def more_experts_data(summary: pd.DataFrame) -> pd.DataFrame:
-    runs = _moe(collect.sweep(summary, "lm1b"))
+    runs = _compute_matched(collect.sweep(summary, "lm1b"))
     cols = ["model", "num_experts", "ops_per_timestep", "test_perplexity", "perplexity_sd"]
     if runs.empty:
         return pd.DataFrame(columns=[*cols, "n_runs"])
-    ops = runs["ops_per_timestep"]
-    runs = runs[(ops / ops.median() - 1).abs() <= COMPUTE_MATCH_TOL]
     reg = ["tokens_per_expert_per_step", "tokens_per_parameter"]
     m = _per_model(runs, ["test_perplexity", "ops_per_timestep"], reg)
     return m[[*cols, "n_runs", *[c for c in reg if c in m]]]
@@ -90,8 +98,12 @@ def hier_flat_data(summary: pd.DataFrame) -> pd.DataFrame:
     cols.append("n_hier")
     rows = []
     for name in ("lm1b", "news100b"):
+        # the paper's pair (MoE-256 vs MoE-256-h) is at equal compute: a budget model with as many
+        # experts but 15x the ops/timestep is no counterpart
         m = collect.per_model(
-            _moe(collect.sweep(summary, name)), ["test_perplexity"], spread=["test_perplexity"]
+            _compute_matched(collect.sweep(summary, name)),
+            ["test_perplexity", "ops_per_timestep"],
+            spread=["test_perplexity"],
         )
         if m.empty:
             continue
@@ -100,7 +112,9 @@ def hier_flat_data(summary: pd.DataFrame) -> pd.DataFrame:
             hier = group[group["family"] == "hierarchical MoE"]
             if flat.empty or hier.empty:
                 continue
-            f, h = flat.iloc[0], hier.iloc[0]
+            f = flat.iloc[0]
+            # of several hierarchical models, the one closest in ops/timestep
+            h = hier.loc[(hier["ops_per_timestep"] - f["ops_per_timestep"]).abs().idxmin()]
             rows.append(
                 {
                     "sweep": name,

@@ -81,7 +81,10 @@ RULES = {
     ),
     "hier_flat": (
         "For every expert count with both a flat and a hierarchical model in the same sweep "
-        "(lm1b, news100b), compare their test perplexities (means over seeds). Reproduced iff "
+        "(lm1b, news100b) at equal compute (ops/timestep within "
+        f"±{COMPUTE_MATCH_TOL:.0%} of the sweep's median MoE ops/timestep, as in claim 1; of "
+        "several hierarchical models, the one closest in ops/timestep), compare their test "
+        "perplexities (means over seeds). Reproduced iff "
         f"every hierarchical one is within ±{HIER_FLAT_TOL:.0%} of its flat counterpart and the "
         f"runs resolve {HIER_FLAT_TOL:.0%}: where 2·SE of the difference (SE = SD·sqrt(1/n_flat + "
         "1/n_hier), SD the sweep's pooled seed-to-seed SD of ln(test perplexity)) exceeds "

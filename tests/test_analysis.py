@@ -546,6 +546,20 @@ def _status(key: str, runs: list[dict]) -> str:
         ),
         ("hier_flat", [make_run("lm1b", "cpu/MoE-256", 100.0)], rules.NOT_RUN),
         (
+            "hier_flat",  # MoE-2.2M (256 experts, hierarchical, 14x the ops) is not MoE-256's pair
+            [
+                make_run("lm1b", "cpu/MoE-256", 100.0),
+                make_run("lm1b", "cpu/MoE-256-h", 101.0),
+                make_run("lm1b", "cpu/MoE-2.2M", 80.0),
+            ],
+            rules.REPRODUCED,
+        ),
+        (
+            "hier_flat",  # a budget model alone is no counterpart either
+            [make_run("lm1b", "cpu/MoE-256", 100.0), make_run("lm1b", "cpu/MoE-2.2M", 101.0)],
+            rules.NOT_RUN,
+        ),
+        (
             "gap",
             [
                 make_run("news100b", "cpu/MoE-32", 50.0, early=80.0),

@@ -211,20 +211,29 @@ def test_jobs_whose_peaks_do_not_fit_together_never_run_together_on_a_24gb_machi
     default_plan, tmp_path
 ):
     """Snakemake starts jobs together only while their mem_mb sum stays within the budget: the
-    default's two largest jobs (MoE-131072-h, MoE-65536-h) never run together, and neither do
-    two jobs of config/regime.yaml (256 x 64 positions) whose measured peaks would not fit."""
+    two largest CPU jobs (cpu/MoE-131072-h, cpu/MoE-65536-h) never run together, and neither do
+    two jobs of the default config (256 x 64 positions) whose measured peaks would not fit."""
     budget = budget_24gb()
     wd = workdir(tmp_path)
-    proc = snakemake(
-        wd, "-n", "-p", "--forceall", "--cores", "2", "--configfile", "config/regime.yaml"
-    )
+    largest = {
+        **default_config(),
+        "presets": "cpu/",
+        "sweeps": {
+            "news100b": {
+                "models": ["MoE-65536-h", "MoE-131072-h"],
+                "set": {"train.tokens": 1000000, "eval.at_tokens": [100000]},
+            }
+        },
+    }
+    configfile = write_config(wd, "largest.yaml", largest)
+    proc = snakemake(wd, "-n", "-p", "--forceall", "--cores", "2", "--configfile", configfile)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    regime_plan = planned_jobs(proc.stdout)
-    by_name = {j["name"]: j for j in default_plan}
+    largest_plan = planned_jobs(proc.stdout)
+    by_name = {j["name"]: j for j in largest_plan}
     pair = by_name["news100b/MoE-131072-h"], by_name["news100b/MoE-65536-h"]
     assert sum(j["mem_mb"] for j in pair) > budget, pair
     measured = measured_train_peaks_mb()
-    for plan in default_plan, regime_plan:
+    for plan in default_plan, largest_plan:
         assert all(j["mem_mb"] <= budget for j in plan)  # each one can run
         # any two jobs whose measured peaks would not fit are never started together
         for a, b in itertools.combinations([j for j in plan if j["preset"]], 2):

@@ -26,7 +26,6 @@ from moe_impl.train.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [
     "config/config.yaml",
-    "config/regime.yaml",
     "config/smoke.yaml",
     "config/paper.yaml",
     "config/gpu.yaml",

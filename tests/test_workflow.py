@@ -49,7 +49,7 @@ def configured_runs(cfg: dict) -> set[str]:
 
 @pytest.mark.parametrize(
     "configfile",
-    ["config/config.yaml", "config/regime.yaml", "config/paper.yaml", "config/smoke.yaml"],
+    ["config/config.yaml", "config/paper.yaml", "config/smoke.yaml"],
 )
 def test_dry_run_plans_exactly_the_configured_runs(tmp_path, configfile):
     wd = workdir(tmp_path)
@@ -64,10 +64,10 @@ def test_dry_run_plans_exactly_the_configured_runs(tmp_path, configfile):
     if configfile.endswith("smoke.yaml"):
         return
     models = {run.split("/")[1] for run in runs}
-    # every count is benchmarked, and trained, except by regime.yaml, which stops at 4096-h
-    # (beyond, claim 4 is not testable on a laptop at its batch: docs/sizing.md)
+    # every count is benchmarked, and trained, except by the default config, which stops at
+    # 4096-h (beyond, claim 4 is not testable on a laptop at its batch: docs/sizing.md)
     assert workflow_config(wd, configfile)["bench"]["experts"] == EXPERT_COUNTS
-    trained = EXPERT_COUNTS[:6] if configfile.endswith("regime.yaml") else EXPERT_COUNTS
+    trained = EXPERT_COUNTS[:6] if configfile.endswith("config.yaml") else EXPERT_COUNTS
     for n in trained:
         name = f"MoE-{n}"
         assert name in models or f"{name}_wi0.1_wl0.1" in models, (n, sorted(models))
@@ -122,9 +122,12 @@ def test_lint_is_clean(tmp_path):
             lambda c: c["sweeps"]["lm1b"]["models"].append(
                 {"name": "MoE-1000-h", "preset": "MoE-1024-h", "set": {"model.num_experts": 1000}}
             ),
-            r"sweeps\.lm1b\.models\[10\] \(MoE-1000-h\).*num_groups x group_size",
+            r"sweeps\.lm1b\.models\[13\] \(MoE-1000-h\).*num_groups x group_size",
         ),
-        (lambda c: c["sweeps"]["lm1b"]["models"].append("MoE-7"), r"'cpu/MoE-7' is not a preset"),
+        (
+            lambda c: c["sweeps"]["lm1b"]["models"].append("MoE-7"),
+            r"'cpu-h16/MoE-7' is not a preset",
+        ),
         (lambda c: c.update(threads=2), r"threads"),
         (lambda c: c["bench"]["experts"].append("3-h"), r"bench\.experts.*3-h"),
         (lambda c: c["sweeps"]["news100b"]["set"].update({"train.lrr": 1}), r"train\.lrr"),
