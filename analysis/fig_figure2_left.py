@@ -74,7 +74,8 @@ def figure2_left(summary: pd.DataFrame, paper_points: pd.DataFrame | None = None
 
     Left panel: the paper's Table 7 models after 10 epochs; right: our `lm1b` sweep's runs (mean
     over seeds, a bar from the lowest to the highest seed where a model has >= 2 runs), with the
-    flat and hierarchical MoE lines and the compute-matched baselines.
+    flat and hierarchical MoE lines and the compute-matched baselines, at the sweep's full token
+    count (runs that stop earlier, Fig. 2-right's larger budgets, are left out).
     """
     pts = paper.figure2_left_series() if paper_points is None else paper_points
     pts = pts.assign(
@@ -93,6 +94,9 @@ def figure2_left(summary: pd.DataFrame, paper_points: pd.DataFrame | None = None
         ["params_excl_embedding_softmax", "test_perplexity", "ops_per_timestep", "train_tokens"],
         spread=["test_perplexity"],
     )
+    # at the sweep's full token count only: runs trained for fewer tokens (Fig. 2-right's larger
+    # budgets, whose ops/timestep are several times the base one) are not on this figure
+    ours = ours[ours["train_tokens"] >= ours["train_tokens"].max()] if not ours.empty else ours
     title = "this run: sweep lm1b"
     if ours.empty:
         style.empty_panel(ax_r, title, f"{style.NOT_RUN}: no runs with sweep=lm1b")

@@ -67,6 +67,7 @@ def table7(summary: pd.DataFrame) -> pd.DataFrame:
         collect.sweep(summary, "lm1b"),
         [
             "test_perplexity",
+            "train_tokens",
             "ops_per_timestep",
             "params_excl_embedding_softmax",
             "tflops_per_device",
@@ -91,6 +92,8 @@ def table7(summary: pd.DataFrame) -> pd.DataFrame:
         {
             "test_perplexity": "test ppl (this run)",
             "test_perplexity_10_epochs": "test ppl, 10 epochs (paper)",
+            # the lm1b sweep's Fig. 2-right budget models train fewer tokens than the rest
+            "train_tokens": "training tokens (this run)",
             **_SIZE_COLS,
             **_TFLOPS_COLS,
             "mfu": "MFU (this run)",

@@ -396,6 +396,14 @@ def test_budget_models_are_compared_at_their_token_count():
     }
     fig = figures.figure2_right(c.summary, c.snapshots)
     assert fig.axes[1].get_ylabel() == "test perplexity after 2,048 tokens"
+    # Fig. 2-left is at the sweep's full token count: the budget model is not on it
+    ours = figures.figure2_left(c.summary).axes[1]
+    assert "LSTM-2048-128" not in _labels(ours)
+    full = c.summary.loc[c.summary["sweep"] == "lm1b", "train_tokens"].max()
+    assert full > 2048 and ours.get_ylabel() == f"test perplexity after {full:,} tokens"
+    # Table 7 says how many tokens each model trained
+    t7 = tables.table7(c.summary).set_index("this run's model")
+    assert t7.loc["LSTM-2048-128", "training tokens (this run)"] == 2048
 
 
 def test_figure3_panels_and_gap(good):
