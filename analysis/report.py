@@ -99,7 +99,7 @@ def hier_flat_data(summary: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for name in ("lm1b", "news100b"):
         # the paper's pair (MoE-256 vs MoE-256-h) is at equal compute: a budget model with as many
-        # experts but 15x the ops/timestep is no counterpart
+        # experts but 12x the ops/timestep is no counterpart
         m = collect.per_model(
             _compute_matched(collect.sweep(summary, name)),
             ["test_perplexity", "ops_per_timestep"],

@@ -179,7 +179,7 @@ CPU_PRESETS: dict[str, ModelConfig] = {
 # 8.4M expert weights see the paper's ~1.9 training tokens per parameter (App. C.1: 8.3B tokens over
 # 4.3B parameters). With h = 2·d its 67M weights see 0.24, and at 16.4M tokens MoE-1024-h is still
 # far from using all its capacity, so 4096 experts cannot pay off (docs/sizing.md, rounds 3 and 4).
-# The price: the 4 active experts are 11% of the ops/timestep instead of the paper's ~50%, and the
+# The price: the 4 active experts are 8-11% of the ops/timestep instead of the paper's ~50%, and the
 # gates' ops (the same as cpu/'s) are a larger share, so ops/timestep grow 74k → 98k from MoE-4 to
 # MoE-4096-h (the paper's: 8.4M → 8.9M). Compute-matched baselines as App. C.1, doing MoE-4's work
 # without its gate: MoE-1-Wide (one expert, h = 4·16), one LSTM of 128 units projected to 64
@@ -189,9 +189,9 @@ CPU_PRESETS: dict[str, ModelConfig] = {
 CPU_H16_D_HIDDEN = 16
 
 
-# Fig. 2-right's budgets for this family: ~4x and ~15x the base MoE-4096-h's ops/timestep, the MoE
-# line at d = 2·64 keeping MoE-4096-h's 8.4M expert weights (the paper keeps ~4B in each), the
-# LSTM line one projected LSTM at the same budgets.
+# Fig. 2-right's budgets for this family: 3.3-3.8x and 13.5x the base MoE-4096-h's ops/timestep,
+# the MoE line at d = 2·64 keeping MoE-4096-h's 8.4M expert weights (the paper keeps ~4B in each),
+# the LSTM line one projected LSTM at the same budgets.
 CPU_H16_BUDGET_PRESETS: dict[str, ModelConfig] = {
     "cpu-h16/LSTM-320-128": _cpu("LSTM-320-128", lstm=((320, 128),), d=128),
     "cpu-h16/LSTM-1152-128": _cpu("LSTM-1152-128", lstm=((1152, 128),), d=128),
