@@ -15,6 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from analysis import collect, figures, io, report, rules, tables
 
 SNAPSHOTS_FILE, LOADS_FILE = "snapshots.csv", "expert_load.csv"
@@ -30,11 +33,14 @@ def _add_path(parser: argparse.ArgumentParser, flag: str, default: Path, help_te
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("collect", help="run directories or MLflow runs -> summary.csv")
-    _add_path(
-        c,
+    c.add_argument(
         "--runs",
-        Path("results/runs"),
-        "folder searched recursively for run directories (default results/runs)",
+        type=Path,
+        nargs="+",
+        default=[Path("results/runs")],
+        metavar="PATH",
+        help="folders searched recursively for run directories, or run directories themselves "
+        "(default results/runs; the workflow passes exactly the runs its config plans)",
     )
     _add_path(
         c, "--out", DEFAULT_SUMMARY, f"summary CSV; {SNAPSHOTS_FILE} and {LOADS_FILE} go beside it"
@@ -83,10 +89,10 @@ def run_collect(args: argparse.Namespace) -> int:
             data = collect.collect_mlflow(args.from_mlflow, args.uri, scratch)
         source = f"MLflow experiment {args.from_mlflow!r}"
     else:
-        data, unfinished = collect.collect_runs(args.runs)
-        for d in unfinished:
-            print(f"skipped (unfinished, no summary.json): {d}", file=sys.stderr)
-        source = str(args.runs)
+        data, skipped = collect.collect_runs(args.runs)
+        for d, why in skipped:
+            print(f"skipped ({why}): {d}", file=sys.stderr)
+        source = ", ".join(map(str, args.runs)) if len(args.runs) < 4 else f"{len(args.runs)} paths"
     paths = [
         io.write_csv(data.summary, args.out),
         io.write_csv(data.snapshots, args.out.with_name(SNAPSHOTS_FILE)),
@@ -100,6 +106,7 @@ def run_figures(args: argparse.Namespace) -> int:
     summary = io.read_csv(args.summary)
     if summary.empty:
         raise ValueError(f"{args.summary} has no runs")
+    _check_perplexities(summary, args.summary)
     snapshots = io.read_csv(args.summary.with_name(SNAPSHOTS_FILE), required=False)
     loads = io.read_csv(args.summary.with_name(LOADS_FILE), required=False)
     if args.bench is None:
@@ -123,6 +130,17 @@ def run_figures(args: argparse.Namespace) -> int:
     if not args.no_mlflow:
         _log_analysis_run(args, verdicts)
     return 0
+
+
+def _check_perplexities(summary, path: Path) -> None:
+    """Every row of a summary CSV has a test perplexity (collect writes none without one): a
+    row without one, edited in or from elsewhere, would reach the verdicts as NaN."""
+    if "test_perplexity" not in summary:
+        raise ValueError(f"{path}: no test_perplexity column (write it with `analysis collect`)")
+    ppl = pd.to_numeric(summary["test_perplexity"], errors="coerce")
+    bad = summary.loc[ppl.isna() | ~np.isfinite(ppl), "run_id"].astype(str).tolist()
+    if bad:
+        raise ValueError(f"{path}: no numeric test_perplexity for {', '.join(bad[:5])}")
 
 
 def _log_analysis_run(args: argparse.Namespace, verdicts: list[report.Verdict]) -> None:

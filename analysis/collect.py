@@ -1,7 +1,7 @@
 """Run directories (the source of truth, moe_impl/runs/rundir.py) -> tidy frames, and the views on them
 that the figures, tables and report share.
 
-`collect_runs(root)` gives three frames (`Collected`):
+`collect_runs(roots)` gives three frames (`Collected`) and the run directories it left out:
   summary    one row per finished run: identity (run_id, run_dir, sweep, name, preset), the model's
              structure from summary.json's "model" (model, paper_model, family, moe, num_experts,
              num_groups, group_size, k, d_model, d_hidden), the balancing weights, seed, then every
@@ -72,6 +72,7 @@ SNAPSHOT_COLUMNS = [
     "excess_nll",
 ]
 LOAD_COLUMNS = ["run_id", "sweep", "name", "expert", "tokens", "steps"]
+DIVERGED_KEY = "diverged"  # summary.json of a run whose final evaluation diverged
 
 
 class Collected(NamedTuple):
@@ -120,8 +121,43 @@ def resolved_model(run: dict) -> dict:
     return dataclasses.asdict(resolve_model(section["preset"], overrides, int(vocab or 1000)))
 
 
+# summary.json's values that are not numbers (rundir.SUMMARY_KEYS: the others are numbers or null)
+NON_NUMERIC_KEYS = {"model"}
+
+
+def check_summary(run: dict) -> None:
+    """A finished run's summary as the verdicts need it, else a ValueError naming the file: a
+    finite test perplexity, numbers (or null) under the numeric keys, a list of snapshot objects.
+    A missing or non-numeric value would become a NaN row that a claim's rule then reads."""
+    summary, where = run["summary"], f"{run['run_dir']}/{rundir.SUMMARY_FILE}"
+    ppl = summary.get("test_perplexity")
+    if not io.is_number(ppl) or not np.isfinite(ppl):
+        got = "no test_perplexity" if ppl is None else f"test_perplexity {io.kind_of(ppl)}"
+        raise ValueError(f"{where}: {got}, expected a finite number")
+    for key in set(rundir.SUMMARY_KEYS) - NON_NUMERIC_KEYS:
+        value = summary.get(key)
+        if value is not None and not io.is_number(value):
+            raise ValueError(f"{where}: {key} is {io.kind_of(value)}, expected a number or null")
+    snapshots = summary.get("snapshots") or []
+    if not isinstance(snapshots, list) or not all(isinstance(s, dict) for s in snapshots):
+        raise ValueError(
+            f"{where}: snapshots should be a list of objects, got {io.kind_of(snapshots)}"
+        )
+    for snap in snapshots:
+        tokens = snap.get("tokens")
+        if not io.is_number(snap.get("perplexity")) or not (tokens is None or io.is_number(tokens)):
+            raise ValueError(f"{where}: a snapshot without a numeric perplexity: {str(snap)[:80]}")
+
+
+def diverged(run: dict) -> bool:
+    """A run whose final evaluation diverged (summary.json's `diverged`, written by the trainer
+    with the perplexity null): it has no perplexity to compare, so collect leaves it out."""
+    return bool(run["summary"].get(DIVERGED_KEY))
+
+
 def run_record(run: dict) -> dict:
     """One summary row from io.read_run's dict."""
+    check_summary(run)
     cfg, summary, identity = run["config"], run["summary"], run["identity"]
     model = cfg.get("model") or {}
     try:
@@ -214,12 +250,30 @@ def _by(order: dict):
     return lambda col: col.map(order) if col.name == "run_id" else col
 
 
-def collect_runs(root: str | Path) -> tuple[Collected, list[Path]]:
-    """(frames of every finished run directory under root, the unfinished ones skipped)."""
-    finished, unfinished = io.find_run_dirs(root)
-    if not finished:
-        raise ValueError(f"no finished run directory (with {rundir.SUMMARY_FILE}) under {root}")
-    return frames(io.read_run(d) for d in finished), unfinished
+class Skipped(NamedTuple):
+    """A run directory collect left out, and why (the CLI prints one line each)."""
+
+    run_dir: Path
+    why: str
+
+
+def collect_runs(roots: str | Path | Iterable[str | Path]) -> tuple[Collected, list[Skipped]]:
+    """(frames of every finished run directory under the root(s), the runs left out: unfinished
+    ones and diverged ones). A root may be a run directory itself (io.find_run_dirs)."""
+    finished, unfinished = io.find_run_dirs(roots)
+    skipped = [Skipped(d, f"unfinished, no {rundir.SUMMARY_FILE}") for d in unfinished]
+    runs = []
+    for d in finished:
+        run = io.read_run(d)
+        if diverged(run):
+            why = run["summary"].get(DIVERGED_KEY)
+            skipped.append(Skipped(d, f"diverged ({why})" if isinstance(why, str) else "diverged"))
+        else:
+            runs.append(run)
+    if not runs:
+        names = ", ".join(map(str, [roots] if isinstance(roots, str | Path) else roots))
+        raise ValueError(f"no finished run directory (with {rundir.SUMMARY_FILE}) under {names}")
+    return frames(runs), skipped
 
 
 # --- MLflow ------------------------------------------------------------------------------------

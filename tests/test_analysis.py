@@ -185,7 +185,9 @@ def test_collect_gives_the_tidy_contract(tmp_path):
     (tmp_path / "runs" / "unfinished").mkdir()
     runinfo.write_run_identity(tmp_path / "runs" / "unfinished", "x", "moe")
     data, unfinished = collect.collect_runs(tmp_path / "runs")
-    assert [p.name for p in unfinished] == ["unfinished"]
+    assert [(s.run_dir.name, s.why) for s in unfinished] == [
+        ("unfinished", "unfinished, no summary.json")
+    ]
     s = data.summary
     assert len(s) == len(runs) and s["run_id"].is_unique
     assert list(s.columns[: len(collect.IDENTITY_COLUMNS)]) == collect.IDENTITY_COLUMNS
