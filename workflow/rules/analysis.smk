@@ -1,6 +1,7 @@
-# Collection and figures (python -m analysis): run directories -> results/summary.csv (+
-# snapshots.csv, expert_load.csv) -> the paper's figures and tables beside its published numbers,
-# results/REPORT.md, and an MLflow "analysis" run holding them.
+# Collection and figures (python -m analysis): the run directories this config plans (only those:
+# another config's runs may share results/runs) -> results/summary.csv (+ snapshots.csv,
+# expert_load.csv) -> the paper's figures and tables beside its published numbers, results/REPORT.md,
+# and an MLflow "analysis" run holding them.
 
 
 rule collect:
@@ -16,7 +17,7 @@ rule collect:
     conda:
         "../envs/moe.yaml"
     params:
-        runs=get_runs_dir,
+        runs=get_planned_run_dirs,
     shell:
         "python -m analysis collect --runs {params.runs} --out {output.summary} > {log} 2>&1"
 

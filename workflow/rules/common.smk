@@ -382,9 +382,10 @@ def get_data_check_args():
     return ""
 
 
-def get_runs_dir(wildcards, input):
-    """results/runs/<sweep>/<run>/summary.json -> results/runs (rule collect)."""
-    return str(Path(input[0]).parents[2])
+def get_planned_run_dirs(wildcards, input):
+    """The run directories of this config's runs, from their summary.json (rule collect): the
+    analysis reads exactly these, never another config's runs in the same results/runs."""
+    return " ".join(shlex.quote(str(Path(summary).parent)) for summary in input)
 
 
 def get_analysis_dir(wildcards, output):
