@@ -384,7 +384,8 @@ def get_data_check_args():
 
 def get_planned_run_dirs(wildcards, input):
     """The run directories of this config's runs, from their summary.json (rule collect): the
-    analysis reads exactly these, never another config's runs in the same results/runs."""
+    analysis reads exactly these, never another config's runs in the same results/runs.
+    """
     return " ".join(shlex.quote(str(Path(summary).parent)) for summary in input)
 
 
