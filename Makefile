@@ -66,6 +66,14 @@ MEM_MB  ?= $$($(BIN)/python workflow/scripts/mem_budget.py)
 # CONFIG=config/gpu.yaml` runs another workflow config
 CONFIG  ?=
 CONFIGFILE = $(if $(CONFIG),--configfile $(CONFIG))
+# a CONFIG that is not a file stops here, in one line, before any install or Snakemake traceback
+ifneq ($(filter reproduce,$(MAKECMDGOALS)),)
+ifneq ($(CONFIG),)
+ifeq ($(wildcard $(CONFIG)),)
+$(error CONFIG=$(CONFIG): no such file; the workflow configs are config/config.yaml, config/smoke.yaml, config/gpu.yaml, config/paper.yaml or one of your own)
+endif
+endif
+endif
 reproduce: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores all --resources mem_mb=$(MEM_MB) $(CONFIGFILE)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --report results/report.html $(CONFIGFILE)

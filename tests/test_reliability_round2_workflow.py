@@ -3,12 +3,15 @@ report of their own runs only. `snakemake --configfile A.yaml`, then `--configfi
 same clone (the documented `make smoke` then `make reproduce`): B's collect reads exactly the run
 directories B plans (workflow/rules/analysis.smk passes them to `analysis collect --runs`), so A's
 runs, still in results/runs, never reach B's summary.csv, tables or REPORT.md, and running A again
-brings its own report back.
+brings its own report back. `make reproduce CONFIG=<a missing file>` is one line.
 
 Integration tier: real snakemake runs of two one-model configs up to `collect` (seconds of
 training each)."""
 
 from __future__ import annotations
+
+import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -23,6 +26,7 @@ pytestmark = [
     ),
 ]
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = {"train.tokens": 512, "eval.tokens": 256, "eval.at_tokens": [], "tracking.enabled": False}
 
 
@@ -57,3 +61,25 @@ def test_two_configs_in_one_directory_each_collect_their_own_runs(tmp_path):
     assert collected(wd, b) == ["4xLSTM-64"]  # A's run is still in results/runs, and left out
     assert (wd / "results" / "runs" / "lm1b" / "MoE-4" / "summary.json").is_file()
     assert collected(wd, a) == ["MoE-4"]  # A's own report again, without retraining
+
+
+def test_make_reproduce_with_a_missing_config_is_one_line(tmp_path):
+    """`make reproduce CONFIG=nonexistent.yaml`: one line naming it, before any install or
+    Snakemake (which would print a 20-line traceback); -n so that nothing could run here."""
+    missing = tmp_path / "nonexistent.yaml"
+    proc = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), "reproduce", f"CONFIG={missing}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"CONFIG={missing}: no such file" in lines[0], proc.stderr
+    ok = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), "reproduce", "CONFIG=config/smoke.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0 and "--configfile config/smoke.yaml" in ok.stdout, ok.stderr
