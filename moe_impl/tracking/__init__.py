@@ -21,7 +21,7 @@ from moe_impl.tracking.store import (
     server_command,
     start_server,
 )
-from moe_impl.tracking.sync import export_runs, import_runs
+from moe_impl.tracking.sync import export_runs, import_runs, sync_runs
 
 __all__ = [
     "COMPLETE_TAG",
@@ -41,4 +41,5 @@ __all__ = [
     "resolve_tracking_uri",
     "server_command",
     "start_server",
+    "sync_runs",
 ]

@@ -73,10 +73,23 @@ def screenshot(
     return out
 
 
-def wait_until_up(base_url: str, timeout_s: float = 120) -> None:
-    """Wait for an MLflow server's /health; TimeoutError after timeout_s."""
+class ServerStopped(RuntimeError):
+    """The server process being waited for exited before it answered."""
+
+
+def wait_until_up(
+    base_url: str, timeout_s: float = 120, proc: subprocess.Popen | None = None
+) -> None:
+    """Wait for an MLflow server's /health; TimeoutError after timeout_s. With `proc`, the
+    server's process: ServerStopped as soon as it has exited, since a server that failed to
+    start (its port taken) leaves the address to whatever else answers there."""
     deadline = time.monotonic() + timeout_s
     while True:
+        if proc is not None and (code := proc.poll()) is not None:
+            raise ServerStopped(
+                f"the MLflow server for {base_url} stopped by itself (exit code {code}) before "
+                "it answered"
+            )
         try:
             urllib.request.urlopen(base_url.rstrip("/") + "/health", timeout=3).close()
             return

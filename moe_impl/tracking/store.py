@@ -15,16 +15,20 @@ Default store: sqlite:///<cwd>/results/mlflow.db with artifacts in <cwd>/results
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+import yaml
 
 from moe_impl.runs import rundir
 from moe_impl.tracking import view
@@ -171,15 +175,14 @@ def open_client(uri: str):
     return client
 
 
-def require_store(uri: str) -> None:
+def require_store(uri: str, hint: str | None = None) -> None:
     """ValueError unless the SQLite store `uri` names exists (other stores are not checked here):
-    a command that only reads must not leave an empty store behind, as opening one would."""
+    a command that only reads or shows must not leave an empty store behind, as opening one
+    would. `hint` (what the user can do) replaces the default one."""
     path = _sqlite_path(uri)
     if path is not None and not path.is_file():
-        raise ValueError(
-            f"no MLflow store at {uri} ({path} does not exist); give --uri or set "
-            "MLFLOW_TRACKING_URI to the store the runs were logged to"
-        )
+        hint = hint or "give --uri or set MLFLOW_TRACKING_URI to the store the runs were logged to"
+        raise ValueError(f"no MLflow store at {uri} ({path} does not exist); {hint}")
 
 
 def _safe(name: str) -> str:
@@ -228,6 +231,23 @@ def server_command(host: str = "127.0.0.1", port: int = 5000, uri: str | None = 
     if (root := artifact_root(uri)) is not None:
         cmd += ["--artifacts-destination", str(root)]
     return [*cmd, "--host", host, "--port", str(port), "--workers", "1"]
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ValueError unless `host:port` can be listened on now. A server there already (perhaps
+    another store's MLflow UI) would answer at the address the UI prints while ours fails to bind.
+    Binds as MLflow's server (uvicorn) does: IPv6 where the host has a ':', SO_REUSEADDR (so a
+    port in TIME_WAIT after a stopped server counts as free)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.create_server((host, port), family=family).close()
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise ValueError(
+                f"port {port} on {host} is in use (another MLflow UI?); stop what listens there "
+                "or give another --port"
+            ) from None
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({err})") from None
 
 
 def start_server(
@@ -324,12 +344,48 @@ def log_batch(client, run_id: str, metrics=(), params: dict | None = None, tags=
 
 def new_params(run, params: dict[str, str]) -> dict[str, str]:
     """Params not yet in the run. MLflow params are immutable; changed ones are kept as first
-    logged (with a warning), config.yaml has the current values."""
+    logged (with a warning), config.yaml has the current values. Changed means another value,
+    not other text (same_param_value)."""
     old = run.data.params if run is not None else {}
-    changed = sorted(k for k in params if k in old and old[k] != params[k])
+    changed = sorted(k for k in params if k in old and not same_param_value(old[k], params[k]))
     if changed:
         log.warning("MLflow params keep their first values, config changed for %s", changed[:5])
     return {k: v for k, v in params.items() if k not in old}
+
+
+def same_param_value(a: str, b: str) -> bool:
+    """Whether two param texts hold the same value: a resumed run's config (read back from
+    config.yaml) may write a value otherwise than the run's first start did ("1" for "1.0")."""
+    return a == b or _param_value(a) == _param_value(b)
+
+
+def _param_value(text: str):
+    """A param's text as a value to compare: read as YAML (JSON lists and dicts included)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return _comparable(value)
+
+
+def _comparable(value):
+    """Rules: numbers compare as numbers (1 == 1.0; ints exactly, not through float); "None"
+    (Python's text of None) is null; text a float reads ("1e-05", which YAML 1.1 leaves as
+    text) is that number; bools stay apart from 0 and 1; lists and dicts element by element."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, str):
+        if value == "None":
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, list):
+        return [_comparable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items()}
+    return value
 
 
 def start_system_metrics(run_id: str, interval_s: float, tracking_uri: str):

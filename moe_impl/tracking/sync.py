@@ -54,6 +54,53 @@ def import_runs(
     return ids
 
 
+def tracked_stores(run_dirs: Iterable[str | Path]) -> dict[str, list[Path]]:
+    """{tracking URI: the finished run directories that log to it}: each run's config.yaml says
+    whether it is tracked (`tracking.enabled`, default true) and where (`tracking.uri`, resolved
+    as the live run resolves it, store.resolve_tracking_uri); untracked and unfinished runs are
+    left out."""
+    stores: dict[str, list[Path]] = {}
+    for d in map(Path, run_dirs):
+        if not rundir.is_finished(d) or not (d / rundir.RUN_FILE).is_file():
+            continue
+        try:
+            section = _read_config(d).get("tracking")
+        except Exception as err:  # yaml's errors, a config that is not a mapping
+            log.warning("%s: skipped, its %s is unreadable (%s)", d, rundir.CONFIG_FILE, err)
+            continue
+        section = section if isinstance(section, dict) else {}
+        if section.get("enabled", True) is False:
+            continue
+        uri = store.resolve_tracking_uri(section.get("uri"))
+        stores.setdefault(uri, []).append(d)
+    return stores
+
+
+def sync_runs(run_dirs: Iterable[str | Path]) -> list[str]:
+    """Bring every store up to date with the finished, tracked run directories (tracked_stores):
+    what a deleted or emptied store lacks, or a live run that lost its server left out, is
+    imported (import_runs: idempotent, so runs already there cost a lookup each). The store is
+    a view of the run directories, so a store that cannot be updated is a warning, never an
+    error: returns one line per store saying what it now holds, or why it was not updated."""
+    lines = []
+    for uri, dirs in tracked_stores(run_dirs).items():
+        try:
+            ids = import_runs(dirs, tracking_uri=uri)
+        except Exception as err:  # the mirror failed; nothing is lost (the run dirs hold it)
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            log.warning(
+                "MLflow store %s not brought up to date (%s); its %d runs are safe in their run "
+                "directories: `python -m moe_impl tracking import DIR...` loads them later",
+                uri,
+                first,
+                len(dirs),
+            )
+            lines.append(f"{uri}: not updated ({first})")
+            continue
+        lines.append(f"{uri}: {len(ids)} of {len(dirs)} tracked run directories in MLflow")
+    return lines
+
+
 def _read_config(run_dir: Path) -> dict:
     import yaml
 
