@@ -28,7 +28,7 @@ rule figures:
         snapshots="results/snapshots.csv",
         loads="results/expert_load.csv",
         bench="results/bench/bench.json",
-        ready="results/mlflow.ready",
+        synced="results/mlflow.synced",
     output:
         figures=report(
             expand("results/figures/{name}.png", name=FIGURES),

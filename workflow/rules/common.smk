@@ -383,10 +383,11 @@ def get_data_check_args():
 
 
 def get_planned_run_dirs(wildcards, input):
-    """The run directories of this config's runs, from their summary.json (rule collect): the
-    analysis reads exactly these, never another config's runs in the same results/runs.
-    """
-    return " ".join(shlex.quote(str(Path(summary).parent)) for summary in input)
+    """The run directories of this config's runs, from the summary.json files among the inputs
+    (rules collect, tracking_sync): exactly these, never another config's runs that share
+    results/runs."""
+    summaries = [Path(f) for f in input if Path(f).name == "summary.json"]
+    return " ".join(shlex.quote(str(summary.parent)) for summary in summaries)
 
 
 def get_analysis_dir(wildcards, output):

@@ -73,6 +73,26 @@ rule train:
         "--replace-changed > {log} 2>&1"
 
 
+# The MLflow store is a view of the run directories: once this config's runs are done, whatever a
+# store lacks (deleted or emptied mid-workflow, a live run that lost its server) is imported from
+# them (`tracking sync`: idempotent; a store that cannot be updated is a warning, not a failure).
+rule tracking_sync:
+    input:
+        get_run_summaries(),
+        ready="results/mlflow.ready",
+    output:
+        "results/mlflow.synced",
+    log:
+        "logs/tracking_sync.log",
+    localrule: True
+    conda:
+        "../envs/moe.yaml"
+    params:
+        runs=get_planned_run_dirs,
+    shell:
+        "python -m moe_impl tracking sync {params.runs} > {log} 2>&1 && touch {output}"
+
+
 # one onstart handler per workflow (a second would replace this one), run before any job of a real
 # run (never in a dry run): check_cuda (common.smk) stops a run that needs CUDA on a machine
 # without it, before anything is touched; check_memory_budget only warns
