@@ -106,12 +106,12 @@ def run_figures(args: argparse.Namespace) -> int:
     summary = io.read_csv(args.summary)
     if summary.empty:
         raise ValueError(f"{args.summary} has no runs")
-    _check_perplexities(summary, args.summary)
     snapshots = io.read_csv(args.summary.with_name(SNAPSHOTS_FILE), required=False)
     loads = io.read_csv(args.summary.with_name(LOADS_FILE), required=False)
     if args.bench is None:
         args.bench = [DEFAULT_BENCH] if DEFAULT_BENCH.is_file() else []
     bench = io.read_bench(args.bench)
+    _check_perplexities(summary, args.summary)
     written = []
     for name, fig in figures.all_figures(summary, snapshots, loads, bench, args.only).items():
         written += io.save_figure(fig, args.out / "figures", name)
