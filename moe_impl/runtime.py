@@ -18,12 +18,21 @@ the gates grow sure of themselves, so a flat MoE-256 slowed from ~22k to ~6k tok
 first 250 steps; with subnormals flushed to zero, the same steps ran at twice the speed
 (2026-12-01, docs/sizing.md). The values lost are below 1.2e-38: no gradient the optimizer could
 use.
+
+Threads: a process may run on the CPUs of its affinity mask (taskset, a SLURM allocation, a
+container's cpuset), fewer than the machine has. More torch threads than those only wait for each
+other (5000 on two CPUs crawled), and tens of thousands exhaust the process table and crash
+(100000: a segfault), so `check_threads` refuses a count above `usable_cpus()`, naming the setting.
+The cap is per process: processes that share CPUs (torchrun's, on one node) divide them themselves,
+as the workflow does (threads_per_run // gpus_per_run). It is checked where the threads are set, not
+in the config, which is also read on other machines (a login node, a resume on a smaller one).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 _M_TRIM_THRESHOLD = -1
@@ -57,3 +66,21 @@ def flush_denormals() -> bool:
     import torch  # here, so that importing this module loads no torch (tests/test_imports.py)
 
     return torch.set_flush_denormal(True)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, else (no affinity: macOS) the count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def check_threads(key: str, threads: int | None) -> None:
+    """ValueError naming `key` when `threads` is above usable_cpus(); None (torch's default) is
+    fine."""
+    cpus = usable_cpus()
+    if threads is not None and threads > cpus:
+        raise ValueError(
+            f"{key} must be at most {cpus}, the CPUs this process may run on (its affinity: "
+            f"taskset, SLURM, a container), got {threads}"
+        )

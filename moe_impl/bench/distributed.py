@@ -24,6 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from moe_impl import runtime
 from moe_impl.bench import plot as bench_plot
 from moe_impl.bench.spec import K_PRIMARY, K_SECONDARY, ExpertSpec, gate_outputs, train_flops
 
@@ -144,10 +145,11 @@ def check(
     backend, e.g. NCCL on one GPU), a spawned run needs two."""
     if world < 2 and not under_torchrun:
         raise ValueError(f"--world-size must be >= 2, got {world}")
-    for flag in ("tokens", "reps", "d_model", "d_hidden", "k"):
+    for flag in ("tokens", "reps", "d_model", "d_hidden", "k", "threads"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    runtime.check_threads("--threads", args.threads)  # per process: no more than its CPUs
     for spec in specs:
         if not spec.hierarchical and args.k > spec.num_experts:
             raise ValueError(
@@ -203,7 +205,7 @@ def run(args: argparse.Namespace, specs: list[ExpertSpec]) -> int:
             return 0
     else:
         backend = resolve_backend(args.backend, device)
-        threads = args.threads or max(1, (os.cpu_count() or 1) // world)
+        threads = args.threads or max(1, runtime.usable_cpus() // world)  # share its CPUs
         print(f"spawning {world} {backend} processes, {threads} threads each", file=sys.stderr)
         gathered = spawn(measure_rank, world, (cfg,), backend=backend, threads=threads,
                          timeout_s=args.timeout)  # fmt: skip

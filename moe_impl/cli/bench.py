@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from moe_impl import runtime
 from moe_impl.bench import plot as bench_plot
 from moe_impl.bench.memory import estimate_peak_bytes
 from moe_impl.bench.peers import OURS, PEERS, build_moe, k_of, parse_peers, unavailable
@@ -114,6 +115,7 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    runtime.check_threads("--threads", args.threads)  # no more than the CPUs it may run on
     rss = args.max_rss_gb
     if args.warmup < 0 or not args.max_seconds_per_step > 0 or (rss is not None and not rss > 0):
         raise ValueError("--warmup must be >= 0; --max-seconds-per-step, --max-rss-gb > 0")
@@ -184,7 +186,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, help="cap with --tokens-per-expert (default 131072)")
     p.add_argument("--reps", type=int, default=5, help="timed steps (median and min reported)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, help="torch threads (default: torch.get_num_threads())")
+    p.add_argument(
+        "--threads", type=int,
+        help="torch threads, at most the CPUs this process may run on (default: "
+        "torch.get_num_threads())",
+    )  # fmt: skip
     p.add_argument(
         "--optimizer",
         action="store_true",

@@ -19,12 +19,18 @@
       .lock              flock-ed by the process training into the directory (runs/lock.py)
 
 Every number is a plain JSON number; NaN and infinities are written as null (JSON has none).
-Writers append and fsync nothing but flush every line, so a killed run leaves every line it logged;
-a partly written last line (killed mid-write) is skipped by `read_metrics`.
+Writers append and fsync nothing but write every line through, so a killed run leaves every line it
+logged; a partly written last line (killed mid-write) is skipped by `read_metrics`. The other files
+are replaced whole through a temporary file (`write_text`, `write_json`). A write the disk refuses
+(ENOSPC: full; EDQUOT: over quota) leaves what was there before: an append is cut back to the last
+whole line, a replacement's temporary file is removed; it raises `RunDirWriteError`, one line
+naming the file, which the CLI prints (exit 2), as it does for a checkpoint (train/checkpoint.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -81,10 +87,56 @@ def dumps(record: dict) -> str:
     return json.dumps(_clean(record), sort_keys=False, allow_nan=False)
 
 
+class RunDirWriteError(ValueError):
+    """A run directory file the disk refused (full, over quota, failing): one line naming the file
+    and the errno; what the file held before is intact, so `--resume` continues once there is
+    space."""
+
+
+# what a full disk is in words; any other errno is said in its own words
+_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def _write_error(path: Path, err: OSError, kept: str) -> RunDirWriteError:
+    name = errno.errorcode.get(err.errno, f"errno {err.errno}") if err.errno else "I/O error"
+    what, todo = f"{name} ({err.strerror or err})", "fix that"
+    if err.errno in _FULL:
+        what, todo = f"{what}, {_FULL[err.errno]}", "free some space"
+    return RunDirWriteError(
+        f"cannot write {str(path)!r}: {what}; {kept}; {todo}, then continue with --resume"
+    )
+
+
+def _write_all(f, data: bytes) -> None:
+    """Write every byte to an unbuffered file (a write may take only some: a disk filling up)."""
+    while data:
+        written = f.write(data)
+        if not written:  # (a file on a disk never takes nothing; no endless loop if one did)
+            raise OSError(errno.EIO, "the file took none of the bytes written")
+        data = data[written:]
+
+
+def _cut_back(f, size: int) -> None:
+    """Truncate `f` to `size` (what it held before a failed write; needs no space). Where that is
+    impossible (a device) the partial line stays, and read_metrics skips it."""
+    with contextlib.suppress(OSError):
+        f.truncate(size)
+
+
 def append_metrics(run_dir: str | Path, record: dict) -> None:
-    with open(Path(run_dir) / METRICS_FILE, "a") as f:
-        f.write(dumps(record) + "\n")
-        f.flush()
+    """Append `record` as one line; RunDirWriteError (the partial line cut off) if the disk refuses."""
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        with open(path, "ab", buffering=0) as f:  # unbuffered: each line is written through
+            start = f.seek(0, os.SEEK_END)
+            try:
+                _write_all(f, (dumps(record) + "\n").encode())
+            except OSError:
+                _cut_back(f, start)
+                raise
+    except OSError as err:
+        kept = "the record was not written, every earlier one is intact"
+        raise _write_error(path, err, kept) from None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -101,12 +153,25 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return records
 
 
-def write_json(path: str | Path, data: dict) -> None:
-    """Atomic write: a reader never sees half a file."""
+def write_text(path: str | Path, text: str, *, per_process: bool = False) -> None:
+    """Replace `path` whole, through `path.tmp` (`path.<pid>.tmp` with `per_process`, for a file
+    every process of a run may write at once): a reader never sees half a file. If the disk
+    refuses, the temporary file is removed, `path` is as it was and RunDirWriteError is raised."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + (f".{os.getpid()}.tmp" if per_process else ".tmp"))
+    try:
+        with open(tmp, "wb", buffering=0) as f:
+            _write_all(f, text.encode("utf-8"))
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        kept = f"{path.name} is as it was" if path.exists() else f"{path.name} was not written"
+        raise _write_error(path, err, kept) from None
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Atomic write (`write_text`): a reader never sees half a file."""
+    write_text(path, json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
 
 
 def read_json(path: str | Path) -> dict:

@@ -1,5 +1,9 @@
 """Training progress for people: a tqdm bar in a terminal, a plain line every log_every steps in
-logs (Snakemake, SLURM), or nothing. Mode "auto" picks the bar when stderr is a terminal."""
+logs (Snakemake, SLURM), or nothing. Mode "auto" picks the bar when stderr is a terminal.
+
+Progress never ends a run: a line that cannot be written (a closed terminal: EIO, which a hangup
+gives before its SIGHUP is handled; a pipe nobody reads: EPIPE) turns the lines off; tqdm turns its
+bar off itself on EIO."""
 
 from __future__ import annotations
 
@@ -27,12 +31,17 @@ class Progress:
                     loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}"
                 )
         elif self.mode == "lines" and (step % self.every == 0 or step == self.total):
-            print(
+            self._line(
                 f"{self.name} step {step}/{self.total} loss {record['loss']:.4f} "
                 f"aux {record['aux_loss']:.4f} tokens/s {record['tokens_per_second']:.0f} "
-                f"elapsed {time.perf_counter() - self.t0:.0f}s",
-                flush=True,
+                f"elapsed {time.perf_counter() - self.t0:.0f}s"
             )
+
+    def _line(self, text: str) -> None:
+        try:
+            print(text, flush=True)
+        except OSError:  # nobody can read it any more: no more lines, the run goes on
+            self.mode = "none"
 
     def close(self) -> None:
         if self.bar is not None:
