@@ -4,19 +4,27 @@ Writes the run directory of moe_impl/runs/rundir.py. Under torchrun (several pro
 expert-parallel (moe_impl/parallel, the config's `distributed` section) and rank 0 writes the
 files. Exit codes: 0 finished (or already finished), 2 a config or data error (one line naming the
 key; also a bad --out, a run directory another process trains into, no intact checkpoint to resume
-from, or a checkpoint the disk refused, ENOSPC), 3 the loss diverged (the last good checkpoint is kept; see moe_impl.train.loop.TrainingDiverged).
+from, a lost config.yaml that no checkpoint holds, train.threads above the CPUs this process may
+run on, or a checkpoint or run-directory file the disk refused, ENOSPC), 3 the
+run diverged, one line `error: ... diverged ...`: a non-finite loss (the last good checkpoint is
+kept), or an evaluation whose perplexity is not finite (summary.json is written with `diverged`,
+its reason, and every --resume answers the same; see moe_impl.train.loop.TrainingDiverged).
 
 `--resume` continues the run in --out when the config resolves to the values it was started with
 (moe_impl/train/identity.py; train.threads and train.progress may differ). Without --config it
-reads the run's own config.yaml, under any --set, so `--out DIR --resume` needs nothing else. A
-config with other values is refused, naming each key with its saved and new value; with
-`--replace-changed` the old run directory is moved to a hidden sibling `.NAME.replaced-<UTC time>`
-(every file kept) and a new run starts in DIR. The workflow's train rule passes both.
+reads the run's own config.yaml, under any --set, so `--out DIR --resume` needs nothing else (a
+config.yaml that was deleted is written back from the newest intact checkpoint's config, with one
+line on stderr, or refused in one line where no checkpoint holds it). A config with other values
+(than config.yaml's, or the checkpoint's) is refused, naming each key with its saved and new value;
+with `--replace-changed` the old run directory is moved to a hidden sibling
+`.NAME.replaced-<UTC time>` (every file kept) and a new run starts in DIR. The workflow's train
+rule passes both.
 
-SIGINT (Ctrl-C) or SIGTERM (`timeout`, SLURM) stops the run after the step in progress, with a
-checkpoint at that step and the MLflow run KILLED: one line on stderr ("interrupted at step N;
-`python -m moe_impl train --out DIR --resume` continues") and exit code 130 or 143 (128 + the
-signal); a second signal stops at once (moe_impl/train/interrupt.py, docs/training.md).
+SIGINT (Ctrl-C), SIGTERM (`timeout`, SLURM) or SIGHUP (a closed terminal or ssh session; not under
+nohup) stops the run after the step in progress, with a checkpoint at that step and the MLflow run
+KILLED: one line on stderr ("interrupted at step N; `python -m moe_impl train --out DIR --resume`
+continues") and exit code 130, 143 or 129 (128 + the signal); a second signal stops at once
+(moe_impl/train/interrupt.py, docs/training.md).
 """
 
 from __future__ import annotations
@@ -63,20 +71,39 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _config_files(args: argparse.Namespace, resume: bool) -> list:
+    """The config files to load: --config's; on --resume without them, the run's own config.yaml
+    (under any --set), written back from its checkpoint first if it was deleted (never a default
+    config for a run that has one)."""
+    if not (resume and not args.config and args.out):
+        return args.config
+    run_dir = Path(args.out)
+    saved = run_dir / rundir.CONFIG_FILE
+    if not saved.is_file() and run_dir.is_dir():
+        lock.check_run_dir(run_dir)  # not while another process trains into it
+        from moe_impl.train.state import restore_config  # torch: only for a lost config.yaml
+
+        restore_config(run_dir)
+    return [saved] if saved.is_file() else []
+
+
+def _number(value, spec: str) -> str:
+    """`value` formatted with `spec`; null (a summary's NaN or inf) as is."""
+    return "null" if value is None else format(value, spec)
+
+
 def run(args: argparse.Namespace) -> int:
     resume = args.resume or args.replace_changed
-    files = args.config
-    saved = Path(args.out) / rundir.CONFIG_FILE if args.out else None
-    if resume and not files and saved is not None and saved.is_file():
-        files = [saved]  # the run's own config, under any --set
-    cfg = load_config(files, args.overrides)
+    cfg = load_config(_config_files(args, resume), args.overrides)
     if args.print_config:
         print(dump(cfg), end="")
         return 0
     if args.check_data:
-        from moe_impl.train.corpus import build_corpus
+        from moe_impl.train.corpus import build_corpus, eval_shortfall
 
         corpus = build_corpus(cfg)
+        if (warning := eval_shortfall(corpus, cfg)) is not None:
+            print(warning, file=sys.stderr)  # the workflow's check_data log shows it
         print(f"data ok: {corpus.name}, vocabulary {corpus.vocab_size:,}")
         return 0
     if not args.out:
@@ -110,9 +137,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     excess = summary.get("excess_nll")
     print(
-        f"{summary['name']}: test perplexity {summary['test_perplexity']:.3f} "
-        f"(nll {summary['test_nll']:.4f}"
+        f"{summary['name']}: test perplexity {_number(summary['test_perplexity'], '.3f')} "
+        f"(nll {_number(summary['test_nll'], '.4f')}"
         + (f", excess over the oracle {excess:.4f}" if excess is not None else "")
-        + f"), {summary['steps']} steps, {summary['wall_time_s']:.0f} s -> {args.out}"
+        + f"), {summary['steps']} steps, {_number(summary['wall_time_s'], '.0f')} s -> {args.out}"
     )
     return 0

@@ -1,12 +1,20 @@
 """The corpus a run trains on, from its `data` section (moe_impl/data: synthetic, lm1b, text), and
-this process's share of its batches."""
+this process's share of its batches.
+
+An evaluation split with fewer scored tokens than `eval.tokens` asks for is scored whole, with one
+warning line when the corpus opens (`eval_shortfall`; rank 0), before training: its perplexity
+then rests on fewer tokens than the config says. summary.json's `eval_scored_tokens` (and each
+eval record's `scored_tokens` in metrics.jsonl) records how many were scored."""
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import torch
 
 from moe_impl.data.base import Batch
+from moe_impl.data.stream import count_scored
 from moe_impl.data.synthetic import TopicMarkov
 from moe_impl.parallel.context import Context
 from moe_impl.train.config import RunConfig, check_snapshots
@@ -56,16 +64,42 @@ def _encode(corpus, cfg: RunConfig):
     return corpus
 
 
+def eval_shortfall(corpus, cfg: RunConfig) -> str | None:
+    """The warning line for an eval.split that holds fewer scored tokens than eval.tokens asks for
+    (every evaluation then scores all of them); None when it holds enough, eval.tokens is null
+    (the whole split) or the corpus is endless (the synthetic one gives any number)."""
+    asked, split = cfg.eval.tokens, cfg.eval.split
+    if asked is None or not hasattr(corpus, "stream"):  # real text: one token stream per split
+        return None
+    scored = count_scored(corpus.stream(split), corpus.never_score)
+    if scored >= asked:
+        return None
+    return (
+        f"warning: the {split} split of the {corpus.name} corpus at {cfg.data.path} has {scored:,} "
+        f"scored tokens, fewer than eval.tokens={asked}: every evaluation scores those "
+        f"{scored:,} (summary.json records them as eval_scored_tokens)"
+    )
+
+
+def _open_main(cfg: RunConfig):
+    """The corpus with its splits encoded (_encode), and eval_shortfall's warning printed."""
+    corpus = _encode(build_corpus(cfg), cfg)
+    warning = eval_shortfall(corpus, cfg)
+    if warning is not None:
+        print(warning, file=sys.stderr)
+    return corpus
+
+
 def open_corpus(cfg: RunConfig, ctx: Context, device: torch.device):
     """The corpus of this process, the splits training reads encoded. In a distributed run rank 0
-    opens it first (and writes any cache), then the others read it, and a data error stops every
-    rank, not only rank 0."""
+    opens it first (and writes any cache, and warns of a short evaluation split), then the others
+    read it, and a data error stops every rank, not only rank 0."""
     if not ctx.distributed:
-        return _encode(build_corpus(cfg), cfg)
+        return _open_main(cfg)
     corpus, error = None, None
     if ctx.is_main:
         try:
-            corpus = _encode(build_corpus(cfg), cfg)
+            corpus = _open_main(cfg)
         except ValueError as err:
             error = err
     if not ctx.all_agree(error is None, device):

@@ -8,9 +8,13 @@ number, and the generators are re-seeded from (seed, step) (schedule.py), so a r
 checkpoint (state.py) produces exactly the losses of an uninterrupted one.
 
 A non-finite loss stops the run before the optimizer touches the parameters, with the last good
-checkpoint kept (`TrainingDiverged`, exit code 3 from the CLI). SIGTERM or SIGINT stops the run
+checkpoint kept (`TrainingDiverged`, exit code 3 from the CLI). An evaluation whose perplexity is
+not finite (NaN, or an NLL so large that exp() overflows) also ends the run as diverged, the final
+one or a snapshot (the run stops at that snapshot), but with a summary.json that gives the reason
+under `diverged`, so that the run is finished and every `--resume` answers the same line and
+exit code 3 (analysis collect leaves such runs out). SIGTERM, SIGINT or SIGHUP stops the run
 after the step it is in, with a checkpoint at that step (`TrainingInterrupted`, interrupt.py; exit
-code 143 or 130 from the CLI); expert-parallel processes agree on the step in the step's loss
+code 143, 130 or 129 from the CLI); expert-parallel processes agree on the step in the step's loss
 all-reduce, so all stop at the same one.
 """
 
@@ -47,11 +51,35 @@ from moe_impl.train.state import (
     resumed_state,
     save_checkpoint,
 )
-from moe_impl.train.summary import build_summary, write_summary
+from moe_impl.train.summary import build_summary, perplexity, write_summary
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the run directory keeps the last good checkpoint."""
+    """The loss became NaN or infinite (the run directory keeps the last good checkpoint), or an
+    evaluation's perplexity did (summary.json then says so: `diverged_message`)."""
+
+
+def evaluation_divergence(record: dict, which: str) -> str | None:
+    """Why an evaluation record (`which`: "final" or "snapshot") says the run diverged, in words
+    (summary.json's `diverged`); None when its perplexity is finite."""
+    if math.isfinite(record["perplexity"]):
+        return None
+    return (
+        f"the {which} evaluation at step {record['step']} has a {record['split']} NLL of "
+        f"{record['nll']:.4g} nats per token (perplexity {record['perplexity']})"
+    )
+
+
+def diverged_message(reason) -> str:
+    """TrainingDiverged's line for a run whose evaluation diverged (`reason`: summary.json's
+    `diverged`), the same when the run ends and on every --resume of it."""
+    if not isinstance(reason, str):
+        reason = "an evaluation's perplexity is not finite"
+    return (
+        f'the run diverged: {reason}; summary.json records it under "diverged" (the run is '
+        "finished, --resume ends here again); start a new run (--out) with a lower train.lr or "
+        "a train.clip_norm"
+    )
 
 
 class Trainer:
@@ -71,6 +99,7 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         train = cfg.train
         if train.threads:
+            runtime.check_threads("train.threads", train.threads)  # before a thread starts
             torch.set_num_threads(train.threads)
         self.ctx = parallel_context.setup(
             cfg.distributed.backend, torch.device(train.device).type, cfg.distributed.timeout_s
@@ -121,7 +150,7 @@ class Trainer:
         )  # fmt: skip
         if resume and not rundir.is_finished(self.run_dir):  # finished: run() returns its summary
             self.loop = resumed_state(
-                self.run_dir, self.model, self.optimizers, self.ctx, self.device
+                self.run_dir, self.model, self.optimizers, self.ctx, self.device, cfg=cfg
             )
 
     @property
@@ -229,7 +258,7 @@ class Trainer:
         return {
             "split": split,
             "nll": mean,
-            "perplexity": math.exp(mean),
+            "perplexity": perplexity(mean),  # inf where exp overflows (a diverged model)
             "excess_nll": mean - oracle / count if has_oracle else None,
             "oracle_nll": oracle / count if has_oracle else None,
             "scored_tokens": count,
@@ -256,7 +285,10 @@ class Trainer:
     def _run_tracked(self) -> dict:
         if rundir.is_finished(self.run_dir):
             lock.release(self.run_dir)
-            return rundir.read_summary(self.run_dir)
+            summary = rundir.read_summary(self.run_dir)
+            if summary.get("diverged"):  # finished as diverged: the same answer every time
+                raise TrainingDiverged(diverged_message(summary["diverged"]))
+            return summary
         self.peak_flops, self.peak_flops_source = telemetry.resolve_peak_flops(
             str(self.device),
             self.cfg.train.dtype,
@@ -284,6 +316,25 @@ class Trainer:
         return summary
 
     def _run(self, tracker, sampler) -> dict:
+        diverged = self._train(tracker, sampler)
+        if diverged is None:
+            final = self.evaluate()
+            tokens = self.loop.step * self.tokens_per_step
+            record = {"kind": "eval", "step": self.loop.step, "tokens": tokens, **final}
+            self._log(tracker, record)
+            diverged = evaluation_divergence(record, "final")
+        else:  # the diverged snapshot is the run's last evaluation
+            final = self.loop.snapshots[-1]
+        summary = self._summary(final, sampler, diverged)
+        if self.ctx.is_main:
+            write_summary(self.run_dir, summary, self.loop, self.total_steps)
+        if diverged is not None:  # after summary.json: the run is finished, as diverged
+            raise TrainingDiverged(diverged_message(diverged))
+        return summary
+
+    def _train(self, tracker, sampler) -> str | None:
+        """Train to the budget, with snapshots and checkpoints; why a snapshot diverged (the run
+        stops at it, before that step's checkpoint), else None."""
         train, loop, per_step = self.cfg.train, self.loop, self.tokens_per_step
         # a snapshot at the last step is the final evaluation: not run twice
         snapshot_steps = {-(-t // per_step) for t in self.cfg.eval.at_tokens}
@@ -311,14 +362,18 @@ class Trainer:
                     tracker.log_record(record)
                 progress.update(loop.step, record)
                 if loop.step in snapshot_steps and loop.step not in done:
-                    self._log(tracker, self._snapshot())
+                    snapshot = self._snapshot()
+                    self._log(tracker, snapshot)
+                    diverged = evaluation_divergence(snapshot, "snapshot")
+                    if diverged is not None:  # no checkpoint holds it: a resume evaluates again
+                        return diverged
                 stop = self._stop_requested()
                 if stop or loop.step % train.checkpoint_every == 0 or loop.step == self.total_steps:
                     if tracker is not None:
                         tracker.flush()  # what MLflow has then covers the checkpoint
                     save_checkpoint(
                         self.run_dir, loop, self._wall_time(), self.model, self.optimizers,
-                        self.ctx, keep=train.keep_checkpoints,
+                        self.ctx, keep=train.keep_checkpoints, config=self.cfg.to_dict(),
                     )  # fmt: skip
                 if stop:  # the tracker ends the MLflow run as KILLED (run)
                     raise TrainingInterrupted(
@@ -327,25 +382,24 @@ class Trainer:
                     )  # fmt: skip
         finally:
             progress.close()
-        final = self.evaluate()
-        self._log(
-            tracker, {"kind": "eval", "step": loop.step, "tokens": loop.step * per_step, **final}
-        )
+        return None
+
+    def _summary(self, final: dict, sampler, diverged: str | None) -> dict:
+        """summary.json's contents (build_summary) for the final evaluation `final`."""
         summary = build_summary(
             name=self.name, preset=self.cfg.model.preset, sweep=self.cfg.sweep,
             corpus=self.corpus, evaluation=self.cfg.eval, model=self.model_cfg,
-            final=final, loop=loop, tokens_per_step=per_step, wall_time=self._wall_time(),
-            peak_flops=self.peak_flops, peak_flops_source=self.peak_flops_source,
+            final=final, loop=self.loop, tokens_per_step=self.tokens_per_step,
+            wall_time=self._wall_time(), peak_flops=self.peak_flops,
+            peak_flops_source=self.peak_flops_source,
             peak_memory_mb=self.ctx.max(peak_memory_mb(self.device), self.device),  # over ranks
             expert_optimizer=self.expert_optimizer, device=self.device,
-            world_size=self.ctx.world_size, backend=self.ctx.backend, dtype=train.dtype,
+            world_size=self.ctx.world_size, backend=self.ctx.backend, dtype=self.cfg.train.dtype,
+            diverged=diverged,
         )  # fmt: skip
         if sampler is not None:
             summary.update(sampler.summary())
             summary.update({f"gpu_{k}": v for k, v in sampler.info.items()})
-        if not main:
-            return summary
-        write_summary(self.run_dir, summary, loop, self.total_steps)
         return summary
 
     def _stop_requested(self) -> bool:

@@ -1,15 +1,23 @@
 """What a run keeps to continue: the loop's own state, its checkpoints, and its run directory.
 
 A checkpoint (moe_impl/train/checkpoint.py writes the files) holds the model and optimizer states,
-the wall time so far and the `LoopState`, under the keys of `LoopState.to_checkpoint`. Restoring
+the wall time so far, the `LoopState` under the keys of `LoopState.to_checkpoint`, and the run's
+resolved config (`config`, RunConfig.to_dict; checkpoints written before it have none). Restoring
 one also rewrites metrics.jsonl to what the checkpoint had logged, so a resumed run logs every
-step once. `prepare_run_dir` writes config.yaml and run.json at the start: into an empty directory,
+step once, and refuses a config whose values differ from the checkpoint's (before any state is
+loaded). `prepare_run_dir` writes config.yaml and run.json at the start: into an empty directory,
 or, on --resume, keeps them when the config has the same values (moe_impl/train/identity.py);
 `replace_changed` sets a run with other values aside and starts a new one in its place.
+
+A run directory that lost its config.yaml is judged by its newest intact checkpoint's config
+(`lost_config`): `restore_config` writes config.yaml back from it (the CLI's --resume without
+--config); where nothing holds the run's config (no checkpoint, or only older ones) a resume is
+refused in one line, never run under a default config.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +130,7 @@ def prepare_run_dir(
         run_dir.mkdir(parents=True, exist_ok=True)
         runlock.acquire(run_dir)  # held until Trainer.run ends (or the process does)
         if not config_path.exists():  # a resumed run keeps the file it was started with
-            config_path.write_text(dump(cfg))
+            rundir.write_text(config_path, dump(cfg))
         runinfo.write_run_identity(run_dir, name, experiment, card)
     ctx.barrier()
 
@@ -133,14 +141,98 @@ def _has_files(run_dir: Path) -> bool:
 
 
 def _config_change(run_dir: Path, cfg: RunConfig, replace_changed: bool) -> str | None:
-    """What differs between the run in run_dir and cfg, in words (None: nothing, or no run)."""
+    """What differs between the run in run_dir and cfg, in words (None: nothing, or no run). A run
+    directory without config.yaml is compared with its checkpoint's config (lost_config)."""
     try:
         diffs = identity.changes(run_dir, cfg)
-    except ValueError as err:  # an unreadable config.yaml: a run that cannot be continued
+        if diffs is None and (lost := lost_config(run_dir, config_given=True)) is not None:
+            diffs = identity.differences(lost[0], cfg)
+    except ValueError as err:  # an unreadable or lost config: a run that cannot be continued
         if not replace_changed:
             raise
         return str(err)
     return identity.describe(diffs) if diffs else None
+
+
+def checkpoint_config(run_dir: Path) -> tuple[dict | None, Path] | None:
+    """(the config its newest intact checkpoint carries, None for one written before checkpoints
+    carried it; that checkpoint), or None when the run directory has no intact checkpoint.
+    Reads rank 0's file (every rank's file carries the config)."""
+    for path in checkpoint.candidates(run_dir):
+        try:
+            saved = checkpoint.load(
+                path, "cpu", rank=0, world_size=checkpoint.world_size_of(path), mmap=True
+            )
+        except checkpoint.DamagedCheckpoint:
+            continue  # the resume falls back the same way, with its warning
+        return saved.get("config"), path
+    return None
+
+
+def _config_from_checkpoint(values: dict, path: Path) -> RunConfig:
+    try:
+        return RunConfig.from_dict(values)
+    except ValueError as err:
+        raise ValueError(f"the config in checkpoint {str(path)!r} cannot be read: {err}") from None
+
+
+def lost_config(run_dir: Path, *, config_given: bool) -> tuple[RunConfig, Path] | None:
+    """For a resume of a run directory without config.yaml: (the config its newest intact
+    checkpoint carries, that checkpoint). None where nothing is lost: config.yaml is there, the
+    directory is missing or empty (a new run), or, with a config given (`config_given`), an
+    unfinished run with no intact checkpoint (it trains again from step 0). ValueError (one line)
+    where the run's config is nowhere: no checkpoint (a finished run, or no config given), or one
+    written before checkpoints carried it (its values cannot be checked)."""
+    path = run_dir / rundir.CONFIG_FILE
+    if path.exists() or not run_dir.is_dir() or not _has_files(run_dir):
+        return None
+    found = checkpoint_config(run_dir)
+    if found is None:
+        return _no_checkpoint(run_dir, config_given)
+    values, ckpt = found
+    if values is None:
+        raise ValueError(
+            f"{str(path)!r} is missing and checkpoint {ckpt.name} was written before checkpoints "
+            "carried the run's config, so its values cannot be checked: put the run's "
+            "config.yaml back, or start a new --out"
+        )
+    return _config_from_checkpoint(values, ckpt), ckpt
+
+
+def _no_checkpoint(run_dir: Path, config_given: bool) -> None:
+    """lost_config without an intact checkpoint: None (train again from step 0) for an unfinished
+    run with a config given; otherwise the refusal."""
+    path = run_dir / rundir.CONFIG_FILE
+    if rundir.is_finished(run_dir):
+        raise ValueError(
+            f"{str(path)!r} is missing and no checkpoint holds the finished run's config: put the "
+            "run's config.yaml back (a default one would contradict its summary.json), or train "
+            f"it again with --config FILE --replace-changed (sets {str(run_dir)!r} aside) or into "
+            "a new --out"
+        )
+    if config_given:
+        return None
+    raise ValueError(
+        f"{str(path)!r} is missing and no intact checkpoint holds the run's config: pass the "
+        "run's --config to train it again from step 0, or start a new --out"
+    )
+
+
+def restore_config(run_dir: Path) -> None:
+    """--resume without --config: write a lost config.yaml back from the newest intact checkpoint
+    (lost_config), with one line on stderr (rank 0 under torchrun); ValueError where nothing holds
+    the run's config. Every process may write it: the same text, through its own temporary file."""
+    lost = lost_config(run_dir, config_given=False)
+    if lost is None:
+        return
+    cfg, ckpt = lost
+    path = run_dir / rundir.CONFIG_FILE
+    rundir.write_text(path, dump(cfg), per_process=True)
+    if os.environ.get("RANK", "0") == "0":  # torchrun's rank; the process group is not up yet
+        print(
+            f"restored {str(path)!r}, which was missing, from the config of checkpoint {ckpt.name}",
+            file=sys.stderr,
+        )
 
 
 def save_checkpoint(
@@ -152,9 +244,11 @@ def save_checkpoint(
     ctx: Context,
     *,
     keep: int,
+    config: dict,
 ) -> None:
-    """This process's checkpoint of the loop's step; distributed: rank 0 writes the replicated
-    layers, every rank its experts."""
+    """This process's checkpoint of the loop's step, with the run's resolved `config`
+    (RunConfig.to_dict); distributed: rank 0 writes the replicated layers, every rank its experts
+    (and the config)."""
     model_state, opt_states = shard_state.local_state(model, optimizers, ctx.rank)
     checkpoint.save(
         run_dir,
@@ -164,6 +258,7 @@ def save_checkpoint(
             "model": model_state,
             "optimizers": opt_states,
             "wall_time": wall_time,
+            "config": config,
         },
         keep=keep,
         rank=ctx.rank,
@@ -178,9 +273,11 @@ def restore_checkpoint(
     optimizers: list[torch.optim.Optimizer],
     ctx: Context,
     device: torch.device,
+    cfg: RunConfig,
 ) -> LoopState:
     """Load the model and optimizer states of checkpoint `path` (resharded when another number of
-    processes wrote it) and return the loop state it holds."""
+    processes wrote it) and return the loop state it holds; ValueError, before any state is
+    loaded, when `cfg` has other values than the config the checkpoint carries."""
     rank, world = ctx.rank, ctx.world_size
     old_world = checkpoint.world_size_of(path)
     if old_world == world:
@@ -198,11 +295,27 @@ def restore_checkpoint(
             model, optimizers, old, rank, world
         )
         saved = {**old[0], "state": lstm_state}
+    check_trained_with(saved, path, cfg)
     model.load_state_dict(model_state)
     for opt, state in zip(optimizers, opt_states, strict=True):
         opt.load_state_dict(state)
         shard_state.state_to_param_devices(opt)
     return LoopState.from_checkpoint(saved, device)
+
+
+def check_trained_with(saved: dict, path: Path, cfg: RunConfig) -> None:
+    """ValueError (one line, each differing key) when the config a checkpoint carries has other
+    values than `cfg` (identity.differences: train.threads, train.progress may differ); nothing
+    to check in a checkpoint written before checkpoints carried the config."""
+    if saved.get("config") is None:
+        return
+    diffs = identity.differences(_config_from_checkpoint(saved["config"], path), cfg)
+    if diffs:
+        raise ValueError(
+            f"checkpoint {str(path)!r} was trained with other values than the config given: "
+            f"{identity.describe(diffs)} (checkpoint -> config); resume with the values it was "
+            "trained with (config.yaml as the run wrote it), or start a new --out"
+        )
 
 
 def resumed_state(
@@ -211,13 +324,16 @@ def resumed_state(
     optimizers: list[torch.optim.Optimizer],
     ctx: Context,
     device: torch.device,
+    *,
+    cfg: RunConfig,
 ) -> LoopState:
     """The loop state to continue an unfinished run from: its newest intact checkpoint's (the model
     and optimizers restored, metrics.jsonl cut back to it), or a fresh start when it was killed
     before its first checkpoint (what it logged is forgotten). A damaged checkpoint is skipped for
-    the one before it, with a warning; ValueError when every one is damaged."""
+    the one before it, with a warning; ValueError when every one is damaged, or when the newest
+    intact one was trained with other values than `cfg` (check_trained_with)."""
     try:
-        loop = _restore_newest_intact(run_dir, model, optimizers, ctx, device)
+        loop = _restore_newest_intact(run_dir, model, optimizers, ctx, device, cfg)
     except BaseException:
         runlock.release(run_dir)  # Trainer.run, which lets it go, will not run
         raise
@@ -236,6 +352,7 @@ def _restore_newest_intact(
     optimizers: list[torch.optim.Optimizer],
     ctx: Context,
     device: torch.device,
+    cfg: RunConfig,
 ) -> LoopState | None:
     """Restore the newest checkpoint whose files every process finds intact (the processes agree,
     so all resume from one step); None when there is no checkpoint."""
@@ -244,7 +361,7 @@ def _restore_newest_intact(
     for path in found:
         problem = None
         try:
-            loop = restore_checkpoint(path, model, optimizers, ctx, device)
+            loop = restore_checkpoint(path, model, optimizers, ctx, device, cfg)
         except checkpoint.DamagedCheckpoint as err:  # raised before anything is restored
             problem = err  # (a process that did restore this one restores the next over it)
         if ctx.all_agree(problem is None, device):
@@ -285,4 +402,4 @@ def truncate_metrics(run_dir: Path, loop: LoopState) -> None:
         or (r.get("step") == loop.step and (r["kind"] == "train" or loop.step in snapshot_steps))
     ]
     path = run_dir / rundir.METRICS_FILE
-    path.write_text("".join(rundir.dumps(r) + "\n" for r in kept))
+    rundir.write_text(path, "".join(rundir.dumps(r) + "\n" for r in kept))

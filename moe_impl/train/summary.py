@@ -2,7 +2,12 @@
 the corpus (its describe() and the unigram perplexity of the evaluated tokens,
 moe_impl/data/unigram.py), the resolved model and its accounting (moe_impl/model/flops.py), the
 training regime beside the paper's (moe_impl/model/regime.py), throughput and MFU, the routing
-statistics of the last steps, and where and how the run ran."""
+statistics of the last steps, and where and how the run ran.
+
+A run whose evaluation diverged (its perplexity is not finite: an NLL that is NaN, infinite, or
+so large that exp() overflows) still gets a summary.json: `diverged` gives the reason in one line
+(null for every other run), test_perplexity is null (inf), and `python -m moe_impl train` exits 3
+(moe_impl/train/loop.py, TrainingDiverged)."""
 
 from __future__ import annotations
 
@@ -23,6 +28,15 @@ from moe_impl.runs import rundir
 from moe_impl.train.config import EvalSection
 from moe_impl.train.device import device_name
 from moe_impl.train.state import STATS, STATS_WINDOW, LoopState
+
+
+def perplexity(nll: float) -> float:
+    """exp(nll), the perplexity of a mean NLL; inf where exp overflows (a diverged model, NLL over
+    ~709.78 nats), NaN for a NaN NLL. Never raises OverflowError."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
 
 
 def model_dict(model: ModelConfig) -> dict:
@@ -62,10 +76,12 @@ def build_summary(
     world_size: int,
     backend: str | None,
     dtype: str,
+    diverged: str | None = None,
 ) -> dict:
     """The summary of a run that trained `loop.step` steps of `tokens_per_step` positions (the
     global batch) and scored `final` (evaluate's dict, with the `evaluation` settings); `sweep`
-    (the run's cfg.sweep) picks the paper regime its "regime" compares with (model/regime.py)."""
+    (the run's cfg.sweep) picks the paper regime its "regime" compares with (model/regime.py);
+    `diverged`: why its evaluation diverged (None: it did not)."""
     train_tokens = loop.step * tokens_per_step
     tokens_per_second = train_tokens / loop.train_time if loop.train_time else None
     train_flops = flops.train_flops_per_token(model)
@@ -81,6 +97,7 @@ def build_summary(
         "corpus": corpus_dict(corpus, final["split"], evaluation),
         "model": model_dict(model),
         "test_perplexity": final["perplexity"],
+        "diverged": diverged,
         "test_nll": final["nll"],
         "excess_nll": final["excess_nll"],
         "oracle_nll": final["oracle_nll"],
