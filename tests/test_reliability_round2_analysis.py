@@ -102,7 +102,9 @@ def test_a_non_numeric_summary_value_is_refused(runs):
     summary = json.loads((runs[0] / rundir.SUMMARY_FILE).read_text())
     summary["ops_per_timestep"] = "a lot"
     (runs[0] / rundir.SUMMARY_FILE).write_text(json.dumps(summary))
-    with pytest.raises(ValueError, match="ops_per_timestep is a string .a lot., expected a number"):
+    with pytest.raises(
+        ValueError, match=r"ops_per_timestep is a string \(a lot\), expected a number"
+    ):
         collect.collect_runs(runs[0])
 
 
@@ -148,10 +150,8 @@ def test_figures_to_an_unwritable_place_is_one_line(tmp_path, runs, capsys):
     capsys.readouterr()
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    rc = cli.main(
-        ["figures", "--summary", str(summary), "--out", str(blocker), "--no-mlflow", "--only"]
-        + ["table6_balance"]
-    )
+    argv = ["figures", "--summary", str(summary), "--out", str(blocker), "--no-mlflow"]
+    rc = cli.main([*argv, "--only", "table6_balance"])
     assert rc == 2
     assert f"error: cannot write {blocker}/" in error_line(capsys)
 
