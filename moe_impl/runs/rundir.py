@@ -11,7 +11,9 @@
       expert_load.json   MoE runs: {"steps": n, "tokens_per_expert": [...]}, the true load (slots
                            routed to each expert) summed over the last n training steps
       summary.json       written once, at the end of a finished run (its presence = finished):
-                           see SUMMARY_KEYS
+                           see SUMMARY_KEYS; `diverged` is null, or the reason (one line) when
+                           an evaluation's perplexity was not finite (test_perplexity then null;
+                           analysis collect leaves such runs out)
       checkpoints/       step-NNNNNNNN.pt, the newest few kept; latest.txt names the newest
       run.json           identity: {"run_id" (uuid4 hex, stable across resumes), "name",
                             "experiment", "started", "host", "git_commit", "git_dirty", "card"
