@@ -91,6 +91,26 @@ def run_until_killed(trainer: Trainer, at_step: int) -> None:
         trainer.run()
 
 
+def whole_and_killed(root: Path) -> dict[str, Path]:
+    """A finished TINY run ("whole", started from the command line with TINY as --set) and the
+    same run killed before step 8 ("killed", its last checkpoint at step 5), under root."""
+    from moe_impl.cli import main
+    from moe_impl.train import checkpoint
+    from moe_impl.train.loop import Trainer
+
+    assert main(["train", "--out", str(root / "whole"), *set_args(TINY)]) == 0
+    run_until_killed(Trainer(tiny(), root / "killed"), at_step=8)
+    assert checkpoint.latest(root / "killed").name == "step-00000005.pt"
+    return {"whole": root / "whole", "killed": root / "killed"}
+
+
+def copy_run(runs: dict[str, Path], which: str, tmp_path: Path) -> Path:
+    """A copy of runs[which] (whole_and_killed) at tmp_path/run, for a test to change."""
+    out = tmp_path / "run"
+    shutil.copytree(runs[which], out)
+    return out
+
+
 def lm1b_overrides(root: Path) -> list[str]:
     """Overrides that train on the LM1B fixture at `root` (see `make_archive`) for 3 epochs."""
     return [

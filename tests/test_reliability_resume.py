@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,18 +17,18 @@ import yaml
 from helpers import (
     SNAKEMAKE,
     TINY,
+    copy_run,
     job_counts,
     losses,
-    run_until_killed,
     set_args,
     snakemake,
     tiny,
+    whole_and_killed,
     workdir,
 )
 
 from moe_impl.cli import main
 from moe_impl.runs import rundir
-from moe_impl.train import checkpoint
 from moe_impl.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,19 +37,12 @@ SETS = set_args(TINY)  # the TINY run as command-line overrides
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """A finished TINY run ("whole") and the same run killed before step 8 ("killed", its last
-    checkpoint at step 5), both started from the command line's own config (TINY as --set)."""
-    root = tmp_path_factory.mktemp("runs")
-    assert main(["train", "--out", str(root / "whole"), *SETS]) == 0
-    run_until_killed(Trainer(tiny(), root / "killed"), at_step=8)
-    assert checkpoint.latest(root / "killed").name == "step-00000005.pt"
-    return {"whole": root / "whole", "killed": root / "killed"}
+    """A finished TINY run ("whole") and the same run killed before step 8 ("killed")."""
+    return whole_and_killed(tmp_path_factory.mktemp("runs"))
 
 
 def copy(runs: dict, which: str, tmp_path: Path) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(runs[which], out)
-    return out
+    return copy_run(runs, which, tmp_path)
 
 
 def aside(run_dir: Path) -> list[Path]:

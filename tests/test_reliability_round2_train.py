@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, losses, make_wikitext, run_until_killed, set_args, tiny
+from helpers import TINY, copy_run, losses, make_wikitext, set_args, tiny, whole_and_killed
 
 from moe_impl.cli import main
 from moe_impl.runs import rundir
@@ -119,19 +119,12 @@ def test_the_command_of_a_diverged_run_exits_3_with_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """A finished TINY run ("whole") and the same run killed before step 8 ("killed", its last
-    checkpoint at step 5), both started from the command line (TINY as --set)."""
-    root = tmp_path_factory.mktemp("runs")
-    assert main(["train", "--out", str(root / "whole"), *SETS]) == 0
-    run_until_killed(Trainer(tiny(), root / "killed"), at_step=8)
-    assert checkpoint.latest(root / "killed").name == "step-00000005.pt"
-    return {"whole": root / "whole", "killed": root / "killed"}
+    """A finished TINY run ("whole") and the same run killed before step 8 ("killed")."""
+    return whole_and_killed(tmp_path_factory.mktemp("runs"))
 
 
 def copy(runs: dict, which: str, tmp_path: Path) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(runs[which], out)
-    return out
+    return copy_run(runs, which, tmp_path)
 
 
 def same_run(config_file: Path, original: Path) -> bool:
