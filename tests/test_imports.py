@@ -70,6 +70,9 @@ TORCH_FREE = {  # module -> what importing it must not load
     "moe_impl.runs.rundir": {"torch", "mlflow"},
     "moe_impl.runs.runinfo": {"torch", "mlflow"},
     "moe_impl.runs.sweeps": {"torch", "mlflow"},  # the workflow's run table, for any tool
+    "moe_impl.runs.resources": {"torch", "mlflow"},  # each job's memory and time estimates
+    "moe_impl.train.plan": {"torch", "mlflow"},  # `python -m moe_impl plan`
+    "moe_impl.cli.plan": {"torch", "mlflow"},
     "moe_impl.model.flops": {"torch"},
     "moe_impl.model.config": {"torch"},
     "moe_impl.layer.config": {"torch"},

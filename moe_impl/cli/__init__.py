@@ -17,6 +17,7 @@ COMMANDS = {
     "bench": "moe_impl.cli.bench",
     "flops": "moe_impl.cli.flops",
     "gpu-check": "moe_impl.cli.gpu_check",
+    "plan": "moe_impl.cli.plan",
     "tracking": "moe_impl.cli.tracking",
     "train": "moe_impl.cli.train",
 }

@@ -5,7 +5,6 @@
 # any job starts, with a message naming the config entry. Nothing imported here loads torch or
 # matplotlib.
 
-import math
 import os
 import runpy
 import shlex
@@ -14,8 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 from snakemake.logging import logger
 from snakemake.utils import validate
 
@@ -23,6 +20,7 @@ from analysis.figures import FIGURES
 from moe_impl.bench.spec import parse_experts
 from moe_impl.model.flops import total_params
 from moe_impl.model.presets import ALL_PRESETS, LM1B_VOCAB
+from moe_impl.runs import resources
 from moe_impl.runs.sweeps import planned_runs
 from moe_impl.train.config import load_config, model_config
 from moe_impl.train.identity import changes, describe, fingerprint, set_aside
@@ -121,42 +119,27 @@ except ValueError as err:
 # measured peak of what it runs times a margin (workflow/resources/peak_memory.yaml says where each
 # measurement comes from), or the analytic estimate where nothing was measured.
 
-PEAK_MEMORY = yaml.safe_load(
-    (Path(workflow.basedir) / "workflow" / "resources" / "peak_memory.yaml").read_text()
+PEAK_MEMORY = resources.load(
+    resources.PEAK_MEMORY_FILE, Path(workflow.basedir) / "workflow" / "resources"
 )
 # one expert of the benchmark's layer, 2 x d_model x d_hidden weights at bench's defaults
 # (--d-model 64 --d-hidden 128; rule bench passes neither)
 BENCH_EXPERT_PARAMS = 2 * 64 * 128
 
 
-def analytic_mem_mb(params, num_experts):
-    """Parameters with dense Adam (16 B each: weights, grads, two moments) below 4096 experts,
-    sparse grads + factored Adam (~5 B) from there, plus 1.5 GB."""
-    per_param = 5 if num_experts >= 4096 else 16
-    return int(1500 + params * per_param / 2**20)
-
-
-def measured_mem_mb(peak_mib):
-    """A measured peak (MiB, ru_maxrss) times the margin, in MB (Snakemake's mem_mb)."""
-    return math.ceil(peak_mib * 2**20 / 1e6 * PEAK_MEMORY["margin"])
-
-
-def estimate_mem_mb(measured, holds, analytic):
-    """The measurement where it holds; where it does not (more tokens per step than
-    measured), the analytic estimate but not below the measurement; without one, the
-    analytic estimate."""
-    if measured is None:
-        return analytic
-    return measured if holds else max(measured, analytic)
-
-
 def train_mem_mb(run):
-    entry = PEAK_MEMORY["train"].get(run["preset"])
-    analytic = analytic_mem_mb(run["params"], run["num_experts"])
-    if entry is None or entry["params"] != run["params"]:
-        return analytic  # not measured, or another shape than measured
-    holds = run["tokens_per_step"] <= entry["tokens_per_step"]
-    return estimate_mem_mb(measured_mem_mb(entry["peak_mib"]), holds, analytic)
+    """moe_impl/runs/resources.py's rule: the preset's measured peak with the margin, else the
+    analytic estimate."""
+    tokens_per_pass = run["tokens_per_step"] // getattr(
+        run["config"].train, "micro_batches", 1
+    )
+    return resources.train_mem_mb(
+        PEAK_MEMORY,
+        run["preset"],
+        params=run["params"],
+        num_experts=run["num_experts"],
+        tokens_per_pass=tokens_per_pass,
+    ).value
 
 
 def bench_mem_mb():
@@ -166,13 +149,14 @@ def bench_mem_mb():
     for spec in BENCH_SPECS:
         entry = PEAK_MEMORY["bench"].get(spec.config)
         params = spec.num_experts * BENCH_EXPERT_PARAMS
-        analytic = analytic_mem_mb(params, spec.num_experts)
+        analytic = resources.analytic_mem_mb(params, spec.num_experts)
         if entry is None:
             estimates.append(analytic)
             continue
-        measured = measured_mem_mb(entry["peak_mib"] + PEAK_MEMORY["bench_parent_mib"])
+        peak = entry["peak_mib"] + PEAK_MEMORY["bench_parent_mib"]
+        measured = resources.measured_mem_mb(peak, PEAK_MEMORY["margin"])
         holds = config["bench"]["tokens"] <= entry["tokens"]
-        estimates.append(estimate_mem_mb(measured, holds, analytic))
+        estimates.append(resources.estimate_mem_mb(measured, holds, analytic))
     return max(estimates)
 
 

@@ -1,0 +1,129 @@
+"""What a run will cost before it runs: its host memory (the workflow's `mem_mb`), its device memory
+and its wall time, estimated from measurements where there are some and from the model's size
+where there are none. Read by the workflow (workflow/rules/common.smk: each job's mem_mb) and by
+`python -m moe_impl plan`; torch-free.
+
+The measurements live beside the workflow (`workflow/resources/`):
+  - peak_memory.yaml: measured host peaks (ru_maxrss, MiB) per preset and per benchmark entry,
+    with the margin each job's mem_mb adds (the file says where each number comes from);
+  - step_times.yaml: measured training steps on a device (gpu-check's workflow section): per
+    preset the step time and the device's peak memory at a batch, and the training input's rate.
+
+Rules (each estimate says which one it used, `source`):
+  - host memory: a measured peak holds for a run of the same parameter count and at most the
+    measured tokens per step (micro-batch), times the margin; otherwise the analytic estimate
+    (parameters x 16 B with dense Adam, x 5 B with sparse expert gradients and the factored Adam
+    from 4096 experts, + 1.5 GB), never below a measurement;
+  - device memory: the measured peak less the parameter state (weights, gradients and optimizer
+    state, bytes per parameter as above) is activation memory, which grows with the positions of
+    one forward pass (a micro-batch): scaled linearly from the measured batch;
+  - time: the measured step time scales linearly with the positions per step (every micro-batch
+    is a forward and backward pass of its own); the training input, made ahead of the step by the
+    trainer's producer, costs only what it takes beyond the step (max of the two), or all of it
+    when made inline; evaluations cost a third of a training step per position (forward only).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import yaml
+
+RESOURCES = Path(__file__).resolve().parents[2] / "workflow" / "resources"
+PEAK_MEMORY_FILE = "peak_memory.yaml"
+STEP_TIMES_FILE = "step_times.yaml"
+SPARSE_FROM_EXPERTS = 4096  # moe_impl.model.config's SPARSE_GRAD_MIN_EXPERTS (the auto default)
+BASE_MB = 1500  # the analytic estimate's allowance for the interpreter, torch and the corpus
+EVAL_COST = 1 / 3  # an evaluated position costs a third of a trained one (forward only)
+
+
+def load(name: str, folder: str | Path | None = None) -> dict:
+    """A measurement file of workflow/resources (or `folder`), as a dict ({} when it is absent)."""
+    path = Path(folder or RESOURCES) / name
+    if not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def bytes_per_param(num_experts: int) -> int:
+    """Weights, gradients and Adam's two moments (16 B), or sparse expert gradients with the
+    factored Adam (App. D: ~5 B) from SPARSE_FROM_EXPERTS experts on."""
+    return 5 if num_experts >= SPARSE_FROM_EXPERTS else 16
+
+
+def analytic_mem_mb(params: int, num_experts: int) -> int:
+    """Host memory of a run without a measurement (MB): its parameter state plus BASE_MB."""
+    return int(BASE_MB + params * bytes_per_param(num_experts) / 2**20)
+
+
+def measured_mem_mb(peak_mib: float, margin: float) -> int:
+    """A measured peak (MiB, ru_maxrss) times the margin, in MB (Snakemake's mem_mb)."""
+    return math.ceil(peak_mib * 2**20 / 1e6 * margin)
+
+
+def estimate_mem_mb(measured: int | None, holds: bool, analytic: int) -> int:
+    """The measurement where it holds; where it does not (more tokens per step than measured),
+    the analytic estimate but not below the measurement; without one, the analytic estimate."""
+    if measured is None:
+        return analytic
+    return measured if holds else max(measured, analytic)
+
+
+class Estimate(NamedTuple):
+    value: float
+    source: str  # "measured: <where>", "scaled from <where>", or "analytic"
+
+
+def train_mem_mb(
+    peaks: dict, preset: str, *, params: int, num_experts: int, tokens_per_pass: int
+) -> Estimate:
+    """A training job's host memory (MB) from peak_memory.yaml's `train` entries (`peaks`: the
+    whole file): the measured peak with the margin where the preset was measured at the same
+    parameter count and at least `tokens_per_pass` positions per forward pass."""
+    entry = (peaks.get("train") or {}).get(preset)
+    analytic = analytic_mem_mb(params, num_experts)
+    if entry is None or entry["params"] != params:
+        return Estimate(analytic, "analytic")  # not measured, or another shape than measured
+    measured = measured_mem_mb(entry["peak_mib"], peaks["margin"])
+    holds = tokens_per_pass <= entry["tokens_per_step"]
+    value = estimate_mem_mb(measured, holds, analytic)
+    return Estimate(value, f"measured: {entry['source']}" if value == measured else "analytic")
+
+
+def device_peak_gib(
+    measured: dict | None, *, params: int, num_experts: int, tokens_per_pass: int
+) -> Estimate | None:
+    """A run's device memory (GiB) from a step_times.yaml model entry measured at
+    `measured["tokens_per_step"]` positions with `measured["params"]` parameters: the run's own
+    parameter state plus the measurement's activations (its peak less its parameter state) scaled
+    to `tokens_per_pass`; None without a measurement."""
+    if not measured:
+        return None
+    state = params * bytes_per_param(num_experts) / 2**30
+    measured_params = measured.get("params", params)
+    measured_state = measured_params * bytes_per_param(num_experts) / 2**30
+    activations = max(measured["peak_gib"] - measured_state, 0.0)
+    scale = tokens_per_pass / measured["tokens_per_step"]
+    how = "measured" if scale == 1 and measured_params == params else f"scaled x{scale:g} from"
+    return Estimate(state + activations * scale, f"{how} {measured['source']}")
+
+
+def step_seconds(
+    measured: dict | None,
+    *,
+    tokens_per_step: int,
+    input_tokens_per_s: float | None,
+    prefetch: bool,
+) -> Estimate | None:
+    """Seconds of one training step of `tokens_per_step` positions (all its micro-batches) from a
+    step_times.yaml model entry: the model's step scaled linearly, then the input: the part of it
+    beyond the step when made ahead (`prefetch`), all of it when made inline. None without a
+    measurement."""
+    if not measured:
+        return None
+    model_s = measured["step_ms"] / 1e3 * tokens_per_step / measured["tokens_per_step"]
+    input_s = tokens_per_step / input_tokens_per_s if input_tokens_per_s else 0.0
+    total = max(model_s, input_s) if prefetch else model_s + input_s
+    return Estimate(total, f"measured {measured['source']}")

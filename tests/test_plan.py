@@ -1,0 +1,149 @@
+"""`python -m moe_impl plan` and the estimates behind it (moe_impl/train/plan.py, moe_impl/runs/resources.py).
+
+The rules against closed forms: a measured host peak holds up to the measured tokens per pass and
+parameter count, else the analytic estimate never below it; device memory is the run's parameter
+state plus the measurement's activations scaled by the positions per forward pass; a step scales
+with its positions, and the input costs what it takes beyond the step when made ahead. The plan of
+config/gpu.yaml gives back gpu-check run 4's own projection (15.33 hours, inline input) from the
+measurements it was made from, and every row's regime is moe_impl.model.regime's. Unit tier."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from moe_impl.cli import main
+from moe_impl.model import regime
+from moe_impl.runs import resources
+from moe_impl.train import plan
+
+ROOT = plan.ROOT
+
+
+def test_host_memory_follows_the_measurement_where_it_holds():
+    peaks = {
+        "margin": 1.15,
+        "train": {"p/M": {"peak_mib": 1000, "params": 10, "tokens_per_step": 4096, "source": "x"}},
+    }
+    measured = resources.measured_mem_mb(1000, 1.15)
+    assert measured == 1206  # ceil(1000 * 1.048576 * 1.15)
+    held = resources.train_mem_mb(peaks, "p/M", params=10, num_experts=4, tokens_per_pass=4096)
+    assert held == (measured, "measured: x")
+    more = resources.train_mem_mb(peaks, "p/M", params=10, num_experts=4, tokens_per_pass=8192)
+    assert more.value == max(measured, resources.analytic_mem_mb(10, 4))
+    other = resources.train_mem_mb(peaks, "p/M", params=11, num_experts=4, tokens_per_pass=64)
+    assert other == (resources.analytic_mem_mb(11, 4), "analytic")
+    # 16 B a parameter with dense Adam, 5 B with sparse gradients from 4096 experts, + 1.5 GB
+    assert resources.analytic_mem_mb(2**20, 4) == 1500 + 16
+    assert resources.analytic_mem_mb(2**20, 4096) == 1500 + 5
+
+
+def test_device_memory_scales_the_activations_not_the_parameters():
+    entry = {"peak_gib": 10.0, "params": 2**30, "tokens_per_step": 1000, "source": "run"}
+    state = 16.0  # 2^30 parameters x 16 B
+    entry["peak_gib"] = state + 4.0  # 4 GiB of activations
+    same = resources.device_peak_gib(entry, params=2**30, num_experts=4, tokens_per_pass=1000)
+    assert same.value == pytest.approx(20.0) and same.source == "measured run"
+    half = resources.device_peak_gib(entry, params=2**30, num_experts=4, tokens_per_pass=500)
+    assert half.value == pytest.approx(18.0)
+    bigger = resources.device_peak_gib(entry, params=2**31, num_experts=4, tokens_per_pass=1000)
+    assert bigger.value == pytest.approx(36.0)  # twice the state, the same activations
+
+
+def test_a_step_scales_with_its_positions_and_the_input_overlaps_when_made_ahead():
+    entry = {"step_ms": 100.0, "tokens_per_step": 1000, "source": "run"}
+    inline = resources.step_seconds(
+        entry, tokens_per_step=8000, input_tokens_per_s=4000, prefetch=False
+    )
+    assert inline.value == pytest.approx(0.8 + 2.0)
+    ahead = resources.step_seconds(
+        entry, tokens_per_step=8000, input_tokens_per_s=4000, prefetch=True
+    )
+    assert ahead.value == pytest.approx(2.0)  # the input is the longer: it sets the pace
+    fast = resources.step_seconds(
+        entry, tokens_per_step=8000, input_tokens_per_s=1e9, prefetch=True
+    )
+    assert fast.value == pytest.approx(0.8)
+
+
+# config/gpu.yaml as gpu-check run 4 projected it (2026-11-30): 24 runs of 262,144 positions a step
+RUN4 = {
+    "train_config": "config/train/gpu.yaml",
+    "presets": "gpu/",
+    "sweeps": {
+        "lm1b": {
+            "models": ["MoE-4", "MoE-32", "MoE-256", "MoE-256-h", "MoE-1024-h", "MoE-4096-h",
+                       "4xLSTM-256", "LSTM-1024-256", "MoE-1-Wide", "MoE-1-Deep"],
+            "set": {"train.tokens": 1048576000},
+        },
+        "news100b": {
+            "models": ["MoE-32", "MoE-256-h", "MoE-1024-h", "MoE-4096-h", "MoE-16384-h",
+                       "MoE-65536-h", "MoE-131072-h", "4xLSTM-256"],
+            "set": {"train.tokens": 1572864000, "eval.at_tokens": [157286400]},
+        },
+        "balance": {
+            "models": ["MoE-256"],
+            "balance_weights": [[0.0, 0.0], [0.2, 0.0], [0.0, 0.2], [0.1, 0.1], [0.01, 0.01],
+                                [1.0, 1.0]],
+            "set": {"train.tokens": 1048576000},
+        },
+    },
+}  # fmt: skip
+
+
+def test_the_plan_gives_back_gpu_check_run_4s_projection(tmp_path):
+    """gpu-check run 4 projected 15.33 hours for that config with the input made inline, from the
+    same step times and 427.7 ms a batch (docs/gpu_check/2026-11-30T2302_run4.md)."""
+    path = tmp_path / "run4.yaml"
+    path.write_text(yaml.safe_dump(RUN4))
+    result = plan.plan(path, root=ROOT)
+    assert len(result.rows) == 24 and not result.unestimated
+    assert result.total_hours == pytest.approx(15.33, abs=0.02)
+    times = yaml.safe_load((ROOT / "workflow/resources/step_times.yaml").read_text())["cuda"]
+    for row in result.rows:  # measured at this very batch: the measured peaks themselves
+        assert row.device_peak_gib == pytest.approx(times["models"][row.preset]["peak_gib"])
+    assert result.max_device_peak_gib == pytest.approx(42.81)
+
+
+def test_every_row_carries_the_regime_of_its_model():
+    result = plan.plan(ROOT / "config" / "config.yaml")
+    row = next(r for r in result.rows if (r.sweep, r.run) == ("lm1b", "MoE-4096-h"))
+    assert row.batch_positions == 256 * 64 and row.steps == 1000 and row.micro_batches == 1
+    assert row.tokens_per_expert_per_step == pytest.approx(256 * 64 * 4 / 4096)
+    assert row.paper_tokens_per_expert_per_step == pytest.approx(
+        regime.LM1B_REGIME.batch_positions * 4 / 4096
+    )
+    assert row.paper_steps == 27000 and row.hours is not None and row.host_mem_mb > 1000
+
+
+def test_an_unmeasured_model_is_named_not_guessed(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config" / "gpu.yaml").read_text())
+    cfg["sweeps"] = {"lm1b": {"models": ["MoE-2048-h"]}}
+    cfg["sweeps"]["lm1b"]["models"] = [
+        {"name": "MoE-2048-h", "preset": "MoE-1024-h",
+         "set": {"model.num_experts": 2048, "model.group_size": 64}},
+    ]  # fmt: skip
+    path = tmp_path / "one.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = plan.plan(path, root=ROOT)
+    assert result.unestimated == ["lm1b/MoE-2048-h"] and result.total_hours == 0
+    assert result.rows[0].time_source == "not measured"
+
+
+def test_the_command_prints_a_table_and_json(capsys):
+    assert main(["plan", "--configfile", str(ROOT / "config" / "smoke.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "lm1b/MoE-4 " in out and "hours estimated" in out
+    assert main(["plan", "--configfile", str(ROOT / "config/gpu.yaml"), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"rows", "total_hours", "unestimated", "max_device_peak_gib"} <= set(data)
+    row = data["rows"][0]
+    for key in ("tokens_per_expert_per_step", "paper_tokens_per_expert_per_step", "hours"):
+        assert key in row
+
+
+def test_a_missing_config_is_one_line(capsys):
+    assert main(["plan", "--configfile", "nope.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --configfile 'nope.yaml': no such file"
