@@ -41,15 +41,30 @@ def test_host_memory_follows_the_measurement_where_it_holds():
 
 
 def test_device_memory_scales_the_activations_not_the_parameters():
-    entry = {"peak_gib": 10.0, "params": 2**30, "tokens_per_step": 1000, "source": "run"}
-    state = 16.0  # 2^30 parameters x 16 B
-    entry["peak_gib"] = state + 4.0  # 4 GiB of activations
+    entry = {"params": 2**30, "tokens_per_step": 1000, "source": "run"}
+    entry["peak_gib"] = 16.0 + 4.0  # 2^30 dense parameters x 16 B, and 4 GiB of activations
     same = resources.device_peak_gib(entry, params=2**30, num_experts=4, tokens_per_pass=1000)
     assert same.value == pytest.approx(20.0) and same.source == "measured run"
     half = resources.device_peak_gib(entry, params=2**30, num_experts=4, tokens_per_pass=500)
     assert half.value == pytest.approx(18.0)
     bigger = resources.device_peak_gib(entry, params=2**31, num_experts=4, tokens_per_pass=1000)
     assert bigger.value == pytest.approx(36.0)  # twice the state, the same activations
+
+
+def test_device_memory_rule_gives_back_the_measured_131072_expert_peaks():
+    """docs/gpu.md (2026-11-30, H200): MoE-131072-h peaked at 42.8 GiB with 2.2B parameters and at
+    65 GiB with twice the expert weights (d_hidden 64); the fitted bytes per parameter give the
+    second from the first."""
+    entry = {"params": 2216820736, "peak_gib": 42.81, "tokens_per_step": 262144, "source": "run 4"}
+    doubled = 2216820736 + 2**31
+    peak = resources.device_peak_gib(
+        entry, params=doubled, num_experts=131072, tokens_per_pass=262144
+    )
+    assert peak.value == pytest.approx(65, abs=1.5)
+    accumulated = resources.device_peak_gib(
+        entry, params=doubled, num_experts=131072, tokens_per_pass=262144, micro_batches=8
+    )
+    assert accumulated.value == pytest.approx(peak.value + doubled * 4 / 2**30)
 
 
 def test_a_step_scales_with_its_positions_and_the_input_overlaps_when_made_ahead():

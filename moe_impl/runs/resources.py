@@ -14,9 +14,11 @@ Rules (each estimate says which one it used, `source`):
     measured tokens per step (micro-batch), times the margin; otherwise the analytic estimate
     (parameters x 16 B with dense Adam, x 5 B with sparse expert gradients and the factored Adam
     from 4096 experts, + 1.5 GB), never below a measurement;
-  - device memory: the measured peak less the parameter state (weights, gradients and optimizer
-    state, bytes per parameter as above) is activation memory, which grows with the positions of
-    one forward pass (a micro-batch): scaled linearly from the measured batch;
+  - device memory: the measured peak less the parameter state (DEVICE_BYTES per parameter, fitted
+    to the measured peaks) is activation memory, which grows with the positions of one forward
+    pass (a micro-batch): scaled linearly from the measured batch, and the run's own parameter
+    state added (a model measured at another parameter count, or a proxy, keeps the measured
+    activations); micro-batches add their accumulated sparse expert gradients;
   - time: the measured step time scales linearly with the positions per step (every micro-batch
     is a forward and backward pass of its own); the training input, made ahead of the step by the
     trainer's producer, costs only what it takes beyond the step (max of the two), or all of it
@@ -92,22 +94,46 @@ def train_mem_mb(
     return Estimate(value, f"measured: {entry['source']}" if value == measured else "analytic")
 
 
+# Device bytes per parameter (bf16 autocast on CUDA), fitted to gpu-check's measured peaks
+# (docs/gpu.md, 2026-11-30): float32 weights and gradients, Adam's two moments, the bf16 copy (~18;
+# 16.5 from MoE-256-h -> MoE-1024-h), and from 4096 experts the sparse expert gradients of a batch
+# that touches nearly every expert, their bf16 copy and the factored Adam (~11: MoE-131072-h at
+# 2.2B parameters 42.8 GiB, at 4.4B parameters 65 GiB, the same activations).
+DEVICE_BYTES = {"dense": 16, "sparse": 11}
+# Gradient accumulation over micro-batches keeps the sparse expert gradients of the micro-batches
+# before they are coalesced: at most one more float32 copy of the expert weights (4 B a parameter).
+ACCUMULATION_BYTES = 4
+
+
+def device_bytes_per_param(num_experts: int) -> int:
+    return DEVICE_BYTES["sparse" if num_experts >= SPARSE_FROM_EXPERTS else "dense"]
+
+
 def device_peak_gib(
-    measured: dict | None, *, params: int, num_experts: int, tokens_per_pass: int
+    measured: dict | None,
+    *,
+    params: int,
+    num_experts: int,
+    tokens_per_pass: int,
+    micro_batches: int = 1,
 ) -> Estimate | None:
     """A run's device memory (GiB) from a step_times.yaml model entry measured at
     `measured["tokens_per_step"]` positions with `measured["params"]` parameters: the run's own
-    parameter state plus the measurement's activations (its peak less its parameter state) scaled
-    to `tokens_per_pass`; None without a measurement."""
+    parameter state, plus the measurement's activations (its peak less its parameter state)
+    scaled to `tokens_per_pass`, plus the accumulated sparse gradients of micro-batches; None
+    without a measurement."""
     if not measured:
         return None
-    state = params * bytes_per_param(num_experts) / 2**30
+    per_param = device_bytes_per_param(num_experts)
+    state = params * per_param / 2**30
     measured_params = measured.get("params", params)
-    measured_state = measured_params * bytes_per_param(num_experts) / 2**30
-    activations = max(measured["peak_gib"] - measured_state, 0.0)
+    activations = max(measured["peak_gib"] - measured_params * per_param / 2**30, 0.0)
     scale = tokens_per_pass / measured["tokens_per_step"]
-    how = "measured" if scale == 1 and measured_params == params else f"scaled x{scale:g} from"
-    return Estimate(state + activations * scale, f"{how} {measured['source']}")
+    sparse = num_experts >= SPARSE_FROM_EXPERTS
+    accumulation = params * ACCUMULATION_BYTES / 2**30 if micro_batches > 1 and sparse else 0.0
+    exact = scale == 1 and measured_params == params and not accumulation
+    how = "measured" if exact else "scaled from"
+    return Estimate(state + activations * scale + accumulation, f"{how} {measured['source']}")
 
 
 def step_seconds(

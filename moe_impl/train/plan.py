@@ -140,8 +140,9 @@ def plan_row(run, cfg, measured: dict, cpu_rates: dict, peaks: dict) -> PlanRow:
         if entry is not None:
             entry = {**entry, "source": proxy + entry["source"]}
             device_peak = resources.device_peak_gib(
-                entry, params=params, num_experts=model.num_experts, tokens_per_pass=per_pass
-            )
+                entry, params=params, num_experts=model.num_experts, tokens_per_pass=per_pass,
+                micro_batches=micro,
+            )  # fmt: skip
             step = resources.step_seconds(
                 entry,
                 tokens_per_step=per_step,
