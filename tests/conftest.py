@@ -49,12 +49,21 @@ def mlflow_store_uri(tmp_path_factory) -> str:
     return "sqlite:///" + (tmp_path_factory.mktemp("mlflow") / "mlflow.db").as_posix()
 
 
+@pytest.fixture(scope="session")
+def table_cache(tmp_path_factory) -> Path:
+    """The session's cache of synthetic corpus tables (moe_impl/data/table_cache.py), so that no
+    test writes one into the user's home."""
+    return tmp_path_factory.mktemp("table_cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_from_the_repository(monkeypatch, scratch, mlflow_store_uri):
-    """MLFLOW_TRACKING_URI -> the session's temporary store; cwd -> a scratch folder; and a check
-    that the repository's MLflow files were neither created nor modified by the test."""
+def _isolated_from_the_repository(monkeypatch, scratch, mlflow_store_uri, table_cache):
+    """MLFLOW_TRACKING_URI -> the session's temporary store; MOE_CACHE_DIR -> the session's table
+    cache; cwd -> a scratch folder; and a check that the repository's MLflow files were neither
+    created nor modified by the test."""
     before = [_state(p) for p in _GUARDED]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store_uri)
+    monkeypatch.setenv("MOE_CACHE_DIR", str(table_cache))
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.chdir(scratch)
     yield

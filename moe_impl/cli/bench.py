@@ -9,6 +9,10 @@ A configuration whose estimated peak memory (moe_impl/bench/memory.py) exceeds t
 is skipped before it is built; exit code EXIT_NONE_MEASURED when no configuration was measured.
 Not here: the measuring child (moe_impl/bench/worker.py), the text table and figure (moe_impl/bench/plot.py), and
 timing targets (never asserted in tests).
+
+`bench --data` (run_data, at the end) is another mode: the synthetic corpus's training batches as
+the trainer makes them (`trainer_batches`) against the reference generator, with a check that
+they are identical (moe_impl/bench/data_input.py; docs/performance.md, "Training input").
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from moe_impl import runtime
+from moe_impl.bench import data_input
 from moe_impl.bench import plot as bench_plot
 from moe_impl.bench.memory import estimate_peak_bytes
 from moe_impl.bench.peers import OURS, PEERS, build_moe, k_of, parse_peers, unavailable
@@ -36,6 +42,10 @@ from moe_impl.bench.spec import (
     train_flops,
 )
 from moe_impl.bench.worker import DTYPES, EXIT_TOO_SLOW, MEASURED, run_worker
+from moe_impl.data import synthetic_reference
+from moe_impl.data.base import Batch
+from moe_impl.train.config import load_config
+from moe_impl.train.corpus import build_corpus
 
 DEFAULT_EXPERTS = "4,32,256,256-h,1024-h,4096-h,16384-h,65536-h,131072-h"
 EXIT_SOME_FAILED = 1  # a configuration crashed (the others were measured)
@@ -220,7 +230,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="skip peers above this many experts (their dense routing tensors grow with tokens x "
         "experts; default 16384)",
     )  # fmt: skip
-    p.add_argument("--out", type=Path, help="write bench.json, bench.csv and bench.png here")
+    p.add_argument(
+        "--out", type=Path,
+        help="write bench.json, bench.csv and bench.png here (with --data: data_bench.json)",
+    )  # fmt: skip
     p.add_argument("--json", type=Path)
     p.add_argument("--csv", type=Path)
     p.add_argument("--png", type=Path)
@@ -234,11 +247,35 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     dist.add_argument("--world-size", type=int, default=2, help="local processes to spawn")
     dist.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
     dist.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole run")
+    data = p.add_argument_group(
+        "training input (--data; moe_impl/bench/data_input.py)",
+        "time the synthetic corpus's training batches, the trainer's path against the reference "
+        "generator, and check that they are identical; writes DIR/data_bench.json with --out",
+    )
+    data.add_argument(
+        "--data", action="store_true",
+        help="time the training input instead of the layer (only --out, --config, --set and "
+        "--steps apply; exit code 1 when a batch differs from the reference's)",
+    )  # fmt: skip
+    data.add_argument(
+        "--config", action="append", default=[], metavar="FILE",
+        help="training config (repeatable, as in `train`; default: config/train/gpu.yaml, the "
+        "gpu/ presets' 4096 x 64 batch); its data and train.batch_size / train.seq_len are used",
+    )  # fmt: skip
+    data.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="data_overrides",
+        help="override one key of it, as in `train` (e.g. --set train.batch_size=256)",
+    )  # fmt: skip
+    data.add_argument("--steps", type=int, help="timed batches per path (default 5)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.worker:
         return run_worker(*args.worker)
+    if args.data:
+        return run_data(args)
+    if args.config or args.data_overrides or args.steps is not None:
+        raise ValueError("--config, --set and --steps apply only with --data")
     specs = parse_experts(args.experts)
     if args.distributed:
         from moe_impl.bench import distributed as bench_dist
@@ -301,3 +338,76 @@ def rss_limit(args: argparse.Namespace) -> float:
     if free is None:
         free = 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return free / 2**30
+
+
+# --- bench --data: the training input --------------------------------------------------------------
+
+DATA_CONFIG = Path(__file__).resolve().parents[2] / "config" / "train" / "gpu.yaml"
+DATA_STEPS = 5
+
+
+def trainer_batches(corpus, batch_size: int, seq_len: int, steps: range) -> Iterator[Batch]:
+    """The batches the trainer consumes for `steps`, in order, made the way it makes them: the
+    plug point of the trainer's input path. Today: `corpus.train_batch` step by step, as the loop
+    calls it inline. A producer that works ahead of the loop (moe_impl/train/prefetch.py's
+    TrainBatches, with its workers started over `steps`) replaces this body with its own iterator
+    over the same steps; `bench --data` then times it as the loop sees it (the wait for each next
+    batch) and checks its batches against the reference."""
+    for step in steps:
+        yield corpus.train_batch(step, batch_size, seq_len)
+
+
+def reference_batches(corpus, batch_size: int, seq_len: int, steps: range) -> Iterator[Batch]:
+    """The same steps from the generator every run trained on before issue 28."""
+    for step in steps:
+        yield synthetic_reference.train_batch(corpus, step, batch_size, seq_len)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    """`bench --data`: exit 0 when every batch is identical, 1 when one is not."""
+    steps = DATA_STEPS if args.steps is None else args.steps
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    files = args.config or [DATA_CONFIG]
+    cfg = load_config(files, args.data_overrides)
+    if cfg.data.corpus != "synthetic":
+        raise ValueError(
+            f"bench --data times the synthetic corpus against its reference generator; "
+            f"data.corpus={cfg.data.corpus!r}"
+        )
+    start = time.perf_counter()
+    corpus = build_corpus(cfg)  # the successor table, from the cache when it is there: not timed
+    corpus_seconds = time.perf_counter() - start
+    batch, seq_len = cfg.train.batch_size, cfg.train.seq_len
+    print(f"training input: {' '.join(map(str, [*files, *args.data_overrides]))}: "
+          f"{batch} x {seq_len} = {batch * seq_len:,} positions per batch, {steps} steps "
+          f"(corpus ready in {corpus_seconds:.1f} s, not timed)", file=sys.stderr)  # fmt: skip
+    load_before = os.getloadavg()[0]
+    result = data_input.compare(
+        lambda s: trainer_batches(corpus, batch, seq_len, s),
+        lambda s: reference_batches(corpus, batch, seq_len, s),
+        range(steps),
+        batch * seq_len,
+    )
+    record = {
+        "config": [str(f) for f in files],
+        "overrides": list(args.data_overrides),
+        "corpus": corpus.describe(),
+        "batch_size": batch,
+        "seq_len": seq_len,
+        "tokens_per_batch": batch * seq_len,
+        "steps": steps,
+        "corpus_seconds": corpus_seconds,
+        **result,
+        "load_avg": [load_before, os.getloadavg()[0]],
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(data_input.format_table(result))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "data_bench.json").write_text(json.dumps(record, indent=2) + "\n")
+    if not result["identical"]:
+        print("error: the trainer's batches differ from the reference's", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return 0

@@ -21,6 +21,9 @@ the same q, so the floor above is unchanged.
 The corpus is never stored: every random number is a counter-based hash of (seed, split, sequence,
 position), so sequence j of a split is the same whichever batch asks for it (deterministic random
 access), splits are disjoint streams over the same tables, and generation is vectorised over a batch.
+A training batch is made by walking all its rows one position at a time (`TopicMarkov._rows`): the
+same arrays, bit for bit, as the generator of the runs before issue 28, which is kept as the
+reference in synthetic_reference.py. Large successor tables are cached on disk (table_cache.py).
 
 Token ids: 0..V-1 content words, V = `</S>`, V+1 .. V+T the topic headers `<T_t>`.
 """
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moe_impl.data import table_cache
 from moe_impl.data.base import Batch
 
 SPLITS = {"train": 0, "valid": 1, "test": 2}
@@ -115,13 +119,44 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def _extend(h: np.ndarray | int, key: np.ndarray | int) -> np.ndarray:
+    """One more key folded into the hash `h` (the counter RNG hashes its keys in order, so a
+    prefix such as (seed, split, sequence) is hashed once and extended per position)."""
+    with np.errstate(over="ignore"):
+        return _splitmix64(np.asarray(h, dtype=np.uint64) ^ np.asarray(key, dtype=np.uint64))
+
+
+# _splitmix64's constants, for _extend_array
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MUL1, _MUL2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_SHIFT30, _SHIFT27, _SHIFT31 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+
+def _extend_array(h: np.ndarray, key: np.ndarray | int) -> np.ndarray:
+    """`_extend` for an array `h` (a new array): the same operations in place, so the same bits
+    with fewer temporaries. Array arithmetic wraps silently (only numpy scalars check overflow),
+    so no errstate is needed; this is the generator's inner loop."""
+    x = h ^ np.asarray(key, dtype=np.uint64)
+    x += _GAMMA
+    x ^= x >> _SHIFT30
+    x *= _MUL1
+    x ^= x >> _SHIFT27
+    x *= _MUL2
+    x ^= x >> _SHIFT31
+    return x
+
+
+def _unit(h: np.ndarray) -> np.ndarray:
+    """The top 53 bits of a hash as a uniform float in [0, 1)."""
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+
+
 def _uniform(*keys: np.ndarray | int) -> np.ndarray:
     """Uniform [0, 1) floats, one per broadcast element of the integer keys (a counter-based RNG)."""
     h = np.uint64(0)
-    with np.errstate(over="ignore"):
-        for key in keys:
-            h = _splitmix64(np.asarray(h, dtype=np.uint64) ^ np.asarray(key, dtype=np.uint64))
-    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+    for key in keys:
+        h = _extend(h, key)
+    return _unit(h)
 
 
 class TopicMarkov:
@@ -133,7 +168,8 @@ class TopicMarkov:
         q = k ** (-cfg.row_beta)
         self.row_probs = q / q.sum()  # q_k
         self._row_cdf = np.cumsum(self.row_probs)
-        self.successors = self._successor_table()  # (T, V+1, K); row V is the START state
+        # (T, V+1, K); row V is the START state. Large tables come from the on-disk cache
+        self.successors = table_cache.load_or_build(cfg, self._successor_table)
 
     def _successor_table(self) -> np.ndarray:
         """K distinct successors per row, drawn without replacement from the Zipf base in order
@@ -185,32 +221,32 @@ class TopicMarkov:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         index = np.asarray(index, dtype=np.uint64)
-        stream = np.uint64(cfg.seed * 4 + SPLITS[split])
-        topics = np.minimum(
-            (_uniform(stream, index, 0xA11) * cfg.num_topics).astype(np.int64), cfg.num_topics - 1
-        )
+        # every draw is the counter hash of (seed·4 + split, sequence, position[, tag]) (_uniform);
+        # the (stream, sequence) prefix is hashed once, and only live sequences draw
+        prefix = _extend(_extend(0, np.uint64(cfg.seed * 4 + SPLITS[split])), index)
+        u_topic = _unit(_extend(prefix, 0xA11))
+        topics = np.minimum((u_topic * cfg.num_topics).astype(np.int64), cfg.num_topics - 1)
         n = index.size
         state = np.full(n, cfg.vocab_size, dtype=np.int64)  # START
-        alive = np.ones(n, dtype=bool)
+        live = np.arange(n)  # the sequences that have not emitted </S>
         tokens = np.full((n, cfg.max_len + 1), -1, dtype=np.int64)
         logp = np.zeros((n, cfg.max_len + 1), dtype=np.float64)
         log_eos, log_cont = math.log(cfg.eos_prob), math.log1p(-cfg.eos_prob)
         log_q = np.log(self.row_probs)
         for i in range(cfg.max_len + 1):
-            u_eos = _uniform(stream, index, i, 0xE05)
-            stop = alive & ((u_eos < cfg.eos_prob) | (i == cfg.max_len))
-            tokens[stop, i] = cfg.eos_id
-            logp[stop, i] = log_eos if i < cfg.max_len else 0.0  # forced at the cap: p = 1
-            go = alive & ~stop
-            if go.any():
-                u = _uniform(stream, index[go], i, 0x5CC)
-                choice = np.minimum(np.searchsorted(self._row_cdf, u, side="right"), cfg.fanout - 1)
+            at = _extend_array(prefix[live], i)
+            stop = (_unit(_extend_array(at, 0xE05)) < cfg.eos_prob) | (i == cfg.max_len)
+            tokens[live[stop], i] = cfg.eos_id
+            logp[live[stop], i] = log_eos if i < cfg.max_len else 0.0  # forced at the cap: p = 1
+            go = live[~stop]
+            if go.size:
+                choice = _choose(self._row_cdf, _unit(_extend_array(at[~stop], 0x5CC)))
                 nxt = self.successors[topics[go], state[go], choice]
                 tokens[go, i] = nxt
                 logp[go, i] = log_cont + log_q[choice]
                 state[go] = nxt
-            alive &= ~stop
-            if not alive.any():
+            live = go
+            if not live.size:
                 break
         lengths = (tokens >= 0).sum(1)
         return (
@@ -228,10 +264,6 @@ class TopicMarkov:
     @property
     def vocab_size(self) -> int:
         return self.cfg.num_tokens
-
-    def _stream(self, split: str, index: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Sequences `index` of `split`, packed (see `_pack`)."""
-        return self._pack(*self.sequences(split, index))
 
     def _pack(self, topics, tokens: list, logps: list) -> tuple[np.ndarray, ...]:
         """Sequences concatenated as [<T_t>, x_1 ... x_n, </S>] each: (tokens, oracle
@@ -254,33 +286,45 @@ class TopicMarkov:
         the last one at the row's end. Row r of step s reads train sequences from
         (s·B + r)·(L + 1) on, a range no other row touches, so a batch is a pure function of the
         step. The cut changes no scored token's true conditional (it depends on earlier tokens
-        only), so the floor and the oracle stay exact."""
+        only), so the floor and the oracle stay exact. The same arrays, bit for bit, as the
+        generator every earlier run trained on (moe_impl/data/synthetic_reference.py), made by
+        walking the rows' L + 1 positions instead of whole sequences (`_rows`)."""
         _check_shape(batch_size, seq_len)
         stride = seq_len + 1  # a sequence takes >= 2 positions: never more than this many per row
-        mean_len = 2.0 + (1.0 - self.cfg.eos_prob) / self.cfg.eos_prob
-        count = min(int(1.5 * stride / mean_len) + 4, stride)
-        base = (step * batch_size + np.arange(batch_size)) * stride
-        # one vectorised draw for every row; the rare row it leaves short is redrawn longer
-        index = (base[:, None] + np.arange(count)[None, :]).reshape(-1)
-        stream, logp, header, starts = self._stream("train", index)
-        row_start = starts[::count]
-        row_end = np.append(row_start[1:], stream.size)
-        rows = []
-        for r in range(batch_size):
-            lo, hi = row_start[r], row_end[r]
-            part = stream[lo:hi], logp[lo:hi], header[lo:hi]
-            n = count
-            while part[0].size < stride and n < stride:
-                n = min(2 * n, stride)
-                part = self._stream("train", np.arange(base[r], base[r] + n))[:3]
-            rows.append(tuple(x[:stride] for x in part))
-        stream, logp, header = (np.stack(x) for x in zip(*rows, strict=True))
+        first = (step * batch_size + np.arange(batch_size)) * stride
+        stream, logp, header = self._rows("train", first, stride)
         return Batch(
             inputs=stream[:, :-1].astype(np.int64),
             targets=stream[:, 1:].astype(np.int64),
             scored=~header[:, 1:],
             oracle_logp=np.where(header[:, 1:], 0.0, logp[:, 1:]),
         )
+
+    def _rows(
+        self, split: str, first: np.ndarray, width: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, oracle log-probabilities, is-header flags), each (rows, width): row r is the
+        packed concatenation of sequences first[r], first[r] + 1, ... of `split` (as `_pack` lays
+        them out) cut after `width` positions. All rows advance one position per iteration, so a
+        row costs `width` hash draws whatever its sequences' lengths, and nothing past the cut is
+        drawn. Every draw is `sequences`' counter hash of (seed, split, sequence, position[, tag]),
+        with the (seed, split, sequence) prefix hashed once per sequence: the same numbers."""
+        cfg = self.cfg
+        rows = np.arange(first.size)
+        # filled one position (a contiguous row of these) at a time, returned row-major
+        tokens = np.empty((width, first.size), dtype=np.int64)
+        logp = np.empty((width, first.size), dtype=np.float64)
+        header = np.zeros((width, first.size), dtype=bool)
+        walk = _Walk(self, split, np.asarray(first, dtype=np.int64))
+        for p in range(width):
+            starting = walk.at_header  # rows that begin a sequence here: its header
+            start = rows[starting]
+            walk.begin(start)
+            tokens[p], logp[p] = walk.step(walking=~starting)
+            tokens[p, start] = cfg.vocab_size + 1 + walk.topic[start]
+            logp[p, start] = 0.0
+            header[p, start] = True
+        return tuple(np.ascontiguousarray(x.T) for x in (tokens, logp, header))
 
     def steps_per_epoch(self, batch_size: int, seq_len: int) -> None:
         return None  # an endless stream: train by token budget
@@ -347,6 +391,74 @@ class TopicMarkov:
             "floor_nats": self.floor_nats(),
             "successor_rows": cfg.num_topics * (cfg.vocab_size + 1),
         }
+
+
+class _Walk:
+    """The state of one walk per row for `TopicMarkov._rows`: the row's current sequence (its
+    index, hash prefix and topic), its Markov state and its position in the sequence. A row whose
+    last token was `</S>` (or that has not started) is `at_header`: its next position is the header
+    of its next sequence; the step computes a draw for it there too, which is discarded."""
+
+    def __init__(self, corpus: TopicMarkov, split: str, first: np.ndarray) -> None:
+        cfg = corpus.cfg
+        self.cfg = cfg
+        self.split_key = _extend(0, np.uint64(cfg.seed * 4 + SPLITS[split]))  # _uniform's 1st key
+        self.next_index = first.copy()  # the index of each row's next sequence
+        n = first.size
+        self.prefix = np.zeros(n, dtype=np.uint64)  # hash of (seed, split, sequence)
+        self.topic = np.zeros(n, dtype=np.int64)
+        self.state = np.full(n, cfg.vocab_size, dtype=np.int64)
+        self.position = np.zeros(n, dtype=np.uint64)  # of the next token in its sequence
+        self.at_header = np.ones(n, dtype=bool)
+        self.successors = corpus.successors.reshape(-1)  # row (t, v) at (t·(V+1) + v)·K
+        self.row_cdf = corpus._row_cdf
+        log_q = np.log(corpus.row_probs)
+        self.log_eos = math.log(cfg.eos_prob)
+        self.log_word = math.log1p(-cfg.eos_prob) + log_q  # log p of successor k: (1 − e)·q_k
+
+    def begin(self, rows: np.ndarray) -> None:
+        """Start each of `rows` on its next sequence: its topic (the header) and the START state."""
+        cfg = self.cfg
+        index = self.next_index[rows]
+        self.next_index[rows] += 1
+        self.prefix[rows] = prefix = _extend_array(self.split_key, index.astype(np.uint64))
+        u = _unit(_extend_array(prefix, 0xA11))
+        self.topic[rows] = np.minimum((u * cfg.num_topics).astype(np.int64), cfg.num_topics - 1)
+        self.state[rows] = cfg.vocab_size
+        self.position[rows] = 0  # `step` clears at_header: these rows walk from the next position
+
+    def step(self, walking: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's next token and its oracle log-probability, as `sequences` draws them:
+        `</S>` with probability e (forced at max_len with p = 1), else successor k with p ∝ k^-β.
+        Of the `walking` rows (the others are at a header, their draw discarded), those that
+        emitted `</S>` are at a header next and the others move to the token they emitted."""
+        cfg = self.cfg
+        at_position = _extend_array(self.prefix, self.position)
+        at_cap = self.position == cfg.max_len
+        stop = (_unit(_extend_array(at_position, 0xE05)) < cfg.eos_prob) | at_cap
+        u = _unit(_extend_array(at_position, 0x5CC))
+        choice = _choose(self.row_cdf, u)
+        row = (self.topic * (cfg.vocab_size + 1) + self.state) * cfg.fanout
+        word = self.successors[row + choice]
+        token = np.where(stop, cfg.eos_id, word)
+        logp = np.where(stop, np.where(at_cap, 0.0, self.log_eos), self.log_word[choice])
+        moved = walking & ~stop
+        self.state = np.where(moved, word, self.state)
+        self.position += moved
+        self.at_header = walking & stop
+        return token, logp
+
+
+def _choose(cdf: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The slot k of each uniform u, as `sequences` picks it: min(searchsorted(cdf, u, "right"),
+    K − 1), i.e. the number of cdf entries <= u, capped. For a few slots, counting by comparisons
+    gives the same integers faster than a binary search per element."""
+    if cdf.size > 8:
+        return np.minimum(np.searchsorted(cdf, u, side="right"), cdf.size - 1)
+    count = np.zeros(u.shape, dtype=np.intp)
+    for edge in cdf:
+        count += u >= edge
+    return np.minimum(count, cdf.size - 1)
 
 
 def _check_shape(batch_size: int, seq_len: int) -> None:
