@@ -89,7 +89,9 @@ train:
   device: cpu
   dtype: float32
   threads: null
+  prefetch_workers: null
   batch_size: 64
+  micro_batches: 1
   seq_len: 64
   tokens: 1000000
   epochs: null

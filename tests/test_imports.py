@@ -79,6 +79,7 @@ TORCH_FREE = {  # module -> what importing it must not load
     "moe_impl.flops": {"torch"},
     "moe_impl.model.presets": {"torch"},
     "moe_impl.train.config": {"torch"},
+    "moe_impl.train.prefetch": {"torch"},  # what a batch worker runs: numpy only
     "moe_impl.bench.spec": {"torch"},
     "moe_impl.data": {"torch"},
     "moe_impl.telemetry": {"torch"},  # torch only inside the CPU measurement

@@ -4,8 +4,10 @@
       config.yaml        the fully resolved config (every default filled in), written at start
       metrics.jsonl      one JSON object per line, appended and flushed as the run goes:
                            {"kind": "train", "step", "tokens", "loss", "aux_loss", "lr",
-                            "grad_norm", "tokens_per_second", "cv_importance", "cv_load",
-                            "max_over_mean_load", "num_dropped", "time"}
+                            "grad_norm", "tokens_per_second", "input_wait_s",
+                            "cv_importance", "cv_load", "max_over_mean_load", "num_dropped",
+                            "time"}; input_wait_s: the seconds the step waited for its batch
+                            (train/prefetch.py), included in its tokens_per_second
                            {"kind": "eval", "step", "tokens", "split", "nll", "perplexity",
                             "excess_nll" (or null), "scored_tokens", "time"}
       expert_load.json   MoE runs: {"steps": n, "tokens_per_expert": [...]}, the true load (slots
@@ -61,7 +63,9 @@ SUMMARY_KEYS = (
     "train_flops_per_token",
     "tflops_per_device",  # train_flops_per_token · tokens per second / devices / 1e12
     "mfu",  # tflops_per_device / the device's peak (null where the peak is unknown)
-    "tokens_per_second",  # training positions per second, excluding evaluation time
+    "tokens_per_second",  # training positions per second, excluding evaluation time (the wait
+    # for the batches included)
+    "input_wait_fraction",  # the share of the training time spent waiting for batches
     "cv_importance",  # mean over the last logged steps
     "cv_load",
     "max_over_mean_load",

@@ -136,7 +136,13 @@ class TrainSection:
     device: str = "cpu"  # cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | bfloat16 (autocast; gate logits stay float32)
     threads: int | None = None  # CPU threads; None = all cores
+    # processes that make training batches ahead of the step (train/prefetch.py; synthetic
+    # corpus only); 0 = inline, between steps; None = 2 on CUDA, 0 on CPU
+    prefetch_workers: int | None = None
     batch_size: int = 64  # rows per step
+    # gradient accumulation: each step's rows in this many equal micro-batches, one forward and
+    # backward each, then one update (docs/training.md#micro-batches); 1 = the whole batch at once
+    micro_batches: int = 1
     seq_len: int = 64  # time steps per row (truncated back-propagation length)
     tokens: int | None = 4_000_000  # training positions (batch_size · seq_len per step); or null
     epochs: int | None = None  # finite corpora: passes over the training data (instead of tokens)
@@ -158,10 +164,22 @@ class TrainSection:
         _check_choice("train.schedule", self.schedule, ("inverse_sqrt", "constant"))
         _check_choice("train.expert_optimizer", self.expert_optimizer, ("auto", "adam", "factored"))
         _check_choice("train.progress", self.progress, ("auto", "bar", "lines", "none"))
-        for key in ("batch_size", "seq_len", "log_every", "checkpoint_every", "keep_checkpoints"):
+        positive = (
+            "batch_size", "micro_batches", "seq_len", "log_every", "checkpoint_every",
+            "keep_checkpoints",
+        )  # fmt: skip
+        for key in positive:
             _check_positive_int(f"train.{key}", getattr(self, key))
+        if self.batch_size % self.micro_batches:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} must be divisible by "
+                f"train.micro_batches={self.micro_batches}: a step's rows are split into equal "
+                "micro-batches"
+            )
         for key in ("tokens", "epochs", "threads"):
             _check_positive_int(f"train.{key}", getattr(self, key), optional=True)
+        if self.prefetch_workers is not None:
+            _check_count("train.prefetch_workers", self.prefetch_workers)
         for key in ("lr", "eps"):
             _check_number(f"train.{key}", getattr(self, key), low=0.0, low_open=True)
         for key in ("beta1", "beta2"):

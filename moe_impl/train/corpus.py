@@ -118,11 +118,18 @@ def local_rows(array: np.ndarray, ctx: Context) -> np.ndarray:
 
 
 def local_batch(
-    batch: Batch, ctx: Context, device: torch.device
+    batch: Batch, ctx: Context, device: torch.device, *, pin: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs, targets, scored) of this process's rows, as tensors on `device`."""
+    """(inputs, targets, scored) of this process's rows, as tensors on `device`. `pin` (a GPU
+    fed by batch workers, train/prefetch.py): each array is copied into page-locked memory and
+    on to the device without blocking, so the copy overlaps the host's work; the kernels that read
+    the rows run after it on the same stream, and the caching host allocator keeps the pinned
+    buffer until the copy is done."""
 
     def to(a):
-        return torch.from_numpy(np.ascontiguousarray(local_rows(a, ctx))).to(device)
+        rows = torch.from_numpy(np.ascontiguousarray(local_rows(a, ctx)))
+        if pin:
+            return rows.pin_memory().to(device, non_blocking=True)
+        return rows.to(device)
 
     return to(batch.inputs), to(batch.targets), to(batch.scored)

@@ -6,8 +6,9 @@ default or the saved file itself are the same run. Keys that say how a segment e
 it computes (`EXECUTION_KEYS`), may differ. `differences` lists what changed as dotted keys;
 `set_aside` moves a run directory out of the way, keeping every file, for `--replace-changed`
 (and the workflow); `fingerprint` is a short hash of the identity that the workflow's train rule
-records, so that Snakemake re-trains exactly the runs whose values changed. Torch-free: the
-workflow imports it while parsing.
+records, so that Snakemake re-trains exactly the runs whose values changed. A key added later
+(`ADDED_KEYS`) is left out of the identity at the value that reproduces the code before it, so
+adding it changes no earlier run's fingerprint. Torch-free: the workflow imports it while parsing.
 """
 
 from __future__ import annotations
@@ -21,22 +22,46 @@ from moe_impl.runs import rundir, runinfo
 from moe_impl.train.config import RunConfig, load_config
 
 # how a segment runs, not what it computes: a resumed segment may use other values
-EXECUTION_KEYS = frozenset({"train.threads", "train.progress"})
+EXECUTION_KEYS = frozenset({"train.threads", "train.progress", "train.prefetch_workers"})
+
+# keys added after runs were made, with the value that computes exactly what the code did before
+# the key existed: at that value a key is left out of the identity, so the fingerprint of every
+# earlier run stays the same (the workflow retrains nothing of an existing results tree); any
+# other value is part of the identity like every key
+ADDED_KEYS: dict[str, object] = {
+    "train.micro_batches": 1,  # issue 28: gradient accumulation; 1 = the whole batch at once
+}
 
 ASIDE_MARK = rundir.ASIDE_MARK  # D -> D.parent / ".{D.name}.replaced-<UTC time>"
 
 
 def identity(cfg: RunConfig) -> dict[str, object]:
-    """{dotted key: value} of every config value that defines the run (EXECUTION_KEYS left out)."""
+    """{dotted key: value} of every config value that defines the run (EXECUTION_KEYS left out,
+    and ADDED_KEYS at their earlier behaviour's value)."""
     flat = runinfo.flatten(cfg.to_dict(), as_text=False)
-    return {key: value for key, value in flat.items() if key not in EXECUTION_KEYS}
+    return {
+        key: value
+        for key, value in flat.items()
+        if key not in EXECUTION_KEYS and not (key in ADDED_KEYS and value == ADDED_KEYS[key])
+    }
 
 
 def differences(saved: RunConfig, new: RunConfig) -> list[tuple[str, object, object]]:
     """(dotted key, saved value, new value) for each identity value that differs, in config order
-    (values compare as values: 1 == 1.0)."""
+    (values compare as values: 1 == 1.0); an ADDED_KEYS key that one side leaves out counts with
+    its earlier behaviour's value, and comes last."""
     old, now = identity(saved), identity(new)
-    return [(key, old[key], now[key]) for key in old if old[key] != now[key]]
+    keys = [*old, *(key for key in now if key not in old)]
+    return [
+        (key, _value(old, key), _value(now, key))
+        for key in keys
+        if _value(old, key) != _value(now, key)
+    ]
+
+
+def _value(values: dict[str, object], key: str) -> object:
+    """An identity's value of `key`; an ADDED_KEYS key it leaves out has its earlier value."""
+    return values[key] if key in values else ADDED_KEYS[key]
 
 
 def describe(diffs: list[tuple[str, object, object]]) -> str:

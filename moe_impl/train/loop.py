@@ -33,7 +33,7 @@ from moe_impl.model.lm import MoELanguageModel
 from moe_impl.parallel import context as parallel_context
 from moe_impl.runs import lock, rundir
 from moe_impl.tracking.live import tracked_step
-from moe_impl.train import checkpoint
+from moe_impl.train import checkpoint, micro
 from moe_impl.train.card import run_card
 from moe_impl.train.config import RunConfig
 from moe_impl.train.corpus import local_batch, local_rows, open_corpus
@@ -41,6 +41,7 @@ from moe_impl.train.device import autocast, device_name, peak_memory_mb, resolve
 from moe_impl.train.interrupt import StopSignals, TrainingInterrupted
 from moe_impl.train.monitor import start_sampler, start_tracker
 from moe_impl.train.optim import build_optimizers, clip_gradients
+from moe_impl.train.prefetch import TrainBatches, resolve_workers
 from moe_impl.train.progress import Progress
 from moe_impl.train.schedule import lr_factor, step_seeds, total_steps
 from moe_impl.train.state import (
@@ -101,6 +102,7 @@ class Trainer:
         if train.threads:
             runtime.check_threads("train.threads", train.threads)  # before a thread starts
             torch.set_num_threads(train.threads)
+        runtime.check_threads("train.prefetch_workers", train.prefetch_workers)
         self.ctx = parallel_context.setup(
             cfg.distributed.backend, torch.device(train.device).type, cfg.distributed.timeout_s
         )
@@ -116,6 +118,7 @@ class Trainer:
                     f"{key}={rows} must be divisible by the number of processes "
                     f"({self.ctx.world_size}): each takes an equal share of the rows"
                 )
+        micro.check_micro_batches(train.batch_size, train.micro_batches, self.ctx.world_size)
         self.corpus = open_corpus(cfg, self.ctx, self.device)
         self.model_cfg = cfg.model.resolve(self.corpus.vocab_size)
         self.name = cfg.name or self.model_cfg.name
@@ -139,6 +142,12 @@ class Trainer:
         self.autocast = autocast(self.device, train.dtype)
         self.tokens_per_step = train.tokens_per_step
         self.total_steps = total_steps(train, self.corpus)
+        # the batches by step: inline, or made ahead by worker processes while run trains
+        workers = resolve_workers(train.prefetch_workers, self.corpus.name, self.device.type)
+        self.batches = TrainBatches(
+            self.corpus, train.batch_size, train.seq_len, workers=workers,
+            pin=self.device.type == "cuda",
+        )  # fmt: skip
         self.loop = LoopState()
         self._stop, self._stop_agreed = StopSignals(), False  # SIGTERM / SIGINT (interrupt.py)
         # only now, with everything built and checked, touch the run directory
@@ -169,24 +178,9 @@ class Trainer:
         )
         torch.manual_seed(dropout_seed)
         self.generator.manual_seed(noise_seed)
-        batch = self.corpus.train_batch(step, train.batch_size, train.seq_len)
-        inputs, targets, scored = local_batch(batch, self.ctx, self.device)
-        state = self.loop.lstm_state if self.corpus.carries_state else None
-        with self.autocast:
-            out = self.model(inputs, targets, scored, state=state, generator=self.generator)
-        # this rank's share of the global mean NLL (sync.py's convention), and the global mean;
-        # the same all-reduce tells every rank whether any caught a stop signal (_stop_requested)
-        stop = float(self._stop.requested)
-        nll_sum, num_scored, stops = self.ctx.sum(
-            [float(out.nll_sum.detach().float()), float(out.num_scored), stop], self.device
-        )
-        self._stop_agreed = stops > 0
-        num_scored = max(num_scored, 1.0)
-        share = out.nll_sum.float() / num_scored
-        loss, aux = nll_sum / num_scored, float(out.aux_loss.detach())
-        if not math.isfinite(loss + aux):
-            self._diverged(f"the loss is {loss + aux} (nll {loss}, aux {aux})")
-        (share + out.aux_loss.float()).backward()
+        batch = self.batches.get(step)  # corpus.train_batch(step, ...), made ahead or now
+        inputs, targets, scored = local_batch(batch, self.ctx, self.device, pin=self.batches.pin)
+        loss, aux, num_scored, stats, state = self._forward_backward(inputs, targets, scored)
         grad_norm = clip_gradients(self.model, train.clip_norm, distributed=self.ctx.distributed)
         if not math.isfinite(grad_norm):
             self._diverged(f"the gradient norm is {grad_norm} (loss {loss})")
@@ -197,7 +191,7 @@ class Trainer:
             opt.step()
             opt.zero_grad(set_to_none=True)
         if self.corpus.carries_state:
-            self.loop.lstm_state = [tuple(t.detach() for t in s) for s in out.state]
+            self.loop.lstm_state = state
         record = {
             "kind": "train",
             "step": step + 1,
@@ -208,15 +202,51 @@ class Trainer:
             "grad_norm": grad_norm,
             "scored_tokens": int(num_scored),
         }
-        if out.stats is not None:
+        if stats is not None:
             for key in STATS:
-                record[key] = float(getattr(out.stats, key))
-            record["num_dropped"] = int(out.stats.num_dropped)
+                record[key] = float(getattr(stats, key))
+            record["num_dropped"] = int(stats.num_dropped)
             if step >= self.total_steps - STATS_WINDOW:  # the per-expert load histogram
-                counts = out.stats.tokens_per_expert.cpu().numpy().astype(np.int64)
+                counts = stats.tokens_per_expert.cpu().numpy().astype(np.int64)
                 load = self.loop.expert_load
                 self.loop.expert_load = counts if load is None else load + counts
         return record
+
+    def _forward_backward(self, inputs, targets, scored) -> tuple:
+        """Forward and backward of the step's rows in train.micro_batches micro-batches, gradients
+        summed (micro.py gives the rules): (mean NLL, aux loss, scored tokens of every rank,
+        routing stats, the LSTM state after the rows or None). A non-finite loss stops the run
+        here, before clipping and the optimizer."""
+        m, carries = self.cfg.train.micro_batches, self.corpus.carries_state
+        # the step's scored tokens, every rank's, known before any forward: each micro-batch's
+        # NLL sum is divided by them, so each rank's loss is its share of the step's mean NLL
+        # (sync.py's convention) and the summed gradients are the unsplit step's
+        (num_scored,) = self.ctx.sum([float(scored.sum())], self.device)
+        num_scored = max(num_scored, 1.0)
+        states = micro.split_state(self.loop.lstm_state if carries else None, m)
+        batches = micro.split_rows((inputs, targets, scored), m)
+        nll_sum, aux, stats, new_states = 0.0, 0.0, [], []
+        for (x, y, mask), state in zip(batches, states, strict=True):
+            with self.autocast:
+                out = self.model(x, y, mask, state=state, generator=self.generator)
+            # Eq. 6-11 over this micro-batch; the step's balancing loss is their mean (micro.py)
+            (out.nll_sum.float() / num_scored + out.aux_loss.float() / m).backward()
+            nll_sum += float(out.nll_sum.detach().float())
+            aux += float(out.aux_loss.detach()) / m
+            stats.append(out.stats)
+            if carries:
+                new_states.append(out.state)
+        # the step's mean NLL; the same all-reduce tells every rank whether any caught a stop
+        # signal (_stop_requested)
+        nll_sum, stops = self.ctx.sum([nll_sum, float(self._stop.requested)], self.device)
+        self._stop_agreed = stops > 0
+        loss = nll_sum / num_scored
+        if not math.isfinite(loss + aux):
+            self._diverged(f"the loss is {loss + aux} (nll {loss}, aux {aux})")
+        if m > 1:
+            micro.coalesce_sparse_grads(self.model)
+        state = micro.join_state(new_states) if carries else None
+        return loss, aux, num_scored, micro.combine_stats(stats), state
 
     def _diverged(self, what: str) -> None:
         raise TrainingDiverged(
@@ -345,11 +375,13 @@ class Trainer:
             train.progress if main else "none", self.total_steps, loop.step, self.name,
             every=train.log_every,
         )  # fmt: skip
+        self.batches.start(loop.step, self.total_steps)  # the workers, if any (closed below)
         try:
             while loop.step < self.total_steps:
                 t0 = time.perf_counter()
                 record = self.train_step()
                 dt = time.perf_counter() - t0
+                record["input_wait_s"] = self.batches.wait_s  # part of dt: tokens/s includes it
                 loop.advance(record, dt)
                 record["tokens_per_second"] = per_step / dt
                 record["time"] = loop.train_time
@@ -381,6 +413,7 @@ class Trainer:
                         checkpoint.latest(self.run_dir),
                     )  # fmt: skip
         finally:
+            self.batches.close()  # every worker ended and reaped, whatever ended the loop
             progress.close()
         return None
 
@@ -395,7 +428,7 @@ class Trainer:
             peak_memory_mb=self.ctx.max(peak_memory_mb(self.device), self.device),  # over ranks
             expert_optimizer=self.expert_optimizer, device=self.device,
             world_size=self.ctx.world_size, backend=self.ctx.backend, dtype=self.cfg.train.dtype,
-            diverged=diverged,
+            diverged=diverged, prefetch_workers=self.batches.workers,
         )  # fmt: skip
         if sampler is not None:
             summary.update(sampler.summary())

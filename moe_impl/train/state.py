@@ -43,6 +43,9 @@ class LoopState:
     step: int = 0  # steps done
     lstm_state: list | None = None  # carried between batches by corpora that continue rows
     train_time: float = 0.0  # seconds in training steps (evaluation excluded)
+    # of which waiting for the step's batch (prefetch.py); None: some were trained by code that
+    # did not count it (a checkpoint from before the count)
+    input_wait: float | None = 0.0
     scored_tokens: int = 0  # training tokens scored so far
     expert_load: np.ndarray | None = None  # tokens per expert over the last steps (summary window)
     snapshots: list[dict] = field(default_factory=list)  # evaluations during training
@@ -52,6 +55,8 @@ class LoopState:
     def advance(self, record: dict, seconds: float) -> None:
         """Count one trained step (its metrics record, the seconds it took)."""
         self.train_time += seconds
+        if self.input_wait is not None:
+            self.input_wait += record.get("input_wait_s", 0.0)
         self.step += 1
         self.scored_tokens += record["scored_tokens"]
         if "cv_importance" in record:
@@ -63,6 +68,7 @@ class LoopState:
             "step": self.step,
             "state": self.lstm_state,
             "train_time": self.train_time,
+            "input_wait": self.input_wait,
             "scored_tokens": self.scored_tokens,
             "expert_load": self.expert_load,
             "snapshots": self.snapshots,
@@ -80,6 +86,7 @@ class LoopState:
             step=saved["step"],
             lstm_state=lstm_state,
             train_time=saved["train_time"],
+            input_wait=saved.get("input_wait"),  # None in checkpoints from before it was counted
             scored_tokens=saved["scored_tokens"],
             expert_load=saved["expert_load"],
             snapshots=saved["snapshots"],

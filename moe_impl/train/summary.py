@@ -77,11 +77,13 @@ def build_summary(
     backend: str | None,
     dtype: str,
     diverged: str | None = None,
+    prefetch_workers: int = 0,
 ) -> dict:
     """The summary of a run that trained `loop.step` steps of `tokens_per_step` positions (the
     global batch) and scored `final` (evaluate's dict, with the `evaluation` settings); `sweep`
     (the run's cfg.sweep) picks the paper regime its "regime" compares with (model/regime.py);
-    `diverged`: why its evaluation diverged (None: it did not)."""
+    `diverged`: why its evaluation diverged (None: it did not); `prefetch_workers`: the processes
+    that made its batches (train/prefetch.py; 0: inline)."""
     train_tokens = loop.step * tokens_per_step
     tokens_per_second = train_tokens / loop.train_time if loop.train_time else None
     train_flops = flops.train_flops_per_token(model)
@@ -117,6 +119,8 @@ def build_summary(
         "peak_flops": peak_flops,
         "peak_flops_source": peak_flops_source,
         "tokens_per_second": tokens_per_second,
+        "input_wait_fraction": input_wait_fraction(loop),
+        "prefetch_workers": prefetch_workers,
         **stats,
         "peak_memory_mb": peak_memory_mb,
         "wall_time_s": wall_time,
@@ -136,6 +140,15 @@ def build_summary(
         "python": sys.version.split()[0],
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def input_wait_fraction(loop: LoopState) -> float | None:
+    """The share of the training time spent waiting for batches (inline: making them; workers:
+    waiting for the next one): total input wait / train_time; None before any step, or when some
+    steps were trained without counting it (a resumed checkpoint from before the count)."""
+    if not loop.train_time or loop.input_wait is None:
+        return None
+    return loop.input_wait / loop.train_time
 
 
 def write_summary(run_dir: Path, summary: dict, loop: LoopState, total_steps: int) -> None:
