@@ -326,7 +326,7 @@ def test_bench_data_writes_identical_true(tmp_path, capsys):
 def test_bench_data_reports_a_difference(tmp_path, monkeypatch, capsys):
     from moe_impl.cli import bench
 
-    def wrong(corpus, batch_size, seq_len, steps):
+    def wrong(corpus, batch_size, seq_len, steps, workers=0):
         for step in steps:
             yield corpus.train_batch(step + 1, batch_size, seq_len)
 

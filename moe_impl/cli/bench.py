@@ -46,6 +46,7 @@ from moe_impl.data import synthetic_reference
 from moe_impl.data.base import Batch
 from moe_impl.train.config import load_config
 from moe_impl.train.corpus import build_corpus
+from moe_impl.train.prefetch import TrainBatches, resolve_workers
 
 DEFAULT_EXPERTS = "4,32,256,256-h,1024-h,4096-h,16384-h,65536-h,131072-h"
 EXIT_SOME_FAILED = 1  # a configuration crashed (the others were measured)
@@ -346,15 +347,17 @@ DATA_CONFIG = Path(__file__).resolve().parents[2] / "config" / "train" / "gpu.ya
 DATA_STEPS = 5
 
 
-def trainer_batches(corpus, batch_size: int, seq_len: int, steps: range) -> Iterator[Batch]:
-    """The batches the trainer consumes for `steps`, in order, made the way it makes them: the
-    plug point of the trainer's input path. Today: `corpus.train_batch` step by step, as the loop
-    calls it inline. A producer that works ahead of the loop (moe_impl/train/prefetch.py's
-    TrainBatches, with its workers started over `steps`) replaces this body with its own iterator
-    over the same steps; `bench --data` then times it as the loop sees it (the wait for each next
-    batch) and checks its batches against the reference."""
-    for step in steps:
-        yield corpus.train_batch(step, batch_size, seq_len)
+def trainer_batches(
+    corpus, batch_size: int, seq_len: int, steps: range, workers: int = 0
+) -> Iterator[Batch]:
+    """The batches the trainer consumes for `steps`, in order, made the way it makes them: inline
+    (`corpus.train_batch` step by step) or by its producer's `workers` processes working ahead
+    (moe_impl/train/prefetch.py); `bench --data` times it as the loop sees it (the wait for each
+    next batch) and checks its batches against the reference."""
+    with TrainBatches(corpus, batch_size, seq_len, workers=workers) as batches:
+        batches.start(steps.start, steps.stop)
+        for step in steps:
+            yield batches.get(step)
 
 
 def reference_batches(corpus, batch_size: int, seq_len: int, steps: range) -> Iterator[Batch]:
@@ -383,8 +386,14 @@ def run_data(args: argparse.Namespace) -> int:
           f"{batch} x {seq_len} = {batch * seq_len:,} positions per batch, {steps} steps "
           f"(corpus ready in {corpus_seconds:.1f} s, not timed)", file=sys.stderr)  # fmt: skip
     load_before = os.getloadavg()[0]
+    # the trainer's producer as this config runs it (train.prefetch_workers, resolved for its
+    # device; --set train.prefetch_workers=N picks another count)
+    workers = resolve_workers(
+        cfg.train.prefetch_workers, corpus.name, cfg.train.device.split(":")[0]
+    )
+    print(f"trainer's path: {workers or 'no'} producer processes", file=sys.stderr)
     result = data_input.compare(
-        lambda s: trainer_batches(corpus, batch, seq_len, s),
+        lambda s: trainer_batches(corpus, batch, seq_len, s, workers),
         lambda s: reference_batches(corpus, batch, seq_len, s),
         range(steps),
         batch * seq_len,
@@ -396,6 +405,7 @@ def run_data(args: argparse.Namespace) -> int:
         "batch_size": batch,
         "seq_len": seq_len,
         "tokens_per_batch": batch * seq_len,
+        "prefetch_workers": workers,
         "steps": steps,
         "corpus_seconds": corpus_seconds,
         **result,
