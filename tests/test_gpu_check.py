@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from moe_impl.cli import main
 from moe_impl.cli.gpu_check import SECTIONS
@@ -172,6 +173,12 @@ def test_quick_check_on_the_cpu_writes_every_section(tmp_path):
     assert [r["paper_tflops_per_gpu"] for r in lm] == ["0.52", "0.89"]  # Table 7
     workflow = sections["workflow"]["results"]
     assert workflow["runs"] == len(workflow["rows"]) and workflow["projected_total_hours"] > 0
+    # config/smoke.yaml's news100b sweep accumulates micro-batches, as config/gpu.yaml's does
+    assert {r["micro_batches"] for r in workflow["rows"] if r["sweep"] == "news100b"} == {2}
+    times = yaml.safe_load((tmp_path / "step_times.yaml").read_text())["cpu"]
+    assert times["input"]["ms_per_batch"] > 0 and times["models"]
+    assert all({"step_ms", "tokens_per_step", "micro_batches", "params"} <= set(e)
+               for e in times["models"].values())  # fmt: skip
     assert sections["trainer"]["results"]["run"]["steps"] == 20
 
 

@@ -111,7 +111,11 @@ def run(args: argparse.Namespace) -> int:
         "lm_step": ("speed", "lm_step_speed", (device, sizes)),
         "trainer": ("processes", "check_trainer", (device, sizes, out)),
         "distributed": ("processes", "check_distributed", (device, sizes, out)),
-        "workflow": ("workflow_config", "project_workflow", (device, sizes, args.workflow_config)),
+        "workflow": (
+            "workflow_config",
+            "project_workflow",
+            (device, sizes, args.workflow_config, out),
+        ),
     }
 
     def section(module: str, function: str, arguments: tuple):

@@ -3,6 +3,7 @@
     python -m moe_impl plan                                    # config/config.yaml, a table
     python -m moe_impl plan --configfile config/gpu.yaml       # the one-GPU reproduction
     python -m moe_impl plan --configfile config/gpu.yaml --format json
+    python -m moe_impl plan --configfile config/gpu.yaml config/gpu-80gb.yaml   # on an 80 GB GPU
 
 Each run: its batch (positions per step, micro-batches), steps and training tokens, Sec. 3.1's
 tokens per expert per step and the training tokens per parameter, each beside the paper's
@@ -23,8 +24,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "plan", help="every run of a workflow config with its regime, memory and time estimates"
     )
     p.add_argument(
-        "--configfile", default="config/config.yaml", metavar="FILE",
-        help="the workflow config (default config/config.yaml)",
+        "--configfile", nargs="+", default=["config/config.yaml"], metavar="FILE",
+        help="the workflow config (default config/config.yaml); several are merged as Snakemake "
+        "merges them, e.g. config/gpu.yaml config/gpu-80gb.yaml",
     )  # fmt: skip
     p.add_argument("--format", choices=("table", "json"), default="table")
     return p

@@ -27,6 +27,7 @@ from moe_impl.model.config import ModelConfig
 from moe_impl.model.lm import MoELanguageModel
 from moe_impl.model.presets import ALL_PRESETS, PAPER_VALUES
 from moe_impl.runs import runinfo
+from moe_impl.train import micro
 from moe_impl.train.config import TrainSection
 from moe_impl.train.optim import build_optimizers, clip_gradients
 
@@ -156,9 +157,12 @@ def time_lm_step(
     warmup: int,
     reps: int,
     dropout: float = 0.0,
+    micro_batches: int = 1,
 ) -> dict:
     """Seconds per training step of the language model `cfg` (forward, backward, clipping, the
-    optimizers training builds from `train`) on random tokens of its vocabulary, in train.dtype."""
+    optimizers training builds from `train`) on random tokens of its vocabulary, in train.dtype;
+    with `micro_batches` the step's rows go through in that many forward and backward passes
+    before the one update, as the trainer accumulates them (moe_impl/train/micro.py)."""
     free_memory(device)
     model = on_device(lambda: MoELanguageModel(cfg, dropout=dropout), device).train()
     optimizers, _ = build_optimizers(model, train)
@@ -168,10 +172,16 @@ def time_lm_step(
     scored = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
     bf16 = train.dtype == "bfloat16"
 
+    parts = micro.split_rows((inputs, targets, scored), micro_batches)
+
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(inputs, targets, scored, generator=gen)
-        (out.nll_sum.float() / inputs.numel() + out.aux_loss.float()).backward()
+        for part in parts:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = model(*part, generator=gen)
+            loss = out.nll_sum.float() / inputs.numel() + out.aux_loss.float() / micro_batches
+            loss.backward()
+        if micro_batches > 1:
+            micro.coalesce_sparse_grads(model)
         clip_gradients(model, train.clip_norm, distributed=False)
         for opt in optimizers:
             opt.step()

@@ -118,19 +118,22 @@ def device_peak_gib(
     micro_batches: int = 1,
 ) -> Estimate | None:
     """A run's device memory (GiB) from a step_times.yaml model entry measured at
-    `measured["tokens_per_step"]` positions with `measured["params"]` parameters: the run's own
-    parameter state, plus the measurement's activations (its peak less its parameter state)
-    scaled to `tokens_per_pass`, plus the accumulated sparse gradients of micro-batches; None
-    without a measurement."""
+    `measured["tokens_per_step"]` positions in `measured["micro_batches"]` passes (default 1) with
+    `measured["params"]` parameters: the run's own parameter state, plus the measurement's
+    activations (its peak less its parameter state) scaled from its positions per pass to
+    `tokens_per_pass`, plus the accumulated sparse gradients of micro-batches where the
+    measurement had none; None without a measurement."""
     if not measured:
         return None
     per_param = device_bytes_per_param(num_experts)
     state = params * per_param / 2**30
     measured_params = measured.get("params", params)
+    measured_micro = measured.get("micro_batches", 1)  # its peak holds its own accumulation
     activations = max(measured["peak_gib"] - measured_params * per_param / 2**30, 0.0)
-    scale = tokens_per_pass / measured["tokens_per_step"]
+    scale = tokens_per_pass / (measured["tokens_per_step"] / measured_micro)
     sparse = num_experts >= SPARSE_FROM_EXPERTS
-    accumulation = params * ACCUMULATION_BYTES / 2**30 if micro_batches > 1 and sparse else 0.0
+    accumulates = micro_batches > 1 and measured_micro == 1 and sparse
+    accumulation = params * ACCUMULATION_BYTES / 2**30 if accumulates else 0.0
     exact = scale == 1 and measured_params == params and not accumulation
     how = "measured" if exact else "scaled from"
     return Estimate(state + activations * scale + accumulation, f"{how} {measured['source']}")

@@ -85,6 +85,9 @@ def _measurement(entries: Mapping, preset: str, model, params: int) -> tuple[dic
     own = entries.get(preset)
     if own is not None and own.get("params", params) == params:
         return own, ""
+    for name, entry in entries.items():  # the same model under another family's name
+        if ALL_PRESETS.get(name) == model:
+            return entry, ""
     for name, entry in entries.items():
         other = ALL_PRESETS.get(name)
         if other is not None and (other.moe, other.num_experts) == (model.moe, model.num_experts):
@@ -134,6 +137,7 @@ def plan_row(run, cfg, measured: dict, cpu_rates: dict, peaks: dict) -> PlanRow:
     device = train.device.split(":")[0]
     device_peak = step = None
     source = "not measured"
+    workers = prefetch_workers(cfg)
     if device == "cuda":
         entries = (measured.get("cuda") or {}).get("models") or {}
         entry, proxy = _measurement(entries, run.preset, model, params)
@@ -146,8 +150,8 @@ def plan_row(run, cfg, measured: dict, cpu_rates: dict, peaks: dict) -> PlanRow:
             step = resources.step_seconds(
                 entry,
                 tokens_per_step=per_step,
-                input_tokens_per_s=_input_rate(measured.get("cuda") or {}),
-                prefetch=_prefetching(cfg),
+                input_tokens_per_s=_input_rate(measured.get("cuda") or {}, workers),
+                prefetch=workers > 0,
             )
     elif run.preset in cpu_rates:
         step = resources.Estimate(
@@ -175,34 +179,72 @@ def plan_row(run, cfg, measured: dict, cpu_rates: dict, peaks: dict) -> PlanRow:
     )  # fmt: skip
 
 
-def _prefetching(cfg) -> bool:
-    """Whether the run makes its batches ahead of the step (the trainer's producer), when the
-    config says (`train.prefetch_workers` > 0); a config without the key makes them inline."""
-    return bool(getattr(cfg.train, "prefetch_workers", 0))
+def prefetch_workers(cfg) -> int:
+    """The run's batch-making processes (`train.prefetch_workers`; null: the trainer's default,
+    2 on CUDA and 0, inline, on CPU: moe_impl/train/prefetch.py)."""
+    workers = cfg.train.prefetch_workers
+    if workers is None:
+        return 2 if cfg.train.device.startswith("cuda") else 0
+    return workers
 
 
-def _input_rate(device: Mapping) -> float | None:
-    """Training input tokens per second on the device's host: the measured rate of the trainer's
-    input path where step_times.yaml has one (`input.trainer_tokens_per_s`), else today's
-    generator's (`reference_ms_per_batch`)."""
+def _input_rate(device: Mapping, workers: int) -> float | None:
+    """Training input tokens per second on the device's host: one process's rate (the trainer's
+    input path's measured `ms_per_batch` there, or today's generator's `reference_ms_per_batch`
+    times `speedup`, the trainer's path against it as `bench --data` measured it) times the
+    workers (at least one: inline generation is one process)."""
     source = device.get("input") or {}
-    if source.get("trainer_tokens_per_s"):
-        return float(source["trainer_tokens_per_s"])
-    if source.get("reference_ms_per_batch"):
-        return source["tokens_per_batch"] / (source["reference_ms_per_batch"] / 1e3)
-    return None
+    if source.get("ms_per_batch"):  # the trainer's input path itself (gpu-check since 2026-12-07)
+        one = source["tokens_per_batch"] / (source["ms_per_batch"] / 1e3)
+    elif source.get("reference_ms_per_batch"):
+        one = source["tokens_per_batch"] / (source["reference_ms_per_batch"] / 1e3)
+        one *= source.get("speedup", 1.0)
+    else:
+        return None
+    return one * max(workers, 1)
 
 
-def plan(config_path: str | Path, *, root: str | Path = ROOT, resources_dir=None) -> Plan:
-    """The plan of the workflow config at config_path (its train_config read relative to root)."""
+def merged(configs: list[dict]) -> dict:
+    """Workflow configs merged as Snakemake merges several --configfile: a later file's mappings
+    key by key into the earlier's (recursively), its other values replacing them."""
+    out: dict = {}
+    for config in configs:
+        _merge_into(out, config)
+    return out
+
+
+def _merge_into(base: dict, more: Mapping) -> None:
+    for key, value in more.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge_into(base[key], value)
+        else:
+            base[key] = dict(value) if isinstance(value, Mapping) else value
+
+
+def read_configs(paths: list[str | Path]) -> dict:
     import yaml
 
-    config_path = Path(config_path)
-    if not config_path.is_file():
-        raise ValueError(f"--configfile {str(config_path)!r}: no such file")
-    config = yaml.safe_load(config_path.read_text())
-    if not isinstance(config, dict) or "train_config" not in config:
-        raise ValueError(f"{config_path}: not a workflow config (no train_config)")
+    configs = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ValueError(f"--configfile {str(path)!r}: no such file")
+        config = yaml.safe_load(path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: not a workflow config (a YAML mapping)")
+        configs.append(config)
+    config = merged(configs)
+    if "train_config" not in config:
+        raise ValueError(f"{', '.join(map(str, paths))}: not a workflow config (no train_config)")
+    return config
+
+
+def plan(
+    config_paths: str | Path | list[str | Path], *, root: str | Path = ROOT, resources_dir=None
+) -> Plan:
+    """The plan of the workflow config at config_paths (several: merged as Snakemake merges them;
+    the train_config is read relative to root)."""
+    paths = [config_paths] if isinstance(config_paths, str | Path) else list(config_paths)
+    config = read_configs(paths)
     train_config = Path(root) / config["train_config"]
     measured = resources.load(resources.STEP_TIMES_FILE, resources_dir)
     peaks = resources.load(resources.PEAK_MEMORY_FILE, resources_dir)
@@ -213,7 +255,7 @@ def plan(config_path: str | Path, *, root: str | Path = ROOT, resources_dir=None
     ]
     peaks_gib = [r.device_peak_gib for r in rows if r.device_peak_gib is not None]
     return Plan(
-        config=str(config_path),
+        config=" + ".join(map(str, paths)),
         rows=rows,
         total_hours=sum(r.hours for r in rows if r.hours is not None),
         unestimated=[f"{r.sweep}/{r.run}" for r in rows if r.hours is None],
