@@ -61,23 +61,8 @@ def sequences(corpus, split: str, index: np.ndarray):
 
 
 def _stream(corpus, split: str, index: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Sequences `index` of `split`, packed (see `_pack`)."""
-    return _pack(corpus, *sequences(corpus, split, index))
-
-
-def _pack(corpus, topics, tokens: list, logps: list) -> tuple[np.ndarray, ...]:
-    """Sequences concatenated as [<T_t>, x_1 ... x_n, </S>] each: (tokens, oracle log-probability
-    of each token given its past (0 for headers), is-header flags, where each sequence starts)."""
-    lengths = np.array([seq.size + 1 for seq in tokens], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    header = np.zeros(int(lengths.sum()), dtype=bool)
-    header[starts] = True
-    stream = np.empty(header.size, dtype=np.int64)
-    stream[starts] = corpus.cfg.vocab_size + 1 + np.asarray(topics, dtype=np.int64)
-    stream[~header] = np.concatenate(tokens)
-    logp = np.zeros(header.size)
-    logp[~header] = np.concatenate(logps)
-    return stream, logp, header, starts
+    """Sequences `index` of `split`, packed by the corpus's own `_pack` (unchanged by issue 28)."""
+    return corpus._pack(*sequences(corpus, split, index))
 
 
 def train_batch(corpus, step: int, batch_size: int, seq_len: int) -> Batch:
