@@ -58,6 +58,8 @@ def check_trainer(device: torch.device, sizes: Sizes, out_dir: Path) -> dict:
         f"eval.tokens={sizes.trainer_eval_tokens}",
         "telemetry.interval_s=0.5",
     ]
+    if device.type != "cuda":  # the batch producer (2 processes by default on CUDA) on CPU too
+        settings.append("train.prefetch_workers=1")
     warnings = []
     if importlib.util.find_spec("mlflow") is None:
         settings.append("tracking.enabled=false")
@@ -84,6 +86,8 @@ def check_trainer(device: torch.device, sizes: Sizes, out_dir: Path) -> dict:
         "tflops_per_device": summary.get("tflops_per_device"),
         "mfu": summary.get("mfu"),
         "test_perplexity": summary.get("test_perplexity") or summary.get("perplexity"),
+        "prefetch_workers": summary.get("prefetch_workers"),
+        "input_wait_fraction": summary.get("input_wait_fraction"),
         "warnings": "; ".join(warnings) or None,
     }
     if device.type == "cuda":
