@@ -123,6 +123,25 @@ def test_micro_batches_give_the_whole_batchs_gradients(tmp_path, model, m):
         torch.testing.assert_close(getattr(stats_m, key), getattr(stats, key), msg=key)
 
 
+@pytest.mark.parametrize("m", [1, 4])
+def test_sparse_gradients_are_coalesced_after_every_micro_batch(tmp_path, monkeypatch, m):
+    """CUDA's sparse add concatenates (it merges only on CPU): coalesced after each pass, the
+    accumulated expert gradient holds each expert once between passes, never m copies."""
+    t = trainer(tmp_path, "t", *MODELS["hierarchical-sparse"], *EXACT, f"train.micro_batches={m}")
+    calls = []
+    real = micro.coalesce_sparse_grads
+
+    def spy(model):
+        real(model)
+        grads = [p.grad for p in model.parameters() if p.grad is not None and p.grad.is_sparse]
+        assert grads and all(g.is_coalesced() for g in grads)
+        calls.append(len(grads))
+
+    monkeypatch.setattr(micro, "coalesce_sparse_grads", spy)
+    forward_backward(t, t.corpus.train_batch(0, t.cfg.train.batch_size, t.cfg.train.seq_len))
+    assert len(calls) == (m if m > 1 else 0)  # m = 1: the step as it always was
+
+
 def test_the_carried_lstm_state_is_split_and_joined_by_rows(tmp_path):
     """LM1B rows continue across steps: two steps' state and gradients as the unsplit ones'."""
     more = [*lm1b_overrides(make_archive(tmp_path / "data")), "model.softmax_samples=0", *EXACT]

@@ -65,7 +65,8 @@ def test_device_memory_rule_gives_back_the_measured_131072_expert_peaks():
     accumulated = resources.device_peak_gib(
         entry, params=doubled, num_experts=131072, tokens_per_pass=262144, micro_batches=8
     )
-    assert accumulated.value == pytest.approx(peak.value + doubled * 4 / 2**30)
+    # while a pass's sparse gradient is added and coalesced: two more float32 copies (8 B)
+    assert accumulated.value == pytest.approx(peak.value + doubled * 8 / 2**30)
 
 
 def test_a_step_scales_with_its_positions_and_the_input_overlaps_when_made_ahead():

@@ -100,9 +100,11 @@ def train_mem_mb(
 # that touches nearly every expert, their bf16 copy and the factored Adam (~11: MoE-131072-h at
 # 2.2B parameters 42.8 GiB, at 4.4B parameters 65 GiB, the same activations).
 DEVICE_BYTES = {"dense": 16, "sparse": 11}
-# Gradient accumulation over micro-batches keeps the sparse expert gradients of the micro-batches
-# before they are coalesced: at most one more float32 copy of the expert weights (4 B a parameter).
-ACCUMULATION_BYTES = 4
+# Gradient accumulation over micro-batches (moe_impl/train/micro.py): while a pass's sparse expert
+# gradient is added to the accumulated one and coalesced, up to two more float32 copies of the
+# expert weights than one pass holds (8 B a parameter): the concatenation of the two, then its
+# coalesced sum (a pass that touches nearly every expert, as gpu.yaml's news100b passes do).
+ACCUMULATION_BYTES = 8
 
 
 def device_bytes_per_param(num_experts: int) -> int:

@@ -231,6 +231,8 @@ class Trainer:
                 out = self.model(x, y, mask, state=state, generator=self.generator)
             # Eq. 6-11 over this micro-batch; the step's balancing loss is their mean (micro.py)
             (out.nll_sum.float() / num_scored + out.aux_loss.float() / m).backward()
+            if m > 1:  # after every pass: CUDA's sparse add concatenates (micro.py)
+                micro.coalesce_sparse_grads(self.model)
             nll_sum += float(out.nll_sum.detach().float())
             aux += float(out.aux_loss.detach()) / m
             stats.append(out.stats)
@@ -243,8 +245,6 @@ class Trainer:
         loss = nll_sum / num_scored
         if not math.isfinite(loss + aux):
             self._diverged(f"the loss is {loss + aux} (nll {loss}, aux {aux})")
-        if m > 1:
-            micro.coalesce_sparse_grads(self.model)
         state = micro.join_state(new_states) if carries else None
         return loss, aux, num_scored, micro.combine_stats(stats), state
 

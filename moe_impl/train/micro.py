@@ -82,7 +82,12 @@ def combine_stats(stats: list[RoutingStats | None]) -> RoutingStats | None:
 
 def coalesce_sparse_grads(model: nn.Module) -> None:
     """Sparse gradients summed over micro-batches may hold an expert several times; coalesced, each
-    holds it once, as the gradient norm (optim.clip_gradients) and FactoredAdam assume."""
+    holds it once, as the gradient norm (optim.clip_gradients) and FactoredAdam assume. Called
+    after every micro-batch's backward, not once at the end: autograd adds a pass's sparse
+    gradient to the accumulated one with `add_`, which on CUDA concatenates indices and values
+    (it merges them only on CPU), so m passes that each touch nearly every expert would hold m
+    float32 copies of the expert weights; coalesced after each, the accumulated gradient is at most
+    one copy, plus the pass's own and their concatenation while they are added."""
     for p in model.parameters():
         if p.grad is not None and p.grad.is_sparse:
             p.grad = p.grad.coalesce()
