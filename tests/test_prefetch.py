@@ -29,7 +29,7 @@ from moe_impl import runtime
 from moe_impl.data.synthetic import TopicMarkov, TopicMarkovConfig
 from moe_impl.parallel.context import Context
 from moe_impl.runs import rundir, runinfo
-from moe_impl.train import checkpoint, identity
+from moe_impl.train import checkpoint, identity, prefetch
 from moe_impl.train.corpus import local_batch
 from moe_impl.train.loop import Trainer
 from moe_impl.train.prefetch import BatchWorkerError, TrainBatches, resolve_workers
@@ -478,3 +478,31 @@ def test_a_killed_worker_stops_the_command_in_one_line(tmp_path):
         line,
     ), line
     assert all(gone(pid) for pid in workers)
+
+
+@pytest.mark.integration  # forks workers
+def test_an_error_while_a_batch_is_copied_out_still_closes_every_worker(monkeypatch):
+    """A second signal (or a MemoryError) raised while a batch is copied out of a worker's slot:
+    the run's own error comes out of close(), not a BufferError, and every worker is reaped."""
+    corpus = TopicMarkov(TopicMarkovConfig(vocab_size=48, num_topics=4, max_len=40))
+
+    class SecondSignal(KeyboardInterrupt):
+        pass
+
+    def copy_fails(slot, layout):
+        dtype, shape, offset = layout[0]
+        view = np.frombuffer(slot, dtype=dtype, count=int(np.prod(shape)), offset=offset)
+        raise SecondSignal(view.size)  # raised with a view of the slot alive in this frame
+
+    monkeypatch.setattr(prefetch, "_from_slot", copy_fails)
+    batches = TrainBatches(corpus, 4, 16, workers=2)
+    batches.start(0, 10)
+    pids = batches.pids
+    with pytest.raises(SecondSignal):
+        try:
+            batches.get(0)
+        finally:
+            batches.close()  # what Trainer._train's finally does
+    assert not batches.running
+    for pid in pids:  # reaped: no zombie, no process left
+        assert not Path(f"/proc/{pid}").exists()

@@ -187,13 +187,14 @@ class TrainBatches:
             if worker.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGKILL)
-        for worker in workers:
-            worker.pipe.close()
-            os.close(worker.credit)
-            worker.job.slot.close()
+        for worker in workers:  # reaped first: nothing below may leave one a zombie
             if worker.pid is not None:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(worker.pid, 0)
+            worker.pipe.close()
+            os.close(worker.credit)
+            with contextlib.suppress(BufferError):  # a view of it still alive: freed with it
+                worker.job.slot.close()
 
     def __enter__(self) -> TrainBatches:
         return self
@@ -315,9 +316,13 @@ def _from_slot(slot: mmap.mmap, layout: list) -> Batch:
             arrays.append(None)
             continue
         dtype, shape, offset = field
-        view = np.frombuffer(slot, dtype=dtype, count=math.prod(shape), offset=offset)
-        arrays.append(view.reshape(shape).copy())
-        del view
+        # no name holds the view: an exception during the copy must not keep an export of the
+        # slot alive in its traceback (close() could then not close the slot)
+        arrays.append(
+            np.frombuffer(slot, dtype=dtype, count=math.prod(shape), offset=offset)
+            .reshape(shape)
+            .copy()
+        )
     return Batch(*arrays)
 
 
