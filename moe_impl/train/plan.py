@@ -25,6 +25,7 @@ from moe_impl.model.presets import ALL_PRESETS, LM1B_VOCAB
 from moe_impl.runs import resources
 from moe_impl.runs.sweeps import planned_runs
 from moe_impl.train.config import load_config, model_config
+from moe_impl.train.prefetch import resolve_workers
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_SUMMARY = ROOT / "results" / "reference" / "summary.csv"
@@ -180,12 +181,10 @@ def plan_row(run, cfg, measured: dict, cpu_rates: dict, peaks: dict) -> PlanRow:
 
 
 def prefetch_workers(cfg) -> int:
-    """The run's batch-making processes (`train.prefetch_workers`; null: the trainer's default,
-    2 on CUDA and 0, inline, on CPU: moe_impl/train/prefetch.py)."""
-    workers = cfg.train.prefetch_workers
-    if workers is None:
-        return 2 if cfg.train.device.startswith("cuda") else 0
-    return workers
+    """The run's batch-making processes, as the trainer resolves `train.prefetch_workers`
+    (moe_impl/train/prefetch.py: only the synthetic corpus; null: 2 on CUDA, inline on CPU)."""
+    device = cfg.train.device.split(":")[0]
+    return resolve_workers(cfg.train.prefetch_workers, cfg.data.corpus, device)
 
 
 def _input_rate(device: Mapping, workers: int) -> float | None:
