@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis import collect, paper, style
+from analysis import collect, paper, slope, style
 
 
 def _params_panel(ax, pts: pd.DataFrame) -> None:
@@ -75,7 +75,9 @@ def figure2_left(summary: pd.DataFrame, paper_points: pd.DataFrame | None = None
     Left panel: the paper's Table 7 models after 10 epochs; right: our `lm1b` sweep's runs (mean
     over seeds, a bar from the lowest to the highest seed where a model has >= 2 runs), with the
     flat and hierarchical MoE lines and the compute-matched baselines, at the sweep's full token
-    count (runs that stop earlier, Fig. 2-right's larger budgets, are left out).
+    count (runs that stop earlier, Fig. 2-right's larger budgets, are left out). Each panel notes
+    the slope of ln(perplexity) on ln(experts) of its compute-matched MoE models (claim 1 as a
+    number, analysis/slope.py).
     """
     pts = paper.figure2_left_series() if paper_points is None else paper_points
     pts = pts.assign(
@@ -89,6 +91,8 @@ def figure2_left(summary: pd.DataFrame, paper_points: pd.DataFrame | None = None
     _params_panel(ax_p, pts)
     ax_p.set(xlabel=style.PARAMS_LABEL, ylabel="test perplexity after 10 epochs")
     ax_p.set_title("paper: 1B Word, Table 7 (~8M ops/timestep)")
+    moe = pts[pts["family"] != "baseline"]
+    _slope_note(ax_p, slope.paper_slope(moe.assign(test_perplexity=moe["y"])))
     ours = collect.per_model(
         collect.sweep(summary, "lm1b"),
         ["params_excl_embedding_softmax", "test_perplexity", "ops_per_timestep", "train_tokens"],
@@ -116,4 +120,17 @@ def figure2_left(summary: pd.DataFrame, paper_points: pd.DataFrame | None = None
         ylabel=f"test perplexity after {style.fmt_tokens(ours['train_tokens'].max())} tokens",
     )
     ax_r.set_title(f"{title} ({ops.min():.3g}-{ops.max():.3g}M ops/timestep)")
+    _slope_note(ax_r, slope.ours(summary))
     return fig
+
+
+def _slope_note(ax, fit: slope.Slope | None) -> None:
+    """Claim 1 as a number in the panel's corner: the slope of ln(perplexity) on ln(experts) of
+    its compute-matched MoE models (analysis/slope.py), with the bootstrap interval over seeds."""
+    if fit is None:
+        return
+    interval = f" [{fit.low:+.3f}, {fit.high:+.3f}]" if fit.high > fit.low else ""
+    ax.text(
+        0.02, 0.03, f"MoE slope d ln ppl / d ln experts: {fit.slope:+.3f}{interval}",
+        transform=ax.transAxes, fontsize=7.5, color="0.25", ha="left", va="bottom",
+    )  # fmt: skip

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from analysis import collect, paper, tables, walltime
+from analysis import collect, paper, slope, tables, walltime
 from analysis.rules import (
     CLAIMS,
-    COMPUTE_MATCH_TOL,
     FLOOR_COLUMN,
     NOT_RUN,
     NOT_TESTABLE,
@@ -73,14 +72,7 @@ def _per_model(runs: pd.DataFrame, values: list[str], regime: list[str]) -> pd.D
     return m.rename(columns={"test_perplexity_sd": "perplexity_sd", **reg})
 
 
-def _compute_matched(runs: pd.DataFrame) -> pd.DataFrame:
-    """The MoE runs of one sweep at "equal compute": ops/timestep within ±COMPUTE_MATCH_TOL of
-    the sweep's median MoE ops/timestep (Fig. 2-right's larger budgets drop out)."""
-    runs = _moe(runs)
-    if runs.empty:
-        return runs
-    ops = runs["ops_per_timestep"]
-    return runs[(ops / ops.median() - 1).abs() <= COMPUTE_MATCH_TOL]
+_compute_matched = slope.compute_matched
 
 
 def more_experts_data(summary: pd.DataFrame) -> pd.DataFrame:
@@ -332,6 +324,19 @@ def _walltime_section(summary: pd.DataFrame) -> list[str]:
     ]
 
 
+def slope_lines(summary: pd.DataFrame) -> list[str]:
+    """Claim 1 as a number (analysis/slope.py): the slope of ln(perplexity) against ln(experts)
+    at equal compute, ours with its bootstrap interval over seeds beside the paper's."""
+    mine, theirs = slope.ours(summary), slope.paper_slope(paper_data()["more_experts"])
+    text = "too few compute-matched MoE models" if mine is None else mine.describe()
+    paper_text = "–" if theirs is None else theirs.describe()
+    return [
+        "- Slope of ln(perplexity) against ln(experts) at equal compute (least squares over the "
+        "models above, each at the mean of its seeds):",
+        f"  this run {text}; the paper (Table 7, after 10 epochs) {paper_text}.",
+    ]
+
+
 def render(verdict_list: list[Verdict], summary: pd.DataFrame) -> str:
     """REPORT.md's text."""
     out = [
@@ -369,6 +374,8 @@ def render(verdict_list: list[Verdict], summary: pd.DataFrame) -> str:
             f"- Paper, same rule: {v.paper_status} ({v.paper_reason}).",
             f"- This run: **{v.status}** ({v.reason}).",
         ]
+        if v.key == "more_experts":
+            out += slope_lines(summary)
         if not v.evidence.empty:
             out += ["", tables.to_markdown(v.evidence).rstrip()]
     out += _regime_section(summary)
