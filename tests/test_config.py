@@ -104,6 +104,7 @@ train:
   expert_optimizer: auto
   clip_norm: 1.0
   log_every: 10
+  dead_expert_window: 100
   checkpoint_every: 200
   keep_checkpoints: 2
   progress: auto

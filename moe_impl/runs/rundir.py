@@ -7,11 +7,16 @@
                             "grad_norm", "tokens_per_second", "input_wait_s",
                             "cv_importance", "cv_load", "max_over_mean_load", "num_dropped",
                             "time"}; input_wait_s: the seconds the step waited for its batch
-                            (train/prefetch.py), included in its tokens_per_second
+                            (train/prefetch.py), included in its tokens_per_second; MoE runs
+                            add "max_violation", "dead_expert_fraction", "top20_load_share" at
+                            every train.log_every step and the last (runs/expertstats.py)
                            {"kind": "eval", "step", "tokens", "split", "nll", "perplexity",
                             "excess_nll" (or null), "scored_tokens", "time"}
       expert_load.json   MoE runs: {"steps": n, "tokens_per_expert": [...]}, the true load (slots
                            routed to each expert) summed over the last n training steps
+      expert_stats/      MoE runs: per-expert load and Importance over training, a row of
+                           quantiles per record and full vectors at 8 records (runs/expertstats.py
+                           gives the layout; read_expert_stats reads it, numpy only)
       summary.json       written once, at the end of a finished run (its presence = finished):
                            see SUMMARY_KEYS; `diverged` is null, or the reason (one line) when
                            an evaluation's perplexity was not finite (test_perplexity then null;
@@ -69,6 +74,10 @@ SUMMARY_KEYS = (
     "cv_importance",  # mean over the last logged steps
     "cv_load",
     "max_over_mean_load",
+    # the last expert-statistics record's (runs/expertstats.py; null for dense runs)
+    "max_violation",  # MaxVio = max load / mean load − 1 over the record's steps
+    "dead_expert_fraction",  # experts with no token in the last train.dead_expert_window steps
+    "top20_load_share",  # the share of slots on the busiest 20% of experts
     "peak_memory_mb",
     "wall_time_s",
     "train_tokens",  # training positions processed (batch · seq_len · steps)

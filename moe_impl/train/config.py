@@ -155,6 +155,9 @@ class TrainSection:
     expert_optimizer: str = "auto"  # adam | factored (App. D) | auto: factored iff sparse grads
     clip_norm: float | None = 1.0  # global gradient-norm clipping; null = none
     log_every: int = 10  # steps between progress lines and tracked metrics
+    # dead_expert_fraction: the share of experts with no token in the last this many steps
+    # (runs/expertstats.py); recorded only, the training is the same for every value
+    dead_expert_window: int = 100
     checkpoint_every: int = 200  # steps between checkpoints (and at the end)
     keep_checkpoints: int = 2
     progress: str = "auto"  # auto (a bar in a terminal, lines in logs) | bar | lines | none
@@ -165,8 +168,8 @@ class TrainSection:
         _check_choice("train.expert_optimizer", self.expert_optimizer, ("auto", "adam", "factored"))
         _check_choice("train.progress", self.progress, ("auto", "bar", "lines", "none"))
         positive = (
-            "batch_size", "micro_batches", "seq_len", "log_every", "checkpoint_every",
-            "keep_checkpoints",
+            "batch_size", "micro_batches", "seq_len", "log_every", "dead_expert_window",
+            "checkpoint_every", "keep_checkpoints",
         )  # fmt: skip
         for key in positive:
             _check_positive_int(f"train.{key}", getattr(self, key))

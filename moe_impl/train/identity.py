@@ -30,6 +30,8 @@ EXECUTION_KEYS = frozenset({"train.threads", "train.progress", "train.prefetch_w
 # other value is part of the identity like every key
 ADDED_KEYS: dict[str, object] = {
     "train.micro_batches": 1,  # issue 28: gradient accumulation; 1 = the whole batch at once
+    # issue 31: the window of dead_expert_fraction (recorded only; every value trains the same)
+    "train.dead_expert_window": 100,
 }
 
 ASIDE_MARK = rundir.ASIDE_MARK  # D -> D.parent / ".{D.name}.replaced-<UTC time>"

@@ -31,7 +31,7 @@ import torch
 from moe_impl import runtime, telemetry
 from moe_impl.model.lm import MoELanguageModel
 from moe_impl.parallel import context as parallel_context
-from moe_impl.runs import lock, rundir
+from moe_impl.runs import expertstats, lock, rundir
 from moe_impl.tracking.live import tracked_step
 from moe_impl.train import checkpoint, micro
 from moe_impl.train.card import run_card
@@ -206,11 +206,22 @@ class Trainer:
             for key in STATS:
                 record[key] = float(getattr(stats, key))
             record["num_dropped"] = int(stats.num_dropped)
+            counts = stats.tokens_per_expert.cpu().numpy().astype(np.int64)
             if step >= self.total_steps - STATS_WINDOW:  # the per-expert load histogram
-                counts = stats.tokens_per_expert.cpu().numpy().astype(np.int64)
                 load = self.loop.expert_load
                 self.loop.expert_load = counts if load is None else load + counts
+            self._tally(step + 1, counts, stats.importance)
         return record
+
+    def _tally(self, step: int, counts: np.ndarray, importance: torch.Tensor) -> None:
+        """Count step `step` (1-based) into the per-expert statistics (runs/expertstats.py): its
+        slots per expert and Importance (Eq. 6; Eq. 13 when hierarchical). Recording only: nothing
+        here feeds back into the training."""
+        tally = self.loop.expert_tally
+        if tally is None:
+            groups = self.model_cfg.num_groups if self.model_cfg.moe == "hierarchical" else None
+            tally = self.loop.expert_tally = expertstats.ExpertTally.new(counts.size, groups)
+        tally.add(step, counts, importance.detach().double().cpu().numpy())
 
     def _forward_backward(self, inputs, targets, scored) -> tuple:
         """Forward and backward of the step's rows in train.micro_batches micro-batches, gradients
@@ -386,6 +397,8 @@ class Trainer:
                 record["tokens_per_second"] = per_step / dt
                 record["time"] = loop.train_time
                 logged = tracked_step(loop.step, train.log_every, self.total_steps)
+                if logged and loop.expert_tally is not None:  # MaxVio, dead experts, top-20%
+                    record.update(self._expert_record())
                 if sampler is not None and logged:
                     record.update(sampler.latest())
                 if main:  # every step; MLflow every log_every
@@ -416,6 +429,14 @@ class Trainer:
             self.batches.close()  # every worker ended and reaped, whatever ended the loop
             progress.close()
         return None
+
+    def _expert_record(self) -> dict:
+        """Close the expert statistics' record at this step (rank 0 writes its files): its
+        balance metrics, for the step's metrics record."""
+        return expertstats.record(
+            self.run_dir if self.ctx.is_main else None, self.loop.expert_tally, self.loop.step,
+            self.total_steps, self.cfg.train.dead_expert_window,
+        )  # fmt: skip
 
     def _summary(self, final: dict, sampler, diverged: str | None) -> dict:
         """summary.json's contents (build_summary) for the final evaluation `final`."""

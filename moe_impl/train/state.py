@@ -27,8 +27,8 @@ import torch
 
 from moe_impl.parallel import shard_state
 from moe_impl.parallel.context import Context
+from moe_impl.runs import expertstats, rundir, runinfo
 from moe_impl.runs import lock as runlock
-from moe_impl.runs import rundir, runinfo
 from moe_impl.train import checkpoint, identity
 from moe_impl.train.config import RunConfig, dump
 
@@ -51,6 +51,8 @@ class LoopState:
     snapshots: list[dict] = field(default_factory=list)  # evaluations during training
     recent_stats: list[dict] = field(default_factory=list)  # routing statistics, the last steps
     earlier_wall_time: float = 0.0  # wall time of the run's earlier segments (before a resume)
+    # MoE runs: per-expert load and Importance since the last record (runs/expertstats.py)
+    expert_tally: expertstats.ExpertTally | None = None
 
     def advance(self, record: dict, seconds: float) -> None:
         """Count one trained step (its metrics record, the seconds it took)."""
@@ -73,6 +75,7 @@ class LoopState:
             "expert_load": self.expert_load,
             "snapshots": self.snapshots,
             "recent_stats": self.recent_stats,
+            "expert_tally": None if self.expert_tally is None else self.expert_tally.to_dict(),
         }
 
     @classmethod
@@ -92,6 +95,8 @@ class LoopState:
             snapshots=saved["snapshots"],
             recent_stats=saved["recent_stats"],
             earlier_wall_time=saved["wall_time"],
+            # None in checkpoints from before issue 31: the tally starts again at the resume
+            expert_tally=expertstats.ExpertTally.from_dict(saved.get("expert_tally")),
         )
 
 
@@ -336,8 +341,9 @@ def resumed_state(
 ) -> LoopState:
     """The loop state to continue an unfinished run from: its newest intact checkpoint's (the model
     and optimizers restored, metrics.jsonl cut back to it), or a fresh start when it was killed
-    before its first checkpoint (what it logged is forgotten). A damaged checkpoint is skipped for
-    the one before it, with a warning; ValueError when every one is damaged, or when the newest
+    before its first checkpoint (what it logged is forgotten); the expert statistics
+    (runs/expertstats.py) are cut back the same way. A damaged checkpoint is skipped for the one
+    before it, with a warning; ValueError when every one is damaged, or when the newest
     intact one was trained with other values than `cfg` (check_trained_with)."""
     try:
         loop = _restore_newest_intact(run_dir, model, optimizers, ctx, device, cfg)
@@ -349,6 +355,7 @@ def resumed_state(
             truncate_metrics(run_dir, loop)
         else:
             (run_dir / rundir.METRICS_FILE).unlink(missing_ok=True)
+        expertstats.truncate(run_dir, loop.step if loop is not None else 0)
     ctx.barrier()
     return loop if loop is not None else LoopState()
 

@@ -2,7 +2,9 @@
 the corpus (its describe() and the unigram perplexity of the evaluated tokens,
 moe_impl/data/unigram.py), the resolved model and its accounting (moe_impl/model/flops.py), the
 training regime beside the paper's (moe_impl/model/regime.py), throughput and MFU, the routing
-statistics of the last steps, and where and how the run ran.
+statistics of the last steps, the balance metrics of the last expert-statistics record
+(moe_impl/runs/expertstats.py: max_violation, dead_expert_fraction, top20_load_share; null for
+dense runs), and where and how the run ran.
 
 A run whose evaluation diverged (its perplexity is not finite: an NLL that is NaN, infinite, or
 so large that exp() overflows) still gets a summary.json: `diverged` gives the reason in one line
@@ -24,7 +26,7 @@ from moe_impl import telemetry
 from moe_impl.data.unigram import eval_unigram_perplexity
 from moe_impl.model import flops, regime
 from moe_impl.model.config import ModelConfig
-from moe_impl.runs import rundir
+from moe_impl.runs import expertstats, rundir
 from moe_impl.train.config import EvalSection
 from moe_impl.train.device import device_name
 from moe_impl.train.state import STATS, STATS_WINDOW, LoopState
@@ -93,6 +95,8 @@ def build_summary(
         for k in STATS
     }
     floor = corpus.floor_nats()
+    latest = loop.expert_tally.latest if loop.expert_tally is not None else None
+    balance = {k: latest[k] if latest else None for k in expertstats.METRICS}  # dense: null
     return {
         "name": name,
         "preset": preset,
@@ -122,6 +126,7 @@ def build_summary(
         "input_wait_fraction": input_wait_fraction(loop),
         "prefetch_workers": prefetch_workers,
         **stats,
+        **balance,
         "peak_memory_mb": peak_memory_mb,
         "wall_time_s": wall_time,
         "train_time_s": loop.train_time,
