@@ -4,6 +4,8 @@
            expert_load.csv beside it (analysis/collect.py)
   figures  those CSVs (+ the layer benchmark's bench.json) -> <out>/figures/*.png|pdf,
            <out>/tables/*.md|csv|tex, <out>/REPORT.md, and an MLflow "analysis" run holding them
+  experts  run directories with expert statistics -> <out>/figures/expert_load_<sweep>.png and a
+           load heatmap with its Lorenz curve per run (analysis/fig_expert_load.py)
 `main(argv)` returns an exit code (2 with a one-line error for bad input) and is what the tests
 and the workflow call, as moe_impl/cli/__init__.py does.
 """
@@ -81,6 +83,65 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow analysis run")
     f.add_argument("--uri", help="tracking URI for the analysis run (default as for collect)")
     f.add_argument("--experiment", default="analysis", help="its MLflow experiment")
+
+
+def add_experts_parser(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser(
+        "experts", help="run directories -> expert load figures (heatmaps, Lorenz, per sweep)"
+    )
+    e.add_argument(
+        "run_dirs", nargs="*", type=Path, metavar="RUN_DIR",
+        help="run directories, or folders searched for them (default results/runs)",
+    )  # fmt: skip
+    _add_path(
+        e, "--out", Path("results"), "writes figures/expert_load_<sweep>.png and "
+        "figures/experts/<sweep>/<run>.png here (default results)",
+    )  # fmt: skip
+
+
+def run_experts(args: argparse.Namespace) -> int:
+    """Each MoE run's load heatmap and Lorenz curve, and per sweep its figure (fig_expert_load)."""
+    from analysis import fig_expert_load
+    from moe_impl.runs.expertstats import read_expert_stats
+
+    data, _ = collect.collect_runs(args.run_dirs or [Path("results/runs")])
+    summary, written = data.summary, []
+    stats = {}
+    for _, row in summary.iterrows():
+        found = read_expert_stats(row["run_dir"])
+        if found is None or not found["snapshots"]:
+            continue
+        stats[row["run_id"]] = found
+        fig = fig_expert_load.run_figure(found, f"{row['sweep']}/{row['name']}")
+        folder = args.out / "figures" / "experts" / str(row["sweep"] or "none")
+        written += io.save_figure(fig, folder, Path(row["run_dir"]).name)
+    for sweep in sorted(set(summary.loc[summary["run_id"].isin(stats), "sweep"])):
+        if sweep == "balance":
+            fig = fig_expert_load.balance_figure(_balance_panels(summary, stats))
+        else:
+            fig = fig_expert_load.sweep_figure(summary, sweep)
+        written += io.save_figure(fig, args.out / "figures", f"expert_load_{sweep}")
+    print(f"{len(stats)} runs with expert statistics -> {len(written)} files under {args.out}")
+    return 0
+
+
+def _balance_panels(summary, stats: dict) -> list[tuple[str, dict]]:
+    """The balance sweep's runs without the balancing losses and with the paper's (0.1, 0.1) (or
+    else the largest weights there are), one seed each."""
+    runs = collect.sweep(summary, "balance")
+    runs = runs[runs["run_id"].isin(stats)].sort_values(["w_importance", "w_load", "run_id"])
+    if runs.empty:
+        return []
+    off = runs[(runs["w_importance"] == 0) & (runs["w_load"] == 0)]
+    on = runs[(runs["w_importance"] == 0.1) & (runs["w_load"] == 0.1)]
+    picks = [
+        off.iloc[0] if not off.empty else runs.iloc[0],
+        on.iloc[0] if not on.empty else runs.iloc[-1],
+    ]
+    return [
+        (f"w_importance={r['w_importance']:g}, w_load={r['w_load']:g}", stats[r["run_id"]])
+        for r in {p["run_id"]: p for p in picks}.values()
+    ]
 
 
 def run_collect(args: argparse.Namespace) -> int:
@@ -181,12 +242,14 @@ def _log_analysis_run(args: argparse.Namespace, verdicts: list[report.Verdict]) 
         )
 
 
-COMMANDS = {"collect": run_collect, "figures": run_figures}
+COMMANDS = {"collect": run_collect, "figures": run_figures, "experts": run_experts}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.split("\n")[0])
-    add_parsers(parser.add_subparsers(dest="command", required=True))
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parsers(sub)
+    add_experts_parser(sub)
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)

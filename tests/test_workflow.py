@@ -177,6 +177,16 @@ def test_smoke_config_runs_end_to_end(tmp_path):
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000, name
     assert (wd / "results/REPORT.md").read_text().startswith("# Reproduction report")
     assert sorted((wd / "benchmarks/train").glob("*/*.tsv"))
+    # inside the experts (issue 31): every MoE run has its statistics and balance metrics, and
+    # every sweep its expert-load figure
+    moe = {run for run, s in summaries.items() if (s["model"].get("num_experts") or 0) > 1}
+    assert moe and all((wd / "results/runs" / run / "expert_stats").is_dir() for run in moe)
+    assert all(summaries[run]["max_violation"] is not None for run in moe)
+    assert all("dead_expert_fraction" in summaries[run] for run in moe)
+    for sweep in ("lm1b", "news100b", "balance"):
+        png = (wd / f"results/figures/expert_load_{sweep}.png").read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n"), sweep
+    assert len(list((wd / "results/figures/experts").glob("*/*.png"))) == len(moe)
 
     proc = snakemake(wd, "--configfile", "config/smoke.yaml", "--report", "results/report.html")
     assert proc.returncode == 0, proc.stderr[-3000:]

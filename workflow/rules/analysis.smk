@@ -48,3 +48,23 @@ rule figures:
     shell:
         "python -m analysis figures --summary {input.summary} --bench {input.bench} "
         "--out {params.out} > {log} 2>&1"
+
+
+# Inside the experts (python -m analysis experts): each MoE run's load heatmap over training with
+# its Lorenz curve (results/figures/experts/<sweep>/<run>.png), and per sweep with MoE runs
+# results/figures/expert_load_<sweep>.png (dead experts and MaxVio against the experts; the
+# balance sweep's heatmaps without and with the balancing losses).
+rule experts:
+    input:
+        get_run_summaries(),
+    output:
+        get_expert_figures(),
+    log:
+        "logs/experts.log",
+    localrule: True
+    conda:
+        "../envs/moe.yaml"
+    params:
+        runs=get_planned_run_dirs,
+    shell:
+        "python -m analysis experts {params.runs} --out results > {log} 2>&1"

@@ -385,8 +385,15 @@ TABLES = [
 ]
 
 
+def get_expert_figures():
+    """results/figures/expert_load_<sweep>.png of each sweep with an MoE run (rule experts)."""
+    sweeps = sorted({s for (s, _), run in RUNS.items() if run["num_experts"] > 1})
+    return [f"results/figures/expert_load_{sweep}.png" for sweep in sweeps]
+
+
 def get_analysis_outputs():
     """The figures and the report (rule all), or none when no sweep has a run (empty models)."""
     if not RUNS:
         return []
-    return [f"results/figures/{name}.png" for name in FIGURES] + ["results/REPORT.md"]
+    figures = [f"results/figures/{name}.png" for name in FIGURES]
+    return figures + get_expert_figures() + ["results/REPORT.md"]
