@@ -97,6 +97,10 @@ def add_experts_parser(sub: argparse._SubParsersAction) -> None:
         e, "--out", Path("results"), "writes figures/expert_load_<sweep>.png and "
         "figures/experts/<sweep>/<run>.png here (default results)",
     )  # fmt: skip
+    e.add_argument(
+        "--no-mlflow", action="store_true",
+        help="do not attach each run's figure to its MLflow run (artifacts under figures/)",
+    )  # fmt: skip
 
 
 def run_experts(args: argparse.Namespace) -> int:
@@ -106,7 +110,7 @@ def run_experts(args: argparse.Namespace) -> int:
 
     data, _ = collect.collect_runs(args.run_dirs or [Path("results/runs")])
     summary, written = data.summary, []
-    stats = {}
+    stats, per_run = {}, {}
     for _, row in summary.iterrows():
         found = read_expert_stats(row["run_dir"])
         if found is None or not found["snapshots"]:
@@ -114,7 +118,9 @@ def run_experts(args: argparse.Namespace) -> int:
         stats[row["run_id"]] = found
         fig = fig_expert_load.run_figure(found, f"{row['sweep']}/{row['name']}")
         folder = args.out / "figures" / "experts" / str(row["sweep"] or "none")
-        written += io.save_figure(fig, folder, Path(row["run_dir"]).name)
+        paths = io.save_figure(fig, folder, Path(row["run_dir"]).name)
+        per_run[Path(row["run_dir"])] = [p for p in paths if p.suffix == ".png"]
+        written += paths
     for sweep in sorted(set(summary.loc[summary["run_id"].isin(stats), "sweep"])):
         if sweep == "balance":
             fig = fig_expert_load.balance_figure(_balance_panels(summary, stats))
@@ -122,6 +128,11 @@ def run_experts(args: argparse.Namespace) -> int:
             fig = fig_expert_load.sweep_figure(summary, sweep)
         written += io.save_figure(fig, args.out / "figures", f"expert_load_{sweep}")
     print(f"{len(stats)} runs with expert statistics -> {len(written)} files under {args.out}")
+    if per_run and not args.no_mlflow:
+        from moe_impl import tracking  # the only module that talks to MLflow
+
+        for line in tracking.attach_figures(per_run):
+            print(line)
     return 0
 
 

@@ -6,6 +6,8 @@ seconds."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from helpers import tiny
@@ -83,3 +85,28 @@ def test_the_balance_figure_puts_the_runs_without_and_with_the_losses_side_by_si
     ]
     fig = fig_expert_load.balance_figure(panels)
     assert [ax.get_title() for ax in fig.axes if ax.get_title()][:2] == [p[0] for p in panels]
+
+
+@pytest.mark.integration  # an MLflow store
+def test_each_runs_figure_is_attached_to_its_mlflow_run_once(tmp_path, capsys):
+    from moe_impl.tracking import store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "runs" / "lm1b" / "MoE"
+    Trainer(tiny("sweep=lm1b", "tracking.enabled=true", f"tracking.uri={uri}"), run_dir).run()
+    for _ in range(2):  # the workflow's experts rule reruns: the figure is replaced, not added
+        assert cli.main(["experts", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    assert "figures attached to 1 of 1 runs" in capsys.readouterr().out
+    client = store.open_client(uri)
+    identity = json.loads((run_dir / "run.json").read_text())
+    run = store.find_run(client, identity["run_id"])
+    listed = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
+    assert listed == ["figures/MoE.png"]
+
+
+def test_without_a_store_nothing_is_created(tmp_path, capsys):
+    """An untracked run (TINY: tracking off) is left out; no store appears."""
+    Trainer(tiny("sweep=lm1b"), tmp_path / "runs" / "lm1b" / "MoE").run()
+    assert cli.main(["experts", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    assert "figures attached" not in capsys.readouterr().out
+    assert not list(tmp_path.glob("**/*.db"))

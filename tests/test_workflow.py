@@ -187,6 +187,7 @@ def test_smoke_config_runs_end_to_end(tmp_path):
         png = (wd / f"results/figures/expert_load_{sweep}.png").read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n"), sweep
     assert len(list((wd / "results/figures/experts").glob("*/*.png"))) == len(moe)
+    assert "figures attached to" in (wd / "logs/experts.log").read_text()
 
     proc = snakemake(wd, "--configfile", "config/smoke.yaml", "--report", "results/report.html")
     assert proc.returncode == 0, proc.stderr[-3000:]

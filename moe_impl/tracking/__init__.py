@@ -21,7 +21,7 @@ from moe_impl.tracking.store import (
     server_command,
     start_server,
 )
-from moe_impl.tracking.sync import export_runs, import_runs, sync_runs
+from moe_impl.tracking.sync import attach_figures, export_runs, import_runs, sync_runs
 
 __all__ = [
     "COMPLETE_TAG",
@@ -33,6 +33,7 @@ __all__ = [
     "RunTracker",
     "TrackingWarning",
     "artifact_root",
+    "attach_figures",
     "default_tracking_uri",
     "experiment_urls",
     "export_runs",

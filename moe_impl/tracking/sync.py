@@ -101,6 +101,38 @@ def sync_runs(run_dirs: Iterable[str | Path]) -> list[str]:
     return lines
 
 
+FIGURES_PATH = "figures"  # the artifact folder of a run's figures (attach_figures)
+
+
+def attach_figures(figures: dict[str | Path, list[str | Path]]) -> list[str]:
+    """Log each run directory's figures (files) as artifacts of its MLflow run, under
+    FIGURES_PATH, so that its run page shows them. A figure logged again replaces the file of
+    the same name: a run holds each once, however often the analysis runs. Only tracked runs
+    (tracked_stores) whose store exists and holds them; a store that fails is a warning (the
+    figures are on disk either way). Returns one line per store."""
+    lines = []
+    for uri, dirs in tracked_stores(figures).items():
+        try:
+            store.require_store(uri)  # reading a store must not create one
+            client = store.open_client(uri)
+            attached = 0
+            for run_dir in dirs:
+                identity = rundir.read_json(run_dir / rundir.RUN_FILE)
+                run = store.find_run(client, str(identity.get("run_id") or ""))
+                if run is None:
+                    continue
+                for path in figures.get(run_dir) or figures.get(str(run_dir)) or []:
+                    client.log_artifact(run.info.run_id, str(path), artifact_path=FIGURES_PATH)
+                attached += 1
+        except Exception as err:  # the figures are written; MLflow is a view of them
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            log.warning("MLflow store %s: figures not attached (%s)", uri, first)
+            lines.append(f"{uri}: figures not attached ({first})")
+            continue
+        lines.append(f"{uri}: figures attached to {attached} of {len(dirs)} runs")
+    return lines
+
+
 def _read_config(run_dir: Path) -> dict:
     import yaml
 

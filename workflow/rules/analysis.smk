@@ -53,10 +53,12 @@ rule figures:
 # Inside the experts (python -m analysis experts): each MoE run's load heatmap over training with
 # its Lorenz curve (results/figures/experts/<sweep>/<run>.png), and per sweep with MoE runs
 # results/figures/expert_load_<sweep>.png (dead experts and MaxVio against the experts; the
-# balance sweep's heatmaps without and with the balancing losses).
+# balance sweep's heatmaps without and with the balancing losses), each run's figure attached to
+# its MLflow run (artifacts under figures/, replaced when drawn again).
 rule experts:
     input:
         get_run_summaries(),
+        synced="results/mlflow.synced",  # each run's figure goes to its MLflow run too
     output:
         get_expert_figures(),
     log:
