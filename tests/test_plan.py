@@ -53,7 +53,7 @@ def test_device_memory_scales_the_activations_not_the_parameters():
 
 
 def test_device_memory_rule_gives_back_the_measured_131072_expert_peaks():
-    """docs/gpu.md (2026-11-30, H200): MoE-131072-h peaked at 42.8 GiB with 2.2B parameters and at
+    """docs/gpu.md's H200 report: MoE-131072-h peaked at 42.8 GiB with 2.2B parameters and at
     65 GiB with twice the expert weights (d_hidden 64); the fitted bytes per parameter give the
     second from the first."""
     entry = {"params": 2216820736, "peak_gib": 42.81, "tokens_per_step": 262144, "source": "run 4"}
@@ -85,7 +85,7 @@ def test_a_step_scales_with_its_positions_and_the_input_overlaps_when_made_ahead
     assert fast.value == pytest.approx(0.8)
 
 
-# config/gpu.yaml as gpu-check run 4 projected it (2026-11-30): 24 runs of 262,144 positions a step,
+# config/gpu.yaml as gpu-check run 4 projected it (docs/gpu_check/): 24 runs of 262,144 positions a step,
 # the batches made inline between steps
 RUN4 = {
     "train_config": "config/train/gpu.yaml",

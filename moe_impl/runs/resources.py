@@ -95,10 +95,10 @@ def train_mem_mb(
 
 
 # Device bytes per parameter (bf16 autocast on CUDA), fitted to gpu-check's measured peaks
-# (docs/gpu.md, 2026-11-30): float32 weights and gradients, Adam's two moments, the bf16 copy (~18;
-# 16.5 from MoE-256-h -> MoE-1024-h), and from 4096 experts the sparse expert gradients of a batch
-# that touches nearly every expert, their bf16 copy and the factored Adam (~11: MoE-131072-h at
-# 2.2B parameters 42.8 GiB, at 4.4B parameters 65 GiB, the same activations).
+# (docs/gpu.md, docs/workflow.md's gpu/ table): float32 weights and gradients, Adam's two moments
+# and the bf16 copy for dense ones; from 4096 experts the sparse expert gradients of a batch that
+# touches nearly every expert, their bf16 copy and the factored Adam. tests/test_plan.py checks
+# that the sparse value gives back MoE-131072-h's measured peak at twice the expert weights.
 DEVICE_BYTES = {"dense": 16, "sparse": 11}
 # Gradient accumulation over micro-batches (moe_impl/train/micro.py): while a pass's sparse expert
 # gradient is added to the accumulated one and coalesced, up to two more float32 copies of the

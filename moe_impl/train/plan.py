@@ -193,7 +193,7 @@ def _input_rate(device: Mapping, workers: int) -> float | None:
     times `speedup`, the trainer's path against it as `bench --data` measured it) times the
     workers (at least one: inline generation is one process)."""
     source = device.get("input") or {}
-    if source.get("ms_per_batch"):  # the trainer's input path itself (gpu-check since 2026-12-07)
+    if source.get("ms_per_batch"):  # the trainer's input path itself (what gpu-check writes)
         one = source["tokens_per_batch"] / (source["ms_per_batch"] / 1e3)
     elif source.get("reference_ms_per_batch"):
         one = source["tokens_per_batch"] / (source["reference_ms_per_batch"] / 1e3)

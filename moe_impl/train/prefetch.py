@@ -19,8 +19,8 @@ forking a process that uses CUDA is safe as long as the child does not).
 
 **Which corpora.** Only the synthetic corpus is made by workers (`PREFETCHED_CORPORA`): its batch
 is numpy work (a counter-based RNG and a table walk per token). LM1B and text batches are windows
-of one int32 array (a fancy index, 2.4 ms at 262,144 tokens on our machine), about what handing
-one over costs (1.3-1.6 ms); they stay inline whatever `train.prefetch_workers` says. `resolve_workers` picks the count:
+of one int32 array (a fancy index), which cost about what handing one over does; they stay inline
+whatever `train.prefetch_workers` says. `resolve_workers` picks the count:
 `train.prefetch_workers`, or, when it is null, 2 on CUDA and 0 (inline) on CPU, where a worker
 would take CPU time from the training steps of the runs that already share the cores
 (docs/training.md, "Batches made ahead", has the measurements).
@@ -75,7 +75,7 @@ _SIGNALS = tuple(
 )
 _ALIGN = 64  # each array of a slot starts at a multiple of this many bytes
 # a worker's priority below the trainer's: the credit that wakes it must not preempt the trainer
-# on its own core (2.3 ms per step on our 2-core machine at nice 0, 0.03 ms at 5); it still gets
+# on its own core (docs/training.md, "Batches made ahead", has the measurement); it still gets
 # every core the trainer leaves idle
 _NICE = 5
 
