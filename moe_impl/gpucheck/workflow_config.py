@@ -35,7 +35,7 @@ from moe_impl.runs.sweeps import planned_runs
 from moe_impl.train.config import load_config, model_config
 from moe_impl.train.corpus import build_corpus
 from moe_impl.train.device import device_name
-from moe_impl.train.plan import prefetch_workers
+from moe_impl.train.plan import eval_positions, prefetch_workers
 from moe_impl.train.schedule import total_steps
 
 
@@ -111,16 +111,15 @@ def project_workflow(
             {**entry, "source": "this check"}, tokens_per_step=train.tokens_per_step,
             input_tokens_per_s=input_rate * max(workers, 1), prefetch=workers > 0,
         )  # fmt: skip
-        evals = 1 + len(cfg.eval.at_tokens)
-        eval_positions = (cfg.eval.tokens or 0) * evals
-        eval_s = eval_positions / train.tokens_per_step * step.value * resources.EVAL_COST
+        evaluated = eval_positions(cfg, steps)
         wait = max(step.value - measured["median_s"], 0.0)
         rows.append({**row, "steps": steps, "step_ms": entry["step_ms"],
                      "batch_ms": 1e3 * batches[shape] * train.micro_batches,
                      "prefetch_workers": workers,
                      "input_wait_fraction": wait / step.value if step.value else 0.0,
                      "peak_gib": entry["peak_gib"],
-                     "projected_hours": (steps * step.value + eval_s) / 3600})  # fmt: skip
+                     "projected_hours": resources.run_hours(
+                         steps, step.value, evaluated, train.tokens_per_step)})  # fmt: skip
     projected = [r["projected_hours"] for r in rows if "projected_hours" in r]
     unprojected = [f"{r['sweep']}/{r['run']}" for r in rows if "projected_hours" not in r]
     result = {

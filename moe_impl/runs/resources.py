@@ -141,6 +141,13 @@ def device_peak_gib(
     return Estimate(state + activations * scale + accumulation, f"{how} {measured['source']}")
 
 
+def run_hours(steps: int, step_s: float, eval_positions: int, tokens_per_step: int) -> float:
+    """Hours of a run: its steps at `step_s` each, plus its evaluated positions at EVAL_COST of a
+    trained position."""
+    eval_s = eval_positions / tokens_per_step * step_s * EVAL_COST
+    return (steps * step_s + eval_s) / 3600
+
+
 def step_seconds(
     measured: dict | None,
     *,

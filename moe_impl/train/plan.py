@@ -111,7 +111,7 @@ def _cpu_throughput(reference: Path) -> dict[str, float]:
     return {preset: sum(v) / len(v) for preset, v in rates.items() if v}
 
 
-def _eval_positions(cfg, steps: int) -> int:
+def eval_positions(cfg, steps: int) -> int:
     """Positions the run evaluates: eval.tokens at every snapshot before the end and at the end
     (the whole split of a finite corpus is not known here: counted as eval.tokens or 0)."""
     per_step = cfg.train.tokens_per_step
@@ -162,8 +162,7 @@ def plan_row(run, cfg, measured: dict, cpu_rates: dict, peaks: dict) -> PlanRow:
     hours = None
     if step is not None:
         source = step.source
-        eval_s = _eval_positions(cfg, steps) / per_step * step.value * resources.EVAL_COST
-        hours = (steps * step.value + eval_s) / 3600
+        hours = resources.run_hours(steps, step.value, eval_positions(cfg, steps), per_step)
     return PlanRow(
         sweep=run.sweep, run=run.run, preset=run.preset, device=train.device,
         num_experts=model.num_experts, params=params, batch_positions=per_step,
