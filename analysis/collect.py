@@ -131,7 +131,7 @@ def check_summary(run: dict) -> None:
     A missing or non-numeric value would become a NaN row that a claim's rule then reads."""
     summary, where = run["summary"], f"{run['run_dir']}/{rundir.SUMMARY_FILE}"
     ppl = summary.get("test_perplexity")
-    if not io.is_number(ppl) or not np.isfinite(ppl):
+    if runinfo.number(ppl) is None:  # a finite number (runinfo.number)
         got = "no test_perplexity" if ppl is None else f"test_perplexity {io.kind_of(ppl)}"
         raise ValueError(f"{where}: {got}, expected a finite number")
     for key in set(rundir.SUMMARY_KEYS) - NON_NUMERIC_KEYS:
