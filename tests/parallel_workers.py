@@ -66,6 +66,7 @@ def reference(case: dict) -> dict:
         "y": out.y.detach(),
         "aux": out.aux_loss.detach(),
         "counts": out.stats.tokens_per_expert,
+        "entropy": out.stats.entropy_sums,
         "x_grad": x.grad,
         "grads": grads,
     }
@@ -108,6 +109,7 @@ def distributed_case(rank: int, world: int, case: dict) -> dict:
         "y": out.y.detach(),
         "aux": out.aux_loss.detach(),
         "counts": out.stats.tokens_per_expert,
+        "entropy": out.stats.entropy_sums,
         "x_grad": x_local.grad,
         "grads": grads,
         "world": dist.get_world_size(),

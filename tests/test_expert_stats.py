@@ -4,6 +4,7 @@ experts, resume equality, summary.json's keys, and training left bit for bit as 
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -181,3 +182,66 @@ def test_recording_leaves_the_training_bit_for_bit(tmp_path, monkeypatch):
         for d in ("recorded", "plain")
     )
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_group_metrics_come_from_the_groups_of_experts():
+    tally = expertstats.ExpertTally.new(6, num_groups=2)  # groups {0, 1, 2} and {3, 4, 5}
+    tally.add(1, np.array([3, 0, 0, 0, 0, 0]), np.zeros(6), (0.5, 0.1, 0.4))
+    tally.add(2, np.array([1, 0, 0, 0, 2, 0]), np.zeros(6), (0.7, 0.3, 0.6))
+    metrics = expertstats.record(None, tally, 2, 10, window=1)
+    # group loads 4 and 2: MaxVio = 4 / 3 − 1; the busiest 20% of 2 groups is one group
+    assert metrics["group_max_violation"] == pytest.approx(1 / 3)
+    assert metrics["group_top20_load_share"] == pytest.approx(4 / 6)
+    assert metrics["group_dead_fraction"] == 0.0  # each group had a slot at step 2
+    assert metrics["dead_expert_fraction"] == pytest.approx(4 / 6)
+    # the entropies: means over the record's steps
+    assert metrics["gate_entropy"] == pytest.approx(0.6)
+    assert metrics["primary_gate_entropy"] == pytest.approx(0.2)
+    assert metrics["secondary_gate_entropy"] == pytest.approx(0.5)
+    tally.add(3, np.array([0, 0, 0, 5, 0, 0]), np.zeros(6), (0.1, 0.0, 0.1))
+    later = expertstats.record(None, tally, 3, 10, window=1)
+    assert later["group_dead_fraction"] == 0.5 and later["gate_entropy"] == pytest.approx(0.1)
+
+
+def test_a_flat_tally_has_no_group_metrics_and_old_checkpoints_load():
+    tally = expertstats.ExpertTally.new(4)
+    tally.add(1, np.array([1, 1, 1, 1]), np.zeros(4), (0.25, None, None))
+    metrics = expertstats.record(None, tally, 1, 10, window=5)
+    assert tuple(metrics) == expertstats.EXPERT_METRICS and metrics["gate_entropy"] == 0.25
+    saved = tally.to_dict()
+    for key in ("entropy", "entropy_steps"):  # a checkpoint from before the entropies
+        del saved[key]
+    old = expertstats.ExpertTally.from_dict(saved)
+    old.add(2, np.array([1, 0, 0, 0]), np.zeros(4), (0.5, None, None))
+    assert expertstats.record(None, old, 2, 10, window=5)["gate_entropy"] == 0.5
+
+
+def test_a_file_begun_under_an_older_layout_keeps_its_columns(tmp_path):
+    tally = expertstats.ExpertTally.new(4)
+    expertstats.write_layout(tmp_path, tally, 10, 5)
+    layout_path = expertstats.stats_dir(tmp_path) / expertstats.LAYOUT_FILE
+    layout = json.loads(layout_path.read_text())
+    old = [c for c in layout["columns"] if c != "gate_entropy"]  # VERSION 1's columns
+    layout_path.write_text(json.dumps({**layout, "version": 1, "columns": old}))
+    tally.add(1, np.array([2, 0, 1, 1]), np.zeros(4), (0.3, None, None))
+    expertstats.record(tmp_path, tally, 1, 10, window=5)
+    records = expertstats.read_expert_stats(tmp_path)["records"]
+    assert list(records) == old and records["max_violation"].tolist() == [1.0]
+
+
+def test_a_hierarchical_run_logs_each_levels_metrics(tmp_path):
+    hier = [s for s in TINY if not s.startswith("model.k=")]
+    more = ["model.preset=cpu/MoE-0.5M", "model.num_groups=2", "model.group_size=4"]
+    more += ["model.k_primary=1", "model.k_secondary=2"]
+    summary = Trainer(load_config([], [*hier, *more]), tmp_path / "h").run()
+    logged = [r for r in rundir.read_metrics(tmp_path / "h") if "gate_entropy" in r]
+    assert [r["step"] for r in logged] == [10, 12]
+    for key in expertstats.METRICS:
+        assert logged[-1][key] == summary[key] and summary[key] is not None
+    # one group per token (k_primary = 1): the primary gate is 1, its entropy 0, and the whole
+    # gate's entropy is the secondary gate's (the chain rule), each at most ln 2
+    assert summary["primary_gate_entropy"] == 0.0
+    assert summary["gate_entropy"] == pytest.approx(summary["secondary_gate_entropy"], rel=1e-9)
+    assert 0 < summary["secondary_gate_entropy"] <= math.log(2)
+    records = expertstats.read_expert_stats(tmp_path / "h")["records"]
+    assert records["group_max_violation"][-1] == pytest.approx(summary["group_max_violation"])

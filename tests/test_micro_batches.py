@@ -119,7 +119,10 @@ def test_micro_batches_give_the_whole_batchs_gradients(tmp_path, model, m):
     # the step's routing: counts summed over the micro-batches are the whole batch's
     assert torch.equal(stats_m.tokens_per_expert, stats.tokens_per_expert)
     assert stats_m.num_dropped == stats.num_dropped == 0
-    for key in ("importance", "load", "cv_importance", "cv_load", "max_over_mean_load"):
+    keys = ("importance", "load", "cv_importance", "cv_load", "max_over_mean_load", "gate_entropy")
+    if model == "hierarchical":
+        keys += ("primary_gate_entropy", "secondary_gate_entropy")
+    for key in keys:
         torch.testing.assert_close(getattr(stats_m, key), getattr(stats, key), msg=key)
 
 

@@ -51,6 +51,7 @@ def test_distributed_layer_equals_single_process(results, world, index):
     for r in ranks:  # the global loss and statistics on every rank
         torch.testing.assert_close(r["aux"], ref["aux"])
         assert torch.equal(r["counts"], ref["counts"])
+        torch.testing.assert_close(r["entropy"], ref["entropy"], rtol=1e-12, atol=1e-12)
         assert r["grads"].keys() == ref["grads"].keys()
         for name, grad in ref["grads"].items():
             torch.testing.assert_close(r["grads"][name], grad, msg=lambda m, n=name: f"{n}: {m}")

@@ -35,6 +35,16 @@ class RoutingStats(NamedTuple):
     cv_load: Tensor
     max_over_mean_load: Tensor  # max / mean of tokens_per_expert (Table 6's max(Load)/mean(Load))
     num_dropped: int  # slots dropped by a capacity limit; 0 with the paper's dropless default
+    # Gate entropy in nats, -Σ_i G(x)_i ln G(x)_i over a token's nonzero gates (at most ln k):
+    # the mean over tokens of the whole gate (Eq. 12's products when hierarchical), and for a
+    # hierarchical layer the primary gate's mean over tokens and the secondary gates' mean over
+    # (token, group) pairs; None where not computed (flat layers have one level).
+    gate_entropy: Tensor | None = None
+    primary_gate_entropy: Tensor | None = None
+    secondary_gate_entropy: Tensor | None = None
+    # (5,) float64 sums behind the means, which add over ranks and micro-batches: Σ_x H(G(x)),
+    # Σ_x H(G_primary(x)), Σ_pairs H(G_i(x)), tokens, pairs (the last three 0 for a flat layer)
+    entropy_sums: Tensor | None = None
 
 
 class MoEOutput(NamedTuple):
@@ -63,11 +73,49 @@ def expert_capacity(num_slots: int, num_experts: int, capacity_factor: float | N
     return max(1, -(-int(capacity_factor * num_slots) // num_experts))
 
 
+def token_entropy(gates_BK: Tensor) -> Tensor:
+    """(B,) entropy in nats of each row of gate values that sum to 1; a zero gate adds nothing."""
+    g = gates_BK.detach().to(torch.float64)
+    return -torch.special.xlogy(g, g).sum(-1)
+
+
+def entropy_sums(
+    gates_BK: Tensor, primary_BK: Tensor | None = None, secondary_PK: Tensor | None = None
+) -> Tensor:
+    """RoutingStats.entropy_sums of one pass: the whole gates `gates_BK` (one row per token), and
+    for a hierarchical layer the primary gates (one row per token) and the secondary gates (one
+    row per (token, group) pair)."""
+    out = torch.zeros(5, dtype=torch.float64, device=gates_BK.device)
+    out[0] = token_entropy(gates_BK).sum()
+    out[3] = gates_BK.shape[0]
+    if primary_BK is not None and secondary_PK is not None:
+        out[1] = token_entropy(primary_BK).sum()
+        out[2] = token_entropy(secondary_PK).sum()
+        out[4] = secondary_PK.shape[0]
+    return out
+
+
+def _entropy_means(sums: Tensor | None) -> tuple[Tensor | None, ...]:
+    """(gate, primary, secondary) mean entropies from entropy_sums; None where nothing was summed."""
+    if sums is None or sums[3] <= 0:
+        return None, None, None
+    if sums[4] <= 0:
+        return sums[0] / sums[3], None, None
+    return sums[0] / sums[3], sums[1] / sums[3], sums[2] / sums[4]
+
+
 def routing_stats(
-    counts_E: Tensor, importance_E: Tensor, load_E: Tensor, num_dropped: int
+    counts_E: Tensor,
+    importance_E: Tensor,
+    load_E: Tensor,
+    num_dropped: int,
+    entropy: Tensor | None = None,
 ) -> RoutingStats:
+    """The statistics of a pass (or of passes whose counts, Importance, Load and `entropy`
+    sums were added)."""
     with torch.no_grad():
         counts_f = counts_E.to(importance_E.dtype)
+        entropy = None if entropy is None else entropy.detach()
         return RoutingStats(
             tokens_per_expert=counts_E.detach(),
             importance=importance_E.detach(),
@@ -76,6 +124,10 @@ def routing_stats(
             cv_load=balancing.cv_squared(load_E.detach()).sqrt(),
             max_over_mean_load=counts_f.max() / (counts_f.mean() + balancing.EPS),
             num_dropped=num_dropped,
+            gate_entropy=(means := _entropy_means(entropy))[0],
+            primary_gate_entropy=means[1],
+            secondary_gate_entropy=means[2],
+            entropy_sums=entropy,
         )
 
 
@@ -86,11 +138,13 @@ def moe_output(
     counts_E: Tensor,
     num_dropped: int,
     config: MoEConfig,
+    entropy: Tensor | None = None,
 ) -> MoEOutput:
-    """The losses (paper Eq. 7 and 11) and statistics of a forward pass, packed with its output."""
+    """The losses (paper Eq. 7 and 11) and statistics of a forward pass, packed with its output;
+    `entropy`: the pass's entropy_sums."""
     importance_loss = config.w_importance * balancing.cv_squared(importance_E)
     load_loss = config.w_load * balancing.cv_squared(load_E)
-    stats = routing_stats(counts_E, importance_E, load_E, num_dropped)
+    stats = routing_stats(counts_E, importance_E, load_E, num_dropped, entropy)
     return MoEOutput(y, importance_loss + load_loss, importance_loss, load_loss, stats)
 
 
@@ -168,8 +222,9 @@ class MoE(ConfiguredLayer, nn.Module):
         importance_E = balancing.importance(expert_N, gate_N, cfg.num_experts)
         load_E = balancing.load(gate.prob_in_top_k_BE, plan.counts_E.to(gate_N.dtype))
         return moe_output(
-            y_BD.view(x.shape), importance_E, load_E, plan.counts_E, plan.num_dropped, cfg
-        )
+            y_BD.view(x.shape), importance_E, load_E, plan.counts_E, plan.num_dropped, cfg,
+            entropy_sums(gate.top_gates_BK),
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return self.config.describe()

@@ -34,6 +34,7 @@ from moe_impl.layer.dispatch import (
 )
 from moe_impl.layer.flat import (
     MoEOutput,
+    entropy_sums,
     expert_bank,
     expert_capacity,
     flatten_input,
@@ -203,8 +204,11 @@ class HierarchicalMoE(ConfiguredLayer, nn.Module):
         counts_GS = plan.counts_E.to(dtype).view(cfg.num_groups, group_size)
         secondary_load_GS = balancing.group_load(secondary.prob_in_top_k_BE, group_P, counts_GS)
         load_E = balancing.hierarchical_load(secondary_load_GS, primary_load_G, primary_count_G)
+        entropy = entropy_sums(
+            gate_M.view(num_tokens, k1 * k2), primary.top_gates_BK, secondary.top_gates_BK
+        )
         return moe_output(
-            y_BD.view(x.shape), importance_E, load_E, plan.counts_E, plan.num_dropped, cfg
+            y_BD.view(x.shape), importance_E, load_E, plan.counts_E, plan.num_dropped, cfg, entropy
         )
 
     def extra_repr(self) -> str:

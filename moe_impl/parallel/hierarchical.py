@@ -32,13 +32,34 @@ from torch import Tensor, nn
 from moe_impl.layer import balancing
 from moe_impl.layer.config import ConfiguredLayer, MoEConfig
 from moe_impl.layer.dispatch import make_plan
-from moe_impl.layer.flat import MoEOutput, expert_bank, flatten_input, grouped_experts, moe_output
+from moe_impl.layer.flat import (
+    MoEOutput,
+    expert_bank,
+    flatten_input,
+    grouped_experts,
+    moe_output,
+    token_entropy,
+)
 from moe_impl.layer.gating import NoisyTopKGate
 from moe_impl.layer.hierarchical import GroupGates, expert_index
 from moe_impl.parallel.comm import exchange, rank_and_size, replicated_sum
 from moe_impl.parallel.moe import global_normal
 from moe_impl.parallel.routing import combine, gather_slots, route, shard_bounds
 from moe_impl.parallel.shard import mark_sharded
+
+
+def split_entropy_sums(primary_BK: Tensor, gate_M: Tensor, secondary_MK: Tensor) -> Tensor:
+    """flat.entropy_sums of this rank's part when a token's two levels live on different ranks:
+    its tokens' primary gates `primary_BK`, and the pairs it received, their primary gate values
+    `gate_M` and secondary gates `secondary_MK`. The whole gate's entropy splits by the chain rule,
+    H(G) = H(G_primary) + Σ_i G_primary(x)_i H(G_i(x)) (each G_i(x) sums to 1, Eq. 12), so the
+    sums over ranks equal the single-process layer's."""
+    h_primary = token_entropy(primary_BK).sum()
+    h_secondary_M = token_entropy(secondary_MK)
+    weighted = (gate_M.detach().to(torch.float64) * h_secondary_M).sum()
+    sums = [h_primary + weighted, h_primary, h_secondary_M.sum()]
+    counts = [primary_BK.shape[0], secondary_MK.shape[0]]
+    return torch.cat([torch.stack(sums), h_primary.new_tensor(counts)])
 
 
 class DistributedHierarchicalMoE(ConfiguredLayer, nn.Module):
@@ -165,7 +186,12 @@ class DistributedHierarchicalMoE(ConfiguredLayer, nn.Module):
         load_E = balancing.hierarchical_load(
             secondary_load_E.view(num_groups, group_size), primary_load_G, count_G
         )
-        return moe_output(y_BD.view(x.shape), importance_E, load_E, counts_E.round().long(), 0, cfg)
+        entropy = replicated_sum(
+            split_entropy_sums(primary.top_gates_BK, gate_M, secondary.top_gates_BK), self.group
+        )
+        return moe_output(
+            y_BD.view(x.shape), importance_E, load_E, counts_E.round().long(), 0, cfg, entropy
+        )
 
     def extra_repr(self) -> str:
         first, local = self.first_group, self.secondary_gate.w_gate.shape[0]

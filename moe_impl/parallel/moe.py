@@ -30,7 +30,14 @@ from torch import Tensor, nn
 from moe_impl.layer import balancing
 from moe_impl.layer.config import ConfiguredLayer, MoEConfig
 from moe_impl.layer.dispatch import make_plan
-from moe_impl.layer.flat import MoEOutput, expert_bank, flatten_input, grouped_experts, moe_output
+from moe_impl.layer.flat import (
+    MoEOutput,
+    entropy_sums,
+    expert_bank,
+    flatten_input,
+    grouped_experts,
+    moe_output,
+)
 from moe_impl.layer.gating import NoisyTopKGate
 from moe_impl.parallel.comm import all_gather_sizes, exchange, rank_and_size, replicated_sum
 from moe_impl.parallel.routing import combine, gather_slots, route, shard_bounds
@@ -123,7 +130,10 @@ class DistributedMoE(ConfiguredLayer, nn.Module):
         counts_E = torch.bincount(expert_N, minlength=num_experts).to(importance_E.dtype)
         load_E = balancing.load(gate.prob_in_top_k_BE, counts_E)
         total = replicated_sum(torch.stack([importance_E, load_E, counts_E]), self.group)
-        return moe_output(y_BD.view(x.shape), total[0], total[1], total[2].round().long(), 0, cfg)
+        entropy = replicated_sum(entropy_sums(gate.top_gates_BK), self.group)
+        return moe_output(
+            y_BD.view(x.shape), total[0], total[1], total[2].round().long(), 0, cfg, entropy
+        )
 
     def extra_repr(self) -> str:
         first = self.experts.first_expert

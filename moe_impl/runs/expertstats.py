@@ -24,21 +24,26 @@ The layout, RUN_DIR/expert_stats/:
 
 A record is written every `train.log_every` steps and at the last step (tracking.live.tracked_step,
 the steps MLflow gets) and sums the steps since the previous record ("steps"). Its row holds the
-step, the steps summed, the three balance metrics below, and per level (expert, and group when
+step, the steps summed, the record's metrics below, and per level (expert, and group when
 hierarchical) the quantiles min, p10, p50, p90, max of load and of importance over the level's
 entries and the number of entries with zero load. Full vectors are kept at SNAPSHOTS records, the
 first record at or after each k/SNAPSHOTS of the run (k = 1..SNAPSHOTS, the last one the final
-step), which bounds the file: at 131072 experts 8 · 1 MiB + 240 B per record (about 11 MiB for
-10,000 records).
+step), which bounds the file: at 131072 experts (256 × 512) 8 · 1 MiB + 264 B per record (about
+11 MB for 10,000 records).
 
 The balance metrics (metrics.jsonl at each record, summary.json for the last one):
 
 - max_violation: MaxVio = max(load) / mean(load) − 1 over the record's steps;
 - dead_expert_fraction: the share of experts that got no slot in the last `window` steps
   (`train.dead_expert_window`; fewer at the start of the run);
-- top20_load_share: the share of the record's slots that went to the busiest ⌈0.2·n⌉ experts.
+- top20_load_share: the share of the record's slots that went to the busiest ⌈0.2·n⌉ experts;
+- gate_entropy: the mean over the record's steps of the layer's mean gate entropy in nats
+  (RoutingStats.gate_entropy: −Σ_i G(x)_i ln G(x)_i over a token's experts, at most ln k).
 
-The mean gate entropy is not recorded: the layer's RoutingStats carry no per-token gates.
+Hierarchical runs add the same for the level of groups (GROUP_METRICS): group_max_violation,
+group_dead_fraction and group_top20_load_share over the groups' loads, and the entropies of the
+two levels' gates, primary_gate_entropy (per token) and secondary_gate_entropy (per (token, group)
+pair).
 
 Resumed runs: the tally since the last record (`ExpertTally`) lives in the checkpoint, and
 `truncate` cuts the files back to the checkpoint's step, so a resumed run's files equal an
@@ -50,7 +55,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +65,21 @@ from moe_impl.runs import rundir
 STATS_DIR = "expert_stats"
 LAYOUT_FILE = "layout.json"
 RECORDS_FILE = "records.f64"
-VERSION = 1
+VERSION = 2  # 1: no entropies and no group metrics (read alike: a file names its columns)
 SNAPSHOTS = 8  # full vectors at the first record after each eighth of the run (the last included)
 QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 QUANTILE_NAMES = ("min", "p10", "p50", "p90", "max")
 TOP_FRACTION = 0.2  # top20_load_share: the busiest 20% of experts
-METRICS = ("max_violation", "dead_expert_fraction", "top20_load_share")
+EXPERT_METRICS = ("max_violation", "dead_expert_fraction", "top20_load_share", "gate_entropy")
+GROUP_METRICS = (
+    "group_max_violation",
+    "group_dead_fraction",
+    "group_top20_load_share",
+    "primary_gate_entropy",
+    "secondary_gate_entropy",
+)
+METRICS = EXPERT_METRICS + GROUP_METRICS  # summary.json's keys; null where a run has no value
+ENTROPIES = ("gate_entropy", "primary_gate_entropy", "secondary_gate_entropy")
 _ROW = np.dtype("<f8")
 
 
@@ -106,7 +120,11 @@ class ExpertTally:
     steps: int = 0  # steps summed since the last record
     last_record: int = 0  # the step of the last record (0: none yet)
     num_groups: int | None = None  # hierarchical: a groups of E / a experts
-    latest: dict | None = None  # the last record's METRICS
+    latest: dict | None = None  # the last record's metrics
+    # Σ over the steps since the last record of the step's mean gate entropies (ENTROPIES order),
+    # and the steps that gave one (a tally from a checkpoint before VERSION 2 lacks the first ones)
+    entropy: np.ndarray = field(default_factory=lambda: np.zeros(len(ENTROPIES)))
+    entropy_steps: int = 0
 
     @classmethod
     def new(cls, num_experts: int, num_groups: int | None = None) -> ExpertTally:
@@ -117,12 +135,26 @@ class ExpertTally:
             num_groups=num_groups,
         )
 
-    def add(self, step: int, load: np.ndarray, importance: np.ndarray) -> None:
-        """Count training step `step` (1-based): its slots and Importance per expert."""
+    def add(
+        self,
+        step: int,
+        load: np.ndarray,
+        importance: np.ndarray,
+        entropy: tuple[float | None, ...] = (),
+    ) -> None:
+        """Count training step `step` (1-based): its slots and Importance per expert, and its mean
+        gate entropies (ENTROPIES order; None or missing: not computed, NaN in the record)."""
         self.load += load
         self.importance += importance
         self.last_seen[load > 0] = step
         self.steps += 1
+        values = [math.nan if v is None else v for v in entropy]
+        self.entropy += np.asarray(values + [math.nan] * (len(ENTROPIES) - len(values)))
+        self.entropy_steps += 1
+
+    @property
+    def hierarchical(self) -> bool:
+        return bool(self.num_groups)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -135,9 +167,14 @@ class ExpertTally:
 # --- the files -----------------------------------------------------------------------------------
 
 
+def metric_names(hierarchical: bool) -> tuple[str, ...]:
+    """The metrics a record of such a run has."""
+    return METRICS if hierarchical else EXPERT_METRICS
+
+
 def columns(hierarchical: bool) -> tuple[str, ...]:
     """records.f64's columns, in order."""
-    out = ["step", "steps", *METRICS]
+    out = ["step", "steps", *metric_names(hierarchical)]
     for level in ("group", "expert") if hierarchical else ("expert",):
         for what in ("load", "importance"):
             out += [f"{level}_{what}_{q}" for q in QUANTILE_NAMES]
@@ -163,12 +200,39 @@ def _levels(tally: ExpertTally) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return [*out, ("expert", tally.load, tally.importance)]
 
 
-def _row(tally: ExpertTally, step: int, metrics: dict) -> np.ndarray:
-    values = [step, tally.steps, *(metrics[k] for k in METRICS)]
-    for _, load, importance in _levels(tally):
-        values += list(np.quantile(load, QUANTILES)) + list(np.quantile(importance, QUANTILES))
-        values.append(int(np.sum(load == 0)))
-    return np.asarray(values, dtype=_ROW)
+def _metrics(tally: ExpertTally, step: int, window: int) -> dict:
+    """The record's metrics (metric_names): balance per level, mean gate entropies."""
+    means = tally.entropy / tally.entropy_steps if tally.entropy_steps else [math.nan] * 3
+    out = {
+        "max_violation": max_violation(tally.load),
+        "dead_expert_fraction": dead_expert_fraction(tally.last_seen, step, window),
+        "top20_load_share": top_load_share(tally.load),
+        "gate_entropy": float(means[0]),
+    }
+    if tally.hierarchical:
+        a = tally.num_groups
+        group_load = tally.load.reshape(a, -1).sum(1)
+        out |= {
+            "group_max_violation": max_violation(group_load),
+            "group_dead_fraction": dead_expert_fraction(
+                tally.last_seen.reshape(a, -1).max(1), step, window
+            ),
+            "group_top20_load_share": top_load_share(group_load),
+            "primary_gate_entropy": float(means[1]),
+            "secondary_gate_entropy": float(means[2]),
+        }
+    return out
+
+
+def _row(tally: ExpertTally, step: int, metrics: dict, names: list[str]) -> np.ndarray:
+    """The record's row under the file's columns `names` (a column it lacks: NaN)."""
+    values = {"step": step, "steps": tally.steps, **metrics}
+    for level, load, importance in _levels(tally):
+        for what, v in (("load", load), ("importance", importance)):
+            values |= dict(zip((f"{level}_{what}_{q}" for q in QUANTILE_NAMES),
+                               np.quantile(v, QUANTILES), strict=True))  # fmt: skip
+        values[f"{level}_zero_load"] = int(np.sum(load == 0))
+    return np.asarray([values.get(name, math.nan) for name in names], dtype=_ROW)
 
 
 def _narrow(load: np.ndarray) -> np.ndarray:
@@ -206,20 +270,20 @@ def record(
     """Close the record at `step`: its METRICS (returned, and kept as tally.latest), its row and,
     when due, its full vectors written under run_dir (None: write nothing, a rank other than 0);
     the tally then starts the next record."""
-    metrics = {
-        "max_violation": max_violation(tally.load),
-        "dead_expert_fraction": dead_expert_fraction(tally.last_seen, step, window),
-        "top20_load_share": top_load_share(tally.load),
-    }
+    metrics = _metrics(tally, step, window)
     if run_dir is not None:
-        if not (stats_dir(run_dir) / LAYOUT_FILE).exists():
+        layout_path = stats_dir(run_dir) / LAYOUT_FILE
+        if not layout_path.exists():
             write_layout(run_dir, tally, total_steps, window)
         if snapshot_due(step, tally.last_record, total_steps):
             _write_snapshot(run_dir, tally, step)
-        _append_row(run_dir, _row(tally, step, metrics))
+        # a run begun under an older VERSION keeps its file's columns
+        names = json.loads(layout_path.read_text())["columns"]
+        _append_row(run_dir, _row(tally, step, metrics, names))
     tally.load[:] = 0
     tally.importance[:] = 0.0
-    tally.steps, tally.last_record, tally.latest = 0, step, metrics
+    tally.entropy[:] = 0.0
+    tally.steps, tally.entropy_steps, tally.last_record, tally.latest = 0, 0, step, metrics
     return metrics
 
 

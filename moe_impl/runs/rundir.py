@@ -8,8 +8,9 @@
                             "cv_importance", "cv_load", "max_over_mean_load", "num_dropped",
                             "time"}; input_wait_s: the seconds the step waited for its batch
                             (train/prefetch.py), included in its tokens_per_second; MoE runs
-                            add "max_violation", "dead_expert_fraction", "top20_load_share" at
-                            every train.log_every step and the last (runs/expertstats.py)
+                            add "max_violation", "dead_expert_fraction", "top20_load_share",
+                            "gate_entropy" (hierarchical runs: also GROUP_METRICS) at every
+                            train.log_every step and the last (runs/expertstats.py)
                            {"kind": "eval", "step", "tokens", "split", "nll", "perplexity",
                             "excess_nll" (or null), "scored_tokens", "time"}
       expert_load.json   MoE runs: {"steps": n, "tokens_per_expert": [...]}, the true load (slots
@@ -78,6 +79,13 @@ SUMMARY_KEYS = (
     "max_violation",  # MaxVio = max load / mean load − 1 over the record's steps
     "dead_expert_fraction",  # experts with no token in the last train.dead_expert_window steps
     "top20_load_share",  # the share of slots on the busiest 20% of experts
+    "gate_entropy",  # mean gate entropy in nats over the record's tokens (at most ln k)
+    # hierarchical runs only (null otherwise): the same for the groups, and each level's entropy
+    "group_max_violation",
+    "group_dead_fraction",
+    "group_top20_load_share",
+    "primary_gate_entropy",  # per token, over the k_primary groups
+    "secondary_gate_entropy",  # per (token, group) pair, over the k_secondary experts
     "peak_memory_mb",
     "wall_time_s",
     "train_tokens",  # training positions processed (batch · seq_len · steps)

@@ -210,18 +210,22 @@ class Trainer:
             if step >= self.total_steps - STATS_WINDOW:  # the per-expert load histogram
                 load = self.loop.expert_load
                 self.loop.expert_load = counts if load is None else load + counts
-            self._tally(step + 1, counts, stats.importance)
+            self._tally(step + 1, counts, stats)
         return record
 
-    def _tally(self, step: int, counts: np.ndarray, importance: torch.Tensor) -> None:
+    def _tally(self, step: int, counts: np.ndarray, stats) -> None:
         """Count step `step` (1-based) into the per-expert statistics (runs/expertstats.py): its
-        slots per expert and Importance (Eq. 6; Eq. 13 when hierarchical). Recording only: nothing
-        here feeds back into the training."""
+        slots per expert, Importance (Eq. 6; Eq. 13 when hierarchical) and mean gate entropies
+        (RoutingStats). Recording only: nothing here feeds back into the training."""
         tally = self.loop.expert_tally
         if tally is None:
             groups = self.model_cfg.num_groups if self.model_cfg.moe == "hierarchical" else None
             tally = self.loop.expert_tally = expertstats.ExpertTally.new(counts.size, groups)
-        tally.add(step, counts, importance.detach().double().cpu().numpy())
+        entropy = [getattr(stats, name) for name in expertstats.ENTROPIES]
+        tally.add(
+            step, counts, stats.importance.detach().double().cpu().numpy(),
+            tuple(None if h is None else float(h) for h in entropy),
+        )  # fmt: skip
 
     def _forward_backward(self, inputs, targets, scored) -> tuple:
         """Forward and backward of the step's rows in train.micro_batches micro-batches, gradients

@@ -69,7 +69,8 @@ def combine_stats(stats: list[RoutingStats | None]) -> RoutingStats | None:
     """The step's routing statistics from its micro-batches': counts, Importance, Load and dropped
     slots summed, then the CVs and max/mean load of the sums (flat.routing_stats). Importance and
     the true counts add over rows (Eq. 6), so do the smooth loads of the flat layer (Eq. 10); the
-    hierarchical Load (Eq. 14) is the sum of the micro-batches'."""
+    hierarchical Load (Eq. 14) is the sum of the micro-batches'; the gate entropies are means of the
+    summed entropy_sums."""
     if len(stats) == 1 or stats[0] is None:
         return stats[0]
     return routing_stats(
@@ -77,6 +78,7 @@ def combine_stats(stats: list[RoutingStats | None]) -> RoutingStats | None:
         sum(s.importance for s in stats),
         sum(s.load for s in stats),
         sum(int(s.num_dropped) for s in stats),
+        None if stats[0].entropy_sums is None else sum(s.entropy_sums for s in stats),
     )
 
 

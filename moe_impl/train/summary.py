@@ -3,8 +3,8 @@ the corpus (its describe() and the unigram perplexity of the evaluated tokens,
 moe_impl/data/unigram.py), the resolved model and its accounting (moe_impl/model/flops.py), the
 training regime beside the paper's (moe_impl/model/regime.py), throughput and MFU, the routing
 statistics of the last steps, the balance metrics of the last expert-statistics record
-(moe_impl/runs/expertstats.py: max_violation, dead_expert_fraction, top20_load_share; null for
-dense runs), and where and how the run ran.
+(moe_impl/runs/expertstats.py METRICS: MaxVio, dead experts, the busiest 20%'s share and the
+mean gate entropy, per level when hierarchical; null where a run has no value), and where and how the run ran.
 
 A run whose evaluation diverged (its perplexity is not finite: an NLL that is NaN, infinite, or
 so large that exp() overflows) still gets a summary.json: `diverged` gives the reason in one line
@@ -96,7 +96,7 @@ def build_summary(
     }
     floor = corpus.floor_nats()
     latest = loop.expert_tally.latest if loop.expert_tally is not None else None
-    balance = {k: latest[k] if latest else None for k in expertstats.METRICS}  # dense: null
+    balance = {k: latest.get(k) if latest else None for k in expertstats.METRICS}  # dense: null
     return {
         "name": name,
         "preset": preset,
