@@ -1,7 +1,7 @@
 """What a run will cost before it runs: its host memory (the workflow's `mem_mb`), its device memory
 and its wall time, estimated from measurements where there are some and from the model's size
-where there are none. Read by the workflow (workflow/rules/common.smk: each job's mem_mb) and by
-`python -m moe_impl plan`; torch-free.
+where there are none. Read by the workflow (workflow/rules/common.smk: each job's mem_mb, through
+moe_impl/train/runtable.py), by `python -m moe_impl plan` and by gpu-check; torch-free.
 
 The measurements live beside the workflow (`workflow/resources/`):
   - peak_memory.yaml: measured host peaks (ru_maxrss, MiB) per preset and per benchmark entry,
@@ -13,7 +13,7 @@ Rules (each estimate says which one it used, `source`):
   - host memory: a measured peak holds for a run of the same parameter count and at most the
     measured tokens per step (micro-batch), times the margin; otherwise the analytic estimate
     (parameters x 16 B with dense Adam, x 5 B with sparse expert gradients and the factored Adam
-    from 4096 experts, + 1.5 GB), never below a measurement;
+    from the layer's SPARSE_GRAD_MIN_EXPERTS experts on, + 1.5 GB), never below a measurement;
   - device memory: the measured peak less the parameter state (DEVICE_BYTES per parameter, fitted
     to the measured peaks) is activation memory, which grows with the positions of one forward
     pass (a micro-batch): scaled linearly from the measured batch, and the run's own parameter
@@ -33,10 +33,11 @@ from typing import NamedTuple
 
 import yaml
 
+from moe_impl.layer.config import SPARSE_GRAD_MIN_EXPERTS
+
 RESOURCES = Path(__file__).resolve().parents[2] / "workflow" / "resources"
 PEAK_MEMORY_FILE = "peak_memory.yaml"
 STEP_TIMES_FILE = "step_times.yaml"
-SPARSE_FROM_EXPERTS = 4096  # moe_impl.model.config's SPARSE_GRAD_MIN_EXPERTS (the auto default)
 BASE_MB = 1500  # the analytic estimate's allowance for the interpreter, torch and the corpus
 EVAL_COST = 1 / 3  # an evaluated position costs a third of a trained one (forward only)
 
@@ -51,8 +52,8 @@ def load(name: str, folder: str | Path | None = None) -> dict:
 
 def bytes_per_param(num_experts: int) -> int:
     """Weights, gradients and Adam's two moments (16 B), or sparse expert gradients with the
-    factored Adam (App. D: ~5 B) from SPARSE_FROM_EXPERTS experts on."""
-    return 5 if num_experts >= SPARSE_FROM_EXPERTS else 16
+    factored Adam (App. D: ~5 B) from SPARSE_GRAD_MIN_EXPERTS experts on."""
+    return 5 if num_experts >= SPARSE_GRAD_MIN_EXPERTS else 16
 
 
 def analytic_mem_mb(params: int, num_experts: int) -> int:
@@ -94,11 +95,34 @@ def train_mem_mb(
     return Estimate(value, f"measured: {entry['source']}" if value == measured else "analytic")
 
 
+# one expert of the benchmark's layer: 2 x d_model x d_hidden weights at `bench`'s defaults
+# (--d-model 64 --d-hidden 128; the workflow's bench rule passes neither)
+BENCH_EXPERT_PARAMS = 2 * 64 * 128
+
+
+def bench_mem_mb(peaks: dict, specs, tokens: int) -> int:
+    """The benchmark job's host memory (MB): `bench` measures each --experts entry (`specs`:
+    moe_impl.bench.spec's ExpertSpec, `.config` and `.num_experts`) in a child process beside its
+    parent, so the largest entry's child plus the parent (peak_memory.yaml's `bench` entries, which
+    hold up to their measured `tokens`), else the analytic estimate."""
+    estimates = []
+    for spec in specs:
+        entry = peaks["bench"].get(spec.config)
+        analytic = analytic_mem_mb(spec.num_experts * BENCH_EXPERT_PARAMS, spec.num_experts)
+        if entry is None:
+            estimates.append(analytic)
+            continue
+        measured = measured_mem_mb(entry["peak_mib"] + peaks["bench_parent_mib"], peaks["margin"])
+        estimates.append(estimate_mem_mb(measured, tokens <= entry["tokens"], analytic))
+    return max(estimates)
+
+
 # Device bytes per parameter (bf16 autocast on CUDA), fitted to gpu-check's measured peaks
 # (docs/gpu.md, docs/workflow.md's gpu/ table): float32 weights and gradients, Adam's two moments
-# and the bf16 copy for dense ones; from 4096 experts the sparse expert gradients of a batch that
-# touches nearly every expert, their bf16 copy and the factored Adam. tests/test_plan.py checks
-# that the sparse value gives back MoE-131072-h's measured peak at twice the expert weights.
+# and the bf16 copy for dense ones; from SPARSE_GRAD_MIN_EXPERTS experts the sparse expert
+# gradients of a batch that touches nearly every expert, their bf16 copy and the factored Adam.
+# tests/test_plan.py checks that the sparse value gives back MoE-131072-h's measured peak at twice
+# the expert weights.
 DEVICE_BYTES = {"dense": 16, "sparse": 11}
 # Gradient accumulation over micro-batches (moe_impl/train/micro.py): while a pass's sparse expert
 # gradient is added to the accumulated one and coalesced, up to two more float32 copies of the
@@ -108,7 +132,7 @@ ACCUMULATION_BYTES = 8
 
 
 def device_bytes_per_param(num_experts: int) -> int:
-    return DEVICE_BYTES["sparse" if num_experts >= SPARSE_FROM_EXPERTS else "dense"]
+    return DEVICE_BYTES["sparse" if num_experts >= SPARSE_GRAD_MIN_EXPERTS else "dense"]
 
 
 def device_peak_gib(
@@ -133,7 +157,7 @@ def device_peak_gib(
     measured_micro = measured.get("micro_batches", 1)  # its peak holds its own accumulation
     activations = max(measured["peak_gib"] - measured_params * per_param / 2**30, 0.0)
     scale = tokens_per_pass / (measured["tokens_per_step"] / measured_micro)
-    sparse = num_experts >= SPARSE_FROM_EXPERTS
+    sparse = num_experts >= SPARSE_GRAD_MIN_EXPERTS
     accumulates = micro_batches > 1 and measured_micro == 1 and sparse
     accumulation = params * ACCUMULATION_BYTES / 2**30 if accumulates else 0.0
     exact = scale == 1 and measured_params == params and not accumulation

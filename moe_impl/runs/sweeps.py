@@ -1,8 +1,8 @@
 """The run table of a workflow config (config/*.yaml): which runs it has, and the `python -m
 moe_impl train --set` overrides of each, without Snakemake and without torch.
 
-The workflow (workflow/rules/common.smk) builds its training jobs from `planned_runs` and checks
-each run with the training's own config code; other tools (a GPU check, a script) call it on the
+The workflow's run table (moe_impl/train/runtable.py) is `planned_runs` with each run resolved and
+checked by the training's own config code; other tools (a GPU check, a script) call it on the
 same YAML to list the runs:
 
     import yaml

@@ -33,7 +33,7 @@ from moe_impl.model.lm import MoELanguageModel
 from moe_impl.parallel import context as parallel_context
 from moe_impl.runs import expertstats, lock, rundir
 from moe_impl.tracking.live import tracked_step
-from moe_impl.train import checkpoint, micro
+from moe_impl.train import checkpoint, micro, processes
 from moe_impl.train.card import run_card
 from moe_impl.train.config import RunConfig
 from moe_impl.train.corpus import local_batch, local_rows, open_corpus
@@ -112,12 +112,8 @@ class Trainer:
         if self.device.type == "cpu":
             runtime.flush_denormals()  # the load loss's CDF gradient underflows (runtime.py)
         batches = {"train.batch_size": train.batch_size, "eval.batch_size": cfg.eval.batch_size}
-        for key, rows in batches.items():
-            if rows % self.ctx.world_size:
-                raise ValueError(
-                    f"{key}={rows} must be divisible by the number of processes "
-                    f"({self.ctx.world_size}): each takes an equal share of the rows"
-                )
+        world = self.ctx.world_size
+        processes.check_divisible(batches, world, f"the number of processes ({world})")
         micro.check_micro_batches(train.batch_size, train.micro_batches, self.ctx.world_size)
         self.corpus = open_corpus(cfg, self.ctx, self.device)
         self.model_cfg = cfg.model.resolve(self.corpus.vocab_size)

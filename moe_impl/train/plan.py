@@ -2,7 +2,8 @@
 regime beside the paper's (Sec. 3.1's tokens per expert per step, training tokens per parameter,
 App. C.1 / D's batch and steps: moe_impl/model/regime.py), and its estimated peak memory and wall
 time (moe_impl/runs/resources.py, from the measurements in workflow/resources/). What
-`python -m moe_impl plan` prints; torch-free (the training config's own loader checks each run).
+`python -m moe_impl plan` prints; torch-free (each run is resolved as the workflow resolves it,
+moe_impl/train/runtable.py, by the training config's own loader).
 
 A run on a CUDA device gets device memory and time from step_times.yaml's `cuda` measurements;
 a CPU run gets its host memory from peak_memory.yaml and its time from the measured training
@@ -20,11 +21,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from moe_impl.model import flops, regime
-from moe_impl.model.presets import ALL_PRESETS, LM1B_VOCAB
+from moe_impl.model import regime
+from moe_impl.model.presets import ALL_PRESETS
 from moe_impl.runs import resources
 from moe_impl.runs.sweeps import planned_runs
-from moe_impl.train.config import load_config, model_config
+from moe_impl.train import runtable
 from moe_impl.train.prefetch import resolve_workers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,12 +74,6 @@ class Plan:
         return {**asdict(self), "rows": [asdict(r) for r in self.rows]}
 
 
-def _vocab(cfg, preset: str) -> int:
-    """The vocabulary the run's softmax has (the workflow's rule, common.smk's run_config): LM1B's
-    on LM1B, else the preset's (made for its corpus)."""
-    return LM1B_VOCAB if cfg.data.corpus == "lm1b" else ALL_PRESETS[preset].vocab_size
-
-
 def _measurement(entries: Mapping, preset: str, model, params: int) -> tuple[dict | None, str]:
     """(the step_times.yaml entry measured for this preset at this parameter count, ""), else a
     proxy's: the measured model of the same MoE structure and expert count, with its name; else
@@ -119,10 +114,10 @@ def eval_positions(cfg, steps: int) -> int:
     return (cfg.eval.tokens or 0) * (len(snapshots) + 1)
 
 
-def plan_row(run, cfg, measured: dict, cpu_rates: dict, peaks: dict) -> PlanRow:
-    model = model_config(cfg, vocab_size=_vocab(cfg, run.preset))
+def plan_row(run: runtable.Run, measured: dict, cpu_rates: dict) -> PlanRow:
+    cfg, model, params, host = run.config, run.model, run.params, run.host_mem
     train = cfg.train
-    micro = getattr(train, "micro_batches", 1)
+    micro = train.micro_batches
     per_step, per_pass = train.tokens_per_step, train.tokens_per_step // micro
     if train.tokens is None:
         raise ValueError(
@@ -130,11 +125,7 @@ def plan_row(run, cfg, measured: dict, cpu_rates: dict, peaks: dict) -> PlanRow:
             "(an epoch's steps depend on the corpus files)"
         )
     steps = max(1, -(-train.tokens // per_step))
-    params = flops.total_params(model)
     reg = regime.regime(model, tokens_per_step=per_step, steps=steps, sweep=cfg.sweep)
-    host = resources.train_mem_mb(
-        peaks, run.preset, params=params, num_experts=model.num_experts, tokens_per_pass=per_pass
-    )
     device = train.device.split(":")[0]
     device_peak = step = None
     source = "not measured"
@@ -172,7 +163,7 @@ def plan_row(run, cfg, measured: dict, cpu_rates: dict, peaks: dict) -> PlanRow:
         paper_batch_positions=reg["paper_batch_positions"], paper_steps=reg["paper_steps"],
         paper_tokens_per_expert_per_step=reg["paper_tokens_per_expert_per_step"],
         paper_tokens_per_parameter=reg["paper_tokens_per_parameter"],
-        host_mem_mb=int(host.value), host_mem_source=host.source,
+        host_mem_mb=run.mem_mb, host_mem_source=host.source,
         device_peak_gib=None if device_peak is None else device_peak.value,
         device_peak_source=None if device_peak is None else device_peak.source,
         step_s=None if step is None else step.value, hours=hours, time_source=source,
@@ -248,7 +239,7 @@ def plan(
     peaks = resources.load(resources.PEAK_MEMORY_FILE, resources_dir)
     cpu_rates = _cpu_throughput(Path(root) / REFERENCE_SUMMARY.relative_to(ROOT))
     rows = [
-        plan_row(run, load_config([train_config], run.overrides), measured, cpu_rates, peaks)
+        plan_row(runtable.resolve(run, train_config, peaks), measured, cpu_rates)
         for run in planned_runs(config)
     ]
     peaks_gib = [r.device_peak_gib for r in rows if r.device_peak_gib is not None]

@@ -4,7 +4,7 @@
 # A run is its config's values: the rule records their hash (get_run_fingerprint), so an edit of
 # the training config re-trains exactly the runs whose values changed; their old run directories
 # are renamed to hidden `.<run>.replaced-<UTC time>` siblings, whole, before the jobs start
-# (set_aside_changed_runs, or `train --replace-changed` without hooks). docs/workflow.md says why.
+# (preflight_checks, or `train --replace-changed` without hooks). docs/workflow.md says why.
 # With gpus_per_run > 1 or nodes_per_run > 1 a run is expert-parallel: workflow/scripts/launch.sh
 # starts it with torchrun (one node) or srun + torchrun (several nodes, SLURM).
 
@@ -57,7 +57,7 @@ rule train:
         gpu=TRAIN_RESOURCES["gpu"],
         nodes=TRAIN_RESOURCES["nodes"],
         slurm_extra=TRAIN_RESOURCES["slurm_extra"],
-        mpi="srun",  # launch.sh starts its own srun across nodes (common.smk, train_resources)
+        mpi="srun",  # launch.sh starts its own srun across nodes (moe_impl/train/processes.py)
     params:
         args=get_train_args,
         out=get_run_dir,
@@ -94,9 +94,7 @@ rule tracking_sync:
 
 
 # one onstart handler per workflow (a second would replace this one), run before any job of a real
-# run (never in a dry run): check_cuda (common.smk) stops a run that needs CUDA on a machine
-# without it, before anything is touched; check_memory_budget only warns
+# run (never in a dry run): preflight_checks (common.smk) stops a run that needs CUDA on a machine
+# without it, before anything is touched, warns about memory, and sets changed runs aside
 onstart:
-    check_cuda(workflow.dag)
-    check_memory_budget(workflow.dag)
-    set_aside_changed_runs(workflow.dag)
+    preflight_checks(workflow.dag)
