@@ -197,7 +197,7 @@ def run_figures(args: argparse.Namespace) -> int:
     verdicts = report.verdicts(summary, snapshots)
     written.append(io.write_text(args.out / "REPORT.md", report.render(verdicts, summary)))
     for v in verdicts:
-        print(f"{rules.CLAIMS[v.key][0]}: {v.status}")
+        print(f"{report.CLAIMS[v.key][0]}: {v.status}")
     print(f"wrote {len(written)} files under {args.out}")
     if not args.no_mlflow:
         _log_analysis_run(args, verdicts)

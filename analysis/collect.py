@@ -31,6 +31,7 @@ from moe_impl.bench.spec import OURS
 from moe_impl.model.presets import ALL_PRESETS
 from moe_impl.model.regime import PAPER_NAME  # the scaled families' stand-ins
 from moe_impl.runs import rundir, runinfo
+from moe_impl.runs.runsummary import RunSummary
 from moe_impl.train.config import MODEL_FIELDS, resolve_model
 
 FAMILY = {"flat": "flat MoE", "hierarchical": "hierarchical MoE", "dense": "baseline"}
@@ -72,7 +73,6 @@ SNAPSHOT_COLUMNS = [
     "excess_nll",
 ]
 LOAD_COLUMNS = ["run_id", "sweep", "name", "expert", "tokens", "steps"]
-DIVERGED_KEY = "diverged"  # summary.json of a run whose final evaluation diverged
 
 
 class Collected(NamedTuple):
@@ -111,10 +111,10 @@ def resolved_model(run: dict) -> dict:
     """summary.json's "model". A summary without one (an MLflow run whose artifacts could not be
     downloaded: its summary comes from metrics; or a run written before summaries carried the
     model) gets the config's `model` section resolved as training resolves it."""
-    cfg, summary = run["config"], run["summary"]
-    if isinstance(summary.get("model"), dict):
-        return summary["model"]
-    corpus = summary.get("corpus")
+    cfg, summary = run["config"], RunSummary.from_dict(run["summary"])
+    if isinstance(summary.model, dict):
+        return summary.model
+    corpus = summary.corpus
     vocab = corpus.get("vocab_size") if isinstance(corpus, dict) else None
     section = cfg.get("model") or {}
     overrides = {k: section.get(k) for k in MODEL_FIELDS}
@@ -149,12 +149,6 @@ def check_summary(run: dict) -> None:
             raise ValueError(f"{where}: a snapshot without a numeric perplexity: {str(snap)[:80]}")
 
 
-def diverged(run: dict) -> bool:
-    """A run whose final evaluation diverged (summary.json's `diverged`, written by the trainer
-    with the perplexity null): it has no perplexity to compare, so collect leaves it out."""
-    return bool(run["summary"].get(DIVERGED_KEY))
-
-
 def run_record(run: dict) -> dict:
     """One summary row from io.read_run's dict."""
     check_summary(run)
@@ -168,7 +162,10 @@ def run_record(run: dict) -> dict:
         "run_id": identity.get("run_id") or run["run_dir"],
         "run_dir": run["run_dir"],
         "sweep": cfg.get("sweep") or "",
-        "name": summary.get("name") or cfg.get("name") or identity.get("name") or info["model"],
+        "name": RunSummary.from_dict(summary).name
+        or cfg.get("name")
+        or identity.get("name")
+        or info["model"],
         "experiment": cfg.get("experiment") or identity.get("experiment"),
         "preset": model.get("preset"),
         **info,
@@ -187,21 +184,21 @@ def run_record(run: dict) -> dict:
 def snapshot_records(run: dict, row: dict) -> list[dict]:
     """summary.json's snapshots plus the final evaluation (a snapshot at the final step, the
     same model, is dropped)."""
-    summary = run["summary"]
+    summary = RunSummary.from_dict(run["summary"])
     ident = {k: row[k] for k in ("run_id", "sweep", "name", "model")}
     final = {
         **ident,
         "kind": "final",
-        "step": summary.get("steps"),
-        "tokens": summary.get("train_tokens"),
-        "split": summary.get("eval_split", "test"),
-        "nll": summary.get("test_nll"),
-        "perplexity": summary.get("test_perplexity"),
-        "excess_nll": summary.get("excess_nll"),
+        "step": summary.steps,
+        "tokens": summary.train_tokens,
+        "split": summary.eval_split,
+        "nll": summary.test_nll,
+        "perplexity": summary.test_perplexity,
+        "excess_nll": summary.excess_nll,
     }
     out = [
         {**ident, "kind": "snapshot", **{k: s.get(k) for k in SNAPSHOT_COLUMNS[5:]}}
-        for s in summary.get("snapshots") or []
+        for s in summary.snapshots or []
         if s.get("step") != final["step"]
     ]
     return [*out, final]
@@ -265,8 +262,10 @@ def collect_runs(roots: str | Path | Iterable[str | Path]) -> tuple[Collected, l
     runs = []
     for d in finished:
         run = io.read_run(d)
-        if diverged(run):
-            why = run["summary"].get(DIVERGED_KEY)
+        # a run whose final evaluation diverged (summary.json's `diverged`, written by the
+        # trainer with the perplexity null) has no perplexity to compare: left out
+        why = RunSummary.from_dict(run["summary"]).diverged
+        if why:
             skipped.append(Skipped(d, f"diverged ({why})" if isinstance(why, str) else "diverged"))
         else:
             runs.append(run)

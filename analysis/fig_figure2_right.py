@@ -70,6 +70,14 @@ def figure2_right(
     pts = paper.figure2_right_series() if paper_points is None else paper_points
     fig, axes = style.new_figure(1, 2, (11.5, 4.6))
     ax_p, ax_r = axes[0]
+    _paper_panel(ax_p, pts)
+    snaps = snapshots if snapshots is not None else pd.DataFrame(columns=collect.SNAPSHOT_COLUMNS)
+    _runs_panel(ax_r, *collect.at_common_tokens(summary, snaps, "lm1b"))
+    return fig
+
+
+def _paper_panel(ax_p, pts: pd.DataFrame) -> None:
+    """The paper's LSTM and MoE lines (Table 7), the solid lines' points named."""
     for (line, metric), (label, ls, color) in _PAPER_LINES.items():
         part = pts[(pts["line"] == line) & (pts["metric"] == metric)].sort_values(
             "ops_per_timestep_M"
@@ -98,12 +106,15 @@ def figure2_right(
     ax_p.set(xlabel=style.OPS_LABEL, ylabel="test perplexity")
     ax_p.set_title("paper: 1B Word, Table 7")
     style.legend(ax_p)
-    snaps = snapshots if snapshots is not None else pd.DataFrame(columns=collect.SNAPSHOT_COLUMNS)
-    runs, tokens = collect.at_common_tokens(summary, snaps, "lm1b")
+
+
+def _runs_panel(ax_r, runs: pd.DataFrame, tokens) -> None:
+    """The lm1b sweep's models after `tokens` training tokens: the families' points (seed bars)
+    and, along a budget axis, each group's line through its best model per ops/timestep."""
     title = "this run: lm1b"
     if runs.empty:
         style.empty_panel(ax_r, title, f"{style.NOT_RUN}: no runs with sweep=lm1b")
-        return fig
+        return
     m = collect.per_model(
         runs, ["ops_per_timestep", "test_perplexity"], spread=["test_perplexity"]
     ).assign(x=lambda d: d["ops_per_timestep"] / 1e6)
@@ -141,4 +152,3 @@ def figure2_right(
     seeds = f"\n(seed means; bars: {style.SEED_BARS})" if bars else ""
     ax_r.set_title(f"{title} ({spread}{ops.min():.3g}-{ops.max():.3g}M ops){seeds}")
     style.legend(ax_r)
-    return fig

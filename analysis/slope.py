@@ -2,7 +2,7 @@
 
 The slope b of the least-squares line ln(perplexity) = a + b·ln(experts) over the compute-matched
 MoE models of a sweep (Fig. 2-left, Table 7): each doubling of the experts multiplies perplexity
-by 2^b. For our runs the models are those of claim 1's rule (report.more_experts_data: the lm1b
+by 2^b. For our runs the models are those of claim 1's rule (evidence.more_experts_data: the lm1b
 sweep's MoE models within the ops/timestep band), one point per model at the mean over its seeds;
 the interval is a bootstrap over seeds: each replicate draws, for every model, its runs with
 replacement and refits. A model with one run contributes that run to every replicate, so with
@@ -101,6 +101,6 @@ def runs_slope(
 
 
 def paper_slope(points: pd.DataFrame) -> Slope | None:
-    """The same fit on the paper's models (report.paper_data's "more_experts": num_experts and
+    """The same fit on the paper's models (evidence.paper_data's "more_experts": num_experts and
     test_perplexity per model, one printed number each)."""
     return runs_slope(points.assign(model=points["model"]), reps=1)

@@ -19,7 +19,7 @@ import json
 import math
 
 import pytest
-from test_analysis import good_runs, write_run
+from analysis_runs import good_runs, write_run
 
 from analysis import cli, collect, io
 from moe_impl.runs import rundir

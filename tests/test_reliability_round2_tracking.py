@@ -244,8 +244,8 @@ def test_readme_form_resume_warns_of_no_config_change(tmp_path, caplog):
 
 
 def sync_run_dirs(root, *, tracking: list[dict]) -> list:
-    """Finished run directories under root, one per `tracking` section (test_analysis's layout)."""
-    from test_analysis import good_runs, write_run
+    """Finished run directories under root, one per `tracking` section (analysis_runs.py's layout)."""
+    from analysis_runs import good_runs, write_run
 
     dirs = []
     for run, section in zip(good_runs(), tracking, strict=False):

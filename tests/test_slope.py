@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from test_analysis import good_runs
+from analysis_runs import good_runs
 
 from analysis import collect, report, slope
 from analysis.fig_figure2_left import figure2_left

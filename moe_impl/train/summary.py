@@ -1,10 +1,11 @@
-"""summary.json of a finished run (moe_impl/runs/rundir.py, SUMMARY_KEYS): the final evaluation,
-the corpus (its describe() and the unigram perplexity of the evaluated tokens,
-moe_impl/data/unigram.py), the resolved model and its accounting (moe_impl/model/flops.py), the
-training regime beside the paper's (moe_impl/model/regime.py), throughput and MFU, the routing
-statistics of the last steps, the balance metrics of the last expert-statistics record
-(moe_impl/runs/expertstats.py METRICS: MaxVio, dead experts, the busiest 20%'s share and the
-mean gate entropy, per level when hierarchical; null where a run has no value), and where and how the run ran.
+"""summary.json of a finished run (its type: moe_impl/runs/runsummary.py, RunSummary, which orders
+the fields; rundir.py's SUMMARY_KEYS are always among them): the final evaluation, the corpus (its
+describe() and the unigram perplexity of the evaluated tokens, moe_impl/data/unigram.py), the
+resolved model and its accounting (moe_impl/model/flops.py), the training regime beside the
+paper's (moe_impl/model/regime.py), throughput and MFU, the routing statistics of the last steps,
+the balance metrics of the last expert-statistics record (moe_impl/runs/expertstats.py METRICS:
+MaxVio, dead experts, the busiest 20%'s share and the mean gate entropy, per level when
+hierarchical; null where a run has no value), and where and how the run ran.
 
 A run whose evaluation diverged (its perplexity is not finite: an NLL that is NaN, infinite, or
 so large that exp() overflows) still gets a summary.json: `diverged` gives the reason in one line
@@ -27,6 +28,7 @@ from moe_impl.data.unigram import eval_unigram_perplexity
 from moe_impl.model import flops, regime
 from moe_impl.model.config import ModelConfig
 from moe_impl.runs import expertstats, rundir
+from moe_impl.runs.runsummary import UNIGRAM_PERPLEXITY, Regime, RunSummary
 from moe_impl.train.config import EvalSection
 from moe_impl.train.device import device_name
 from moe_impl.train.state import STATS, STATS_WINDOW, LoopState
@@ -55,7 +57,7 @@ def corpus_dict(corpus, split: str, evaluation: EvalSection) -> dict:
     unigram = eval_unigram_perplexity(
         corpus, split, evaluation.batch_size, evaluation.seq_len, evaluation.tokens
     )
-    return {**corpus.describe(), "unigram_perplexity": unigram}
+    return {**corpus.describe(), UNIGRAM_PERPLEXITY: unigram}
 
 
 def build_summary(
@@ -85,25 +87,38 @@ def build_summary(
     global batch) and scored `final` (evaluate's dict, with the `evaluation` settings); `sweep`
     (the run's cfg.sweep) picks the paper regime its "regime" compares with (model/regime.py);
     `diverged`: why its evaluation diverged (None: it did not); `prefetch_workers`: the processes
-    that made its batches (train/prefetch.py; 0: inline)."""
-    train_tokens = loop.step * tokens_per_step
-    tokens_per_second = train_tokens / loop.train_time if loop.train_time else None
-    train_flops = flops.train_flops_per_token(model)
-    tflops = train_flops * tokens_per_second / 1e12 / world_size if tokens_per_second else None
-    stats = {
-        k: float(np.mean([s[k] for s in loop.recent_stats])) if loop.recent_stats else None
-        for k in STATS
-    }
-    floor = corpus.floor_nats()
-    latest = loop.expert_tally.latest if loop.expert_tally is not None else None
-    balance = {k: latest.get(k) if latest else None for k in expertstats.METRICS}  # dense: null
+    that made its batches (train/prefetch.py; 0: inline). RunSummary orders the fields."""
+    summary = RunSummary(
+        name=name,
+        preset=preset,
+        corpus=corpus_dict(corpus, final["split"], evaluation),
+        model=model_dict(model),
+        diverged=diverged,
+        **_evaluation(final, corpus.floor_nats()),
+        **_accounting(model, tokens_per_step, loop.step, sweep),
+        **_throughput(model, loop, tokens_per_step, world_size, peak_flops),
+        peak_flops=peak_flops,
+        peak_flops_source=peak_flops_source,
+        prefetch_workers=prefetch_workers,
+        **_routing(loop),
+        peak_memory_mb=peak_memory_mb,
+        wall_time_s=wall_time,
+        train_time_s=loop.train_time,
+        train_tokens=loop.step * tokens_per_step,
+        train_scored_tokens=loop.scored_tokens,
+        steps=loop.step,
+        snapshots=loop.snapshots,
+        expert_optimizer=expert_optimizer,
+        **_where(device, world_size, backend, dtype),
+        finished=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    return summary.to_dict()
+
+
+def _evaluation(final: dict, floor: float | None) -> dict:
+    """The final evaluation's fields, and the corpus's Bayes-optimal floor (None: unknown)."""
     return {
-        "name": name,
-        "preset": preset,
-        "corpus": corpus_dict(corpus, final["split"], evaluation),
-        "model": model_dict(model),
         "test_perplexity": final["perplexity"],
-        "diverged": diverged,
         "test_nll": final["nll"],
         "excess_nll": final["excess_nll"],
         "oracle_nll": final["oracle_nll"],
@@ -111,30 +126,56 @@ def build_summary(
         "floor_perplexity": math.exp(floor) if floor is not None else None,
         "eval_split": final["split"],
         "eval_scored_tokens": final["scored_tokens"],
+    }
+
+
+def _accounting(model: ModelConfig, tokens_per_step: int, steps: int, sweep: str | None) -> dict:
+    """The model's parameters and operations (model/flops.py) and the regime (model/regime.py)."""
+    return {
         "params_total": flops.total_params(model),
         "params_excl_embedding_softmax": flops.params_excl_embedding_softmax(model),
         "ops_per_timestep": flops.ops_per_timestep(model),
-        "regime": regime.regime(
-            model, tokens_per_step=tokens_per_step, steps=loop.step, sweep=sweep
+        "regime": Regime.from_dict(
+            regime.regime(model, tokens_per_step=tokens_per_step, steps=steps, sweep=sweep)
         ),
-        "train_flops_per_token": train_flops,
+        "train_flops_per_token": flops.train_flops_per_token(model),
+    }
+
+
+def _throughput(
+    model: ModelConfig,
+    loop: LoopState,
+    tokens_per_step: int,
+    world_size: int,
+    peak_flops: float | None,
+) -> dict:
+    """Training positions per second (evaluation excluded), TFLOPS per device and MFU."""
+    train_tokens = loop.step * tokens_per_step
+    tokens_per_second = train_tokens / loop.train_time if loop.train_time else None
+    train_flops = flops.train_flops_per_token(model)
+    tflops = train_flops * tokens_per_second / 1e12 / world_size if tokens_per_second else None
+    return {
         "tflops_per_device": tflops,
         "mfu": telemetry.mfu(tflops, peak_flops),
-        "peak_flops": peak_flops,
-        "peak_flops_source": peak_flops_source,
         "tokens_per_second": tokens_per_second,
         "input_wait_fraction": input_wait_fraction(loop),
-        "prefetch_workers": prefetch_workers,
-        **stats,
-        **balance,
-        "peak_memory_mb": peak_memory_mb,
-        "wall_time_s": wall_time,
-        "train_time_s": loop.train_time,
-        "train_tokens": train_tokens,
-        "train_scored_tokens": loop.scored_tokens,
-        "steps": loop.step,
-        "snapshots": loop.snapshots,
-        "expert_optimizer": expert_optimizer,
+    }
+
+
+def _routing(loop: LoopState) -> dict:
+    """The routing statistics (STATS) averaged over the last steps, and the balance metrics of
+    the last expert-statistics record (expertstats.METRICS; null for a dense run)."""
+    stats = {
+        k: float(np.mean([s[k] for s in loop.recent_stats])) if loop.recent_stats else None
+        for k in STATS
+    }
+    latest = loop.expert_tally.latest if loop.expert_tally is not None else None
+    return {**stats, **{k: latest.get(k) if latest else None for k in expertstats.METRICS}}
+
+
+def _where(device: torch.device, world_size: int, backend: str | None, dtype: str) -> dict:
+    """Where and how the run ran."""
+    return {
         "device": str(device),
         "world_size": world_size,
         "backend": backend,
@@ -143,7 +184,6 @@ def build_summary(
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "python": sys.version.split()[0],
-        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
