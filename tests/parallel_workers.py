@@ -81,15 +81,8 @@ def _dense(grad, p):
 def distributed_case(rank: int, world: int, case: dict) -> dict:
     """This rank's part of the case, with the whole model's gradients gathered."""
     single = build_single(case)
-    common = dict(
-        noisy_gating=case.get("noisy", True),
-        sparse_grad=case.get("sparse", False),
-        replicate_noise=True,
-    )
-    if case["kind"] == "flat":
-        layer = DistributedMoE(D_MODEL, D_HIDDEN, case["experts"], case["k"], **common)
-    else:
-        layer = DistributedHierarchicalMoE(D_MODEL, D_HIDDEN, *case["shape"], *case["k"], **common)
+    cls = DistributedMoE if case["kind"] == "flat" else DistributedHierarchicalMoE
+    layer = cls(single.config, replicate_noise=True)
     layer = layer.double()
     load_full_state_dict(layer, single.state_dict())
     layer.train(case.get("train", True))
@@ -121,14 +114,13 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list[dict]:
 
 
 def config_round_trip(rank: int, world: int, configs: list) -> list[dict]:
-    """Each MoEConfig's expert-parallel layer, built from the constructor and from `from_config`
+    """Each MoEConfig's expert-parallel layer, built as `Layer(config)` and by `from_config`
     (with the same seed): their configs, parameter names and whether the weights agree."""
     results = []
     for config in configs:
         cls = DistributedHierarchicalMoE if config.hierarchical else DistributedMoE
-        kwargs = config.layer_kwargs(cls.__name__, hierarchical=config.hierarchical, dropless=True)
         torch.manual_seed(0)
-        layer = cls(**kwargs)
+        layer = cls(config)
         torch.manual_seed(0)
         rebuilt = cls.from_config(config, replicate_noise=True)
         state, state_rebuilt = layer.state_dict(), rebuilt.state_dict()

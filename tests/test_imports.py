@@ -1,7 +1,7 @@
 """The package's architecture as a contract, read from the source with `ast` (nothing is imported):
 
     layer  <-  parallel  <-  model  <-  train  <-  cli  <-  __main__
-    data, runs  <-  train;   runs  <-  telemetry, tracking  <-  train
+    data, runs  <-  train;   runs  <-  telemetry, tracking  <-  train;   layer  <-  runs
     bench (beside train): layer, parallel, model, telemetry, runs
     gpucheck (above train and bench, below cli): the GPU check's sections
 
@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     # leaves: pure math, corpora, the run directory, process settings
     "layer": set(),
     "data": set(),
-    "runs": set(),
+    "runs": {"layer"},  # resources.py reads the layer's sparse-gradient threshold (torch-free)
     "runtime": set(),
     # beside the layers: expert parallelism, hardware telemetry, MLflow
     "parallel": {"layer"},
@@ -58,8 +58,6 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     # the package's public face: `from moe_impl import MoE, balancing`
     "moe_impl": {"layer"},
-    "balancing": {"layer"},
-    "flops": {"model"},  # the short name of moe_impl.model.flops
 }
 
 # imported in a fresh interpreter: the packages that must stay unloaded
@@ -69,14 +67,17 @@ TORCH_FREE = {  # module -> what importing it must not load
     "moe_impl.runtime": {"torch"},
     "moe_impl.runs.rundir": {"torch", "mlflow"},
     "moe_impl.runs.runinfo": {"torch", "mlflow"},
+    "moe_impl.runs.runsummary": {"torch", "mlflow"},  # summary.json's type, for the analysis
     "moe_impl.runs.sweeps": {"torch", "mlflow"},  # the workflow's run table, for any tool
     "moe_impl.runs.resources": {"torch", "mlflow"},  # each job's memory and time estimates
     "moe_impl.train.plan": {"torch", "mlflow"},  # `python -m moe_impl plan`
+    "moe_impl.train.runtable": {"torch", "mlflow"},  # the workflow's run table, resolved
+    "moe_impl.train.preflight": {"torch", "mlflow"},  # the workflow's onstart checks
+    "moe_impl.train.processes": {"torch", "mlflow"},  # a run's processes and their rows
     "moe_impl.cli.plan": {"torch", "mlflow"},
     "moe_impl.model.flops": {"torch"},
     "moe_impl.model.config": {"torch"},
     "moe_impl.layer.config": {"torch"},
-    "moe_impl.flops": {"torch"},
     "moe_impl.model.presets": {"torch"},
     "moe_impl.train.config": {"torch"},
     "moe_impl.train.prefetch": {"torch"},  # what a batch worker runs: numpy only
@@ -230,15 +231,21 @@ for name in sys.argv[1:]:
 
 
 def workflow_imports() -> list[str]:
-    """The moe_impl and analysis modules the Snakefile and its rules import at parse time."""
-    pattern = re.compile(r"^(?:from\s+((?:moe_impl|analysis)[\w.]*)\s+import|import\s+((?:moe_impl|analysis)[\w.]*))", re.M)  # fmt: skip
-    return sorted(
-        {m[1] or m[2] for f in WORKFLOW_FILES for m in pattern.finditer(f.read_text("utf-8"))}
-    )
+    """The moe_impl and analysis modules the Snakefile and its rules import at parse time (of
+    `from moe_impl.train import runtable, preflight`: the submodules)."""
+    pattern = re.compile(r"^(?:from\s+((?:moe_impl|analysis)[\w.]*)\s+import\s+([\w, ]+)|import\s+((?:moe_impl|analysis)[\w.]*))", re.M)  # fmt: skip
+    found = set()
+    for match in (m for f in WORKFLOW_FILES for m in pattern.finditer(f.read_text("utf-8"))):
+        if match[3]:
+            found.add(match[3])
+            continue
+        subs = [f"{match[1]}.{name.strip()}" for name in match[2].split(",")]
+        found.update([sub for sub in subs if exists(sub)] or [match[1]])
+    return sorted(found)
 
 
 def test_the_workflow_imports_are_found():
-    assert "moe_impl.train.config" in workflow_imports()
+    assert {"moe_impl.train.runtable", "moe_impl.runs.resources"} <= set(workflow_imports())
 
 
 def test_torch_free_modules_do_not_load_torch():
@@ -262,3 +269,12 @@ def test_torch_free_modules_do_not_load_torch():
             culprits.append(f"import {name} loads {', '.join(sorted(new & wanted[name]))}")
     assert len(proc.stdout.splitlines()) == len(wanted)
     assert not culprits, "\n".join(culprits)
+
+
+def test_the_public_names_are_the_modules_own():
+    """`from moe_impl import MoE, HierarchicalMoE, MoEConfig, balancing` (lazy re-exports)."""
+    import moe_impl
+    from moe_impl.layer import balancing, config, flat, hierarchical
+
+    assert moe_impl.balancing is balancing and moe_impl.MoEConfig is config.MoEConfig
+    assert moe_impl.MoE is flat.MoE and moe_impl.HierarchicalMoE is hierarchical.HierarchicalMoE

@@ -8,6 +8,7 @@ import pytest
 import torch
 from parallel_workers import reference, run_cases
 
+from moe_impl import MoEConfig
 from moe_impl.parallel import DistributedMoE, spawn
 from moe_impl.parallel.routing import shard_bounds
 
@@ -77,7 +78,7 @@ def test_shard_bounds_cover_every_item_once():
 
 def test_without_process_group_the_error_says_what_to_do():
     with pytest.raises(ValueError, match="init_process_group"):
-        DistributedMoE(4, 8, 4, 2)
+        DistributedMoE(MoEConfig(d_model=4, d_hidden=8, num_experts=4, k=2))
 
 
 def test_each_process_takes_its_own_gpu(monkeypatch):

@@ -47,11 +47,8 @@ COLUMNS = (  # (header, key, format) of the printed table; one line per (configu
 def build(spec: ExpertSpec, d_model: int, d_hidden: int, k: int):
     from moe_impl.parallel import DistributedHierarchicalMoE, DistributedMoE
 
-    if spec.hierarchical:
-        return DistributedHierarchicalMoE(
-            d_model, d_hidden, spec.num_groups, spec.group_size, K_PRIMARY, K_SECONDARY
-        )
-    return DistributedMoE(d_model, d_hidden, spec.num_experts, k)
+    cls = DistributedHierarchicalMoE if spec.hierarchical else DistributedMoE
+    return cls(spec.layer_config(d_model, d_hidden, k))
 
 
 def measure_rank(rank: int, world: int, cfg: dict) -> list[dict]:

@@ -245,9 +245,8 @@ def parse_peers(text: str | None) -> list[str]:
 
 def build_moe(spec: ExpertSpec, d_model: int, d_hidden: int, k: int) -> nn.Module:
     """Our layer for a `--experts` entry: HierarchicalMoE (k = 2 + 2) or MoE with k."""
-    if spec.hierarchical:
-        return HierarchicalMoE(d_model, d_hidden, spec.num_groups, spec.group_size)
-    return MoE(d_model, d_hidden, spec.num_experts, k=k)
+    config = spec.layer_config(d_model, d_hidden, k)
+    return (HierarchicalMoE if config.hierarchical else MoE)(config)
 
 
 def build(name: str, spec: ExpertSpec, d_model: int, d_hidden: int, k: int) -> Built:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from moe_impl.layer.config import DEFAULT_K_PRIMARY, DEFAULT_K_SECONDARY, MoEConfig
 from moe_impl.model.flops import moe_layer_train_flops_per_token
 
-K_PRIMARY = K_SECONDARY = 2  # every hierarchical model of the paper uses 2 + 2
+# every hierarchical model of the paper uses 2 + 2 (MoEConfig's defaults)
+K_PRIMARY, K_SECONDARY = DEFAULT_K_PRIMARY, DEFAULT_K_SECONDARY
 OURS = "moe_impl"  # a bench row's `implementation` for this package's layer (others: peers.py)
 
 
@@ -23,6 +25,13 @@ class ExpertSpec(NamedTuple):
     @property
     def hierarchical(self) -> bool:
         return self.num_groups is not None
+
+    def layer_config(self, d_model: int, d_hidden: int, k: int) -> MoEConfig:
+        """The measured layer's config: top-k over the experts, or 2 + 2 over a x b."""
+        if self.hierarchical:
+            layout = dict(num_groups=self.num_groups, group_size=self.group_size)
+            return MoEConfig(d_model=d_model, d_hidden=d_hidden, **layout)
+        return MoEConfig(d_model=d_model, d_hidden=d_hidden, num_experts=self.num_experts, k=k)
 
 
 def train_flops(tokens: int, d_model: int, d_hidden: int, k: int, num_gate_outputs: int) -> int:

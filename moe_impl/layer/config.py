@@ -3,16 +3,18 @@ validated in one place.
 
 `MoEConfig` is shared by the four layer classes: `MoE` and `HierarchicalMoE` (this package) and
 their expert-parallel twins `DistributedMoE` and `DistributedHierarchicalMoE` (moe_impl.parallel).
-Each class keeps its own positional constructor, builds a config from its arguments (which is where
-the arguments are checked) and exposes it as `layer.config`; `Layer.from_config(config, **extra)`
-goes the other way. No torch here, so a config can be built and checked without loading it.
+Every layer is built as `Layer(config)` (the expert-parallel ones `Layer(config, group=...)`) and
+keeps it as `layer.config`; `MoE` and `HierarchicalMoE` also take the paper's arguments
+(`MoE(d_model, d_hidden, num_experts, k)`), from which they build the config (`layer_config`),
+which is where the arguments are checked. The defaults are MoEConfig's fields, nowhere else. No
+torch here, so a config can be built and checked without loading it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import Any, TypedDict
 
 # Above this many experts the expert gradients are sparse by default (ExpertBank docstring).
 SPARSE_GRAD_MIN_EXPERTS = 4096
@@ -149,10 +151,9 @@ class MoEConfig:
         names = _HIERARCHICAL_FIELDS if self.hierarchical else _FLAT_FIELDS
         return {name: getattr(self, name) for name in ("d_model", "d_hidden", *names)}
 
-    def layer_kwargs(self, layer: str, *, hierarchical: bool, dropless: bool) -> dict[str, Any]:
-        """The keyword arguments of a layer constructor that rebuild this config; ValueError when
-        the layer (named `layer`) cannot take it: the other layout, or a capacity for a dropless
-        one."""
+    def check_layer(self, layer: str, *, hierarchical: bool, dropless: bool) -> None:
+        """ValueError when the layer class named `layer` cannot take this config: the other
+        layout, or a capacity for a dropless one."""
         if hierarchical != self.hierarchical:
             want = "num_groups and group_size" if hierarchical else "num_experts"
             raise ValueError(f"{layer} needs a config with {want}, got {self!r}")
@@ -160,12 +161,6 @@ class MoEConfig:
             raise ValueError(
                 f"{layer} is dropless: capacity_factor must be None, got {self.capacity_factor!r}"
             )
-        kwargs = self.layout_fields()
-        for field in ("noisy_gating", "w_importance", "w_load", "sparse_grad"):
-            kwargs[field] = getattr(self, field)
-        if not dropless:
-            kwargs["capacity_factor"] = self.capacity_factor
-        return kwargs
 
     def describe(self) -> str:
         """The layout fields and the loss weights, then every option that differs from its default
@@ -181,38 +176,38 @@ class MoEConfig:
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoEConfig)}
 
 
-def _config_field(name: str) -> property:
-    return property(lambda self: getattr(self.config, name), doc=f"`config.{name}` (read-only).")
+class LayerOptions(TypedDict, total=False):
+    """What `MoE(...)` and `HierarchicalMoE(...)` take beside the layout, as keywords: MoEConfig's
+    fields of the same names, whose defaults apply where one is not given."""
+
+    noisy_gating: bool
+    w_importance: float
+    w_load: float
+    capacity_factor: float | None
+    sparse_grad: bool | None
 
 
-class ConfiguredLayer:
-    """Base of the four MoE layer classes: `layer.config` holds the hyper-parameters, and
-    `layer.d_model`, `layer.k`, ... are read-only views of it (one copy of each value).
+OPTIONS = tuple(LayerOptions.__annotations__)
 
-    A subclass sets HIERARCHICAL and DROPLESS, which say which configs its constructor can take.
-    """
 
-    HIERARCHICAL: ClassVar[bool]
-    DROPLESS: ClassVar[bool]
-    config: MoEConfig
-
-    d_model = _config_field("d_model")
-    d_hidden = _config_field("d_hidden")
-    num_experts = _config_field("num_experts")
-    k = _config_field("k")
-    num_groups = _config_field("num_groups")
-    group_size = _config_field("group_size")
-    k_primary = _config_field("k_primary")
-    k_secondary = _config_field("k_secondary")
-    w_importance = _config_field("w_importance")
-    w_load = _config_field("w_load")
-    capacity_factor = _config_field("capacity_factor")
-
-    @classmethod
-    def from_config(cls, config: MoEConfig, **extra: Any) -> Self:
-        """The layer of `config`; `extra` are the arguments that are not hyper-parameters (the
-        expert-parallel layers' `group` and `replicate_noise`)."""
-        kwargs = config.layer_kwargs(
-            cls.__name__, hierarchical=cls.HIERARCHICAL, dropless=cls.DROPLESS
+def layer_config(
+    layer: str, first: int | MoEConfig, layout: dict[str, Any], options: dict[str, Any]
+) -> MoEConfig:
+    """The config of `layer(first, *layout, **options)`: `first` itself when it is a MoEConfig
+    (nothing else may then be given), else MoEConfig(d_model=first, **layout, **options), the
+    layout's None fields left to MoEConfig's defaults."""
+    unknown = [name for name in options if name not in OPTIONS]
+    if unknown:
+        raise ValueError(
+            f"{layer} got an unknown option {unknown[0]}={options[unknown[0]]!r}; its options "
+            f"are {', '.join(OPTIONS)}"
         )
-        return cls(**kwargs, **extra)
+    if not isinstance(first, MoEConfig):
+        return MoEConfig(d_model=first, **layout, **options)
+    given = {**{k: v for k, v in layout.items() if v is not None}, **options}
+    if given:
+        raise ValueError(
+            f"{layer} takes a MoEConfig or the layer's arguments, not both: got a config and "
+            + ", ".join(f"{k}={v!r}" for k, v in given.items())
+        )
+    return first

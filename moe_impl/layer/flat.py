@@ -12,13 +12,14 @@ Shape suffixes: B = tokens (all leading dims flattened), D = d_model, E = expert
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Unpack
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from moe_impl.layer import balancing
-from moe_impl.layer.config import ConfiguredLayer, MoEConfig
+from moe_impl.layer.base import MoELayer
+from moe_impl.layer.config import LayerOptions, MoEConfig, layer_config
 from moe_impl.layer.dispatch import make_plan
 from moe_impl.layer.experts import ExpertBank
 from moe_impl.layer.gating import NoisyTopKGate
@@ -170,15 +171,16 @@ def grouped_experts(x_BD: Tensor, config: MoEConfig) -> bool:
     return kernel == "grouped"
 
 
-class MoE(ConfiguredLayer, nn.Module):
+class MoE(MoELayer):
     """Flat MoE: `num_experts` experts d_model -> d_hidden -> d_model, k of them per token.
 
-    Args mirror the paper: k=4 (App. C), noisy gating, w_importance = w_load = 0.1 (App. C.1).
-    Non-paper options: `capacity_factor` (None = dropless, the paper's behaviour) and `sparse_grad`
-    (None = sparse expert gradients from SPARSE_GRAD_MIN_EXPERTS experts on). The arguments are
-    checked and kept as `self.config` (MoEConfig); `MoE.from_config(config)` builds the layer.
-    forward(x, generator=None) takes x of shape (..., d_model) and returns an MoEOutput whose first
-    two fields are y and the auxiliary loss; `generator` seeds the gate noise.
+    Built as `MoE(config)` from a MoEConfig, or from the paper's arguments, whose defaults are
+    MoEConfig's: k = 4 (App. C), noisy gating, w_importance = w_load = 0.1 (App. C.1). Non-paper
+    options: `capacity_factor` (None = dropless, the paper's behaviour) and `sparse_grad` (None =
+    sparse expert gradients from SPARSE_GRAD_MIN_EXPERTS experts on). The arguments are checked
+    and kept as `self.config`. forward(x, generator=None) takes x of shape (..., d_model) and
+    returns an MoEOutput whose first two fields are y and the auxiliary loss; `generator` seeds
+    the gate noise.
     """
 
     HIERARCHICAL = False
@@ -186,24 +188,18 @@ class MoE(ConfiguredLayer, nn.Module):
 
     def __init__(
         self,
-        d_model: int,
-        d_hidden: int,
-        num_experts: int,
-        k: int = 4,
-        *,
-        noisy_gating: bool = True,
-        w_importance: float = 0.1,
-        w_load: float = 0.1,
-        capacity_factor: float | None = None,
-        sparse_grad: bool | None = None,
+        d_model: int | MoEConfig,
+        d_hidden: int | None = None,
+        num_experts: int | None = None,
+        k: int | None = None,
+        **options: Unpack[LayerOptions],
     ) -> None:
-        super().__init__()
-        self.config = cfg = MoEConfig(
-            d_model=d_model, d_hidden=d_hidden, num_experts=num_experts, k=k,
-            noisy_gating=noisy_gating, w_importance=w_importance, w_load=w_load,
-            capacity_factor=capacity_factor, sparse_grad=sparse_grad,
-        )  # fmt: skip
-        self.gate = NoisyTopKGate(cfg.d_model, cfg.num_experts, cfg.k, noisy_gating=noisy_gating)
+        layout = dict(d_hidden=d_hidden, num_experts=num_experts, k=k)
+        super().__init__(layer_config("MoE", d_model, layout, options))
+        cfg = self.config
+        self.gate = NoisyTopKGate(
+            cfg.d_model, cfg.num_experts, cfg.k, noisy_gating=cfg.noisy_gating
+        )
         self.experts = expert_bank(cfg)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> MoEOutput:
@@ -225,6 +221,3 @@ class MoE(ConfiguredLayer, nn.Module):
             y_BD.view(x.shape), importance_E, load_E, plan.counts_E, plan.num_dropped, cfg,
             entropy_sums(gate.top_gates_BK),
         )  # fmt: skip
-
-    def extra_repr(self) -> str:
-        return self.config.describe()

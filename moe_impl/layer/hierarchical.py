@@ -19,11 +19,14 @@ Shape suffixes: B = tokens, D = d_model, G = groups (a), S = group size (b), P =
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from moe_impl.layer import balancing
-from moe_impl.layer.config import ConfiguredLayer, MoEConfig
+from moe_impl.layer.base import MoELayer
+from moe_impl.layer.config import LayerOptions, MoEConfig, layer_config
 from moe_impl.layer.dispatch import (
     DispatchPlan,
     add_rows,
@@ -132,12 +135,13 @@ def expert_index(group_P: Tensor, group_size: int, top_idx_PK: Tensor) -> Tensor
     return (group_P[:, None] * group_size + top_idx_PK).reshape(-1)
 
 
-class HierarchicalMoE(ConfiguredLayer, nn.Module):
+class HierarchicalMoE(MoELayer):
     """Hierarchical MoE: `num_groups` (a) groups of `group_size` (b) experts d_model -> d_hidden ->
     d_model; the primary gate picks k_primary groups, each group's gate k_secondary experts, so a
     token uses k_primary·k_secondary experts (2·2 = 4 in every hierarchical model of the paper).
 
-    Options, `config` / `from_config` and return value as MoE; forward(x, generator=None).
+    Built as MoE: `HierarchicalMoE(config)` or from the paper's arguments; forward(x,
+    generator=None).
     """
 
     HIERARCHICAL = True
@@ -145,31 +149,29 @@ class HierarchicalMoE(ConfiguredLayer, nn.Module):
 
     def __init__(
         self,
-        d_model: int,
-        d_hidden: int,
-        num_groups: int,
-        group_size: int,
-        k_primary: int = 2,
-        k_secondary: int = 2,
-        *,
-        noisy_gating: bool = True,
-        w_importance: float = 0.1,
-        w_load: float = 0.1,
-        capacity_factor: float | None = None,
-        sparse_grad: bool | None = None,
+        d_model: int | MoEConfig,
+        d_hidden: int | None = None,
+        num_groups: int | None = None,
+        group_size: int | None = None,
+        k_primary: int | None = None,
+        k_secondary: int | None = None,
+        **options: Unpack[LayerOptions],
     ) -> None:
-        super().__init__()
-        self.config = cfg = MoEConfig(
-            d_model=d_model, d_hidden=d_hidden, num_groups=num_groups, group_size=group_size,
-            k_primary=k_primary, k_secondary=k_secondary, noisy_gating=noisy_gating,
-            w_importance=w_importance, w_load=w_load, capacity_factor=capacity_factor,
-            sparse_grad=sparse_grad,
-        )  # fmt: skip
+        layout = dict(
+            d_hidden=d_hidden,
+            num_groups=num_groups,
+            group_size=group_size,
+            k_primary=k_primary,
+            k_secondary=k_secondary,
+        )
+        super().__init__(layer_config("HierarchicalMoE", d_model, layout, options))
+        cfg = self.config
+        noisy = cfg.noisy_gating
         self.primary_gate = NoisyTopKGate(
-            cfg.d_model, cfg.num_groups, cfg.k_primary, noisy_gating=noisy_gating
+            cfg.d_model, cfg.num_groups, cfg.k_primary, noisy_gating=noisy
         )
         self.secondary_gate = GroupGates(
-            cfg.num_groups, cfg.d_model, cfg.group_size, cfg.k_secondary, noisy_gating=noisy_gating
+            cfg.num_groups, cfg.d_model, cfg.group_size, cfg.k_secondary, noisy_gating=noisy
         )
         self.experts = expert_bank(cfg)
 
@@ -210,6 +212,3 @@ class HierarchicalMoE(ConfiguredLayer, nn.Module):
         return moe_output(
             y_BD.view(x.shape), importance_E, load_E, plan.counts_E, plan.num_dropped, cfg, entropy
         )
-
-    def extra_repr(self) -> str:
-        return self.config.describe()

@@ -10,6 +10,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from moe_impl.layer.config import MoEConfig
+
+# Dropout between the layers (App. C.1 used 0.1-0.4 over 10 epochs of LM1B); the LM's default and
+# the run config's (moe_impl/train/config.py), one pass over an endless stream needs none
+DEFAULT_DROPOUT = 0.0
+
 MoEKind = Literal["none", "flat", "hierarchical", "dense"]
 MOE_KINDS: tuple[str, ...] = ("none", "flat", "hierarchical", "dense")
 
@@ -105,6 +111,33 @@ class ModelConfig:
                 )
             _check_k("k_primary", self.k_primary, self.num_groups)
             _check_k("k_secondary", self.k_secondary, self.group_size)
+
+    def layer_config(
+        self,
+        *,
+        noisy_gating: bool = MoEConfig.noisy_gating,
+        w_importance: float = MoEConfig.w_importance,
+        w_load: float = MoEConfig.w_load,
+        sparse_grad: bool | None = None,
+    ) -> MoEConfig | None:
+        """The MoE layer's config (its shape from this model, how it trains from the arguments);
+        None for the models without a gated layer ('none', 'dense')."""
+        options = dict(
+            noisy_gating=noisy_gating, w_importance=w_importance, w_load=w_load,
+            sparse_grad=sparse_grad,
+        )  # fmt: skip
+        if self.moe == "flat":
+            return MoEConfig(
+                d_model=self.d_model, d_hidden=self.d_hidden, num_experts=self.num_experts,
+                k=self.k, **options,
+            )  # fmt: skip
+        if self.moe == "hierarchical":
+            return MoEConfig(
+                d_model=self.d_model, d_hidden=self.d_hidden, num_groups=self.num_groups,
+                group_size=self.group_size, k_primary=self.k_primary, k_secondary=self.k_secondary,
+                **options,
+            )  # fmt: skip
+        return None
 
 
 def _check_positive(field: str, value: int | None) -> None:

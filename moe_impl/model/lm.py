@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_impl.layer.config import MoEConfig
 from moe_impl.layer.flat import MoE, RoutingStats
 from moe_impl.layer.hierarchical import HierarchicalMoE
-from moe_impl.model.config import ModelConfig
+from moe_impl.model.config import DEFAULT_DROPOUT, ModelConfig
 
 
 class LMOutput(NamedTuple):
@@ -79,10 +80,10 @@ class MoELanguageModel(nn.Module):
         self,
         cfg: ModelConfig,
         *,
-        dropout: float = 0.1,
-        w_importance: float = 0.1,
-        w_load: float = 0.1,
-        noisy_gating: bool = True,
+        dropout: float = DEFAULT_DROPOUT,
+        w_importance: float = MoEConfig.w_importance,
+        w_load: float = MoEConfig.w_load,
+        noisy_gating: bool = MoEConfig.noisy_gating,
         sparse_grad: bool | None = None,
         proposal_log_probs: Tensor | None = None,
         expert_parallel: bool = False,
@@ -100,25 +101,17 @@ class MoELanguageModel(nn.Module):
             nn.LSTM(d, units, batch_first=True, proj_size=projection or 0)
             for units, projection in cfg.lstm_layers
         )
-        moe_kwargs = dict(
-            noisy_gating=noisy_gating,
-            w_importance=w_importance,
-            w_load=w_load,
+        layer_cfg = cfg.layer_config(
+            noisy_gating=noisy_gating, w_importance=w_importance, w_load=w_load,
             sparse_grad=sparse_grad,
-        )
-        flat, hierarchical = MoE, HierarchicalMoE
-        if expert_parallel:  # experts sharded over the process group's ranks (moe_impl/parallel)
+        )  # fmt: skip
+        if layer_cfg is not None and expert_parallel:  # experts sharded over the ranks
             from moe_impl.parallel import DistributedHierarchicalMoE, DistributedMoE
 
-            flat, hierarchical = DistributedMoE, DistributedHierarchicalMoE
-            moe_kwargs["replicate_noise"] = replicate_noise
-        if cfg.moe == "flat":
-            self.moe = flat(d, cfg.d_hidden, cfg.num_experts, cfg.k, **moe_kwargs)
-        elif cfg.moe == "hierarchical":
-            self.moe = hierarchical(
-                d, cfg.d_hidden, cfg.num_groups, cfg.group_size, cfg.k_primary, cfg.k_secondary,
-                **moe_kwargs,
-            )  # fmt: skip
+            cls = DistributedHierarchicalMoE if layer_cfg.hierarchical else DistributedMoE
+            self.moe = cls(layer_cfg, replicate_noise=replicate_noise)
+        elif layer_cfg is not None:
+            self.moe = (HierarchicalMoE if layer_cfg.hierarchical else MoE)(layer_cfg)
         elif cfg.moe == "dense":
             self.moe = DenseFFN(d, cfg.d_hidden, cfg.expert_hidden_layers)
         else:

@@ -27,10 +27,11 @@ E = experts (a·b).
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from moe_impl.layer import balancing
-from moe_impl.layer.config import ConfiguredLayer, MoEConfig
+from moe_impl.layer.base import MoELayer
+from moe_impl.layer.config import MoEConfig
 from moe_impl.layer.dispatch import make_plan
 from moe_impl.layer.flat import (
     MoEOutput,
@@ -62,37 +63,19 @@ def split_entropy_sums(primary_BK: Tensor, gate_M: Tensor, secondary_MK: Tensor)
     return torch.cat([torch.stack(sums), h_primary.new_tensor(counts)])
 
 
-class DistributedHierarchicalMoE(ConfiguredLayer, nn.Module):
+class DistributedHierarchicalMoE(MoELayer):
     """Expert-parallel drop-in for `moe_impl.HierarchicalMoE` (dropless), a shard of groups per
-    rank; arguments as HierarchicalMoE plus `group` and `replicate_noise`, `config` and
-    `from_config` as DistributedMoE. `secondary_gate.*` and `experts.*` hold this rank's groups
+    rank, built as DistributedMoE: `DistributedHierarchicalMoE(config, group=None,
+    replicate_noise=False)`. `secondary_gate.*` and `experts.*` hold this rank's groups
     `first_group` ... ."""
 
     HIERARCHICAL = True
     DROPLESS = True
 
-    def __init__(
-        self,
-        d_model: int,
-        d_hidden: int,
-        num_groups: int,
-        group_size: int,
-        k_primary: int = 2,
-        k_secondary: int = 2,
-        *,
-        noisy_gating: bool = True,
-        w_importance: float = 0.1,
-        w_load: float = 0.1,
-        sparse_grad: bool | None = None,
-        group=None,
-        replicate_noise: bool = False,
-    ) -> None:
-        super().__init__()
-        self.config = cfg = MoEConfig(
-            d_model=d_model, d_hidden=d_hidden, num_groups=num_groups, group_size=group_size,
-            k_primary=k_primary, k_secondary=k_secondary, noisy_gating=noisy_gating,
-            w_importance=w_importance, w_load=w_load, sparse_grad=sparse_grad,
-        )  # fmt: skip
+    def __init__(self, config: MoEConfig, *, group=None, replicate_noise: bool = False) -> None:
+        super().__init__(config)
+        cfg = self.config
+        noisy_gating = cfg.noisy_gating
         rank, world = rank_and_size(group)
         self.group, self.replicate_noise = group, replicate_noise
         self.bounds = shard_bounds(cfg.num_groups, world)

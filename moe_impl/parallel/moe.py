@@ -25,10 +25,11 @@ M = slots received from all ranks, W = ranks.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from moe_impl.layer import balancing
-from moe_impl.layer.config import ConfiguredLayer, MoEConfig
+from moe_impl.layer.base import MoELayer
+from moe_impl.layer.config import MoEConfig
 from moe_impl.layer.dispatch import make_plan
 from moe_impl.layer.flat import (
     MoEOutput,
@@ -57,42 +58,27 @@ def global_normal(
     return normal[offset : offset + rows].clone(), offset, total
 
 
-class DistributedMoE(ConfiguredLayer, nn.Module):
-    """Expert-parallel drop-in for `moe_impl.MoE`: the same arguments (dropless only) plus `group`
-    (a torch.distributed process group; None = the default one) and `replicate_noise`. Parameter
-    names are MoE's; `experts.w_in` / `experts.w_out` hold this rank's experts
-    `experts.first_expert` ... (moe_impl.parallel.load_full_state_dict loads a single-process
-    state dict). `config` / `from_config(config, group=..., replicate_noise=...)` as MoE.
+class DistributedMoE(MoELayer):
+    """Expert-parallel drop-in for `moe_impl.MoE`, built from its config (dropless only):
+    `DistributedMoE(config, group=None, replicate_noise=False)`, `group` a torch.distributed
+    process group (None = the default one). Parameter names are MoE's; `experts.w_in` /
+    `experts.w_out` hold this rank's experts `experts.first_expert` ...
+    (moe_impl.parallel.load_full_state_dict loads a single-process state dict).
     forward(x, generator=None) -> MoEOutput with global aux loss and statistics."""
 
     HIERARCHICAL = False
     DROPLESS = True
 
-    def __init__(
-        self,
-        d_model: int,
-        d_hidden: int,
-        num_experts: int,
-        k: int = 4,
-        *,
-        noisy_gating: bool = True,
-        w_importance: float = 0.1,
-        w_load: float = 0.1,
-        sparse_grad: bool | None = None,
-        group=None,
-        replicate_noise: bool = False,
-    ) -> None:
-        super().__init__()
-        self.config = cfg = MoEConfig(
-            d_model=d_model, d_hidden=d_hidden, num_experts=num_experts, k=k,
-            noisy_gating=noisy_gating, w_importance=w_importance, w_load=w_load,
-            sparse_grad=sparse_grad,
-        )  # fmt: skip
+    def __init__(self, config: MoEConfig, *, group=None, replicate_noise: bool = False) -> None:
+        super().__init__(config)
+        cfg = self.config
         rank, world = rank_and_size(group)
         self.group, self.replicate_noise = group, replicate_noise
         self.bounds = shard_bounds(cfg.num_experts, world)
         first, stop = self.bounds[rank], self.bounds[rank + 1]
-        self.gate = NoisyTopKGate(cfg.d_model, cfg.num_experts, cfg.k, noisy_gating=noisy_gating)
+        self.gate = NoisyTopKGate(
+            cfg.d_model, cfg.num_experts, cfg.k, noisy_gating=cfg.noisy_gating
+        )
         self.experts = expert_bank(cfg, first, stop - first)
         mark_sharded(self.experts.w_in, first, cfg.num_experts)
         mark_sharded(self.experts.w_out, first, cfg.num_experts)

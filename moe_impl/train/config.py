@@ -27,7 +27,8 @@ from pathlib import Path
 import yaml
 
 from moe_impl.data.synthetic import TopicMarkovConfig
-from moe_impl.model.config import ModelConfig
+from moe_impl.layer.config import MoEConfig
+from moe_impl.model.config import DEFAULT_DROPOUT, ModelConfig
 from moe_impl.model.presets import ALL_PRESETS
 
 # ModelConfig fields a config may override on top of its preset (`model.num_experts=1024`);
@@ -58,13 +59,12 @@ class ModelSection:
     group_size: int | None = None
     k_primary: int | None = None
     k_secondary: int | None = None
-    # App. C.1 used 0.1-0.4 for 10 epochs over LM1B; a single pass over the endless synthetic
-    # stream has nothing to regularise (see docs/training.md's sizing notes)
-    dropout: float = 0.0
-    w_importance: float = 0.1  # App. C.1: w_importance = w_load = 0.1
-    w_load: float = 0.1
-    noisy_gating: bool = True
-    sparse_grad: bool | None = None  # None: sparse expert gradients from 4096 experts on
+    # how the model trains; the defaults are the LM's and the layer's (MoEConfig)
+    dropout: float = DEFAULT_DROPOUT
+    w_importance: float = MoEConfig.w_importance
+    w_load: float = MoEConfig.w_load
+    noisy_gating: bool = MoEConfig.noisy_gating
+    sparse_grad: bool | None = None  # None: sparse from SPARSE_GRAD_MIN_EXPERTS experts on
 
     def __post_init__(self) -> None:
         _check_number("model.dropout", self.dropout, low=0.0, high=1.0)
