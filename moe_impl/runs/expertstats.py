@@ -22,7 +22,7 @@ The layout, RUN_DIR/expert_stats/:
                          if a count needs it), "importance" (float32), and for hierarchical runs
                          "group_load", "group_importance"
 
-A record is written every `train.log_every` steps and at the last step (tracking.live.tracked_step,
+A record is written every `train.log_every` steps and at the last step (runs.runinfo.tracked_step,
 the steps MLflow gets) and sums the steps since the previous record ("steps"). Its row holds the
 step, the steps summed, the record's metrics below, and per level (expert, and group when
 hierarchical) the quantiles min, p10, p50, p90, max of load and of importance over the level's

@@ -234,6 +234,13 @@ def flatten_config(config, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def tracked_step(step: int, every: int, last: int) -> bool:
+    """Whether training step `step` (1-based) goes to MLflow: every `every` (train.log_every)
+    steps and the last one. The training loop and the importer share it, so a live and an
+    imported run have the same history; metrics.jsonl keeps every step."""
+    return step % every == 0 or step == last
+
+
 def record_metrics(record: dict) -> dict[str, float]:
     """One metrics.jsonl record -> MLflow metrics: train keys as `train/<key>`, eval keys as
     `<split>/<key>` (`valid/perplexity`); the live tracker and the importer share these names."""

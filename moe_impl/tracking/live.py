@@ -6,7 +6,7 @@ Metric names are those of the importer (runinfo.record_metrics), so a run finish
 complete and a later import leaves it alone. MLflow itself is reached through store.py.
 
 Exactly once per step: a training step's metrics go to MLflow every `train.log_every` steps and at
-the last step (`tracked_step`, the importer's rule too), and a resumed run skips the points MLflow
+the last step (runinfo.tracked_step, the importer's rule too), and a resumed run skips the points MLflow
 already has (MLflow cannot replace a point: logging a (key, step) again adds a second one), so a
 run killed and resumed, or resumed after it finished, has one point per key and step
 (docs/tracking.md).
@@ -22,18 +22,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from moe_impl.runs import rundir, runinfo
-from moe_impl.tracking import store
+from moe_impl.tracking import store, sync
 
 log = logging.getLogger(__name__)
 
 FLUSH_EVERY_S, FLUSH_EVERY_N = 5.0, 500
-
-
-def tracked_step(step: int, every: int, last: int) -> bool:
-    """Whether training step `step` (1-based) goes to MLflow: every `every` (train.log_every)
-    steps and the last one. The training loop and the importer share it, so a live and an
-    imported run have the same history; metrics.jsonl keeps every step."""
-    return step % every == 0 or step == last
 
 
 class TrackingWarning(RuntimeWarning):
@@ -250,8 +243,6 @@ class RunTracker:
         """Before the run is tagged complete: log what the run directory has and MLflow lacks,
         the steps of an earlier segment whose tracking was off or could not reach the store (a
         later `tracking import` leaves a complete run alone)."""
-        from moe_impl.tracking import sync  # sync imports this module
-
         run = store.get_run(client, self.run_id)
         points = sync.missing_points(self.run_dir, store.metric_steps(client, run))
         store.log_batch(client, self.run_id, metrics=points)

@@ -5,7 +5,7 @@ finished runs for `python -m analysis collect --from-mlflow`.
 Importing is idempotent: the tag `moe.run_id` (run.json's run_id) identifies a run, so importing
 twice never duplicates it, and a partial run gets only the (key, step) points it lacks. Training
 steps are imported at the live run's cadence (`train.log_every` of the run's config.yaml and the
-last step, live.tracked_step), so a run has one history however it reached MLflow. MLflow itself is
+last step, runinfo.tracked_step), so a run has one history however it reached MLflow. MLflow itself is
 reached through store.py.
 """
 
@@ -18,7 +18,6 @@ from pathlib import Path
 
 from moe_impl.runs import rundir, runinfo
 from moe_impl.tracking import store
-from moe_impl.tracking.live import tracked_step
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +223,7 @@ def _log_every(config: dict) -> int:
 
 def _metric_points(run_dir: Path, started_ms: int, seen: dict[str, set[int]], log_every: int = 1):
     """(MLflow metric points from metrics.jsonl and summary.json minus the `seen` (key, step)
-    points, the run's end in epoch ms): training steps at the live run's cadence (tracked_step),
+    points, the run's end in epoch ms): training steps at the live run's cadence (runinfo.tracked_step),
     every evaluation, each (key, step) once (the first). A record's "time" is epoch seconds or
     seconds since the start."""
     seen = {key: set(steps) for key, steps in seen.items()}  # grows with the points added
@@ -237,7 +236,7 @@ def _metric_points(run_dir: Path, started_ms: int, seen: dict[str, set[int]], lo
         if (step := record.get("step")) is None:
             continue
         last_step = step = int(step)
-        if _is_train(record) and not tracked_step(step, log_every, last):
+        if _is_train(record) and not runinfo.tracked_step(step, log_every, last):
             continue
         t = runinfo.number(record.get("time"))
         ts = started_ms if t is None else int(t * 1000) if t > 1e9 else started_ms + int(t * 1000)

@@ -31,8 +31,7 @@ import torch
 from moe_impl import runtime, telemetry
 from moe_impl.model.lm import MoELanguageModel
 from moe_impl.parallel import context as parallel_context
-from moe_impl.runs import expertstats, lock, rundir
-from moe_impl.tracking.live import tracked_step
+from moe_impl.runs import expertstats, lock, rundir, runinfo
 from moe_impl.train import checkpoint, micro, processes
 from moe_impl.train.card import run_card
 from moe_impl.train.config import RunConfig
@@ -396,7 +395,7 @@ class Trainer:
                 loop.advance(record, dt)
                 record["tokens_per_second"] = per_step / dt
                 record["time"] = loop.train_time
-                logged = tracked_step(loop.step, train.log_every, self.total_steps)
+                logged = runinfo.tracked_step(loop.step, train.log_every, self.total_steps)
                 if logged and loop.expert_tally is not None:  # MaxVio, dead experts, top-20%
                     record.update(self._expert_record())
                 if sampler is not None and logged:
