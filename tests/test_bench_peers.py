@@ -5,10 +5,12 @@ MOE_REQUIRE_PEERS=1, which .ci/run sets after installing the extra. No timing as
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +154,19 @@ def test_bench_peers_end_to_end_at_toy_size(tmp_path, capsys):
     assert by[("4", "st-moe-pytorch")]["cv_load"] is None  # a peer reports no routing stats
     assert "peer megablocks: CUDA only" in out
     assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_one_default_for_the_peers_largest_expert_count():
+    """bench --peers-max-experts and the workflow's bench.peers_max_experts share one default."""
+    import yaml
+
+    from moe_impl.bench.spec import PEERS_MAX_EXPERTS
+    from moe_impl.cli.bench import add_parser
+
+    root = Path(__file__).resolve().parents[1]
+    schema = yaml.safe_load((root / "workflow/schemas/config.schema.yaml").read_text())
+    bench_schema = schema["properties"]["bench"]["properties"]["peers_max_experts"]
+    assert bench_schema["default"] == PEERS_MAX_EXPERTS
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    assert parser.parse_args(["bench"]).peers_max_experts == PEERS_MAX_EXPERTS

@@ -11,6 +11,9 @@ from moe_impl.model.flops import moe_layer_train_flops_per_token
 
 # every hierarchical model of the paper uses 2 + 2 (MoEConfig's defaults)
 K_PRIMARY, K_SECONDARY = DEFAULT_K_PRIMARY, DEFAULT_K_SECONDARY
+# the peers' largest expert count (bench --peers-max-experts, the workflow's bench.peers_max_experts,
+# whose schema default is this): their routing tensors grow with tokens x experts
+PEERS_MAX_EXPERTS = 4096
 OURS = "moe_impl"  # a bench row's `implementation` for this package's layer (others: peers.py)
 
 

@@ -36,6 +36,7 @@ from moe_impl.bench import plot as bench_plot
 from moe_impl.bench.memory import estimate_peak_bytes
 from moe_impl.bench.peers import OURS, PEERS, build_moe, k_of, parse_peers, unavailable
 from moe_impl.bench.spec import (
+    PEERS_MAX_EXPERTS,
     ExpertSpec,
     gate_outputs,
     parse_experts,
@@ -227,9 +228,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         f"all (the default with no value) or some of {', '.join(PEERS)} (moe_impl/bench/peers.py)",
     )  # fmt: skip
     p.add_argument(
-        "--peers-max-experts", type=int, default=16384,
+        "--peers-max-experts", type=int, default=PEERS_MAX_EXPERTS,
         help="skip peers above this many experts (their dense routing tensors grow with tokens x "
-        "experts; default 16384)",
+        f"experts; default {PEERS_MAX_EXPERTS})",
     )  # fmt: skip
     p.add_argument(
         "--out", type=Path,
@@ -239,6 +240,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", type=Path)
     p.add_argument("--png", type=Path)
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # internal: one child config
+    add_distributed_arguments(p)
+    add_data_arguments(p)
+
+
+def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
+    """--distributed and its options."""
     dist = p.add_argument_group("expert parallelism (moe_impl/bench/distributed.py)")
     dist.add_argument(
         "--distributed", action="store_true",
@@ -248,6 +255,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     dist.add_argument("--world-size", type=int, default=2, help="local processes to spawn")
     dist.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
     dist.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole run")
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """--data (the training input's speed) and its options."""
     data = p.add_argument_group(
         "training input (--data; moe_impl/bench/data_input.py)",
         "time the synthetic corpus's training batches, the trainer's path against the reference "

@@ -22,7 +22,7 @@ rule bench:
         device=config["bench"].get("device", "cpu"),
         # the installed peers (moe_impl/bench/peers.py), each beside its own dense FFN
         peers=(
-            f"--peers --peers-max-experts {config['bench'].get('peers_max_experts', 4096)}"
+            f"--peers --peers-max-experts {config['bench'].get('peers_max_experts', PEERS_MAX_EXPERTS)}"
             if config["bench"].get("peers", True)
             else ""
         ),

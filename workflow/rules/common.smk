@@ -11,7 +11,7 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 
 from analysis.figures import FIGURES
-from moe_impl.bench.spec import parse_experts
+from moe_impl.bench.spec import PEERS_MAX_EXPERTS, parse_experts
 from moe_impl.runs import resources
 from moe_impl.train import preflight, processes, runtable
 
