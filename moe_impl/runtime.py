@@ -2,22 +2,18 @@
 import.
 
 glibc returns large freed blocks to the kernel (mmap'd allocations above 32 MB are unmapped, and the
-heap top is trimmed), so every training step page-faults again on each large temporary: at 131072
-experts the gathered expert weights and their gradients are ~0.5 GB per step, and the step spent
-more time in page faults than in arithmetic (130k minor faults, 300-650 ms per step at 1024 tokens).
-Serving all allocations from the heap and never trimming it keeps those pages: 130 ms per step after
-two warm-up steps (measured 2026-11-28 on our 2-core machine). The cost is that the process keeps its
-peak memory until it exits, which suits a training or benchmark process. The MoE layers no longer
-need it: their expert bank reuses the memory of its large tensors across steps
-(moe_impl/layer/workspace.py), so a plain `import moe_impl` runs them as fast (docs/performance.md,
-"The layer as a library"); the rest of a process (the LSTMs, a dense FFN) still gains from it.
+heap top is trimmed), so every training step page-faults again on each large temporary (at 131072
+experts the gathered expert weights and their gradients are ~0.5 GB per step). Serving all
+allocations from the heap and never trimming it keeps those pages; the process then keeps its peak
+memory until it exits, which suits a training or benchmark process. The MoE layers do not need
+it: their expert bank reuses the memory of its large tensors across steps
+(moe_impl/layer/workspace.py), so a plain `import moe_impl` runs them as fast; the rest of a
+process (the LSTMs, a dense FFN) gains from it. docs/performance.md has the measurements.
 
 Subnormal floats (|x| < 1.2e-38 in float32) cost 10-100x a normal one in the CPU's arithmetic. The
 load loss's normal CDF (Eq. 9) has the gradient exp(-z²/2), which underflows into that range as
-the gates grow sure of themselves, so a flat MoE-256 slowed from ~22k to ~6k tokens/s over its
-first 250 steps; with subnormals flushed to zero, the same steps ran at twice the speed
-(2026-12-01, docs/sizing.md). The values lost are below 1.2e-38: no gradient the optimizer could
-use.
+the gates grow sure of themselves, so they are flushed to zero (docs/sizing.md measured the
+slowdown). The values lost are below 1.2e-38: no gradient the optimizer could use.
 
 Threads: a process may run on the CPUs of its affinity mask (taskset, a SLURM allocation, a
 container's cpuset), fewer than the machine has. More torch threads than those only wait for each

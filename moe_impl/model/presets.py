@@ -240,10 +240,8 @@ GPU_VOCAB = 2048
 # experts of the models above it are smaller (d_hidden halved until they fit; d_model, the LSTMs
 # and the group shapes stay): MoE-16384-h has h = 256, MoE-65536-h h = 64, MoE-131072-h h = 32.
 # The parameters stop growing at 16384 experts (2.2B), and ops/timestep fall by the experts'
-# share beyond 4096 (the paper's grow slightly through the gates, Table 8). Measured on an H200
-# (bf16, 262,144 tokens per step, docs/workflow.md): peak 42 GiB allocated for MoE-131072-h, 35 for
-# MoE-65536-h, 31 for MoE-16384-h; at 2^32 (h twice as large) MoE-131072-h peaked at 65 GiB
-# allocated, 78 GiB reserved, too close to an H100's 80 GB.
+# share beyond 4096 (the paper's grow slightly through the gates, Table 8). The bound keeps the
+# largest model within an 80 GB GPU; docs/workflow.md has the measured peaks.
 GPU_MAX_EXPERT_PARAMS = 2**31
 _GPU_LSTM = ((GPU_D_MODEL, None),) * 2
 
