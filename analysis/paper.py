@@ -7,7 +7,6 @@ where each number comes from). Figures 2 and 3 have no data of their own: their 
 
 from __future__ import annotations
 
-import re
 from importlib.resources import files
 
 import pandas as pd
@@ -42,32 +41,6 @@ FIGURE3_LINES = {
 }
 FIGURE3_BASELINE = "4xLSTM-512"  # a point at 8.4M params; whether the paper draws it is (?)
 
-_NUMBER = re.compile(r"^([+\-−]?\d+(?:\.\d+)?)\s*(.*)$")
-_UNIT = {"_M": 1e6, "_B": 1e9}
-
-
-def parse_printed(printed: str, metric: str) -> float:
-    """The number in a printed cell, in the unit the metric name ends with (_M, _B or none).
-
-    "151 million" or "85M" -> millions, "8.7B" -> billions; a metric ending in _M/_B rescales
-    ("278M" as params_total_B is 0.278). "−19%" -> -19.0, "+3.06" -> 3.06, "59 hours" -> 59.0.
-    """
-    m = _NUMBER.match(printed.strip())
-    if m is None:
-        raise ValueError(
-            f"printed value {printed!r} (metric {metric!r}) does not start with a number"
-        )
-    number = float(m.group(1).replace("−", "-"))
-    rest = m.group(2)
-    scale = 1e6 if rest == "M" or rest.startswith(("M ", "million")) else None
-    scale = 1e9 if rest == "B" or rest.startswith("B ") else scale
-    unit = _UNIT.get(metric[-2:])
-    if scale is None:
-        return number
-    if unit is None:
-        raise ValueError(f"printed value {printed!r} has a scale but metric {metric!r} has no unit")
-    return round(number * scale / unit, 12)
-
 
 def _table_name(table: str) -> str:
     name = table.strip().lower().replace(" ", "")
@@ -95,11 +68,6 @@ def load(table: str) -> pd.DataFrame:
         df["load"] = pd.to_numeric(df["load"].replace("", None)).astype(float)
         df["paired"] = df["paired"].map({"true": True, "false": False}).astype(bool)
     return df
-
-
-def load_all() -> pd.DataFrame:
-    """Tables 1-8 stacked, with the common COLUMNS only (Table 6's weights stay in `setting`)."""
-    return pd.concat([load(t)[COLUMNS] for t in PAPER_TABLES], ignore_index=True)
 
 
 def wide(df: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:

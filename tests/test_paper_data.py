@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from importlib.resources import files
 from pathlib import Path
 
@@ -11,6 +12,40 @@ import pytest
 
 from analysis import paper
 from moe_impl.model.presets import PAPER_EXCEPTIONS, PAPER_VALUES, TABLE1
+
+# --- reading the packaged tables back (the CSVs keep each printed cell beside its value) ---------
+
+_NUMBER = re.compile(r"^([+\-−]?\d+(?:\.\d+)?)\s*(.*)$")
+_UNIT = {"_M": 1e6, "_B": 1e9}
+
+
+def parse_printed(printed: str, metric: str) -> float:
+    """The number in a printed cell, in the unit the metric name ends with (_M, _B or none).
+
+    "151 million" or "85M" -> millions, "8.7B" -> billions; a metric ending in _M/_B rescales
+    ("278M" as params_total_B is 0.278). "−19%" -> -19.0, "+3.06" -> 3.06, "59 hours" -> 59.0.
+    """
+    m = _NUMBER.match(printed.strip())
+    if m is None:
+        raise ValueError(
+            f"printed value {printed!r} (metric {metric!r}) does not start with a number"
+        )
+    number = float(m.group(1).replace("−", "-"))
+    rest = m.group(2)
+    scale = 1e6 if rest == "M" or rest.startswith(("M ", "million")) else None
+    scale = 1e9 if rest == "B" or rest.startswith("B ") else scale
+    unit = _UNIT.get(metric[-2:])
+    if scale is None:
+        return number
+    if unit is None:
+        raise ValueError(f"printed value {printed!r} has a scale but metric {metric!r} has no unit")
+    return round(number * scale / unit, 12)
+
+
+def load_all() -> pd.DataFrame:
+    """Tables 1-8 stacked, with the common COLUMNS only (Table 6's weights stay in `setting`)."""
+    return pd.concat([paper.load(t)[paper.COLUMNS] for t in paper.PAPER_TABLES], ignore_index=True)
+
 
 # The source lines the CSVs transcribe (the paper's table rows, our peer timing log), keyed by
 # source and line id (see the file's header)
@@ -51,28 +86,26 @@ def _cell(df: pd.DataFrame, model: str, metric: str, source: str | None = None) 
      ("+3.06", "bleu_gain", 3.06), ("0.00001", "ops_per_timestep_M", 1e-5), ("32 K40s", "n", 32)],
 )  # fmt: skip
 def test_parse_printed(printed, metric, value):
-    assert paper.parse_printed(printed, metric) == pytest.approx(value)
+    assert parse_printed(printed, metric) == pytest.approx(value)
 
 
 def test_parse_printed_rejects_non_numbers_and_unitless_scales():
     with pytest.raises(ValueError, match="various"):
-        paper.parse_printed("various", "train_time_days")
+        parse_printed("various", "train_time_days")
     with pytest.raises(ValueError, match="no unit"):
-        paper.parse_printed("85M", "bleu")
+        parse_printed("85M", "bleu")
 
 
 def test_every_value_parses_from_printed(tables):
     for name, df in tables.items():
-        parsed = [
-            paper.parse_printed(p, m) for p, m in zip(df["printed"], df["metric"], strict=True)
-        ]
+        parsed = [parse_printed(p, m) for p, m in zip(df["printed"], df["metric"], strict=True)]
         assert df["value"].tolist() == pytest.approx(parsed, rel=1e-12), name
         assert not df["printed"].str.contains(r"\*\*|—").any(), name
 
 
 def test_no_duplicate_keys(tables):
     # Table 6 (weights) and Table 5 (language pair) need `setting` to tell rows apart.
-    everything = paper.load_all()
+    everything = load_all()
     assert not everything.duplicated(["source", "model", "setting", "metric"]).any()
     peers = tables["peers"]
     key = ["source", "implementation", "num_experts", "tokens", "d_model", "k", "threads", "metric"]
@@ -162,7 +195,7 @@ def test_table6_has_the_six_balancing_settings(tables):
 
 
 def test_units_are_sane():
-    df = paper.load_all()
+    df = load_all()
     by = dict(tuple(df.groupby("metric")["value"]))
     for metric, values in by.items():
         if "perplexity" in metric and not metric.endswith("percent"):
@@ -271,5 +304,5 @@ def test_peers_rows_point_at_their_source_line(tables):
 
 def test_paper_rows_appear_in_the_transcribed_tables():
     text = "\n".join(_source_lines("paper").values()).replace("**", "")
-    for r in paper.load_all().itertuples():
+    for r in load_all().itertuples():
         assert r.printed in text, (r.source, r.model, r.metric, r.printed)

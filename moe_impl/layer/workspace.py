@@ -84,10 +84,6 @@ class Workspace:
         with self._lock:
             self._bufs = []
 
-    def nbytes(self) -> int:
-        """The memory the pool holds, in bytes."""
-        return sum(e[0].numel() * e[0].element_size() for e in self._bufs)
-
     # Neither pickled nor copied with the module: buffers are scratch memory, not state.
     def __getstate__(self) -> dict:
         return {}
