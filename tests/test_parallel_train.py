@@ -16,6 +16,7 @@ from helpers import TINY, losses, run_until_killed, set_args
 from parallel_workers import train_run
 
 from moe_impl.parallel import spawn
+from moe_impl.runs import expertstats
 from moe_impl.train import checkpoint
 from moe_impl.train.config import load_config
 from moe_impl.train.loop import Trainer
@@ -53,6 +54,23 @@ def test_distributed_training_matches_one_process(tmp_path, world, extra):
     for name, value in weights.items():  # the gathered experts and every replicated layer
         torch.testing.assert_close(ranks[0]["weights"][name], value, rtol=1e-4, atol=1e-6)
     assert (out / "summary.json").exists() and (out / "expert_load.json").exists()
+    # the per-expert statistics (rank 0 writes them, from the layer's global counts): the same
+    # loads and the same metrics as one process's, the entropies summed over ranks
+    single_stats = expertstats.read_expert_stats(tmp_path / "single")
+    dist_stats = expertstats.read_expert_stats(out)
+    assert dist_stats["layout"] == single_stats["layout"]
+    assert dist_stats["snapshots"].keys() == single_stats["snapshots"].keys()
+    for step, snap in single_stats["snapshots"].items():
+        assert (dist_stats["snapshots"][step]["load"] == snap["load"]).all()
+    for name, column in single_stats["records"].items():
+        torch.testing.assert_close(
+            torch.tensor(dist_stats["records"][name]), torch.tensor(column), rtol=1e-5, atol=1e-6
+        )
+    for key in expertstats.METRICS:  # the group metrics are null for a flat run
+        if summary[key] is None:
+            assert dist_summary[key] is None, key
+        else:
+            assert dist_summary[key] == pytest.approx(summary[key], rel=1e-5), key
 
 
 def test_local_noise_still_trains(tmp_path):
