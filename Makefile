@@ -34,9 +34,11 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PYTEST) -m ''
 
+# mypy's settings (packages moe_impl and analysis, strictness) are in pyproject.toml's [tool.mypy]
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/snakefmt --check Snakefile workflow
 	$(BIN)/snakemake --lint --configfile config/smoke.yaml
 

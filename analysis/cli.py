@@ -110,7 +110,8 @@ def run_experts(args: argparse.Namespace) -> int:
 
     data, _ = collect.collect_runs(args.run_dirs or [Path("results/runs")])
     summary, written = data.summary, []
-    stats, per_run = {}, {}
+    stats = {}
+    per_run: dict[str | Path, list[str | Path]] = {}  # run folder -> its figures, for MLflow
     for _, row in summary.iterrows():
         found = read_expert_stats(row["run_dir"])
         if found is None or not found["snapshots"]:

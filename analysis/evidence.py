@@ -6,11 +6,15 @@ a rule the paper fails would be a wrong rule, tested. analysis/report.py words t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pandas as pd
 
 from analysis import collect, paper, slope
 from analysis.rules import (
     PAPER_SPREAD,
+    Result,
     pooled_spread,
     rule_balance,
     rule_degrade,
@@ -170,7 +174,7 @@ def paper_data() -> dict[str, pd.DataFrame]:
     return {"more_experts": f2, "hier_flat": pairs, "gap": gap, "degrade": t8, "balance": t6}
 
 
-RULE_FUNCTIONS = {
+RULE_FUNCTIONS: dict[str, Callable[..., Result]] = {
     "more_experts": rule_more_experts,
     "hier_flat": rule_hier_flat,
     "gap": rule_gap,
@@ -198,7 +202,7 @@ def rule_inputs(summary: pd.DataFrame, snapshots: pd.DataFrame) -> dict[str, tup
     }
 
 
-PAPER_ARGS = {
+PAPER_ARGS: dict[str, dict[str, Any]] = {
     "more_experts": {"spread": PAPER_SPREAD},
     "hier_flat": {"spreads": {"lm1b": PAPER_SPREAD}},
     "gap": {"spread": PAPER_SPREAD, "past_unigram": True},

@@ -73,6 +73,7 @@ def efficiency(summary: pd.DataFrame, bench: pd.DataFrame | None = None) -> Figu
         ax_t.plot(x, part["tflops_per_device"] * 1e3, label=f"this run {sweep_name}: {fam}", **kw)
         ax_m.plot(x, part["mfu"], **kw)
     if has_bench:
+        assert bench is not None  # has_bench
         ok = bench[bench["status"] == "ok"] if "status" in bench else bench
         for (mode, part), ls in zip(ok.groupby("tokens_mode"), ("--", "-."), strict=False):
             part = part.sort_values("num_experts")

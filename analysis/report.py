@@ -8,8 +8,9 @@ regime are rendered.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pandas as pd
 
@@ -208,6 +209,7 @@ def _steps(steps: tuple[Step, ...]) -> list[str]:
 def _more_experts_words(r: MoreExperts) -> Words:
     if r.status == NOT_RUN:
         return Words(f"MoE runs at {r.n} expert count(s); the rule needs 2")
+    assert r.noise is not None  # set once the rule ran
     n = r.rows.index
     reason = (
         f"perplexity by experts ({_seq(r.rows)}); {n[0]:,}→{n[-1]:,} experts: "
@@ -250,6 +252,7 @@ def _stage_text(r: Gap) -> str:
     if r.past_unigram:
         return PAPER_PAST_UNIGRAM
     s, fmt = r.stage, tables.fmt
+    assert s is not None  # set where the unigram perplexity is known
     floor = (
         f"floor {s.floor:.3g} nats"
         if s.floor_known
@@ -265,6 +268,7 @@ def _stage_text(r: Gap) -> str:
 def _gap_noise_text(r: Gap) -> str:
     first, last, fmt = r.first, r.last, tables.fmt
     if r.band is not None:
+        assert first is not None and last is not None  # set once the rule ran
         noise = (
             f"largest - smallest {last.gap - first.gap:+.3g} vs 2·SE {r.band:.3g} "
             f"({_n(first.n_runs)}/{_n(last.n_runs)} seeds; {spread_text(r.spread)})"
@@ -272,6 +276,7 @@ def _gap_noise_text(r: Gap) -> str:
     else:
         noise = spread_text(r.spread)
     if r.late_ahead is not None:
+        assert first is not None and last is not None  # set once the rule ran
         noise += (
             f"; at 10N the largest model {fmt(last.late_perplexity)} vs the smallest "
             f"{fmt(first.late_perplexity)}" + ("" if r.late_ahead else " (behind)")
@@ -282,6 +287,7 @@ def _gap_noise_text(r: Gap) -> str:
 def _gap_words(r: Gap) -> Words:
     if r.status == NOT_RUN:
         return Words(f"{r.n} model(s) with both evaluations; the rule needs 3")
+    assert r.first is not None and r.last is not None  # set once the rule ran
     fmt = tables.fmt
     reason = (
         f"gaps by increasing size: {', '.join(fmt(g) for g in r.gaps)}; slope "
@@ -298,6 +304,7 @@ def _gap_words(r: Gap) -> Words:
     stage = _stage_text(r)
     if r.case == "unigram stage":
         s = r.stage
+        assert s is not None  # the case is decided by it
         why = (
             f"at N tokens the models are still near the unigram stage: N-snapshot perplexity "
             f"up to {fmt(s.early_max)} vs unigram {s.unigram_perplexity:.4g}, "
@@ -315,6 +322,7 @@ _MEASURE_LABELS = {
 
 def _regime_text(r: Degrade) -> str:
     """The large models' tokens per expert per step and tokens per parameter, with the paper's."""
+    assert r.regime is not None  # set for every case that words it
     if r.regime.measures is None:
         return (
             "the summary has no regime columns (regime.tokens_per_expert_per_step, "
@@ -339,6 +347,7 @@ def _regime_text(r: Degrade) -> str:
 def _at_pair_text(r: Degrade) -> str:
     """What the sweep's batch would give the pair's experts per step, beside App. D's."""
     g = r.regime
+    assert g is not None  # set for every case that words it
     if g.batch is None:
         return "the sweep's batch is unknown (no regime columns)"
     parts = [f"{n:,} experts {ours:.2g} (paper {paper:.0f})" for n, ours, paper in g.at_pair]
@@ -351,6 +360,7 @@ def _at_pair_text(r: Degrade) -> str:
 def _needs_text(r: Degrade) -> str:
     """The batch a test of claim 4 needs (App. D's regime)."""
     g = r.regime
+    assert g is not None  # set for every case that words it
     text = (
         f"a test needs a batch giving >= ~{MIN_TOKENS_PER_EXPERT} tokens per expert per step at "
         f"{DEGRADE_PAIR[1]:,} experts, i.e. >= {g.needs_positions:,.0f} positions per step at "
@@ -375,6 +385,7 @@ def _degrade_words(r: Degrade) -> Words:
             f"needs {HELPS_UP_TO:,} experts and a smaller MoE too (to see that more experts help "
             f"up to there); run: {run}"
         )
+    assert r.noise is not None  # set once the rule ran
     reason = (
         f"perplexity by experts ({_seq(r.rows)}); {r.smallest:,}→{HELPS_UP_TO:,} experts: "
         f"{r.fall:+.1%}; {lo:,}→{hi:,} experts: {r.statistic:+.1%}; {band_text(r.noise)}"
@@ -405,7 +416,7 @@ def _balance_words(r: Balance) -> Words:
     return Words("; ".join(parts))
 
 
-WORDING = {
+WORDING: dict[type[Result], Callable[[Any], Words]] = {
     MoreExperts: _more_experts_words,
     HierFlat: _hier_flat_words,
     Gap: _gap_words,

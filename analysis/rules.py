@@ -28,6 +28,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import numpy as np
 import pandas as pd
@@ -76,6 +77,7 @@ class Spread:
 
     def se_diff(self, n_a: float, n_b: float) -> float:
         """The standard error of a difference of two model means of n_a and n_b runs."""
+        assert self.sd is not None  # measured: the callers check
         return float(self.sd) * math.sqrt(1 / n_a + 1 / n_b)
 
 
@@ -170,7 +172,7 @@ class Pair:
     """A flat model and the hierarchical one with as many experts, in one sweep (claim 2)."""
 
     sweep: str
-    num_experts: object
+    num_experts: float  # the summary's value (an integer count)
     flat: float
     hierarchical: float
     change: float  # hierarchical / flat - 1
@@ -289,7 +291,7 @@ def _runs(df: pd.DataFrame) -> pd.Series:
     return pd.to_numeric(df["n_runs"], errors="coerce").fillna(1).clip(lower=1)
 
 
-def known(value) -> bool:
+def known(value) -> TypeGuard[float]:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
@@ -400,6 +402,7 @@ def rule_gap(
     if not past_unigram:
         if not known(unigram_perplexity):
             return _with(gap, NOT_TESTABLE, case="unknown unigram")
+        assert unigram_perplexity is not None  # known
         stage = _stage(df, unigram_perplexity, floor_nll)
         gap = _with(gap, gap.status, stage=stage)
         if stage.excess > stage.limit:

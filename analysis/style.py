@@ -13,6 +13,7 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.artist import Artist
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -132,7 +133,7 @@ def legend(ax, below: bool = False, ncol: int = 1, **kw) -> None:
 
 def fig_legend(fig: Figure, axes, ncol: int) -> None:
     """One legend below all panels, each label once."""
-    seen: dict[str, object] = {}
+    seen: dict[str, Artist] = {}
     for ax in np.ravel(axes):
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(lab, h)

@@ -65,7 +65,7 @@ def compare(trainer: BatchPath, reference: BatchPath, steps: range, tokens_per_b
         reference_times.append(seconds)
         identical = identical and i < len(kept) and same_batch(batch, kept[i])
         if i < len(kept):
-            kept[i] = None  # free it once compared
+            kept[i] = None  # type: ignore[call-overload]  # free it once compared (never read again)
     identical = identical and len(reference_times) == len(steps)
     paths = {
         "reference": summary(reference_times, tokens_per_batch),

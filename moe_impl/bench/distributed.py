@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace, specs: list[ExpertSpec]) -> int:
         info = init_from_env(args.backend, device)
         torch.set_num_threads(args.threads or torch.get_num_threads())
         mine = measure_rank(info.rank, world, cfg)
-        gathered = [None] * world
+        gathered: list[Any] = [None] * world  # each rank's rows, filled in by all_gather_object
         dist.all_gather_object(gathered, mine)
         dist.destroy_process_group()
         if info.rank != 0:

@@ -51,6 +51,7 @@ def estimate_terms(spec: ExpertSpec, d_model: int, d_hidden: int, k: int, tokens
     """The estimate's terms, in values (BYTES each), by what holds them (module docstring)."""
     d, h, n = d_model, d_hidden, spec.num_experts
     if spec.hierarchical:
+        assert spec.num_groups is not None and spec.group_size is not None  # hierarchical: set
         k = K_PRIMARY * K_SECONDARY
         gate_params = 2 * d * (spec.num_groups + spec.num_groups * spec.group_size)
     else:

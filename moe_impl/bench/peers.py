@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_impl.bench.spec import K_PRIMARY, K_SECONDARY, OURS, ExpertSpec
-from moe_impl.layer.flat import MoE
+from moe_impl.layer.flat import MoE, RoutingStats
 from moe_impl.layer.hierarchical import HierarchicalMoE
 
 GROUP_TOKENS = 1024  # the lucidrains layers' group (sequence) length
@@ -95,7 +95,7 @@ def _lucidrains_build(spec: ExpertSpec, d_model: int, d_hidden: int, k: int) -> 
     else:
         module = lm.MoE(d_model, spec.num_experts, hidden_dim=d_hidden, activation=nn.ReLU)
 
-    def forward(x_TD: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(x_TD: Tensor) -> tuple[Tensor, Tensor, None]:
         y, aux = module(grouped(x_TD))
         return y.reshape(x_TD.shape), aux, None
 
@@ -125,7 +125,7 @@ def _st_build(spec: ExpertSpec, d_model: int, d_hidden: int, k: int) -> Built:
         capacity_factor_train=1.25 * k, capacity_factor_eval=1.25 * k, experts=experts,
     )  # fmt: skip
 
-    def forward(x_TD: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(x_TD: Tensor) -> tuple[Tensor, Tensor, None]:
         out = module(grouped(x_TD))
         return out[0].reshape(x_TD.shape), out[1], None
 
@@ -197,7 +197,7 @@ def _mega_build(spec: ExpertSpec, d_model: int, d_hidden: int, k: int) -> Built:
     )  # fmt: skip
     module = dMoE(args)
 
-    def forward(x_TD: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(x_TD: Tensor) -> tuple[Tensor, Tensor, None]:
         out = module(x_TD.view(x_TD.shape[0], 1, x_TD.shape[1]))
         y = out[0] if isinstance(out, tuple) else out
         return y.reshape(x_TD.shape), x_TD.new_zeros(()), None
@@ -255,7 +255,7 @@ def build(name: str, spec: ExpertSpec, d_model: int, d_hidden: int, k: int) -> B
         k = k_of(spec, k)
         module = build_moe(spec, d_model, d_hidden, k)
 
-        def forward(x_TD: Tensor) -> tuple[Tensor, Tensor]:
+        def forward(x_TD: Tensor) -> tuple[Tensor, Tensor, RoutingStats]:
             out = module(x_TD)
             return out.y, out.aux_loss, out.stats
 

@@ -32,8 +32,12 @@ class ExpertSpec(NamedTuple):
     def layer_config(self, d_model: int, d_hidden: int, k: int) -> MoEConfig:
         """The measured layer's config: top-k over the experts, or 2 + 2 over a x b."""
         if self.hierarchical:
-            layout = dict(num_groups=self.num_groups, group_size=self.group_size)
-            return MoEConfig(d_model=d_model, d_hidden=d_hidden, **layout)
+            return MoEConfig(
+                d_model=d_model,
+                d_hidden=d_hidden,
+                num_groups=self.num_groups,
+                group_size=self.group_size,
+            )
         return MoEConfig(d_model=d_model, d_hidden=d_hidden, num_experts=self.num_experts, k=k)
 
 
@@ -50,6 +54,7 @@ def train_flops(tokens: int, d_model: int, d_hidden: int, k: int, num_gate_outpu
 
 def gate_outputs(spec: ExpertSpec) -> int:
     if spec.hierarchical:
+        assert spec.num_groups is not None and spec.group_size is not None  # hierarchical: set
         return spec.num_groups + K_PRIMARY * spec.group_size
     return spec.num_experts
 

@@ -156,7 +156,7 @@ def make_row(spec: ExpertSpec, args: argparse.Namespace, implementation: str = O
         "implementation": implementation,
         **spec._asdict(),
         "kind": "hierarchical" if spec.hierarchical else "flat",
-        "peer_config": "" if ours else peer.describe(spec, args.k),
+        "peer_config": "" if peer is None else peer.describe(spec, args.k),  # None: ours
         "d_model": d,
         "d_hidden": h,
         "k": k,
@@ -346,7 +346,7 @@ def rss_limit(args: argparse.Namespace) -> float:
     now (else 0.8 x its total where that is unknown)."""
     if args.max_rss_gb is not None:
         return args.max_rss_gb
-    free = available_bytes("cpu")
+    free: float | None = available_bytes("cpu")
     if free is None:
         free = 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return free / 2**30

@@ -272,7 +272,7 @@ class LM1BCorpus(StreamCorpus):
             Path(cache_dir).expanduser() if cache_dir is not None else self.root / ".moe_cache"
         )
         self.vocab, self.ids_by_frequency, self.vocab_source = self._load_vocab(vocab_file)
-        self.token_to_id = {}
+        self.token_to_id: dict[str, int] = {}
         for i, token in enumerate(self.vocab):
             self.token_to_id.setdefault(token, i)
         self.vocab_size = len(self.vocab)
@@ -366,14 +366,14 @@ class LM1BCorpus(StreamCorpus):
             except OSError as err:
                 tmp.unlink(missing_ok=True)
                 warnings.warn(f"could not write the cache file {path} ({err})", stacklevel=3)
-        out = np.empty(flat.shape, dtype=np.int32)
-        _assemble(flat, lengths, order, out)
-        return out
+        ids = np.empty(flat.shape, dtype=np.int32)
+        _assemble(flat, lengths, order, ids)
+        return ids
 
     # --- the Corpus protocol ------------------------------------------------------------------
 
     @property
-    def never_score(self) -> tuple[int, ...]:
+    def never_score(self) -> tuple[int, ...]:  # type: ignore[override]  # StreamCorpus: read only
         return (self.bos_id,)  # <S> is never predicted (docs/data.md)
 
     def describe(self) -> dict:

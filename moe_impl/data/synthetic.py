@@ -33,8 +33,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from moe_impl.data import table_cache
 from moe_impl.data.base import Batch
@@ -119,7 +121,7 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _extend(h: np.ndarray | int, key: np.ndarray | int) -> np.ndarray:
+def _extend(h: np.ndarray | np.integer | int, key: np.ndarray | np.integer | int) -> np.ndarray:
     """One more key folded into the hash `h` (the counter RNG hashes its keys in order, so a
     prefix such as (seed, split, sequence) is hashed once and extended per position)."""
     with np.errstate(over="ignore"):
@@ -132,7 +134,7 @@ _MUL1, _MUL2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _SHIFT30, _SHIFT27, _SHIFT31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
 
-def _extend_array(h: np.ndarray, key: np.ndarray | int) -> np.ndarray:
+def _extend_array(h: npt.NDArray[np.uint64], key: np.ndarray | int) -> np.ndarray:
     """`_extend` for an array `h` (a new array): the same operations in place, so the same bits
     with fewer temporaries. Array arithmetic wraps silently (only numpy scalars check overflow),
     so no errstate is needed; this is the generator's inner loop."""
@@ -151,9 +153,9 @@ def _unit(h: np.ndarray) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
 
 
-def _uniform(*keys: np.ndarray | int) -> np.ndarray:
+def _uniform(*keys: np.ndarray | np.integer | int) -> np.ndarray:
     """Uniform [0, 1) floats, one per broadcast element of the integer keys (a counter-based RNG)."""
-    h = np.uint64(0)
+    h: Any = np.uint64(0)  # a numpy integer, then an array (or a scalar for scalar keys)
     for key in keys:
         h = _extend(h, key)
     return _unit(h)
@@ -324,7 +326,11 @@ class TopicMarkov:
             tokens[p, start] = cfg.vocab_size + 1 + walk.topic[start]
             logp[p, start] = 0.0
             header[p, start] = True
-        return tuple(np.ascontiguousarray(x.T) for x in (tokens, logp, header))
+        return (
+            np.ascontiguousarray(tokens.T),
+            np.ascontiguousarray(logp.T),
+            np.ascontiguousarray(header.T),
+        )
 
     def steps_per_epoch(self, batch_size: int, seq_len: int) -> None:
         return None  # an endless stream: train by token budget
@@ -369,9 +375,9 @@ class TopicMarkov:
         inputs = np.full((batch_size, padded), self.cfg.eos_id, dtype=np.int64)
         logp = np.zeros((batch_size, padded))
         scored = np.zeros((batch_size, padded), dtype=bool)
-        for r, (tok, lp, head) in enumerate(rows):
+        for r, (tok, row_logp, head) in enumerate(rows):
             inputs[r, : tok.size] = tok
-            logp[r, : tok.size] = lp
+            logp[r, : tok.size] = row_logp
             scored[r, : tok.size] = ~head
         for lo in range(0, padded - 1, seq_len):
             hi = lo + seq_len

@@ -60,7 +60,9 @@ def sequences(corpus, split: str, index: np.ndarray):
     )
 
 
-def _stream(corpus, split: str, index: np.ndarray) -> tuple[np.ndarray, ...]:
+def _stream(
+    corpus, split: str, index: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Sequences `index` of `split`, packed by the corpus's own `_pack` (unchanged by issue 28)."""
     return corpus._pack(*sequences(corpus, split, index))
 

@@ -41,7 +41,7 @@ _TABLE_FIELDS = ("vocab_size", "num_topics", "fanout", "num_clusters", "shared_f
 
 def cache_dir() -> Path:
     """The folder of the cached tables (module docstring: MOE_CACHE_DIR, XDG_CACHE_HOME, ~)."""
-    root = os.environ.get(CACHE_ENV)
+    root: str | Path | None = os.environ.get(CACHE_ENV)
     if not root:
         xdg = os.environ.get("XDG_CACHE_HOME")
         root = Path(xdg, "moe_impl") if xdg else Path.home() / ".cache" / "moe_impl"

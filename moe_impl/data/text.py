@@ -146,6 +146,7 @@ class TextCorpus(StreamCorpus):
         """One pass over the training file: provisional ids in order of first appearance, then
         counts, the frequency-sorted vocabulary, and the provisional -> final id remap."""
         path = self.files["train"]
+        assert path is not None  # the train file is required (checked in __init__)
         first_seen: dict[str, int] = {eos: 0}
         add = first_seen.setdefault
         ids = array("i", [0])  # the leading <eos> (module docstring)

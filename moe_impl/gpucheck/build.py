@@ -39,7 +39,8 @@ def on_device(factory: Callable[[], nn.Module], device: torch.device) -> nn.Modu
                 done.add(id(sub.softmax_weight))
                 continue
             elif hasattr(sub, "reset_parameters"):
-                sub.reset_parameters()
+                # a method: mypy types it by nn.Module.__getattr__, Tensor | Module
+                sub.reset_parameters()  # type: ignore[operator]
             else:
                 continue
             done.update(id(p) for p in sub.parameters(recurse=False))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -55,7 +56,7 @@ def matmul_rate(device: torch.device, n: int, dtype: torch.dtype, reps: int = 10
 def check_environment(device: torch.device, quick: bool) -> dict:
     name = runinfo.device_name(str(device))
     peak, source = telemetry.resolve_peak_flops(str(device), "bfloat16", device_name=name)
-    facts = {
+    facts: dict[str, Any] = {
         "python": platform.python_version(),
         "executable": sys.executable,
         "torch": torch.__version__,

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 from unittest import mock
 
 import torch
@@ -23,6 +24,7 @@ from moe_impl.gpucheck.build import on_device
 from moe_impl.gpucheck.report import CheckFailed, SectionSkipped
 from moe_impl.gpucheck.sizes import Sizes
 from moe_impl.gpucheck.timing import free_memory, peak_gib
+from moe_impl.layer.base import MoELayer
 from moe_impl.layer.flat import MoE
 from moe_impl.layer.grouped import choose_kernel, expert_kernel, grouped_mm_available
 from moe_impl.layer.hierarchical import HierarchicalMoE
@@ -90,7 +92,7 @@ def rel_error(value: Tensor, reference: Tensor, norm: str = "max") -> float:
     return diff / (scale if scale > 0 else 1.0)
 
 
-def randomize_gates(layer: nn.Module, seed: int) -> None:
+def randomize_gates(layer: MoELayer, seed: int) -> None:
     """Non-zero gate weights, so that routing depends on the input (zero gates route at random)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -149,7 +151,7 @@ def compare(results: dict, reference: dict, tol: float, what: str, norm: str = "
     return rows
 
 
-def _layers(sizes: Sizes) -> list[tuple[str, Callable[[], nn.Module]]]:
+def _layers(sizes: Sizes) -> list[tuple[str, Callable[[], MoELayer]]]:
     d, h, n = sizes.exact_d, sizes.exact_h, sizes.exact_experts
     a, b = sizes.exact_groups
     return [
@@ -254,7 +256,7 @@ def check_scale(device: torch.device, sizes: Sizes) -> dict:
     param_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
     x = torch.randn(tokens, d, device=device)
     probe = torch.randn(tokens, d, device=device)
-    results = {
+    results: dict[str, Any] = {
         "experts": num_experts,
         "d_model": d,
         "d_hidden": h,

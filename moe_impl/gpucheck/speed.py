@@ -11,6 +11,7 @@ Achieved TFLOPS count the analytic FLOPs (moe_impl/model/flops.py), as training 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,12 +88,14 @@ def layer_speed(device: torch.device, sizes: Sizes) -> dict:
     kernels = ["grouped", "blocked"] if device.type == "cuda" else ["blocked", "grouped"]
     if not grouped_mm_available():
         kernels = ["blocked"]
-    rows, profiles = [], {}
+    rows: list[dict[str, Any]] = []
+    profiles: dict[str, Any] = {}
     for spec in parse_experts(",".join(sizes.speed_experts)):
         k = K_PRIMARY * K_SECONDARY if spec.hierarchical else 4
         free_memory(device)
         try:
-            moe = on_device(lambda spec=spec, k=k: build_moe(spec, d, h, k), device).train()
+            # (mypy cannot infer the type of a lambda with defaults)
+            moe = on_device(lambda spec=spec, k=k: build_moe(spec, d, h, k), device).train()  # type: ignore[misc]
         except Exception as err:
             if not is_oom(err):
                 raise
@@ -187,7 +190,7 @@ def time_lm_step(
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    result = time_steps(step, device, warmup=warmup, reps=reps)
+    result: dict[str, Any] = time_steps(step, device, warmup=warmup, reps=reps)
     result["peak_gib"] = peak_gib(device)
     return result
 

@@ -111,6 +111,7 @@ def project_workflow(
             {**entry, "source": "this check"}, tokens_per_step=train.tokens_per_step,
             input_tokens_per_s=input_rate * max(workers, 1), prefetch=workers > 0,
         )  # fmt: skip
+        assert step is not None  # a measured step is given
         evaluated = eval_positions(cfg, steps)
         wait = max(step.value - measured["median_s"], 0.0)
         rows.append({**row, "steps": steps, "step_ms": entry["step_ms"],

@@ -13,6 +13,7 @@ torch here, so a config can be built and checked without loading it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -115,6 +116,7 @@ class MoEConfig:
             )
         a, b = self.num_groups, self.group_size
         _check_positive_int(num_groups=a, group_size=b)
+        assert a is not None and b is not None  # for mypy: checked just above
         k_primary = DEFAULT_K_PRIMARY if self.k_primary is None else self.k_primary
         k_secondary = DEFAULT_K_SECONDARY if self.k_secondary is None else self.k_secondary
         _check_k("k_primary", k_primary, "num_groups", a)
@@ -137,12 +139,17 @@ class MoEConfig:
     @property
     def experts_per_token(self) -> int:
         """k (flat) or k_primary · k_secondary (hierarchical): the slots of one token."""
-        return self.k_primary * self.k_secondary if self.hierarchical else self.k
+        if self.hierarchical:
+            assert self.k_primary is not None and self.k_secondary is not None  # set when built
+            return self.k_primary * self.k_secondary
+        assert self.k is not None  # set when built
+        return self.k
 
     @property
     def use_sparse_grad(self) -> bool:
         """`sparse_grad`, with None resolved: sparse from SPARSE_GRAD_MIN_EXPERTS experts on."""
         if self.sparse_grad is None:
+            assert self.num_experts is not None  # set when built
             return self.num_experts >= SPARSE_GRAD_MIN_EXPERTS
         return self.sparse_grad
 
@@ -191,7 +198,7 @@ OPTIONS = tuple(LayerOptions.__annotations__)
 
 
 def layer_config(
-    layer: str, first: int | MoEConfig, layout: dict[str, Any], options: dict[str, Any]
+    layer: str, first: int | MoEConfig, layout: dict[str, Any], options: Mapping[str, Any]
 ) -> MoEConfig:
     """The config of `layer(first, *layout, **options)`: `first` itself when it is a MoEConfig
     (nothing else may then be given), else MoEConfig(d_model=first, **layout, **options), the

@@ -75,9 +75,9 @@ def choose_block_size(counts_E: Tensor) -> tuple[int, bool]:
     active = int((counts_E > 0).sum())
     split_S = (blocks_S > active).long()
     cost_S = blocks_S * (sizes_S + BLOCK_COST_ROWS + GATHER_COST_ROWS)
-    cost_S = (cost_S + split_S * DEDUPE_COST_ROWS * active).tolist()
-    best = min(range(len(sizes)), key=cost_S.__getitem__)
-    if num_experts * (max_count + BLOCK_COST_ROWS) <= cost_S[best]:
+    costs = (cost_S + split_S * DEDUPE_COST_ROWS * active).tolist()
+    best = min(range(len(sizes)), key=costs.__getitem__)
+    if num_experts * (max_count + BLOCK_COST_ROWS) <= costs[best]:
         return max_count, True
     return sizes[best], False
 
@@ -164,7 +164,9 @@ def select_rows(t: Tensor, idx: Tensor, workspace: Workspace | None = None) -> T
     return out.view(idx.numel(), *t.shape[1:])
 
 
-def add_rows(shape: torch.Size, idx: Tensor, values: Tensor, out: Tensor | None = None) -> Tensor:
+def add_rows(
+    shape: tuple[int, ...], idx: Tensor, values: Tensor, out: Tensor | None = None
+) -> Tensor:
     """zeros(shape) with values[j] added at row idx[j] (duplicates summed), through a 2-D view;
     into `out` (zeroed first, any contiguous tensor of `shape`) where given."""
     width = math.prod(shape[1:])

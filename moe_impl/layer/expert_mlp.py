@@ -112,12 +112,14 @@ def layout_weight_grads(
     else a dense (E, ...) tensor with the blocks added at their rows, or a coalesced sparse COO
     tensor over the blocks' experts (sparse_dim 1) when `sparse_grad`. A dense one is written into
     `buffers` (the bank's Workspace) where given."""
-    pairs = ((g_in_LDH, shape_in), (g_out_LHD, shape_out))
     if rows_L is None:  # in place, dense
         return g_in_LDH, g_out_LHD
     if sparse_grad:
-        return tuple(_sparse_rows(rows_L, g, shape) for g, shape in pairs)
-    return tuple(add_rows(shape, rows_L, g, out=empty(buffers, shape, g)) for g, shape in pairs)
+        return _sparse_rows(rows_L, g_in_LDH, shape_in), _sparse_rows(rows_L, g_out_LHD, shape_out)
+    return (
+        add_rows(shape_in, rows_L, g_in_LDH, out=empty(buffers, shape_in, g_in_LDH)),
+        add_rows(shape_out, rows_L, g_out_LHD, out=empty(buffers, shape_out, g_out_LHD)),
+    )
 
 
 def _sparse_rows(rows_L: Tensor, values_L: Tensor, shape: torch.Size) -> Tensor:

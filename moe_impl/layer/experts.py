@@ -97,6 +97,7 @@ class ExpertBank(nn.Module):
         b·k ... b·k+k-1. A grouped plan (`plan.grouped`) runs the grouped kernel, else the blocks."""
         d_model = x_BD.shape[1]
         if plan.grouped:
+            assert plan.kept_E is not None  # make_plan sets it
             x_RD = dispatch(x_BD, plan, k)
             y_RD = grouped_expert_mlp(
                 x_RD, self.w_in, self.w_out, plan.kept_E, sparse_grad=self.sparse_grad

@@ -154,6 +154,7 @@ def expert_bank(
 ) -> ExpertBank:
     """The config's experts `first_expert` ... `first_expert + num_local - 1` (all by default),
     initialised as those rows of the whole bank (ExpertBank)."""
+    assert config.num_experts is not None  # set when the config was built
     if num_local is None:
         num_local = config.num_experts
     return ExpertBank(
@@ -197,6 +198,7 @@ class MoE(MoELayer):
         layout = dict(d_hidden=d_hidden, num_experts=num_experts, k=k)
         super().__init__(layer_config("MoE", d_model, layout, options))
         cfg = self.config
+        assert cfg.num_experts is not None and cfg.k is not None  # set when the config was built
         self.gate = NoisyTopKGate(
             cfg.d_model, cfg.num_experts, cfg.k, noisy_gating=cfg.noisy_gating
         )
@@ -204,6 +206,7 @@ class MoE(MoELayer):
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> MoEOutput:
         cfg = self.config
+        assert cfg.num_experts is not None and cfg.k is not None  # set when the config was built
         x_BD = flatten_input(x, cfg.d_model)
         num_tokens = x_BD.shape[0]
         gate = self.gate(x_BD, generator=generator)

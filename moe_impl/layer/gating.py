@@ -55,6 +55,7 @@ def noisy_top_k(
     num_experts = clean_BE.shape[-1]
     noisy = noise_logits_BE is not None and num_experts > 1
     if noisy:
+        assert noise_logits_BE is not None  # for mypy: `noisy` says so
         eps_BE = normal_BE
         if eps_BE is None:
             eps_BE = torch.randn(

@@ -217,8 +217,14 @@ class _GroupedExpertMLP(torch.autograd.Function):
         if need_w:
             if rows_G is None and ctx.sparse_grad:  # in place: every one of the E experts active
                 rows_G = torch.arange(w_in_GDH.shape[0], device=offs_G.device)
+            shape_in, shape_out = ctx.w_shapes
             gw_in, gw_out = layout_weight_grads(
-                rows_G, g_in.to(ctx.w_dtype), g_out.to(ctx.w_dtype), *ctx.w_shapes, ctx.sparse_grad
+                rows_G,
+                g_in.to(ctx.w_dtype),
+                g_out.to(ctx.w_dtype),
+                shape_in,
+                shape_out,
+                ctx.sparse_grad,
             )
         return gx_RD, gw_in, gw_out, None, None
 

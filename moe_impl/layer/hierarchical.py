@@ -166,6 +166,8 @@ class HierarchicalMoE(MoELayer):
         )
         super().__init__(layer_config("HierarchicalMoE", d_model, layout, options))
         cfg = self.config
+        assert cfg.num_groups is not None and cfg.group_size is not None  # set when built
+        assert cfg.k_primary is not None and cfg.k_secondary is not None
         noisy = cfg.noisy_gating
         self.primary_gate = NoisyTopKGate(
             cfg.d_model, cfg.num_groups, cfg.k_primary, noisy_gating=noisy
@@ -180,6 +182,9 @@ class HierarchicalMoE(MoELayer):
         x_BD = flatten_input(x, cfg.d_model)
         num_tokens, device = x_BD.shape[0], x_BD.device
         group_size, k1, k2 = cfg.group_size, cfg.k_primary, cfg.k_secondary
+        # for mypy: the config was built with them (MoEConfig fills in num_experts)
+        assert group_size is not None and k1 is not None and k2 is not None
+        assert cfg.num_groups is not None and cfg.num_experts is not None
 
         # Level 1: (token, group) pairs, token-major; noise is drawn as randn(B, a), then
         # randn(P, b) in pair order.

@@ -43,7 +43,8 @@ class Workspace:
     tensors alive at once, as the allocator would at its peak, not one buffer per use."""
 
     def __init__(self) -> None:
-        self._bufs: list[tuple[Tensor, object, int]] = []  # (buffer, its storage, baseline refs)
+        # (buffer, its storage, baseline refs)
+        self._bufs: list[tuple[Tensor, torch.UntypedStorage, int]] = []
         # threads sharing a module (nn.DataParallel's replicas share this object) must not both
         # find a buffer free before either holds it
         self._lock = threading.Lock()
@@ -89,15 +90,16 @@ class Workspace:
         return {}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__()
+        self.__init__()  # type: ignore[misc]  # a fresh, empty pool (mypy: __init__ on an instance)
 
     def __deepcopy__(self, memo: dict) -> Workspace:
         return Workspace()
 
 
-def _free(entry: tuple[Tensor, object, int]) -> bool:
+def _free(entry: tuple[Tensor, torch.UntypedStorage, int]) -> bool:
     """Whether nothing but the pool holds the buffer's memory (no view, no tensor, no storage)."""
     _, storage, refs = entry
+    assert _use_count is not None  # a pool holds buffers only where torch counts references
     return _use_count(storage._cdata) <= refs
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from moe_impl.layer.config import MoEConfig
+from moe_impl.layer.config import LayerOptions, MoEConfig
 
 # Dropout between the layers (App. C.1 used 0.1-0.4 over 10 epochs of LM1B); the LM's default and
 # the run config's (moe_impl/train/config.py), one pass over an endless stream needs none
@@ -104,6 +104,7 @@ class ModelConfig:
         if self.moe == "hierarchical":
             _check_positive("num_groups", self.num_groups)
             _check_positive("group_size", self.group_size)
+            assert self.num_groups is not None and self.group_size is not None  # checked above
             if self.num_groups * self.group_size != self.num_experts:
                 raise ValueError(
                     f"num_groups x group_size must equal num_experts={self.num_experts}, "
@@ -122,7 +123,7 @@ class ModelConfig:
     ) -> MoEConfig | None:
         """The MoE layer's config (its shape from this model, how it trains from the arguments);
         None for the models without a gated layer ('none', 'dense')."""
-        options = dict(
+        options: LayerOptions = dict(
             noisy_gating=noisy_gating, w_importance=w_importance, w_load=w_load,
             sparse_grad=sparse_grad,
         )  # fmt: skip

@@ -50,6 +50,7 @@ def gate_params(cfg: ModelConfig) -> int:
     if cfg.moe == "flat":
         return 2 * d * cfg.num_experts
     if cfg.moe == "hierarchical":
+        assert cfg.num_groups is not None and cfg.group_size is not None  # checked when built
         return 2 * d * cfg.num_groups + cfg.num_groups * 2 * d * cfg.group_size
     return 0
 
@@ -62,6 +63,8 @@ def gate_ops(cfg: ModelConfig) -> int:
     """
     d = cfg.d_model
     if cfg.moe == "hierarchical":
+        assert cfg.num_groups is not None and cfg.group_size is not None  # checked when built
+        assert cfg.k_primary is not None
         return 2 * d * cfg.num_groups + cfg.k_primary * 2 * d * cfg.group_size
     return gate_params(cfg)
 
@@ -69,8 +72,10 @@ def gate_ops(cfg: ModelConfig) -> int:
 def active_experts(cfg: ModelConfig) -> int:
     """Experts evaluated per token: k (flat), k_primary·k_secondary (hierarchical), 1 (dense)."""
     if cfg.moe == "flat":
+        assert cfg.k is not None  # checked when built
         return cfg.k
     if cfg.moe == "hierarchical":
+        assert cfg.k_primary is not None and cfg.k_secondary is not None  # checked when built
         return cfg.k_primary * cfg.k_secondary
     return 1 if cfg.moe == "dense" else 0
 

@@ -76,6 +76,8 @@ class MoELanguageModel(nn.Module):
     every other layer is replicated, and each rank passes its own rows of the batch.
     """
 
+    proposal_log_probs: Tensor  # a buffer (registered in __init__)
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -109,7 +111,7 @@ class MoELanguageModel(nn.Module):
             from moe_impl.parallel import DistributedHierarchicalMoE, DistributedMoE
 
             cls = DistributedHierarchicalMoE if layer_cfg.hierarchical else DistributedMoE
-            self.moe = cls(layer_cfg, replicate_noise=replicate_noise)
+            self.moe: nn.Module | None = cls(layer_cfg, replicate_noise=replicate_noise)
         elif layer_cfg is not None:
             self.moe = (HierarchicalMoE if layer_cfg.hierarchical else MoE)(layer_cfg)
         elif cfg.moe == "dense":

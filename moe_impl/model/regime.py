@@ -77,6 +77,7 @@ def experts_per_token(model: ModelConfig) -> int | None:
     if model.moe == "flat":
         return model.k
     if model.moe == "hierarchical":
+        assert model.k_primary is not None and model.k_secondary is not None  # checked when built
         return model.k_primary * model.k_secondary
     if model.moe == "dense":
         return 1

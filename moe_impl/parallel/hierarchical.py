@@ -63,6 +63,15 @@ def split_entropy_sums(primary_BK: Tensor, gate_M: Tensor, secondary_MK: Tensor)
     return torch.cat([torch.stack(sums), h_primary.new_tensor(counts)])
 
 
+def _layout(cfg: MoEConfig) -> tuple[int, int, int, int, int]:
+    """(num_groups, group_size, num_experts, k_primary, k_secondary) of a built hierarchical config
+    (MoEConfig fills in num_experts and the k's)."""
+    a, b, n = cfg.num_groups, cfg.group_size, cfg.num_experts
+    k1, k2 = cfg.k_primary, cfg.k_secondary
+    assert a is not None and b is not None and n is not None and k1 is not None and k2 is not None
+    return a, b, n, k1, k2
+
+
 class DistributedHierarchicalMoE(MoELayer):
     """Expert-parallel drop-in for `moe_impl.HierarchicalMoE` (dropless), a shard of groups per
     rank, built as DistributedMoE: `DistributedHierarchicalMoE(config, group=None,
@@ -75,6 +84,10 @@ class DistributedHierarchicalMoE(MoELayer):
     def __init__(self, config: MoEConfig, *, group=None, replicate_noise: bool = False) -> None:
         super().__init__(config)
         cfg = self.config
+        # for mypy: set when the config was built (MoEConfig fills in num_experts)
+        assert cfg.num_groups is not None and cfg.group_size is not None
+        assert cfg.k_primary is not None and cfg.k_secondary is not None
+        assert cfg.num_experts is not None
         noisy_gating = cfg.noisy_gating
         rank, world = rank_and_size(group)
         self.group, self.replicate_noise = group, replicate_noise
@@ -99,8 +112,7 @@ class DistributedHierarchicalMoE(MoELayer):
         cfg = self.config
         x_BD = flatten_input(x, cfg.d_model)
         num_tokens, device = x_BD.shape[0], x_BD.device
-        num_groups, group_size, num_experts = cfg.num_groups, cfg.group_size, cfg.num_experts
-        k1, k2 = cfg.k_primary, cfg.k_secondary
+        num_groups, group_size, num_experts, k1, k2 = _layout(cfg)
         local_groups = self.secondary_gate.w_gate.shape[0]
 
         # Level 1, on the token's rank. With replicate_noise the draws are the single-process

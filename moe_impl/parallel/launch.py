@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -129,7 +130,8 @@ def spawn(
         ]
         for p in procs:
             p.start()
-        out, errors = {}, []
+        out: dict[int, Any] = {}  # rank -> fn's result
+        errors: list[tuple[bool, int, str]] = []  # (a peer's error, rank, traceback)
         deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
         try:
             while len(out) + len(errors) < world_size:

@@ -72,6 +72,7 @@ class DistributedMoE(MoELayer):
     def __init__(self, config: MoEConfig, *, group=None, replicate_noise: bool = False) -> None:
         super().__init__(config)
         cfg = self.config
+        assert cfg.num_experts is not None and cfg.k is not None  # set when the config was built
         rank, world = rank_and_size(group)
         self.group, self.replicate_noise = group, replicate_noise
         self.bounds = shard_bounds(cfg.num_experts, world)
@@ -87,6 +88,7 @@ class DistributedMoE(MoELayer):
         cfg = self.config
         x_BD = flatten_input(x, cfg.d_model)
         num_tokens, k, num_experts = x_BD.shape[0], cfg.k, cfg.num_experts
+        assert k is not None and num_experts is not None  # set when the config was built
         clean_BE, noise_BE = self.gate.logits(x_BD)
         normal_BE = None
         if self.replicate_noise and noise_BE is not None and num_experts > 1:

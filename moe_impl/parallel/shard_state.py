@@ -104,7 +104,9 @@ def _rows_of(whole: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
     """The rows of a whole tensor that parameter `p` holds (all of them unless p is sharded)."""
     if not is_sharded(p):
         return whole
-    first = shard_of(p)[0]
+    shard = shard_of(p)
+    assert shard is not None  # is_sharded(p)
+    first = shard[0]
     return whole[first : first + p.shape[0]]
 
 

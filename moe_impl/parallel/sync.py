@@ -58,17 +58,24 @@ def sum_replicated_grads(model: nn.Module, group=None) -> None:
         _reduce(bucket, group)
 
 
+def _grad(p: nn.Parameter) -> Tensor:
+    """p.grad, which every parameter given to _reduce has (sum_replicated_grads sets it)."""
+    assert p.grad is not None
+    return p.grad
+
+
 def _reduce(params: list[nn.Parameter], group) -> None:
     by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
     for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
+        by_dtype.setdefault(_grad(p).dtype, []).append(p)
     for same in by_dtype.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in same])
+        flat = torch.cat([_grad(p).reshape(-1) for p in same])
         with timed("grad_all_reduce", flat.device, reduced=flat.numel() * flat.element_size()):
             dist.all_reduce(flat, group=group)
         offset = 0
         for p in same:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+            grad = _grad(p)
+            grad.copy_(flat[offset : offset + p.numel()].view_as(grad))
             offset += p.numel()
 
 

@@ -57,6 +57,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -211,6 +212,7 @@ def _metrics(tally: ExpertTally, step: int, window: int) -> dict:
     }
     if tally.hierarchical:
         a = tally.num_groups
+        assert a is not None  # hierarchical
         group_load = tally.load.reshape(a, -1).sum(1)
         out |= {
             "group_max_violation": max_violation(group_load),
@@ -288,7 +290,7 @@ def record(
 
 
 def _write_snapshot(run_dir: str | Path, tally: ExpertTally, step: int) -> None:
-    arrays = {}
+    arrays: dict[str, Any] = {}
     for level, load, importance in _levels(tally):
         prefix = "" if level == "expert" else "group_"
         arrays[f"{prefix}load"] = _narrow(load)

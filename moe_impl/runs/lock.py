@@ -29,7 +29,7 @@ from pathlib import Path
 try:
     import fcntl
 except ImportError:  # Windows: no flock, no lock
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # the module or None; every use checks for None
 
 LOCK_FILE = ".lock"
 _ATTEMPTS, _PAUSE_S = 10, 0.05  # another process's probe holds a shared lock for microseconds

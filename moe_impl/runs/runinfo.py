@@ -170,8 +170,9 @@ def config_tags(config: dict) -> dict[str, str]:
     """The MLflow tags a training run takes from its config (config.yaml's mapping): preset,
     corpus and sweep ("" outside a sweep), the last the runs page's grouping
     (moe_impl/tracking/view.py). The live tracker and the importer share them."""
-    model = config.get("model") if isinstance(config.get("model"), dict) else {}
-    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    model, data = config.get("model"), config.get("data")
+    model = model if isinstance(model, dict) else {}
+    data = data if isinstance(data, dict) else {}
     tags = {"preset": model.get("preset"), "corpus": data.get("corpus")}
     tags["sweep"] = config.get("sweep") or ""
     return {k: str(v) for k, v in tags.items() if v is not None}

@@ -29,11 +29,11 @@ is its seeds' (the schema fills in the default, so the workflow cannot tell an a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 # the schema's defaults of the keys read here (tests/test_sweeps.py holds them equal); `seeds` is
 # a key of each sweep (`sweeps.<name>.seeds` in the schema) and of a model entry
-DEFAULTS = {"presets": "cpu/", "data_path": None, "data_path_set": {}, "seeds": [0]}
+DEFAULTS: dict[str, Any] = {"presets": "cpu/", "data_path": None, "data_path_set": {}, "seeds": [0]}
 SEED_KEY = "train.seed"
 
 
@@ -95,6 +95,7 @@ def model_entries(config: Mapping, sweep: str) -> Iterator[ModelEntry]:
     prefix = spec.get("presets", config.get("presets", DEFAULTS["presets"]))
     sweep_seeds = check_seeds(spec.get("seeds", DEFAULTS["seeds"]), f"sweeps.{sweep}.seeds")
     sweep_set = spec.get("set") or {}
+    extra: Mapping  # the entry's `set:`
     for i, entry in enumerate(spec["models"]):
         where = f"sweeps.{sweep}.models[{i}]"
         if isinstance(entry, str):

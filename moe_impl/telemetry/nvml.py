@@ -12,6 +12,7 @@ import math
 import os
 import threading
 import time
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def _load_nvml(nvml=None):
     global _unavailable_logged
     try:
         if nvml is None:
-            import pynvml as nvml
+            import pynvml as nvml  # type: ignore[no-redef]  # the module, where none was injected
         nvml.nvmlInit()
         return nvml
     except Exception as err:  # ImportError, NVMLError_LibraryNotFound / DriverNotLoaded, ...
@@ -70,7 +71,7 @@ class GpuSampler:
         self.available = False
         self.info: dict[str, str | float] = {}
         self._nvml_module = nvml
-        self._nvml = None
+        self._nvml: Any = None  # the pynvml module (or the stand-in) once started
         self._handle = None
         self._lock = threading.Lock()
         self._stop = threading.Event()

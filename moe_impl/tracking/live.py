@@ -96,6 +96,7 @@ class RunTracker:
     def _start(
         self, identity: dict, params: dict, experiment, run_name, tags: dict, runs_view: bool
     ) -> None:
+        assert self.tracking_uri is not None  # start() resolved it
         client, experiment_id = store.open_store(self.tracking_uri, experiment, runs_view)
         run = None
         if identity.get(store.MLFLOW_URI_KEY) == self.tracking_uri and identity.get(
@@ -146,6 +147,7 @@ class RunTracker:
 
     def _start_monitor(self, interval_s: float) -> None:
         try:
+            assert self.run_id is not None and self.tracking_uri is not None  # after _start
             self._monitor = store.start_system_metrics(self.run_id, interval_s, self.tracking_uri)
         except Exception as err:  # psutil missing, ...: system metrics are optional
             log.debug("MLflow system metrics off: %s", err)
@@ -208,7 +210,8 @@ class RunTracker:
         buffer, self._buffer = self._buffer, []
         self._last_flush = time.monotonic()
         if buffer:
-            self._call(lambda c: store.log_batch(c, self.run_id, metrics=buffer))
+            # run_id is set whenever _call runs fn (a client, once started)
+            self._call(lambda c: store.log_batch(c, self.run_id, metrics=buffer))  # type: ignore[arg-type]
 
     def log_artifacts(self, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
         """Copy files (or folders) into the run's artifacts; missing paths are skipped."""
@@ -243,6 +246,7 @@ class RunTracker:
         """Before the run is tagged complete: log what the run directory has and MLflow lacks,
         the steps of an earlier segment whose tracking was off or could not reach the store (a
         later `tracking import` leaves a complete run alone)."""
+        assert self.run_id is not None  # _call runs it once started
         run = store.get_run(client, self.run_id)
         points = sync.missing_points(self.run_dir, store.metric_steps(client, run))
         store.log_batch(client, self.run_id, metrics=points)

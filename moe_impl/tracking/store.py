@@ -331,10 +331,10 @@ def log_batch(client, run_id: str, metrics=(), params: dict | None = None, tags=
     """Log params, tags and metric points in batches of MLflow's limits, synchronously."""
     from mlflow.entities import Param, RunTag
 
-    params = [Param(k, v) for k, v in (params or {}).items()]
+    param_list = [Param(k, v) for k, v in (params or {}).items()]
     tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-    for i in range(0, len(params), BATCH_PARAMS):
-        client.log_batch(run_id, params=params[i : i + BATCH_PARAMS], synchronous=True)
+    for i in range(0, len(param_list), BATCH_PARAMS):
+        client.log_batch(run_id, params=param_list[i : i + BATCH_PARAMS], synchronous=True)
     for i in range(0, len(tags), BATCH_PARAMS):
         client.log_batch(run_id, tags=tags[i : i + BATCH_PARAMS], synchronous=True)
     metrics = list(metrics)

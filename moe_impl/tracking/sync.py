@@ -190,8 +190,10 @@ def _import_one(client, uri: str, run_dir: Path, experiment: str | None) -> str:
 def _display_name(identity: dict, config: dict, run_dir: Path) -> str:
     """A run's MLflow name from its run.json and config.yaml (runinfo.display_name), for a run
     directory without a card."""
-    train = config.get("train") if isinstance(config.get("train"), dict) else {}
-    seed = train.get("seed") if isinstance(train.get("seed"), int) else 0
+    train = config.get("train")
+    train = train if isinstance(train, dict) else {}
+    seed = train.get("seed")
+    seed = seed if isinstance(seed, int) else 0
     name = str(identity.get("name") or config.get("name") or run_dir.name)
     return runinfo.display_name(name, config.get("sweep") or None, seed)
 

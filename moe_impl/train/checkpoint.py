@@ -63,7 +63,8 @@ class _Writer:
     into a RuntimeError without the errno ("basic_ios::clear", "unexpected pos")."""
 
     def __init__(self, file) -> None:
-        self._file, self.error = file, None
+        self._file = file
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         try:
@@ -84,7 +85,7 @@ def _atomic_save(state: dict, path: Path) -> None:
         with open(tmp, "wb") as f:
             writer = _Writer(f)
             try:
-                torch.save(state, writer)
+                torch.save(state, writer)  # type: ignore[arg-type]  # file-like: write, flush
             except Exception:
                 if writer.error is None:
                     raise

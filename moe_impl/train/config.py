@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -319,7 +319,7 @@ class RunConfig:
         return _plain(self)
 
 
-def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> RunConfig:
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> RunConfig:
     """Defaults <- YAML files <- `key=value` overrides, validated (ValueError names the key)."""
     raw: dict = {}
     for path in files:
@@ -396,7 +396,7 @@ def resolve_model(preset: str, overrides: Mapping, vocab_size: int) -> ModelConf
 def _sections(cls: type) -> dict[str, type]:
     """The fields of `cls` that are sections of their own: {name: their dataclass}."""
     return {
-        f.name: f.default_factory
+        f.name: f.default_factory  # type: ignore[misc]  # a dataclass: checked below
         for f in dataclasses.fields(cls)
         if dataclasses.is_dataclass(f.default_factory)
     }

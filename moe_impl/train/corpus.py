@@ -40,6 +40,7 @@ def _corpus(cfg: RunConfig):
     data = cfg.data
     if data.corpus == "synthetic":
         return TopicMarkov(data.synthetic)
+    assert data.path is not None  # DataConfig requires it for lm1b and text
     if data.corpus == "lm1b":
         from moe_impl.data.lm1b import LM1BCorpus
 

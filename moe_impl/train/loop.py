@@ -290,8 +290,8 @@ class Trainer:
                     local_rows(batch.oracle_logp, ctx)[local_rows(batch.scored, ctx)].sum()
                 )
         self.model.train()
-        nll, count, oracle = self.ctx.sum([nll, count, oracle], self.device)
-        count = int(count)
+        nll, summed_count, oracle = self.ctx.sum([nll, count, oracle], self.device)
+        count = int(summed_count)
         if count == 0:
             raise ValueError(f"the {split} split has no scored tokens")
         mean = nll / count
@@ -326,6 +326,7 @@ class Trainer:
         if rundir.is_finished(self.run_dir):
             lock.release(self.run_dir)
             summary = rundir.read_summary(self.run_dir)
+            assert summary is not None  # a finished run has its summary
             if summary.get("diverged"):  # finished as diverged: the same answer every time
                 raise TrainingDiverged(diverged_message(summary["diverged"]))
             return summary
@@ -432,6 +433,7 @@ class Trainer:
     def _expert_record(self) -> dict:
         """Close the expert statistics' record at this step (rank 0 writes its files): its
         balance metrics, for the step's metrics record."""
+        assert self.loop.expert_tally is not None  # the caller checks
         return expertstats.record(
             self.run_dir if self.ctx.is_main else None, self.loop.expert_tally, self.loop.step,
             self.total_steps, self.cfg.train.dead_expert_window,

@@ -22,6 +22,9 @@ With m = 1 nothing is split and every value is the one the unsplit step computed
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any, cast
+
 import torch
 from torch import Tensor, nn
 
@@ -73,13 +76,19 @@ def combine_stats(stats: list[RoutingStats | None]) -> RoutingStats | None:
     summed entropy_sums."""
     if len(stats) == 1 or stats[0] is None:
         return stats[0]
+    known = cast(list[RoutingStats], stats)  # a step's micro-batches all have stats or none do
     return routing_stats(
-        sum(s.tokens_per_expert for s in stats),
-        sum(s.importance for s in stats),
-        sum(s.load for s in stats),
-        sum(int(s.num_dropped) for s in stats),
-        None if stats[0].entropy_sums is None else sum(s.entropy_sums for s in stats),
+        _sum(s.tokens_per_expert for s in known),
+        _sum(s.importance for s in known),
+        _sum(s.load for s in known),
+        sum(int(s.num_dropped) for s in known),
+        None if stats[0].entropy_sums is None else _sum(s.entropy_sums for s in known),
     )
+
+
+def _sum(tensors: Iterable[Any]) -> Tensor:
+    """sum() of tensors, a tensor (typeshed's sum() also allows its start, the int 0)."""
+    return sum(tensors)
 
 
 def coalesce_sparse_grads(model: nn.Module) -> None:

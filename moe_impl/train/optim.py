@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +51,9 @@ def build_optimizers(
         )
     # fused: one kernel for all tensors (CPU and CUDA); 4x faster than the per-tensor loop on
     # our CPU for 256 experts' dense gradients
-    adam_kw = dict(lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps, fused=True)
+    adam_kw: dict[str, Any] = dict(
+        lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps, fused=True
+    )
     if choice == "factored" and experts:
         ids = {id(p) for p in experts}
         rest = [p for p in model.parameters() if id(p) not in ids]
@@ -123,6 +125,7 @@ class FactoredAdam(torch.optim.Optimizer):
             state["v_col"] = bank.new_zeros(num, cols)
             state["step"] = torch.zeros(num, dtype=torch.long, device=p.device)
         grad = p.grad
+        assert grad is not None  # step() updates the parameters that have a gradient only
         if grad.is_sparse:
             idx = grad._indices()[0]
             # moe_impl's expert gradients hold each active expert once, in order; autograd drops

@@ -59,11 +59,12 @@ import time
 import warnings
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 import numpy as np
 
 from moe_impl import runtime
-from moe_impl.data.base import Batch
+from moe_impl.data.base import Batch, Corpus
 
 # corpora whose batches pay for a worker (numpy work); the others read windows of an array
 PREFETCHED_CORPORA = frozenset({"synthetic"})
@@ -105,7 +106,7 @@ def slot_bytes(batch_size: int, seq_len: int) -> int:
 class _Job:
     """What one worker makes, and where it puts it."""
 
-    corpus: object
+    corpus: Corpus
     batch_size: int
     seq_len: int
     steps: range  # in order
@@ -290,7 +291,9 @@ def _status(status: int) -> str:
 
 def _to_slot(slot: mmap.mmap, batch: Batch) -> list | None:
     """Copy the batch's arrays into the slot; where they lie, or None when they do not fit."""
-    layout, offset, arrays = [], 0, []
+    layout: list[tuple[str, tuple[int, ...], int] | None] = []
+    offset = 0
+    arrays: list[tuple[np.ndarray, int]] = []
     for array in batch:
         if array is None:
             layout.append(None)
@@ -310,7 +313,7 @@ def _to_slot(slot: mmap.mmap, batch: Batch) -> list | None:
 
 def _from_slot(slot: mmap.mmap, layout: list) -> Batch:
     """A copy of the batch the slot holds (the worker may overwrite the slot afterwards)."""
-    arrays = []
+    arrays: list[Any] = []  # the Batch's fields: arrays, None where the batch's is None
     for field in layout:
         if field is None:
             arrays.append(None)

@@ -200,7 +200,8 @@ def lost_config(run_dir: Path, *, config_given: bool) -> tuple[RunConfig, Path] 
         return None
     found = checkpoint_config(run_dir)
     if found is None:
-        return _no_checkpoint(run_dir, config_given)
+        _no_checkpoint(run_dir, config_given)
+        return None
     values, ckpt = found
     if values is None:
         raise ValueError(
@@ -379,9 +380,9 @@ def _restore_newest_intact(
         except checkpoint.DamagedCheckpoint as err:  # raised before anything is restored
             problem = err  # (a process that did restore this one restores the next over it)
         if ctx.all_agree(problem is None, device):
-            for bad, err in skipped:  # each process reports what it found; rank 0 the rest
-                if err is not None or ctx.is_main:
-                    what = err or f"checkpoint {str(bad)!r} is damaged on another process"
+            for bad, bad_err in skipped:  # each process reports what it found; rank 0 the rest
+                if bad_err is not None or ctx.is_main:
+                    what = bad_err or f"checkpoint {str(bad)!r} is damaged on another process"
                     print(
                         f"warning: {what}; resumed from the previous intact checkpoint, "
                         f"{path.name} (step {loop.step}): the steps after it are trained again",
