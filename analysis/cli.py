@@ -90,17 +90,24 @@ def add_experts_parser(sub: argparse._SubParsersAction) -> None:
         "experts", help="run directories -> expert load figures (heatmaps, Lorenz, per sweep)"
     )
     e.add_argument(
-        "run_dirs", nargs="*", type=Path, metavar="RUN_DIR",
+        "run_dirs",
+        nargs="*",
+        type=Path,
+        metavar="RUN_DIR",
         help="run directories, or folders searched for them (default results/runs)",
-    )  # fmt: skip
+    )
     _add_path(
-        e, "--out", Path("results"), "writes figures/expert_load_<sweep>.png and "
+        e,
+        "--out",
+        Path("results"),
+        "writes figures/expert_load_<sweep>.png and "
         "figures/experts/<sweep>/<run>.png here (default results)",
-    )  # fmt: skip
+    )
     e.add_argument(
-        "--no-mlflow", action="store_true",
+        "--no-mlflow",
+        action="store_true",
         help="do not attach each run's figure to its MLflow run (artifacts under figures/)",
-    )  # fmt: skip
+    )
 
 
 def run_experts(args: argparse.Namespace) -> int:

@@ -109,9 +109,12 @@ def sweep_figure(summary: pd.DataFrame, sweep: str) -> Figure:
         m = collect.per_model(runs, [col])
         for fam, part in m.groupby("family"):
             ax.plot(
-                part["num_experts"], part[col], "-" + style.FAMILY_MARKERS.get(fam, "o"),
-                color=style.COLORS.get(fam, "0.3"), label=fam,
-            )  # fmt: skip
+                part["num_experts"],
+                part[col],
+                "-" + style.FAMILY_MARKERS.get(fam, "o"),
+                color=style.COLORS.get(fam, "0.3"),
+                label=fam,
+            )
         ax.set_xscale("log", base=2)
         style.sparse_log2_ticks(ax, m["num_experts"])
         ax.set(xlabel=style.EXPERTS_LABEL, ylabel=title)

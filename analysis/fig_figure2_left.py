@@ -131,6 +131,12 @@ def _slope_note(ax, fit: slope.Slope | None) -> None:
         return
     interval = f" [{fit.low:+.3f}, {fit.high:+.3f}]" if fit.high > fit.low else ""
     ax.text(
-        0.02, 0.03, f"MoE slope d ln ppl / d ln experts: {fit.slope:+.3f}{interval}",
-        transform=ax.transAxes, fontsize=7.5, color="0.25", ha="left", va="bottom",
-    )  # fmt: skip
+        0.02,
+        0.03,
+        f"MoE slope d ln ppl / d ln experts: {fit.slope:+.3f}{interval}",
+        transform=ax.transAxes,
+        fontsize=7.5,
+        color="0.25",
+        ha="left",
+        va="bottom",
+    )

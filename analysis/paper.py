@@ -140,8 +140,9 @@ def figure3_series() -> pd.DataFrame:
         parts.append(part.rename(columns={metric: "test_perplexity"}))
     out = pd.concat(parts, ignore_index=True)
     out["is_baseline"] = out["model"] == FIGURE3_BASELINE
-    return out[["line", "words_B", "metric", "model", "preset", *cols, "test_perplexity",
-                "is_baseline"]]  # fmt: skip
+    return out[
+        ["line", "words_B", "metric", "model", "preset", *cols, "test_perplexity", "is_baseline"]
+    ]
 
 
 def figure3_gap() -> pd.DataFrame:

@@ -48,8 +48,17 @@ def test_collect_gives_the_tidy_contract(tmp_path):
 
 def test_collect_reads_the_model_from_the_summary():
     run = make_run("lm1b", "cpu/MoE-32", 120.0)
-    h = {**run["summary"]["model"], "name": "MoE-8x8-h", "moe": "hierarchical", "num_experts": 64,
-         "num_groups": 8, "group_size": 8, "k": None, "k_primary": 2, "k_secondary": 1}  # fmt: skip
+    h = {
+        **run["summary"]["model"],
+        "name": "MoE-8x8-h",
+        "moe": "hierarchical",
+        "num_experts": 64,
+        "num_groups": 8,
+        "group_size": 8,
+        "k": None,
+        "k_primary": 2,
+        "k_secondary": 1,
+    }
     run["summary"]["model"] = h  # differs from the config's preset: the summary wins
     row = collect.run_record(run)
     assert (row["model"], row["family"], row["moe"], row["num_experts"]) == (

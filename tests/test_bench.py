@@ -145,12 +145,25 @@ def _synthetic_rows():
     rows = []
     for config, n, a, b, status in [("4", 4, None, None, "ok"), ("16-h", 16, 4, 4, "ok")]:
         row = {
-            "config": config, "num_experts": n, "num_groups": a, "group_size": b,
-            "kind": "flat" if a is None else "hierarchical", "d_model": 8, "d_hidden": 16,
-            "tokens": 64, "tokens_mode": "fixed_tokens", "target_tokens_per_expert": None,
-            "device": "cpu", "dtype": "float32", "threads": 1, "reps": 1, "warmup": 0,
-            "optimizer": False, "status": status, "reason": "",
-        }  # fmt: skip
+            "config": config,
+            "num_experts": n,
+            "num_groups": a,
+            "group_size": b,
+            "kind": "flat" if a is None else "hierarchical",
+            "d_model": 8,
+            "d_hidden": 16,
+            "tokens": 64,
+            "tokens_mode": "fixed_tokens",
+            "target_tokens_per_expert": None,
+            "device": "cpu",
+            "dtype": "float32",
+            "threads": 1,
+            "reps": 1,
+            "warmup": 0,
+            "optimizer": False,
+            "status": status,
+            "reason": "",
+        }
         row.update(dict.fromkeys(bench.MEASURED, 2.0))
         rows.append(row)
     skipped = {**rows[-1], "config": "64-h", "num_experts": 64, "num_groups": 8, "group_size": 8}
@@ -252,10 +265,24 @@ def test_measure_takes_the_peak_from_telemetry(monkeypatch):
 
     monkeypatch.setattr(telemetry, "resolve_peak_flops", fake_peak)
     monkeypatch.setattr(worker.threading, "Timer", _NoWatchdog)
-    cfg = {"config": "4", "num_experts": 4, "num_groups": None, "group_size": None,
-           "d_model": 4, "d_hidden": 8, "k": 2, "tokens": 16, "seed": 0, "reps": 1, "warmup": 0,
-           "optimizer": False, "device": "cpu", "dtype": "float32",
-           "threads": torch.get_num_threads(), "max_seconds": 60.0}  # fmt: skip
+    cfg = {
+        "config": "4",
+        "num_experts": 4,
+        "num_groups": None,
+        "group_size": None,
+        "d_model": 4,
+        "d_hidden": 8,
+        "k": 2,
+        "tokens": 16,
+        "seed": 0,
+        "reps": 1,
+        "warmup": 0,
+        "optimizer": False,
+        "device": "cpu",
+        "dtype": "float32",
+        "threads": torch.get_num_threads(),
+        "max_seconds": 60.0,
+    }
     row = worker.measure(cfg)
     assert asked == [("cpu", "float32")]
     assert row["peak_gflops"] == 50.0

@@ -16,10 +16,25 @@ D_MODEL, TOKENS = 8, 200
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = [
-        "bench", "--distributed", "--world-size", "2", "--experts", "4,4x2-h",
-        "--tokens", str(TOKENS), "--d-model", str(D_MODEL), "--d-hidden", "8",
-        "--reps", "2", "--warmup", "1", "--out", str(out),
-    ]  # fmt: skip
+        "bench",
+        "--distributed",
+        "--world-size",
+        "2",
+        "--experts",
+        "4,4x2-h",
+        "--tokens",
+        str(TOKENS),
+        "--d-model",
+        str(D_MODEL),
+        "--d-hidden",
+        "8",
+        "--reps",
+        "2",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     return json.loads((out / "bench_distributed.json").read_text())
 

@@ -183,8 +183,15 @@ def test_model_section_overrides_every_model_config_field_but_the_vocabulary():
 
 
 def test_a_new_expert_count_renames_the_model():
-    cfg = load_config([], ["model.preset=cpu/MoE-256-h", "model.num_experts=64",
-                           "model.num_groups=8", "model.group_size=8"])  # fmt: skip
+    cfg = load_config(
+        [],
+        [
+            "model.preset=cpu/MoE-256-h",
+            "model.num_experts=64",
+            "model.num_groups=8",
+            "model.group_size=8",
+        ],
+    )
     assert cfg.model.resolve(577).name == "MoE-64-h"
 
 
@@ -232,18 +239,33 @@ def test_later_files_and_overrides_win(tmp_path):
     [
         ([], ["train"], r"^--set expects key=value, got 'train'$"),
         ([], ["=3"], r"^--set expects key=value"),
-        ([], ["lr=1"], r"^unknown config key 'lr'; valid keys at the top level: data, distributed, "
-                       r"eval, experiment, model, name, sweep, telemetry, tracking, train$"),
-        ([], ["train.lrr=1"], r"^unknown config key 'train\.lrr'; valid keys in 'train': batch_size,"),
-        ([], ["data.synthetic.topics=3"],
-         r"^unknown config key 'data\.synthetic\.topics'; valid keys in 'data\.synthetic': eos_prob, "
-         r"fanout, max_len, num_clusters, num_topics, row_beta, seed, shared_fanout, vocab_size, "
-             r"zipf_s$"),
+        (
+            [],
+            ["lr=1"],
+            r"^unknown config key 'lr'; valid keys at the top level: data, distributed, "
+            r"eval, experiment, model, name, sweep, telemetry, tracking, train$",
+        ),
+        (
+            [],
+            ["train.lrr=1"],
+            r"^unknown config key 'train\.lrr'; valid keys in 'train': batch_size,",
+        ),
+        (
+            [],
+            ["data.synthetic.topics=3"],
+            r"^unknown config key 'data\.synthetic\.topics'; valid keys in 'data\.synthetic': eos_prob, "
+            r"fanout, max_len, num_clusters, num_topics, row_beta, seed, shared_fanout, vocab_size, "
+            r"zipf_s$",
+        ),
         ([], ["train=5"], r"^config key 'train' must be a mapping, got 5$"),
-        ([], ["data.synthetic=[1]"], r"^config key 'data\.synthetic' must be a mapping, got \[1\]$"),
+        (
+            [],
+            ["data.synthetic=[1]"],
+            r"^config key 'data\.synthetic' must be a mapping, got \[1\]$",
+        ),
         (["missing.yaml"], [], r"^config file 'missing\.yaml' does not exist$"),
     ],
-)  # fmt: skip
+)
 def test_bad_keys_and_files_are_named(tmp_path, monkeypatch, files, overrides, message):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=message):
@@ -266,42 +288,114 @@ def test_bad_files_are_named(tmp_path):
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: ModelSection(dropout=1.0), r"^model\.dropout must be a finite number >= 0\.0 and < 1\.0, got 1\.0$"),
-        (lambda: ModelSection(w_load=-0.1), r"^model\.w_load must be a finite number >= 0\.0, got -0\.1$"),
-        (lambda: ModelSection(noisy_gating="yes"), r"^model\.noisy_gating must be true or false, got 'yes'$"),
-        (lambda: ModelSection(sparse_grad=2), r"^model\.sparse_grad must be true, false or null, got 2$"),
-        (lambda: ModelSection(lstm_layers=[[16]]), r"^model\.lstm_layers must be a list of \[units, projection"),
-        (lambda: ModelSection(preset="cpu/MoE-7"), r"^model\.preset 'cpu/MoE-7' is not a preset; valid: "),
-        (lambda: ModelSection(k=40), r"^model \(cpu/MoE-32 with \{'k': 40\}\): k must be in \[1, 32\], got 40$"),
-        (lambda: DataSection(corpus="wiki"), r"^data\.corpus must be one of \['synthetic', 'lm1b', 'text'\], got 'wiki'$"),
+        (
+            lambda: ModelSection(dropout=1.0),
+            r"^model\.dropout must be a finite number >= 0\.0 and < 1\.0, got 1\.0$",
+        ),
+        (
+            lambda: ModelSection(w_load=-0.1),
+            r"^model\.w_load must be a finite number >= 0\.0, got -0\.1$",
+        ),
+        (
+            lambda: ModelSection(noisy_gating="yes"),
+            r"^model\.noisy_gating must be true or false, got 'yes'$",
+        ),
+        (
+            lambda: ModelSection(sparse_grad=2),
+            r"^model\.sparse_grad must be true, false or null, got 2$",
+        ),
+        (
+            lambda: ModelSection(lstm_layers=[[16]]),
+            r"^model\.lstm_layers must be a list of \[units, projection",
+        ),
+        (
+            lambda: ModelSection(preset="cpu/MoE-7"),
+            r"^model\.preset 'cpu/MoE-7' is not a preset; valid: ",
+        ),
+        (
+            lambda: ModelSection(k=40),
+            r"^model \(cpu/MoE-32 with \{'k': 40\}\): k must be in \[1, 32\], got 40$",
+        ),
+        (
+            lambda: DataSection(corpus="wiki"),
+            r"^data\.corpus must be one of \['synthetic', 'lm1b', 'text'\], got 'wiki'$",
+        ),
         (lambda: DataSection(min_count=0), r"^data\.min_count must be a positive integer, got 0$"),
         (lambda: DataSection(max_vocab=0), r"^data\.max_vocab must be a positive integer, got 0$"),
         (lambda: DataSection(cache_dir=5), r"^data\.cache_dir must be a string, got 5$"),
         (lambda: DataSection(corpus="lm1b"), r"^data\.path is required for data\.corpus='lm1b'$"),
         (lambda: TrainSection(lr=0), r"^train\.lr must be a finite number > 0\.0, got 0$"),
-        (lambda: TrainSection(beta2=1.0), r"^train\.beta2 must be a finite number >= 0\.0 and < 1\.0, got 1\.0$"),
-        (lambda: TrainSection(batch_size=True), r"^train\.batch_size must be a positive integer, got True$"),
-        (lambda: TrainSection(clip_norm=float("nan")), r"^train\.clip_norm must be a finite number > 0\.0, got nan$"),
-        (lambda: TrainSection(warmup_steps=-1), r"^train\.warmup_steps must be an integer >= 0, got -1$"),
-        (lambda: TrainSection(epochs=2), r"^set exactly one of train\.tokens and train\.epochs, got tokens=4000000, epochs=2$"),
-        (lambda: TrainSection(device="tpu"), r"^train\.device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'$"),
-        (lambda: TrainSection(schedule="cosine"), r"^train\.schedule must be one of \['inverse_sqrt', 'constant'\], got 'cosine'$"),
-        (lambda: EvalSection(split="dev"), r"^eval\.split must be one of \['test', 'valid'\], got 'dev'$"),
+        (
+            lambda: TrainSection(beta2=1.0),
+            r"^train\.beta2 must be a finite number >= 0\.0 and < 1\.0, got 1\.0$",
+        ),
+        (
+            lambda: TrainSection(batch_size=True),
+            r"^train\.batch_size must be a positive integer, got True$",
+        ),
+        (
+            lambda: TrainSection(clip_norm=float("nan")),
+            r"^train\.clip_norm must be a finite number > 0\.0, got nan$",
+        ),
+        (
+            lambda: TrainSection(warmup_steps=-1),
+            r"^train\.warmup_steps must be an integer >= 0, got -1$",
+        ),
+        (
+            lambda: TrainSection(epochs=2),
+            r"^set exactly one of train\.tokens and train\.epochs, got tokens=4000000, epochs=2$",
+        ),
+        (
+            lambda: TrainSection(device="tpu"),
+            r"^train\.device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'$",
+        ),
+        (
+            lambda: TrainSection(schedule="cosine"),
+            r"^train\.schedule must be one of \['inverse_sqrt', 'constant'\], got 'cosine'$",
+        ),
+        (
+            lambda: EvalSection(split="dev"),
+            r"^eval\.split must be one of \['test', 'valid'\], got 'dev'$",
+        ),
         (lambda: EvalSection(tokens=0), r"^eval\.tokens must be a positive integer, got 0$"),
-        (lambda: EvalSection(at_tokens=[0]), r"^eval\.at_tokens must be a list of positive integers, got \[0\]$"),
+        (
+            lambda: EvalSection(at_tokens=[0]),
+            r"^eval\.at_tokens must be a list of positive integers, got \[0\]$",
+        ),
         (lambda: TrackingSection(enabled=1), r"^tracking\.enabled must be true or false, got 1$"),
         (lambda: TrackingSection(uri=5), r"^tracking\.uri must be a string, got 5$"),
-        (lambda: DistributedSection(backend="mpi"), r"^distributed\.backend must be one of \['auto', 'nccl', 'gloo'\], got 'mpi'$"),
-        (lambda: DistributedSection(timeout_s=0), r"^distributed\.timeout_s must be a finite number > 0\.0, got 0$"),
-        (lambda: DistributedSection(replicate_noise="no"), r"^distributed\.replicate_noise must be true or false, got 'no'$"),
-        (lambda: TelemetrySection(interval_s=-1), r"^telemetry\.interval_s must be a finite number > 0\.0, got -1$"),
-        (lambda: TelemetrySection(peak_flops=float("inf")), r"^telemetry\.peak_flops must be a finite number > 0\.0, got inf$"),
+        (
+            lambda: DistributedSection(backend="mpi"),
+            r"^distributed\.backend must be one of \['auto', 'nccl', 'gloo'\], got 'mpi'$",
+        ),
+        (
+            lambda: DistributedSection(timeout_s=0),
+            r"^distributed\.timeout_s must be a finite number > 0\.0, got 0$",
+        ),
+        (
+            lambda: DistributedSection(replicate_noise="no"),
+            r"^distributed\.replicate_noise must be true or false, got 'no'$",
+        ),
+        (
+            lambda: TelemetrySection(interval_s=-1),
+            r"^telemetry\.interval_s must be a finite number > 0\.0, got -1$",
+        ),
+        (
+            lambda: TelemetrySection(peak_flops=float("inf")),
+            r"^telemetry\.peak_flops must be a finite number > 0\.0, got inf$",
+        ),
         (lambda: RunConfig(experiment=""), r"^experiment must be a non-empty string, got ''$"),
         (lambda: RunConfig(sweep=3), r"^sweep must be a string, got 3$"),
-        (lambda: RunConfig(train=TrainSection(tokens=None, epochs=2)), r"^train\.epochs needs a finite corpus"),
-        (lambda: RunConfig(eval=EvalSection(tokens=None)), r"^eval\.tokens must be set for data\.corpus='synthetic'"),
+        (
+            lambda: RunConfig(train=TrainSection(tokens=None, epochs=2)),
+            r"^train\.epochs needs a finite corpus",
+        ),
+        (
+            lambda: RunConfig(eval=EvalSection(tokens=None)),
+            r"^eval\.tokens must be set for data\.corpus='synthetic'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_every_section_names_the_key_and_the_value(build, message):
     with pytest.raises(ValueError, match=message):
         build()

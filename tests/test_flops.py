@@ -152,8 +152,12 @@ def test_the_gpu_family_has_the_cpu_familys_models():
     for name, cfg in gpu.items():
         twin = cpu[{v: k for k, v in _BASELINE_NAMES.items()}.get(name, name)]
         assert (cfg.moe, cfg.num_experts, cfg.k, cfg.num_groups, cfg.group_size) == (
-            twin.moe, twin.num_experts, twin.k, twin.num_groups, twin.group_size
-        )  # fmt: skip
+            twin.moe,
+            twin.num_experts,
+            twin.k,
+            twin.num_groups,
+            twin.group_size,
+        )
         assert len(cfg.lstm_layers) == len(twin.lstm_layers) and cfg.d_model == GPU_D_MODEL
 
 
@@ -237,8 +241,15 @@ def test_gpu_experts_keep_their_size_until_they_fill_one_gpu():
     than the 4096-expert one."""
     hidden = {cfg.num_experts: cfg.d_hidden for cfg in GPU_PRESETS.values() if cfg.num_experts > 1}
     assert hidden == {
-        4: 512, 32: 512, 256: 512, 1024: 512, 4096: 512, 16384: 256, 65536: 64, 131072: 32
-    }  # fmt: skip
+        4: 512,
+        32: 512,
+        256: 512,
+        1024: 512,
+        4096: 512,
+        16384: 256,
+        65536: 64,
+        131072: 32,
+    }
     for n, h in hidden.items():
         assert h == gpu_d_hidden(n) and 2 * GPU_D_MODEL * h * n <= GPU_MAX_EXPERT_PARAMS
         assert h == GPU_D_HIDDEN or 2 * GPU_D_MODEL * (2 * h) * n > GPU_MAX_EXPERT_PARAMS
@@ -293,9 +304,16 @@ def _flat(n=3, k=2) -> ModelConfig:  # experts 4 -> 5 -> 4
 
 def _hier(a=2, b=3, kp=1, ks=2) -> ModelConfig:
     return ModelConfig(
-        **_TINY, softmax_samples=None, moe="hierarchical", num_experts=a * b, d_hidden=5,
-        num_groups=a, group_size=b, k_primary=kp, k_secondary=ks,
-    )  # fmt: skip
+        **_TINY,
+        softmax_samples=None,
+        moe="hierarchical",
+        num_experts=a * b,
+        d_hidden=5,
+        num_groups=a,
+        group_size=b,
+        k_primary=kp,
+        k_secondary=ks,
+    )
 
 
 def test_hand_computed_flat():

@@ -177,8 +177,10 @@ def test_quick_check_on_the_cpu_writes_every_section(tmp_path):
     assert {r["micro_batches"] for r in workflow["rows"] if r["sweep"] == "news100b"} == {2}
     times = yaml.safe_load((tmp_path / "step_times.yaml").read_text())["cpu"]
     assert times["input"]["ms_per_batch"] > 0 and times["models"]
-    assert all({"step_ms", "tokens_per_step", "micro_batches", "params"} <= set(e)
-               for e in times["models"].values())  # fmt: skip
+    assert all(
+        {"step_ms", "tokens_per_step", "micro_batches", "params"} <= set(e)
+        for e in times["models"].values()
+    )
     trainer = sections["trainer"]["results"]["run"]
     assert trainer["steps"] == 20 and trainer["prefetch_workers"] == 1
     assert 0 <= trainer["input_wait_fraction"] < 1

@@ -233,7 +233,10 @@ for name in sys.argv[1:]:
 def workflow_imports() -> list[str]:
     """The moe_impl and analysis modules the Snakefile and its rules import at parse time (of
     `from moe_impl.train import runtable, preflight`: the submodules)."""
-    pattern = re.compile(r"^(?:from\s+((?:moe_impl|analysis)[\w.]*)\s+import\s+([\w, ]+)|import\s+((?:moe_impl|analysis)[\w.]*))", re.M)  # fmt: skip
+    pattern = re.compile(
+        r"^(?:from\s+((?:moe_impl|analysis)[\w.]*)\s+import\s+([\w, ]+)|import\s+((?:moe_impl|analysis)[\w.]*))",
+        re.M,
+    )
     found = set()
     for match in (m for f in WORKFLOW_FILES for m in pattern.finditer(f.read_text("utf-8"))):
         if match[3]:

@@ -41,13 +41,21 @@ from moe_impl.train.optim import clip_gradients
 from moe_impl.train.schedule import lr_factor, step_seeds
 
 HIER = [
-    "model.preset=cpu/MoE-256-h", "model.num_experts=16", "model.num_groups=4",
-    "model.group_size=4", "model.k_primary=2", "model.k_secondary=2", "model.k=null",
-]  # fmt: skip
+    "model.preset=cpu/MoE-256-h",
+    "model.num_experts=16",
+    "model.num_groups=4",
+    "model.group_size=4",
+    "model.k_primary=2",
+    "model.k_secondary=2",
+    "model.k=null",
+]
 LSTM = [
-    "model.preset=cpu/4xLSTM-64", "model.lstm_layers=[[16, null], [16, null]]",
-    "model.d_hidden=null", "model.num_experts=null", "model.k=null",
-]  # fmt: skip
+    "model.preset=cpu/4xLSTM-64",
+    "model.lstm_layers=[[16, null], [16, null]]",
+    "model.d_hidden=null",
+    "model.num_experts=null",
+    "model.k=null",
+]
 MODELS = {
     "flat": [],
     "flat-sparse": ["model.sparse_grad=true"],
@@ -318,8 +326,11 @@ def test_bad_micro_batches_are_one_line_naming_the_key(overrides, message):
 def test_expert_parallel_needs_micro_batches_times_processes_to_divide_the_batch():
     micro.check_micro_batches(8, 2, 4)
     micro.check_micro_batches(12, 3, 2)
-    with pytest.raises(ValueError, match=r"^train\.batch_size=8 must be divisible by train\."
-                       r"micro_batches x processes \(2 x 3 = 6\): ") as err:  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"^train\.batch_size=8 must be divisible by train\."
+        r"micro_batches x processes \(2 x 3 = 6\): ",
+    ) as err:
         micro.check_micro_batches(8, 2, 3)
     assert "\n" not in str(err.value)
 

@@ -44,9 +44,17 @@ def smoke_store(tmp_path_factory) -> Path:
     """The smoke workflow's training runs of two sweeps, tracked live into results/mlflow.db."""
     wd = workdir(tmp_path_factory.mktemp("ui"))
     proc = snakemake(
-        wd, "--cores", "2", "--configfile", "config/smoke.yaml", "--config", SWEEPS,
-        "--until", "train", timeout=900,
-    )  # fmt: skip
+        wd,
+        "--cores",
+        "2",
+        "--configfile",
+        "config/smoke.yaml",
+        "--config",
+        SWEEPS,
+        "--until",
+        "train",
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return wd
 

@@ -81,10 +81,17 @@ def _cell(df: pd.DataFrame, model: str, metric: str, source: str | None = None) 
 
 @pytest.mark.parametrize(
     ("printed", "metric", "value"),
-    [("151 million", "params_excl_embedding_softmax_M", 151.0), ("85M", "ops_per_timestep_M", 85.0),
-     ("278M", "params_total_B", 0.278), ("8.7B", "params_total_B", 8.7), ("−19%", "x", -19.0),
-     ("+3.06", "bleu_gain", 3.06), ("0.00001", "ops_per_timestep_M", 1e-5), ("32 K40s", "n", 32)],
-)  # fmt: skip
+    [
+        ("151 million", "params_excl_embedding_softmax_M", 151.0),
+        ("85M", "ops_per_timestep_M", 85.0),
+        ("278M", "params_total_B", 0.278),
+        ("8.7B", "params_total_B", 8.7),
+        ("−19%", "x", -19.0),
+        ("+3.06", "bleu_gain", 3.06),
+        ("0.00001", "ops_per_timestep_M", 1e-5),
+        ("32 K40s", "n", 32),
+    ],
+)
 def test_parse_printed(printed, metric, value):
     assert parse_printed(printed, metric) == pytest.approx(value)
 
@@ -234,8 +241,11 @@ def test_figure2_left_points_are_table7_rows(tables):
     assert len(s) == sum(len(m) for m in paper.FIGURE2_LEFT.values())
     assert list(s["series"].unique()) == list(paper.FIGURE2_LEFT)
     for r in s.itertuples():
-        for metric in ("params_excl_embedding_softmax_M", "ops_per_timestep_M",
-                       "test_perplexity_10_epochs"):  # fmt: skip
+        for metric in (
+            "params_excl_embedding_softmax_M",
+            "ops_per_timestep_M",
+            "test_perplexity_10_epochs",
+        ):
             assert getattr(r, metric) == _table_value(tables["table7"], r.model, metric)
     # ~8M ops/timestep: all within the 8.4-9.4M of Table 7's matched models
     assert s["ops_per_timestep_M"].between(8.4, 9.4).all()

@@ -24,10 +24,15 @@ from moe_impl.train.loop import Trainer
 pytestmark = pytest.mark.integration  # every test spawns a process group
 
 HIER = [
-    "model.preset=cpu/MoE-256-h", "model.num_experts=16", "model.num_groups=4",
-    "model.group_size=4", "model.k_primary=2", "model.k_secondary=2", "model.k=null",
+    "model.preset=cpu/MoE-256-h",
+    "model.num_experts=16",
+    "model.num_groups=4",
+    "model.group_size=4",
+    "model.k_primary=2",
+    "model.k_secondary=2",
+    "model.k=null",
     "model.sparse_grad=true",
-]  # fmt: skip
+]
 REPLICATE = ["distributed.replicate_noise=true"]
 
 
@@ -98,9 +103,11 @@ def test_a_two_rank_checkpoint_resumes_exactly(tmp_path):
     ]
     other = checkpoint.load(latest, rank=1, world_size=2)["model"]  # its experts only
     assert set(other) == {
-        "moe.secondary_gate.w_gate", "moe.secondary_gate.w_noise",
-        "moe.experts.w_in", "moe.experts.w_out",
-    }  # fmt: skip
+        "moe.secondary_gate.w_gate",
+        "moe.secondary_gate.w_noise",
+        "moe.experts.w_in",
+        "moe.experts.w_out",
+    }
     resumed = spawn(train_run, 2, (overrides, str(cut), True), timeout_s=240)
     assert losses(cut) == losses(tmp_path / "whole")
     assert resumed[0]["summary"]["test_nll"] == whole[0]["summary"]["test_nll"]
@@ -146,10 +153,21 @@ def test_torchrun_launch_logs_one_mlflow_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = [*TINY[:-1], "tracking.enabled=true", f"tracking.uri={uri}", "experiment=dist"]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-        "--nproc_per_node", "2", "-m", "moe_impl", "train", "--out", str(tmp_path / "run"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "moe_impl",
+        "train",
+        "--out",
+        str(tmp_path / "run"),
         *set_args(sets),
-    ]  # fmt: skip
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("test perplexity") == 1  # one report, from rank 0
@@ -227,7 +245,9 @@ def test_lm1b_with_carried_state_matches_one_process(tmp_path):
     ranks = spawn(train_run, 2, (overrides, str(tmp_path / "dist")), timeout_s=240)
     assert ranks[0]["summary"]["eval_scored_tokens"] == single["eval_scored_tokens"] == SCORED_TEST
     torch.testing.assert_close(
-        torch.tensor(losses(tmp_path / "dist")), torch.tensor(losses(tmp_path / "single")),
-        rtol=1e-5, atol=1e-6,
-    )  # fmt: skip
+        torch.tensor(losses(tmp_path / "dist")),
+        torch.tensor(losses(tmp_path / "single")),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert ranks[0]["summary"]["test_nll"] == pytest.approx(single["test_nll"], rel=1e-5)

@@ -92,24 +92,51 @@ RUN4 = {
     "presets": "gpu/",
     "sweeps": {
         "lm1b": {
-            "models": ["MoE-4", "MoE-32", "MoE-256", "MoE-256-h", "MoE-1024-h", "MoE-4096-h",
-                       "4xLSTM-256", "LSTM-1024-256", "MoE-1-Wide", "MoE-1-Deep"],
+            "models": [
+                "MoE-4",
+                "MoE-32",
+                "MoE-256",
+                "MoE-256-h",
+                "MoE-1024-h",
+                "MoE-4096-h",
+                "4xLSTM-256",
+                "LSTM-1024-256",
+                "MoE-1-Wide",
+                "MoE-1-Deep",
+            ],
             "set": {"train.tokens": 1048576000, "train.prefetch_workers": 0},
         },
         "news100b": {
-            "models": ["MoE-32", "MoE-256-h", "MoE-1024-h", "MoE-4096-h", "MoE-16384-h",
-                       "MoE-65536-h", "MoE-131072-h", "4xLSTM-256"],
-            "set": {"train.tokens": 1572864000, "eval.at_tokens": [157286400],
-                    "train.prefetch_workers": 0},
+            "models": [
+                "MoE-32",
+                "MoE-256-h",
+                "MoE-1024-h",
+                "MoE-4096-h",
+                "MoE-16384-h",
+                "MoE-65536-h",
+                "MoE-131072-h",
+                "4xLSTM-256",
+            ],
+            "set": {
+                "train.tokens": 1572864000,
+                "eval.at_tokens": [157286400],
+                "train.prefetch_workers": 0,
+            },
         },
         "balance": {
             "models": ["MoE-256"],
-            "balance_weights": [[0.0, 0.0], [0.2, 0.0], [0.0, 0.2], [0.1, 0.1], [0.01, 0.01],
-                                [1.0, 1.0]],
+            "balance_weights": [
+                [0.0, 0.0],
+                [0.2, 0.0],
+                [0.0, 0.2],
+                [0.1, 0.1],
+                [0.01, 0.01],
+                [1.0, 1.0],
+            ],
             "set": {"train.tokens": 1048576000, "train.prefetch_workers": 0},
         },
     },
-}  # fmt: skip
+}
 
 
 def test_the_plan_gives_back_gpu_check_run_4s_projection(tmp_path):
@@ -144,9 +171,12 @@ def test_an_unmeasured_model_is_named_not_guessed(tmp_path):
     cfg = yaml.safe_load((ROOT / "config" / "gpu.yaml").read_text())
     cfg["sweeps"] = {"lm1b": {"models": ["MoE-2048-h"]}}
     cfg["sweeps"]["lm1b"]["models"] = [
-        {"name": "MoE-2048-h", "preset": "MoE-1024-h",
-         "set": {"model.num_experts": 2048, "model.group_size": 64}},
-    ]  # fmt: skip
+        {
+            "name": "MoE-2048-h",
+            "preset": "MoE-1024-h",
+            "set": {"model.num_experts": 2048, "model.group_size": 64},
+        },
+    ]
     path = tmp_path / "one.yaml"
     path.write_text(yaml.safe_dump(cfg))
     result = plan.plan(path, root=ROOT)

@@ -366,8 +366,14 @@ LINE = re.compile(r"interrupted at step (\d+); `python -m moe_impl train --out (
 
 
 def start_command(out: Path, *more: str) -> subprocess.Popen:
-    overrides = [*TINY, f"train.tokens={192 * STEPS}", "train.progress=lines",
-                 "train.log_every=1", WORKERS, *more]  # fmt: skip
+    overrides = [
+        *TINY,
+        f"train.tokens={192 * STEPS}",
+        "train.progress=lines",
+        "train.log_every=1",
+        WORKERS,
+        *more,
+    ]
     return subprocess.Popen(
         [sys.executable, "-m", "moe_impl", "train", "--out", str(out), *set_args(overrides)],
         stdout=subprocess.PIPE,
@@ -422,8 +428,12 @@ def test_a_signal_stops_the_command_with_a_checkpoint_and_no_worker_left(
     stopped = int(LINE.match(line)[1])
     assert checkpoint.latest(out).name == f"step-{stopped:08d}.pt"
     assert all(gone(pid) for pid in workers)
-    assert Trainer(tiny(f"train.tokens={192 * STEPS}", "train.log_every=1", WORKERS), out,
-                   resume=True).run()["steps"] == STEPS  # fmt: skip
+    assert (
+        Trainer(
+            tiny(f"train.tokens={192 * STEPS}", "train.log_every=1", WORKERS), out, resume=True
+        ).run()["steps"]
+        == STEPS
+    )
 
 
 def ended(pid: int) -> bool:
@@ -453,8 +463,9 @@ def test_workers_of_a_killed_trainer_end_by_themselves(tmp_path):
     while not all(ended(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(ended(pid) for pid in workers)
-    resumed = Trainer(tiny(f"train.tokens={192 * STEPS}", "train.log_every=1", WORKERS), out,
-                      resume=True).run()  # fmt: skip
+    resumed = Trainer(
+        tiny(f"train.tokens={192 * STEPS}", "train.log_every=1", WORKERS), out, resume=True
+    ).run()
     assert resumed["steps"] == STEPS
 
 

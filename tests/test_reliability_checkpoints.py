@@ -138,10 +138,17 @@ def test_a_two_rank_run_falls_back_from_a_damaged_rank_file(tmp_path, capsys):
     from moe_impl.train.config import load_config
 
     overrides = [
-        *TINY, "model.preset=cpu/MoE-256-h", "model.num_experts=16", "model.num_groups=4",
-        "model.group_size=4", "model.k_primary=2", "model.k_secondary=2", "model.k=null",
-        "model.sparse_grad=true", "distributed.replicate_noise=true",
-    ]  # fmt: skip
+        *TINY,
+        "model.preset=cpu/MoE-256-h",
+        "model.num_experts=16",
+        "model.num_groups=4",
+        "model.group_size=4",
+        "model.k_primary=2",
+        "model.k_secondary=2",
+        "model.k=null",
+        "model.sparse_grad=true",
+        "distributed.replicate_noise=true",
+    ]
     Trainer(load_config([], overrides), tmp_path / "whole").run()
     want = torch.tensor(losses(tmp_path / "whole"))
     two = tmp_path / "two"

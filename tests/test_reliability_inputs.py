@@ -59,9 +59,17 @@ def test_lm1b_corpus_finds_a_non_utf8_heldout_shard_when_it_opens(tmp_path, name
 
 def _text_run(folder: Path, *more: str) -> list[str]:
     sets = [
-        *TINY, "data.corpus=text", f"data.path={folder}", "train.batch_size=2", "train.seq_len=4",
-        "train.tokens=16", "eval.tokens=null", "eval.batch_size=1", "eval.seq_len=4", *more,
-    ]  # fmt: skip
+        *TINY,
+        "data.corpus=text",
+        f"data.path={folder}",
+        "train.batch_size=2",
+        "train.seq_len=4",
+        "train.tokens=16",
+        "eval.tokens=null",
+        "eval.batch_size=1",
+        "eval.seq_len=4",
+        *more,
+    ]
     return set_args(sets)
 
 
@@ -119,14 +127,29 @@ def test_bench_estimate_grows_with_the_gate_and_the_experts():
 # ru_maxrss of the child, with the expert bank's workspace (2026-12-01, `--reps 1 --warmup 1`); the
 # last row is from the code before it (2026-11-30), not re-measured (19 GB).
 MEASURED_PEAKS = [
-    ("4", 4096, 318), ("32", 4096, 335), ("256", 4096, 392), ("256-h", 4096, 386),
-    ("1024-h", 4096, 511), ("4096-h", 4096, 1011), ("16384-h", 4096, 2354), ("1024", 4096, 681),
-    ("16384", 4096, 5483), ("65536-h", 4096, 6515), ("131072-h", 4096, 10876),
-    ("131072-h", 1024, 9189), ("16384", 1024, 2603), ("4096", 512, 841), ("4096-h", 512, 786),
-    ("4", 64, 263), ("256", 16384, 663), ("32", 512, 285), ("1024-h", 16384, 821),
-    ("4096-h", 65536, 2659), ("16384-h", 131072, 6771),
+    ("4", 4096, 318),
+    ("32", 4096, 335),
+    ("256", 4096, 392),
+    ("256-h", 4096, 386),
+    ("1024-h", 4096, 511),
+    ("4096-h", 4096, 1011),
+    ("16384-h", 4096, 2354),
+    ("1024", 4096, 681),
+    ("16384", 4096, 5483),
+    ("65536-h", 4096, 6515),
+    ("131072-h", 4096, 10876),
+    ("131072-h", 1024, 9189),
+    ("16384", 1024, 2603),
+    ("4096", 512, 841),
+    ("4096-h", 512, 786),
+    ("4", 64, 263),
+    ("256", 16384, 663),
+    ("32", 512, 285),
+    ("1024-h", 16384, 821),
+    ("4096-h", 65536, 2659),
+    ("16384-h", 131072, 6771),
     ("65536-h", 131072, 19456),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("entry", "tokens", "peak_mb"), MEASURED_PEAKS)

@@ -218,9 +218,15 @@ def test_a_test_split_shorter_than_eval_tokens_warns(tmp_path, capsys):
     folder = make_wikitext(tmp_path)
     (folder / "wiki.test.tokens").write_text(" the cat \n")  # the, cat, <eos>: 3 scored tokens
     cfg = tiny(
-        "data.corpus=text", f"data.path={folder}", "train.batch_size=2", "train.seq_len=4",
-        "train.tokens=16", "eval.tokens=600", "eval.batch_size=1", "eval.seq_len=4",
-    )  # fmt: skip
+        "data.corpus=text",
+        f"data.path={folder}",
+        "train.batch_size=2",
+        "train.seq_len=4",
+        "train.tokens=16",
+        "eval.tokens=600",
+        "eval.batch_size=1",
+        "eval.seq_len=4",
+    )
     out = tmp_path / "run"
     Trainer(cfg, out).run()
     err = capsys.readouterr().err

@@ -57,26 +57,48 @@ def test_runs_and_overrides_in_config_order():
     runs = planned_runs(tiny_config())
     assert runs == [
         PlannedRun(
-            "a", "MoE-4", "cpu/MoE-4",
+            "a",
+            "MoE-4",
+            "cpu/MoE-4",
             ["model.preset=cpu/MoE-4", "sweep=a", "name=MoE-4", "train.seed=0"],
         ),
         PlannedRun(
-            "a", "M8", "cpu/MoE-32",
+            "a",
+            "M8",
+            "cpu/MoE-32",
             ["model.preset=cpu/MoE-32", "sweep=a", "name=M8", "k=2", "train.seed=0"],
         ),
         PlannedRun(
-            "b", "MoE-256_wi0_wl0.1", "lm1b/MoE-256",
-            ["model.preset=lm1b/MoE-256", "sweep=b", "name=MoE-256_wi0_wl0.1",
-             "model.w_importance=0", "model.w_load=0.1", "train.tokens=100",
-             "eval.at_tokens=[10, 20]", "train.seed=0"],
+            "b",
+            "MoE-256_wi0_wl0.1",
+            "lm1b/MoE-256",
+            [
+                "model.preset=lm1b/MoE-256",
+                "sweep=b",
+                "name=MoE-256_wi0_wl0.1",
+                "model.w_importance=0",
+                "model.w_load=0.1",
+                "train.tokens=100",
+                "eval.at_tokens=[10, 20]",
+                "train.seed=0",
+            ],
         ),
         PlannedRun(
-            "b", "MoE-256_wi1_wl1", "lm1b/MoE-256",
-            ["model.preset=lm1b/MoE-256", "sweep=b", "name=MoE-256_wi1_wl1",
-             "model.w_importance=1", "model.w_load=1", "train.tokens=100",
-             "eval.at_tokens=[10, 20]", "train.seed=0"],
+            "b",
+            "MoE-256_wi1_wl1",
+            "lm1b/MoE-256",
+            [
+                "model.preset=lm1b/MoE-256",
+                "sweep=b",
+                "name=MoE-256_wi1_wl1",
+                "model.w_importance=1",
+                "model.w_load=1",
+                "train.tokens=100",
+                "eval.at_tokens=[10, 20]",
+                "train.seed=0",
+            ],
         ),
-    ]  # fmt: skip
+    ]
     assert runs[0].overrides == runs[0][3]  # a NamedTuple: (sweep, run, preset, overrides)
 
 
@@ -112,7 +134,10 @@ def test_sweeps_to_run_picks_sweeps_in_its_order_and_names_unknown_ones():
     assert selected_sweeps(cfg) == ["b", "a"]
     assert [r.sweep for r in planned_runs(cfg)] == ["b", "b", "a", "a"]
     cfg["sweeps_to_run"] = ["a", "news"]
-    with pytest.raises(ValueError, match=r"^config sweeps_to_run: 'news' is not a sweep of this config; its sweeps are a, b$"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"^config sweeps_to_run: 'news' is not a sweep of this config; its sweeps are a, b$",
+    ):
         planned_runs(cfg)
 
 
@@ -138,15 +163,24 @@ def test_check_sees_every_run_and_its_errors_name_the_entry():
 def test_a_run_listed_twice_is_an_error():
     cfg = tiny_config()
     cfg["sweeps"]["a"]["models"].append("MoE-4")
-    with pytest.raises(ValueError, match=r"^config sweeps\.a\.models\[2\]: run a/MoE-4 is listed twice$"):  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"^config sweeps\.a\.models\[2\]: run a/MoE-4 is listed twice$"
+    ):
         planned_runs(cfg)
 
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(None, "null"), (True, "true"), (False, "false"), (0.01, "0.01"), (1048576000, "1048576000"),
-     ([1, [2, None]], "[1, [2, null]]"), ("lm1b", "lm1b")],
-)  # fmt: skip
+    [
+        (None, "null"),
+        (True, "true"),
+        (False, "false"),
+        (0.01, "0.01"),
+        (1048576000, "1048576000"),
+        ([1, [2, None]], "[1, [2, null]]"),
+        ("lm1b", "lm1b"),
+    ],
+)
 def test_values_are_written_as_yaml_that_reads_back(value, text):
     assert yaml_value(value) == text
     assert yaml.safe_load(text) == value
@@ -185,8 +219,10 @@ def test_seeds_of_a_sweep_and_of_an_entry_plan_one_run_each():
     ]
     assert [r.overrides[-1] for r in runs] == [f"train.seed={s}" for s in (2, 0, 3, 0, 1, 0, 1)]
     assert runs[4].overrides[:3] == [
-        "model.preset=lm1b/MoE-256", "sweep=b", "name=MoE-256_wi0_wl0.1_seed1"
-    ]  # fmt: skip
+        "model.preset=lm1b/MoE-256",
+        "sweep=b",
+        "name=MoE-256_wi0_wl0.1_seed1",
+    ]
     seeded = load_config([ROOT / cfg["train_config"]], runs[4].overrides)
     assert (seeded.train.seed, seeded.name) == (1, "MoE-256_wi0_wl0.1_seed1")
 
@@ -200,8 +236,11 @@ def test_without_seeds_the_runs_are_those_of_seeds_0():
         spec["seeds"] = [0]
     assert planned_runs(cfg) == planned_runs(explicit)
     assert [r.run for r in planned_runs(cfg)] == [
-        "MoE-4", "M8", "MoE-256_wi0_wl0.1", "MoE-256_wi1_wl1"
-    ]  # fmt: skip
+        "MoE-4",
+        "M8",
+        "MoE-256_wi0_wl0.1",
+        "MoE-256_wi1_wl1",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -209,13 +248,17 @@ def test_without_seeds_the_runs_are_those_of_seeds_0():
     [
         ("sweep", [], r"^config sweeps\.b\.seeds: must be a non-empty list of seeds, got \[\]$"),
         ("sweep", 1, r"^config sweeps\.b\.seeds: must be a non-empty list of seeds, got 1$"),
-        ("sweep", [0, -1], r"^config sweeps\.b\.seeds: .*non-negative integers, got -1 in \[0, -1\]$"),
+        (
+            "sweep",
+            [0, -1],
+            r"^config sweeps\.b\.seeds: .*non-negative integers, got -1 in \[0, -1\]$",
+        ),
         ("sweep", [0, 1.5], r"^config sweeps\.b\.seeds: .*non-negative integers, got 1\.5 in"),
         ("sweep", [True], r"^config sweeps\.b\.seeds: .*non-negative integers, got True in"),
         ("sweep", [1, 1], r"^config sweeps\.b\.seeds: seeds must be distinct, got \[1, 1\]$"),
         ("entry", [0, "1"], r"^config sweeps\.a\.models\[1\]\.seeds: .*got '1' in \[0, '1'\]$"),
     ],
-)  # fmt: skip
+)
 def test_bad_seeds_are_errors_naming_the_key_and_value(where, seeds, message):
     cfg = tiny_config()
     target = cfg["sweeps"]["b"] if where == "sweep" else cfg["sweeps"]["a"]["models"][1]
@@ -228,11 +271,16 @@ def test_a_train_seed_in_a_set_is_an_error_naming_the_entry():
     """The seeds choose the seed (the workflow cannot tell an absent `seeds` from the default)."""
     cfg = tiny_config()
     cfg["sweeps"]["a"]["models"][1]["set"]["train.seed"] = 5
-    with pytest.raises(ValueError, match=r"^config sweeps\.a\.models\[1\] \(M8\): train\.seed in its set:"):  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"^config sweeps\.a\.models\[1\] \(M8\): train\.seed in its set:"
+    ):
         planned_runs(cfg)
     cfg = tiny_config()
     cfg["sweeps"]["b"]["set"]["train.seed"] = 5
-    with pytest.raises(ValueError, match=r"^config sweeps\.b\.models\[0\] \(MoE-256\): train\.seed in sweeps\.b\.set"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"^config sweeps\.b\.models\[0\] \(MoE-256\): train\.seed in sweeps\.b\.set",
+    ):
         planned_runs(cfg)
 
 

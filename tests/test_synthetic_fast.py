@@ -83,18 +83,26 @@ def redrawn_rows(cfg: TopicMarkovConfig, batch, seq_len: int) -> int:
     return int((headers > count).sum())
 
 
-@pytest.mark.parametrize(("name", "cfg", "batch_size", "seq_len", "steps"), TRAINED, ids=[t[0] for t in TRAINED])  # fmt: skip
-def test_train_batch_is_the_reference_for_the_trained_configs(name, cfg, batch_size, seq_len, steps):  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "cfg", "batch_size", "seq_len", "steps"), TRAINED, ids=[t[0] for t in TRAINED]
+)
+def test_train_batch_is_the_reference_for_the_trained_configs(
+    name, cfg, batch_size, seq_len, steps
+):
     assert_batches_match(TopicMarkov(cfg), batch_size, seq_len, steps)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "cfg", "batch_size", "seq_len", "steps"), TRAINED, ids=[t[0] for t in TRAINED])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "cfg", "batch_size", "seq_len", "steps"), TRAINED, ids=[t[0] for t in TRAINED]
+)
 def test_train_batch_is_the_reference_over_many_steps(name, cfg, batch_size, seq_len, steps):
     assert_batches_match(TopicMarkov(cfg), batch_size, seq_len, range(301))
 
 
-@pytest.mark.parametrize(("name", "cfg", "batch_size", "seq_len"), ADVERSARIAL, ids=[a[0] for a in ADVERSARIAL])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "cfg", "batch_size", "seq_len"), ADVERSARIAL, ids=[a[0] for a in ADVERSARIAL]
+)
 def test_train_batch_is_the_reference_at_the_edges(name, cfg, batch_size, seq_len):
     assert_batches_match(TopicMarkov(cfg), batch_size, seq_len, [*range(8), 1000, 10**6])
 
@@ -119,7 +127,7 @@ def test_gpu_shape_is_the_reference(monkeypatch):
     """The gpu/ corpus's shape, 4096 x 64 rows over 1024 topics x 1024 states, on a table drawn
     quickly (the walk does not depend on how the table was drawn; the real one: the slow test)."""
 
-    def quick_table(self):  # fmt: skip
+    def quick_table(self):
         rng = np.random.default_rng(0)
         shape = (self.cfg.num_topics, self.cfg.vocab_size + 1, self.cfg.fanout)
         return rng.integers(0, self.cfg.vocab_size, size=shape, dtype=np.int32)
@@ -193,8 +201,9 @@ def test_the_cached_table_is_the_drawn_one(tmp_path, cache_everything, monkeypat
 def test_configs_that_walk_differently_share_one_table(tmp_path, cache_everything):
     """eos_prob, max_len and row_beta do not change which successors a row holds: one file."""
     TopicMarkov(MID)
-    other = TopicMarkovConfig(vocab_size=96, num_topics=12, fanout=3, eos_prob=0.3, max_len=9,
-                              row_beta=2.0)  # fmt: skip
+    other = TopicMarkovConfig(
+        vocab_size=96, num_topics=12, fanout=3, eos_prob=0.3, max_len=9, row_beta=2.0
+    )
     assert table_cache.table_path(other) == table_cache.table_path(MID)
     assert np.array_equal(TopicMarkov(other).successors, drawn(other))
     assert len(cached_files(tmp_path)) == 1
@@ -306,8 +315,18 @@ def test_bench_data_writes_identical_true(tmp_path, capsys):
     config.write_text(
         "data: {synthetic: {vocab_size: 64, num_topics: 4}}\ntrain: {batch_size: 8, seq_len: 16}\n"
     )
-    argv = ["bench", "--data", "--config", str(config), "--set", "train.batch_size=4",
-            "--steps", "3", "--out", str(tmp_path / "out")]  # fmt: skip
+    argv = [
+        "bench",
+        "--data",
+        "--config",
+        str(config),
+        "--set",
+        "train.batch_size=4",
+        "--steps",
+        "3",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 0
     record = json.loads((tmp_path / "out" / "data_bench.json").read_text())
     assert record["identical"] is True
@@ -331,9 +350,20 @@ def test_bench_data_reports_a_difference(tmp_path, monkeypatch, capsys):
             yield corpus.train_batch(step + 1, batch_size, seq_len)
 
     monkeypatch.setattr(bench, "trainer_batches", wrong)
-    argv = ["bench", "--data", "--set", "data.synthetic.vocab_size=64",
-            "--set", "data.synthetic.num_topics=4", "--set", "train.batch_size=2", "--steps", "2",
-            "--out", str(tmp_path)]  # fmt: skip
+    argv = [
+        "bench",
+        "--data",
+        "--set",
+        "data.synthetic.vocab_size=64",
+        "--set",
+        "data.synthetic.num_topics=4",
+        "--set",
+        "train.batch_size=2",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 1
     assert json.loads((tmp_path / "data_bench.json").read_text())["identical"] is False
     assert "differ" in capsys.readouterr().err

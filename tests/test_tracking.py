@@ -42,18 +42,39 @@ def write_run_dir(path: Path, *, steps: int = 4, finished: bool = True, name="cp
     for step in range(steps):
         rundir.append_metrics(
             path,
-            {"kind": "train", "step": step, "tokens": 64 * (step + 1), "loss": 5.0 - 0.5 * step,
-             "aux_loss": None, "lr": 0.001, "cv_load": 0.1, "time": identity["started"] + step},
-        )  # fmt: skip
+            {
+                "kind": "train",
+                "step": step,
+                "tokens": 64 * (step + 1),
+                "loss": 5.0 - 0.5 * step,
+                "aux_loss": None,
+                "lr": 0.001,
+                "cv_load": 0.1,
+                "time": identity["started"] + step,
+            },
+        )
     rundir.append_metrics(
         path,
-        {"kind": "eval", "step": steps - 1, "split": "valid", "nll": 3.0, "perplexity": 20.1,
-         "excess_nll": None, "time": identity["started"] + steps},
-    )  # fmt: skip
+        {
+            "kind": "eval",
+            "step": steps - 1,
+            "split": "valid",
+            "nll": 3.0,
+            "perplexity": 20.1,
+            "excess_nll": None,
+            "time": identity["started"] + steps,
+        },
+    )
     if finished:
         summary = dict.fromkeys(rundir.SUMMARY_KEYS)
-        summary.update(test_perplexity=20.0, test_nll=3.0, params_total=1234, tokens_per_second=9.5,
-                       steps=steps, mfu=math.nan)  # fmt: skip
+        summary.update(
+            test_perplexity=20.0,
+            test_nll=3.0,
+            params_total=1234,
+            tokens_per_second=9.5,
+            steps=steps,
+            mfu=math.nan,
+        )
         rundir.write_json(path / rundir.SUMMARY_FILE, summary)
     (path / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     return path
@@ -123,14 +144,28 @@ def test_live_run_is_queryable(store, tmp_path):
     assert row["status"] == "FINISHED" and row["tags.mlflow.runName"] == "cpu/MoE-4"
     assert row["params.model.num_experts"] == "4" and row["params.model.hidden"] == "[64, 32]"
     assert row["params.train.lr"] == "0.001"
-    for key in ("train/loss", "train/cv_load", "valid/perplexity", "test_perplexity",
-                "test_nll", "params_total", "tokens_per_second", "steps"):  # fmt: skip
+    for key in (
+        "train/loss",
+        "train/cv_load",
+        "valid/perplexity",
+        "test_perplexity",
+        "test_nll",
+        "params_total",
+        "tokens_per_second",
+        "steps",
+    ):
         assert not math.isnan(row[f"metrics.{key}"]), key
     for absent in ("metrics.mfu", "metrics.train/aux_loss", "metrics.valid/excess_nll"):
         assert absent not in row or math.isnan(row[absent])  # null / NaN is never logged
     assert row["metrics.test_perplexity"] == 20.0
-    for tag in ("git_commit", "git_dirty", "host", "torch_version", "mlflow_version",
-                "device_name"):  # fmt: skip
+    for tag in (
+        "git_commit",
+        "git_dirty",
+        "host",
+        "torch_version",
+        "mlflow_version",
+        "device_name",
+    ):
         assert row[f"tags.{tag}"], tag
     assert row["tags.experiment"] == EXP and row["tags.sweep"] == "experts"
     assert row[f"tags.{tracking.COMPLETE_TAG}"] == "true"
@@ -176,10 +211,15 @@ def run_parallel_jobs(uri: str, tmp_path: Path, n: int = 4) -> None:
     dirs = [write_run_dir(tmp_path / f"job{i}", finished=False) for i in range(n)]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     procs = [
-        subprocess.Popen([sys.executable, "-c", _CHILD, str(d), uri], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(d), uri],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for d in dirs
-    ]  # fmt: skip
+    ]
     results = [p.communicate(timeout=180) for p in procs]
     for p, (_, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err[-2000:]
@@ -268,9 +308,14 @@ def with_card(run_dir: Path, name: str, digest: str = "d1") -> dict:
     card = {
         "display_name": name,
         "description": f"**{name}**: a test run.",
-        "dataset": {"name": "synthetic", "digest": digest, "source_type": "code",
-                    "source": "{}", "profile": "{}"},
-    }  # fmt: skip
+        "dataset": {
+            "name": "synthetic",
+            "digest": digest,
+            "source_type": "code",
+            "source": "{}",
+            "profile": "{}",
+        },
+    }
     runinfo.write_run_identity(run_dir, name, EXP, card)
     return card
 

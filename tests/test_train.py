@@ -162,9 +162,14 @@ def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
 @pytest.mark.parametrize("preset_args", [[], ["model.preset=cpu/MoE-256-h", *[]]])
 def test_resume_equals_an_uninterrupted_run(tmp_path, preset_args):
     extra = preset_args and [
-        "model.num_experts=16", "model.num_groups=4", "model.group_size=4",
-        "model.k_primary=2", "model.k_secondary=2", "model.k=null", "model.sparse_grad=true",
-    ]  # fmt: skip
+        "model.num_experts=16",
+        "model.num_groups=4",
+        "model.group_size=4",
+        "model.k_primary=2",
+        "model.k_secondary=2",
+        "model.k=null",
+        "model.sparse_grad=true",
+    ]
     cfg = tiny(*preset_args, *(extra or []))
     whole = Trainer(cfg, tmp_path / "whole").run()
 
@@ -245,9 +250,14 @@ def test_text_corpus_trains(tmp_path):
 
     root = make_wikitext(tmp_path / "wiki")
     cfg = tiny(
-        "data.corpus=text", f"data.path={root}", "train.tokens=null", "train.epochs=1",
-        "train.batch_size=2", "train.seq_len=8", "eval.tokens=null",
-    )  # fmt: skip
+        "data.corpus=text",
+        f"data.path={root}",
+        "train.tokens=null",
+        "train.epochs=1",
+        "train.batch_size=2",
+        "train.seq_len=8",
+        "eval.tokens=null",
+    )
     trainer = Trainer(cfg, tmp_path / "run")
     summary = trainer.run()
     assert summary["corpus"]["corpus"] == "text" and summary["steps"] == 1

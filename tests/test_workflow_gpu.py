@@ -88,9 +88,16 @@ def test_every_training_job_asks_for_one_gpu_and_trains_as_planned(gpu_plan):
 def test_data_path_switches_every_run_to_lm1b(tmp_path):
     wd = workdir(tmp_path)
     proc = snakemake(
-        wd, "-n", "-p", "--cores", "16", "--configfile", GPU_CONFIG,
-        "--config", "data_path=data/lm1b",
-    )  # fmt: skip
+        wd,
+        "-n",
+        "-p",
+        "--cores",
+        "16",
+        "--configfile",
+        GPU_CONFIG,
+        "--config",
+        "data_path=data/lm1b",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert job_counts(proc.stdout)["check_data"] == 1  # the archive is checked before training
     for block in train_blocks(proc.stdout):

@@ -205,8 +205,9 @@ def run(args: argparse.Namespace, specs: list[ExpertSpec]) -> int:
         backend = resolve_backend(args.backend, device)
         threads = args.threads or max(1, runtime.usable_cpus() // world)  # share its CPUs
         print(f"spawning {world} {backend} processes, {threads} threads each", file=sys.stderr)
-        gathered = spawn(measure_rank, world, (cfg,), backend=backend, threads=threads,
-                         timeout_s=args.timeout)  # fmt: skip
+        gathered = spawn(
+            measure_rank, world, (cfg,), backend=backend, threads=threads, timeout_s=args.timeout
+        )
     rows = sorted((r for rank_rows in gathered for r in rank_rows), key=lambda r: r["rank"])
     rows.sort(key=lambda r: [s.config for s in specs].index(r["config"]))
     print(format_table(rows))

@@ -120,10 +120,15 @@ def _st_build(spec: ExpertSpec, d_model: int, d_hidden: int, k: int) -> Built:
     k = k_of(spec, k)
     experts = nn.ModuleList(relu_expert(d_model, d_hidden) for _ in range(spec.num_experts))
     module = st_moe_pytorch.MoE(
-        d_model, num_experts=spec.num_experts, gating_top_n=k,
-        threshold_train=(1e-9,) * (k - 1), threshold_eval=(1e-9,) * (k - 1),
-        capacity_factor_train=1.25 * k, capacity_factor_eval=1.25 * k, experts=experts,
-    )  # fmt: skip
+        d_model,
+        num_experts=spec.num_experts,
+        gating_top_n=k,
+        threshold_train=(1e-9,) * (k - 1),
+        threshold_eval=(1e-9,) * (k - 1),
+        capacity_factor_train=1.25 * k,
+        capacity_factor_eval=1.25 * k,
+        experts=experts,
+    )
 
     def forward(x_TD: Tensor) -> tuple[Tensor, Tensor, None]:
         out = module(grouped(x_TD))
@@ -155,14 +160,17 @@ def _titan_build(spec: ExpertSpec, d_model: int, d_hidden: int, k: int) -> Built
     config = titan.MoE.Config(
         num_experts=n,
         routed_experts=titan.RoutedExperts.Config(
-            inner_experts=experts, token_dispatcher=LocalTokenDispatcher.Config(num_experts=n, top_k=k)
+            inner_experts=experts,
+            token_dispatcher=LocalTokenDispatcher.Config(num_experts=n, top_k=k),
         ),
         router=titan.TokenChoiceTopKRouter.Config(
-            num_experts=n, gate=Linear.Config(in_features=d_model, out_features=n), top_k=k,
+            num_experts=n,
+            gate=Linear.Config(in_features=d_model, out_features=n),
+            top_k=k,
             score_func="softmax",
         ),
         load_balance_coeff=None,
-    )  # fmt: skip
+    )
     module = config.build()
     with torch.no_grad():
         for p in module.parameters():  # its weights start empty: our scale, d^-1/2
@@ -190,11 +198,18 @@ def _mega_build(spec: ExpertSpec, d_model: int, d_hidden: int, k: int) -> Built:
 
     k = k_of(spec, k)
     args = Arguments(
-        hidden_size=d_model, ffn_hidden_size=d_hidden, moe_num_experts=spec.num_experts,
-        moe_top_k=k, mlp_type="mlp", mlp_impl="grouped", bias=False,
-        activation_fn=torch.nn.functional.relu, fp16=False, bf16=False,
+        hidden_size=d_model,
+        ffn_hidden_size=d_hidden,
+        moe_num_experts=spec.num_experts,
+        moe_top_k=k,
+        mlp_type="mlp",
+        mlp_impl="grouped",
+        bias=False,
+        activation_fn=torch.nn.functional.relu,
+        fp16=False,
+        bf16=False,
         device=torch.cuda.current_device(),
-    )  # fmt: skip
+    )
     module = dMoE(args)
 
     def forward(x_TD: Tensor) -> tuple[Tensor, Tensor, None]:
@@ -208,16 +223,44 @@ def _mega_build(spec: ExpertSpec, d_model: int, d_hidden: int, k: int) -> Built:
 PEERS = {
     p.name: p
     for p in (
-        Peer("mixture-of-experts", "mixture_of_experts", "pip install -e .[peers]", False,
-             lambda spec, k: 2, _lucidrains_describe, _lucidrains_build),
-        Peer("st-moe-pytorch", "st_moe_pytorch", "pip install -e .[peers]", False,
-             k_of, _st_describe, _st_build),
-        Peer("torchtitan", "torchtitan", "pip install torchtitan (heavy; not in the extra)",
-             False, k_of, _titan_describe, _titan_build),
-        Peer("megablocks", "megablocks", "pip install megablocks (CUDA)", True,
-             k_of, _mega_describe, _mega_build),
+        Peer(
+            "mixture-of-experts",
+            "mixture_of_experts",
+            "pip install -e .[peers]",
+            False,
+            lambda spec, k: 2,
+            _lucidrains_describe,
+            _lucidrains_build,
+        ),
+        Peer(
+            "st-moe-pytorch",
+            "st_moe_pytorch",
+            "pip install -e .[peers]",
+            False,
+            k_of,
+            _st_describe,
+            _st_build,
+        ),
+        Peer(
+            "torchtitan",
+            "torchtitan",
+            "pip install torchtitan (heavy; not in the extra)",
+            False,
+            k_of,
+            _titan_describe,
+            _titan_build,
+        ),
+        Peer(
+            "megablocks",
+            "megablocks",
+            "pip install megablocks (CUDA)",
+            True,
+            k_of,
+            _mega_describe,
+            _mega_build,
+        ),
     )
-}  # fmt: skip
+}
 
 
 def unavailable(name: str, device: str) -> str | None:

@@ -160,10 +160,13 @@ def plot_bench(rows: list[dict]) -> Figure:
     for name, marker in zip(peer_names, PEER_STYLES * len(peer_names), strict=False):
         for kind, line in (("flat", "-"), ("hierarchical", ":")):
             ok = sorted(
-                (r for r in rows if r.get("implementation") == name and r["kind"] == kind
-                 and r["status"] == "ok"),
+                (
+                    r
+                    for r in rows
+                    if r.get("implementation") == name and r["kind"] == kind and r["status"] == "ok"
+                ),
                 key=lambda r: r["num_experts"],
-            )  # fmt: skip
+            )
             if ok:
                 n = [r["num_experts"] for r in ok]
                 style = {"color": "0.35", "marker": marker, "ls": line, "label": f"{name} ({kind})"}

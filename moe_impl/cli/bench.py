@@ -199,10 +199,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=int, default=5, help="timed steps (median and min reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument(
-        "--threads", type=int,
+        "--threads",
+        type=int,
         help="torch threads, at most the CPUs this process may run on (default: "
         "torch.get_num_threads())",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--optimizer",
         action="store_true",
@@ -218,24 +219,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-seconds-per-step", type=float, default=60.0, help="skip slower configs")
     p.add_argument(
-        "--max-rss-gb", type=float,
+        "--max-rss-gb",
+        type=float,
         help="kill a child whose resident memory exceeds this (default: the memory available "
         "when it starts, MemAvailable)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--peers", nargs="?", const="all", metavar="NAMES",
+        "--peers",
+        nargs="?",
+        const="all",
+        metavar="NAMES",
         help="also time the peers' MoE layers that are installed, each beside its own dense FFN: "
         f"all (the default with no value) or some of {', '.join(PEERS)} (moe_impl/bench/peers.py)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--peers-max-experts", type=int, default=PEERS_MAX_EXPERTS,
+        "--peers-max-experts",
+        type=int,
+        default=PEERS_MAX_EXPERTS,
         help="skip peers above this many experts (their dense routing tensors grow with tokens x "
         f"experts; default {PEERS_MAX_EXPERTS})",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--out", type=Path,
+        "--out",
+        type=Path,
         help="write bench.json, bench.csv and bench.png here (with --data: data_bench.json)",
-    )  # fmt: skip
+    )
     p.add_argument("--json", type=Path)
     p.add_argument("--csv", type=Path)
     p.add_argument("--png", type=Path)
@@ -248,10 +256,11 @@ def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
     """--distributed and its options."""
     dist = p.add_argument_group("expert parallelism (moe_impl/bench/distributed.py)")
     dist.add_argument(
-        "--distributed", action="store_true",
+        "--distributed",
+        action="store_true",
         help="time the expert-parallel layer over several ranks: tokens per expert, bytes sent, "
         "communication vs. compute per rank (--tokens per rank); under torchrun, one rank each",
-    )  # fmt: skip
+    )
     dist.add_argument("--world-size", type=int, default=2, help="local processes to spawn")
     dist.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
     dist.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole run")
@@ -265,19 +274,27 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
         "generator, and check that they are identical; writes DIR/data_bench.json with --out",
     )
     data.add_argument(
-        "--data", action="store_true",
+        "--data",
+        action="store_true",
         help="time the training input instead of the layer (only --out, --config, --set and "
         "--steps apply; exit code 1 when a batch differs from the reference's)",
-    )  # fmt: skip
+    )
     data.add_argument(
-        "--config", action="append", default=[], metavar="FILE",
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
         help="training config (repeatable, as in `train`; default: config/train/gpu.yaml, the "
         "gpu/ presets' 4096 x 64 batch); its data and train.batch_size / train.seq_len are used",
-    )  # fmt: skip
+    )
     data.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", dest="data_overrides",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="data_overrides",
         help="override one key of it, as in `train` (e.g. --set train.batch_size=256)",
-    )  # fmt: skip
+    )
     data.add_argument("--steps", type=int, help="timed batches per path (default 5)")
 
 
@@ -318,8 +335,11 @@ def run(args: argparse.Namespace) -> int:
         paths = {ext: p or args.out / f"bench.{ext}" for ext, p in paths.items()}
     bench_plot.write_outputs(rows, **{f"{ext}_path": p for ext, p in paths.items()})
     if not any(r["status"] == "ok" for r in rows):
-        print("error: no configuration was measured (each was skipped or failed: the reasons "
-              f"are above); exit code {EXIT_NONE_MEASURED}", file=sys.stderr)  # fmt: skip
+        print(
+            "error: no configuration was measured (each was skipped or failed: the reasons "
+            f"are above); exit code {EXIT_NONE_MEASURED}",
+            file=sys.stderr,
+        )
         return EXIT_NONE_MEASURED
     return EXIT_SOME_FAILED if any(r["status"] == "failed" for r in rows) else 0
 
@@ -393,9 +413,12 @@ def run_data(args: argparse.Namespace) -> int:
     corpus = build_corpus(cfg)  # the successor table, from the cache when it is there: not timed
     corpus_seconds = time.perf_counter() - start
     batch, seq_len = cfg.train.batch_size, cfg.train.seq_len
-    print(f"training input: {' '.join(map(str, [*files, *args.data_overrides]))}: "
-          f"{batch} x {seq_len} = {batch * seq_len:,} positions per batch, {steps} steps "
-          f"(corpus ready in {corpus_seconds:.1f} s, not timed)", file=sys.stderr)  # fmt: skip
+    print(
+        f"training input: {' '.join(map(str, [*files, *args.data_overrides]))}: "
+        f"{batch} x {seq_len} = {batch * seq_len:,} positions per batch, {steps} steps "
+        f"(corpus ready in {corpus_seconds:.1f} s, not timed)",
+        file=sys.stderr,
+    )
     load_before = os.getloadavg()[0]
     # the trainer's producer as this config runs it (train.prefetch_workers, resolved for its
     # device; --set train.prefetch_workers=N picks another count)

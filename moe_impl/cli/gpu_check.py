@@ -43,19 +43,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="toy sizes: seconds, for tests and CPUs")
     p.add_argument("--out", type=Path, required=True, help="write gpu_check.{json,md} here")
     p.add_argument(
-        "--only", help="comma-separated sections to run (default all): " + ", ".join(
-            name for name, _ in SECTIONS
-        ),
-    )  # fmt: skip
+        "--only",
+        help="comma-separated sections to run (default all): "
+        + ", ".join(name for name, _ in SECTIONS),
+    )
     p.add_argument(
-        "--max-minutes", type=float, default=8.0,
+        "--max-minutes",
+        type=float,
+        default=8.0,
         help="sections that would start after this many minutes are skipped, with that reason "
         "(default 8)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--workflow-config", help="workflow config to project (default config/gpu.yaml; "
-        "config/smoke.yaml with --quick)",
-    )  # fmt: skip
+        "--workflow-config",
+        help="workflow config to project (default config/gpu.yaml; config/smoke.yaml with --quick)",
+    )
 
 
 def resolve_device(name: str) -> torch.device:

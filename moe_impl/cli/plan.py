@@ -24,10 +24,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "plan", help="every run of a workflow config with its regime, memory and time estimates"
     )
     p.add_argument(
-        "--configfile", nargs="+", default=["config/config.yaml"], metavar="FILE",
+        "--configfile",
+        nargs="+",
+        default=["config/config.yaml"],
+        metavar="FILE",
         help="the workflow config (default config/config.yaml); several are merged as Snakemake "
         "merges them, e.g. config/gpu.yaml config/gpu-80gb.yaml",
-    )  # fmt: skip
+    )
     p.add_argument("--format", choices=("table", "json"), default="table")
     return p
 
@@ -84,8 +87,10 @@ def table(p: Plan) -> str:
     )
     lines.append(f"\n{len(p.rows)} runs of {p.config}: {p.total_hours:.2f} hours estimated{peak}")
     if p.unestimated:
-        lines.append(f"no time estimate (no measurement) for {len(p.unestimated)} runs: "
-                     + ", ".join(p.unestimated))  # fmt: skip
+        lines.append(
+            f"no time estimate (no measurement) for {len(p.unestimated)} runs: "
+            + ", ".join(p.unestimated)
+        )
     times = sorted({r.time_source for r in p.rows})
     lines.append("time from: " + "; ".join(times))
     lines.append(

@@ -176,8 +176,9 @@ def _screenshot(args: argparse.Namespace) -> int:
     name = args.experiment or next(iter(urls))
     if name not in urls:
         raise ValueError(f"--experiment {name!r}: not in {uri}; it has {', '.join(urls)}")
-    proc = tracking.start_server("127.0.0.1", args.port, uri, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = tracking.start_server(
+        "127.0.0.1", args.port, uri, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         browser.wait_until_up(base, proc=proc)
         out = browser.screenshot(urls[name], args.out, window=(width, height))

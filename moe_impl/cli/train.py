@@ -44,30 +44,40 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument(
-        "--config", action="append", default=[], metavar="FILE",
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
         help="YAML config (repeatable; later files override earlier ones)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
         help="override one key, e.g. --set model.preset=cpu/MoE-256 --set train.tokens=2e6",
-    )  # fmt: skip
+    )
     p.add_argument("--out", metavar="DIR", help="run directory (required unless --print-config)")
     p.add_argument(
-        "--resume", action="store_true",
+        "--resume",
+        action="store_true",
         help="continue the run in --out from its last checkpoint (a finished run is left as is); "
-             "without --config, from its saved config.yaml (--set overrides it); a config with "
-             "other values is refused",
-    )  # fmt: skip
+        "without --config, from its saved config.yaml (--set overrides it); a config with "
+        "other values is refused",
+    )
     p.add_argument(
-        "--replace-changed", action="store_true",
+        "--replace-changed",
+        action="store_true",
         help="with --resume (implied): when the config's values differ from the run in --out, "
-             "move that run to .NAME.replaced-<UTC time> beside it (kept) and start a new one",
-    )  # fmt: skip
+        "move that run to .NAME.replaced-<UTC time> beside it (kept) and start a new one",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument(
-        "--check-data", action="store_true",
+        "--check-data",
+        action="store_true",
         help="open the corpus (layout, vocabulary) and exit: what the workflow runs before training",
-    )  # fmt: skip
+    )
     return p
 
 

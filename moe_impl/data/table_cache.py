@@ -36,7 +36,15 @@ import numpy as np
 CACHE_ENV = "MOE_CACHE_DIR"
 TABLE_FORMAT = 1  # bump whenever TopicMarkov._successor_table draws a table differently
 MIN_CACHED_DRAWS = 32_000_000  # ~1 s of drawing at ~30 ns per Gumbel key
-_TABLE_FIELDS = ("vocab_size", "num_topics", "fanout", "num_clusters", "shared_fanout", "zipf_s", "seed")  # fmt: skip
+_TABLE_FIELDS = (
+    "vocab_size",
+    "num_topics",
+    "fanout",
+    "num_clusters",
+    "shared_fanout",
+    "zipf_s",
+    "seed",
+)
 
 
 def cache_dir() -> Path:
@@ -82,8 +90,9 @@ def load_or_build(cfg, build: Callable[[], np.ndarray]) -> np.ndarray:
         try:
             return _read(path, cfg)
         except Exception as err:  # any failure to read or verify: rebuild, never trust the file
-            warnings.warn(f"cached successor table {path} is unusable ({err}); rebuilding it",
-                          stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"cached successor table {path} is unusable ({err}); rebuilding it", stacklevel=3
+            )
     table = build()
     _write(path, table, cfg)
     return table
@@ -115,8 +124,9 @@ def _write(path: Path, table: np.ndarray, cfg) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                         delete=False) as f:  # fmt: skip
+        with tempfile.NamedTemporaryFile(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+        ) as f:
             tmp = Path(f.name)
             np.savez(f, table=table, key=np.array(key))
             f.flush()

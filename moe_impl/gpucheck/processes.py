@@ -67,8 +67,18 @@ def check_trainer(device: torch.device, sizes: Sizes, out_dir: Path) -> dict:
         print(f"[gpu-check] warning: {warnings[-1]}", file=sys.stderr)
     else:
         settings.append(f"tracking.uri=sqlite:///{(out_dir / 'mlflow.db').resolve()}")
-    cmd = [sys.executable, "-m", "moe_impl", "train", "--config", "config/train/cpu.yaml",
-           "--out", str(run_dir), "--replace-changed", "--resume"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "moe_impl",
+        "train",
+        "--config",
+        "config/train/cpu.yaml",
+        "--out",
+        str(run_dir),
+        "--replace-changed",
+        "--resume",
+    ]
     cmd += [arg for setting in settings for arg in ("--set", setting)]
     log_path = out_dir / "trainer.log"
     code = _run(cmd, log_path, sizes.trainer_timeout_s)
@@ -108,11 +118,31 @@ def check_distributed(device: torch.device, sizes: Sizes, out_dir: Path) -> dict
     backend = "nccl" if device.type == "cuda" else "gloo"
     bench_out = out_dir / "bench_distributed"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-        "-m", "moe_impl", "bench", "--distributed", "--device", device.type, "--backend", backend,
-        "--experts", sizes.nccl_experts, "--tokens", str(sizes.nccl_tokens), "--reps", "3",
-        "--warmup", "1", "--out", str(bench_out),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "1",
+        "-m",
+        "moe_impl",
+        "bench",
+        "--distributed",
+        "--device",
+        device.type,
+        "--backend",
+        backend,
+        "--experts",
+        sizes.nccl_experts,
+        "--tokens",
+        str(sizes.nccl_tokens),
+        "--reps",
+        "3",
+        "--warmup",
+        "1",
+        "--out",
+        str(bench_out),
+    ]
     log_path = out_dir / "bench_distributed.log"
     code = _run(cmd, log_path, 150)
     if code != 0:

@@ -71,10 +71,34 @@ def profile_step(step, device: torch.device, rows: int = 15) -> list[dict]:
     total = sum(getattr(e, attr) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
     return [
-        {"op": e.key[:60], "calls_per_step": e.count / 3, "ms_per_step": getattr(e, attr) / 3e3,
-         "share": getattr(e, attr) / total}
+        {
+            "op": e.key[:60],
+            "calls_per_step": e.count / 3,
+            "ms_per_step": getattr(e, attr) / 3e3,
+            "share": getattr(e, attr) / total,
+        }
         for e in events[:rows]
-    ]  # fmt: skip
+    ]
+
+
+def _speed_row(
+    row: dict, kernel: str, moe_s: float, dense_s: float, shape: tuple, peak, device
+) -> dict:
+    """One layer_speed row: `shape` = (tokens, d, h, k, gate outputs) of the timed steps."""
+    tokens, d, h, k, gates = shape
+    tflops = train_flops(tokens, d, h, k, gates) / moe_s / 1e12
+    return {
+        **row,
+        "kernel": kernel,
+        "moe_ms": 1e3 * moe_s,
+        "dense_ms": 1e3 * dense_s,
+        "moe_us_per_token": 1e6 * moe_s / tokens,
+        "ratio_to_dense": moe_s / dense_s,
+        "moe_tflops": tflops,
+        "dense_tflops": train_flops(tokens, d, h, k, 0) / dense_s / 1e12,
+        "mfu": telemetry.mfu(tflops, peak),
+        "peak_gib": peak_gib(device),
+    }
 
 
 def layer_speed(device: torch.device, sizes: Sizes) -> dict:
@@ -106,8 +130,12 @@ def layer_speed(device: torch.device, sizes: Sizes) -> dict:
         ).to(device)
         for m in sizes.speed_tokens_per_expert:
             tokens = math.ceil(m * spec.num_experts / k)
-            row = {"experts": spec.config, "tokens": tokens, "tokens_per_expert": m,
-                   "auto_picks": choose_kernel(device, torch.bfloat16, d, h, spec.num_experts)}  # fmt: skip
+            row = {
+                "experts": spec.config,
+                "tokens": tokens,
+                "tokens_per_expert": m,
+                "auto_picks": choose_kernel(device, torch.bfloat16, d, h, spec.num_experts),
+            }
             try:
                 x = torch.randn(tokens, d, device=device)
                 dense_s = time_steps(
@@ -116,17 +144,13 @@ def layer_speed(device: torch.device, sizes: Sizes) -> dict:
                 for kernel in kernels:
                     with expert_kernel(kernel):
                         moe_s = time_steps(
-                            _layer_step(moe, x, True), device, warmup=sizes.warmup,
+                            _layer_step(moe, x, True),
+                            device,
+                            warmup=sizes.warmup,
                             reps=sizes.reps,
-                        )["median_s"]  # fmt: skip
-                    tflops = train_flops(tokens, d, h, k, gate_outputs(spec)) / moe_s / 1e12
-                    rows.append({
-                        **row, "kernel": kernel, "moe_ms": 1e3 * moe_s, "dense_ms": 1e3 * dense_s,
-                        "moe_us_per_token": 1e6 * moe_s / tokens, "ratio_to_dense": moe_s / dense_s,
-                        "moe_tflops": tflops,
-                        "dense_tflops": train_flops(tokens, d, h, k, 0) / dense_s / 1e12,
-                        "mfu": telemetry.mfu(tflops, peak), "peak_gib": peak_gib(device),
-                    })  # fmt: skip
+                        )["median_s"]
+                    shape = (tokens, d, h, k, gate_outputs(spec))
+                    rows.append(_speed_row(row, kernel, moe_s, dense_s, shape, peak, device))
                 if spec.config in sizes.profile_experts and m == max(sizes.speed_tokens_per_expert):
                     with expert_kernel(kernels[0]):
                         name = f"{spec.config} at {m} tokens per expert, {kernels[0]}"
@@ -205,13 +229,22 @@ def lm_step_speed(device: torch.device, sizes: Sizes) -> dict:
     for name in sizes.lm_presets:
         cfg = ALL_PRESETS[name]
         paper = PAPER_VALUES.get("lm1b/" + name.split("/", 1)[1])
-        row = {"preset": name, "batch": sizes.lm_batch, "seq_len": sizes.lm_seq,
-               "params_b": flops.total_params(cfg) / 1e9}  # fmt: skip
+        row = {
+            "preset": name,
+            "batch": sizes.lm_batch,
+            "seq_len": sizes.lm_seq,
+            "params_b": flops.total_params(cfg) / 1e9,
+        }
         try:
             timed = time_lm_step(
-                cfg, train, device, batch=sizes.lm_batch, seq_len=sizes.lm_seq, warmup=2,
+                cfg,
+                train,
+                device,
+                batch=sizes.lm_batch,
+                seq_len=sizes.lm_seq,
+                warmup=2,
                 reps=sizes.lm_reps,
-            )  # fmt: skip
+            )
         except Exception as err:
             if not is_oom(err):
                 raise
@@ -219,12 +252,17 @@ def lm_step_speed(device: torch.device, sizes: Sizes) -> dict:
             continue
         step_s = timed["median_s"]
         tflops = flops.train_flops_per_token(cfg) * tokens / step_s / 1e12
-        rows.append({
-            **row, "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s,
-            "tflops_per_gpu": tflops, "mfu": telemetry.mfu(tflops, peak),
-            "peak_gib": timed["peak_gib"],
-            "paper_tflops_per_gpu": None if paper is None else paper.tflops_per_gpu,
-        })  # fmt: skip
+        rows.append(
+            {
+                **row,
+                "step_ms": 1e3 * step_s,
+                "tokens_per_s": tokens / step_s,
+                "tflops_per_gpu": tflops,
+                "mfu": telemetry.mfu(tflops, peak),
+                "peak_gib": timed["peak_gib"],
+                "paper_tflops_per_gpu": None if paper is None else paper.tflops_per_gpu,
+            }
+        )
     return {
         "tokens_per_step": tokens,
         "paper_column": "Table 7 TFLOPS/GPU: 16 or 32 K40s, float32; ours: one GPU, bf16",

@@ -78,10 +78,14 @@ def project_workflow(
         vocab = corpus.vocab_size if corpus is not None else ALL_PRESETS[planned.preset].vocab_size
         model = model_config(cfg, vocab_size=vocab)
         train = cfg.train
-        key = (model, train.batch_size, train.seq_len, train.dtype, train.expert_optimizer,
-               cfg.model.sparse_grad, train.micro_batches)  # fmt: skip
-        row = {"sweep": planned.sweep, "run": planned.run, "model": model.name,
-               "tokens_per_step": train.tokens_per_step, "micro_batches": train.micro_batches}  # fmt: skip
+        key = (model, cfg.model.sparse_grad, *_step_shape(train))
+        row = {
+            "sweep": planned.sweep,
+            "run": planned.run,
+            "model": model.name,
+            "tokens_per_step": train.tokens_per_step,
+            "micro_batches": train.micro_batches,
+        }
         if key not in timed:
             timed[key] = _time_model(model, cfg, device, sizes)
         measured = timed[key]
@@ -101,26 +105,7 @@ def project_workflow(
             "micro_batches": train.micro_batches,
         }
         measured_models.setdefault(planned.preset, entry)
-        steps = total_steps(train, corpus)
-        shape = (cfg.data, train.batch_size // train.micro_batches, train.seq_len)
-        if shape not in batches:  # one micro-batch's worth: the producer's unit of work
-            batches[shape] = batch_seconds(corpus, *shape[1:], sizes.workflow_steps)
-        workers = prefetch_workers(cfg)
-        input_rate = shape[1] * shape[2] / batches[shape]
-        step = resources.step_seconds(
-            {**entry, "source": "this check"}, tokens_per_step=train.tokens_per_step,
-            input_tokens_per_s=input_rate * max(workers, 1), prefetch=workers > 0,
-        )  # fmt: skip
-        assert step is not None  # a measured step is given
-        evaluated = eval_positions(cfg, steps)
-        wait = max(step.value - measured["median_s"], 0.0)
-        rows.append({**row, "steps": steps, "step_ms": entry["step_ms"],
-                     "batch_ms": 1e3 * batches[shape] * train.micro_batches,
-                     "prefetch_workers": workers,
-                     "input_wait_fraction": wait / step.value if step.value else 0.0,
-                     "peak_gib": entry["peak_gib"],
-                     "projected_hours": resources.run_hours(
-                         steps, step.value, evaluated, train.tokens_per_step)})  # fmt: skip
+        rows.append({**row, **_projection(cfg, corpus, entry, measured, batches, sizes)})
     projected = [r["projected_hours"] for r in rows if "projected_hours" in r]
     unprojected = [f"{r['sweep']}/{r['run']}" for r in rows if "projected_hours" not in r]
     result = {
@@ -136,15 +121,62 @@ def project_workflow(
     return result
 
 
+def _step_shape(train) -> tuple:
+    """What a step's time depends on beside the model: its batch, precision and optimizer."""
+    return (
+        train.batch_size,
+        train.seq_len,
+        train.dtype,
+        train.expert_optimizer,
+        train.micro_batches,
+    )
+
+
+def _projection(cfg, corpus, entry: dict, measured: dict, batches: dict, sizes: Sizes) -> dict:
+    """A run's projected steps, input wait and hours from its model's measured step and the
+    input path's measured batch time (`batches`, filled here per batch shape)."""
+    train = cfg.train
+    steps = total_steps(train, corpus)
+    shape = (cfg.data, train.batch_size // train.micro_batches, train.seq_len)
+    if shape not in batches:  # one micro-batch's worth: the producer's unit of work
+        batches[shape] = batch_seconds(corpus, *shape[1:], sizes.workflow_steps)
+    workers = prefetch_workers(cfg)
+    input_rate = shape[1] * shape[2] / batches[shape]
+    step = resources.step_seconds(
+        {**entry, "source": "this check"},
+        tokens_per_step=train.tokens_per_step,
+        input_tokens_per_s=input_rate * max(workers, 1),
+        prefetch=workers > 0,
+    )
+    assert step is not None  # a measured step is given
+    evaluated = eval_positions(cfg, steps)
+    wait = max(step.value - measured["median_s"], 0.0)
+    return {
+        "steps": steps,
+        "step_ms": entry["step_ms"],
+        "batch_ms": 1e3 * batches[shape] * train.micro_batches,
+        "prefetch_workers": workers,
+        "input_wait_fraction": wait / step.value if step.value else 0.0,
+        "peak_gib": entry["peak_gib"],
+        "projected_hours": resources.run_hours(steps, step.value, evaluated, train.tokens_per_step),
+    }
+
+
 def _time_model(model, cfg, device: torch.device, sizes: Sizes) -> dict:
     """The timed step of one distinct model at the run's batch, or {"status": "out of memory"}."""
     train = cfg.train
     try:
         return time_lm_step(
-            model, train, device, batch=train.batch_size, seq_len=train.seq_len,
-            warmup=sizes.workflow_warmup, reps=sizes.workflow_steps, dropout=cfg.model.dropout,
+            model,
+            train,
+            device,
+            batch=train.batch_size,
+            seq_len=train.seq_len,
+            warmup=sizes.workflow_warmup,
+            reps=sizes.workflow_steps,
+            dropout=cfg.model.dropout,
             micro_batches=train.micro_batches,
-        )  # fmt: skip
+        )
     except Exception as err:
         if not is_oom(err):
             raise

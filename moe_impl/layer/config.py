@@ -127,8 +127,10 @@ class MoEConfig:
                 f"{a} x {b} = {a * b} (or be left None)"
             )
         for name, value in (
-            ("k_primary", k_primary), ("k_secondary", k_secondary), ("num_experts", a * b),
-        ):  # fmt: skip
+            ("k_primary", k_primary),
+            ("k_secondary", k_secondary),
+            ("num_experts", a * b),
+        ):
             object.__setattr__(self, name, value)
 
     @property

@@ -119,9 +119,16 @@ def make_plan(
         row_of_slot_N[order_N] = torch.arange(num_rows, device=device)
         token_of_row_R = token_N[order_N]
         return DispatchPlan(
-            slot_of_row_R, token_of_row_R, row_of_slot_N, None, max(num_rows, 1), counts_E,
-            num_dropped, kept_E, grouped=True,
-        )  # fmt: skip
+            slot_of_row_R,
+            token_of_row_R,
+            row_of_slot_N,
+            None,
+            max(num_rows, 1),
+            counts_E,
+            num_dropped,
+            kept_E,
+            grouped=True,
+        )
 
     block_size, in_place = choose_block_size(kept_E)
     if in_place:
@@ -269,9 +276,13 @@ def dispatch(
 ) -> Tensor:
     """Token rows laid out in the block buffer, (R, D); the slots of token b are b·k ... b·k+k-1."""
     return gather_tokens(
-        x_BD, plan.token_of_row_R, plan.row_of_slot_N, k, dropped=plan.num_dropped > 0,
+        x_BD,
+        plan.token_of_row_R,
+        plan.row_of_slot_N,
+        k,
+        dropped=plan.num_dropped > 0,
         workspace=workspace,
-    )  # fmt: skip
+    )
 
 
 def from_rows(values_R: Tensor, plan: DispatchPlan, workspace: Workspace | None = None) -> Tensor:
@@ -279,6 +290,10 @@ def from_rows(values_R: Tensor, plan: DispatchPlan, workspace: Workspace | None 
     padding rows 0."""
     padded = plan.slot_of_row_R.numel() > plan.row_of_slot_N.numel() - plan.num_dropped
     return permute_rows(
-        values_R, plan.row_of_slot_N, plan.slot_of_row_R,
-        zero_forward=plan.num_dropped > 0, zero_backward=padded, workspace=workspace,
-    )  # fmt: skip
+        values_R,
+        plan.row_of_slot_N,
+        plan.slot_of_row_R,
+        zero_forward=plan.num_dropped > 0,
+        zero_backward=padded,
+        workspace=workspace,
+    )

@@ -158,9 +158,13 @@ def expert_bank(
     if num_local is None:
         num_local = config.num_experts
     return ExpertBank(
-        num_local, config.d_model, config.d_hidden, sparse_grad=config.use_sparse_grad,
-        first_expert=first_expert, total_experts=config.num_experts,
-    )  # fmt: skip
+        num_local,
+        config.d_model,
+        config.d_hidden,
+        sparse_grad=config.use_sparse_grad,
+        first_expert=first_expert,
+        total_experts=config.num_experts,
+    )
 
 
 def grouped_experts(x_BD: Tensor, config: MoEConfig) -> bool:
@@ -221,6 +225,11 @@ class MoE(MoELayer):
         importance_E = balancing.importance(expert_N, gate_N, cfg.num_experts)
         load_E = balancing.load(gate.prob_in_top_k_BE, plan.counts_E.to(gate_N.dtype))
         return moe_output(
-            y_BD.view(x.shape), importance_E, load_E, plan.counts_E, plan.num_dropped, cfg,
+            y_BD.view(x.shape),
+            importance_E,
+            load_E,
+            plan.counts_E,
+            plan.num_dropped,
+            cfg,
             entropy_sums(gate.top_gates_BK),
-        )  # fmt: skip
+        )

@@ -64,9 +64,12 @@ def noisy_top_k(
         if fused and k < num_experts:
             flat = (-1, num_experts)
             idx, gates, prob = noisy_top_k_with_load(
-                clean_BE.reshape(flat), noise_logits_BE.reshape(flat), eps_BE.reshape(flat), k,
+                clean_BE.reshape(flat),
+                noise_logits_BE.reshape(flat),
+                eps_BE.reshape(flat),
+                k,
                 noise_epsilon,
-            )  # fmt: skip
+            )
             lead = clean_BE.shape[:-1]
             return GateOutput(idx.view(*lead, k), gates.view(*lead, k), prob.view(clean_BE.shape))
         std_BE = F.softplus(noise_logits_BE) + noise_epsilon
@@ -133,9 +136,13 @@ class GatingNetwork(nn.Module):
     ) -> GateOutput:
         """`noisy_top_k` with this network's k and noise epsilon."""
         return noisy_top_k(
-            clean_BE, noise_BE, self.k, noise_epsilon=self.noise_epsilon, generator=generator,
+            clean_BE,
+            noise_BE,
+            self.k,
+            noise_epsilon=self.noise_epsilon,
+            generator=generator,
             normal_BE=normal_BE,
-        )  # fmt: skip
+        )
 
 
 class NoisyTopKGate(GatingNetwork):

@@ -124,20 +124,29 @@ class ModelConfig:
         """The MoE layer's config (its shape from this model, how it trains from the arguments);
         None for the models without a gated layer ('none', 'dense')."""
         options: LayerOptions = dict(
-            noisy_gating=noisy_gating, w_importance=w_importance, w_load=w_load,
+            noisy_gating=noisy_gating,
+            w_importance=w_importance,
+            w_load=w_load,
             sparse_grad=sparse_grad,
-        )  # fmt: skip
+        )
         if self.moe == "flat":
             return MoEConfig(
-                d_model=self.d_model, d_hidden=self.d_hidden, num_experts=self.num_experts,
-                k=self.k, **options,
-            )  # fmt: skip
+                d_model=self.d_model,
+                d_hidden=self.d_hidden,
+                num_experts=self.num_experts,
+                k=self.k,
+                **options,
+            )
         if self.moe == "hierarchical":
             return MoEConfig(
-                d_model=self.d_model, d_hidden=self.d_hidden, num_groups=self.num_groups,
-                group_size=self.group_size, k_primary=self.k_primary, k_secondary=self.k_secondary,
+                d_model=self.d_model,
+                d_hidden=self.d_hidden,
+                num_groups=self.num_groups,
+                group_size=self.group_size,
+                k_primary=self.k_primary,
+                k_secondary=self.k_secondary,
                 **options,
-            )  # fmt: skip
+            )
         return None
 
 

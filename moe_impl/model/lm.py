@@ -104,9 +104,11 @@ class MoELanguageModel(nn.Module):
             for units, projection in cfg.lstm_layers
         )
         layer_cfg = cfg.layer_config(
-            noisy_gating=noisy_gating, w_importance=w_importance, w_load=w_load,
+            noisy_gating=noisy_gating,
+            w_importance=w_importance,
+            w_load=w_load,
             sparse_grad=sparse_grad,
-        )  # fmt: skip
+        )
         if layer_cfg is not None and expert_parallel:  # experts sharded over the ranks
             from moe_impl.parallel import DistributedHierarchicalMoE, DistributedMoE
 

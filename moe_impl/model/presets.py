@@ -127,9 +127,13 @@ _CPU_LSTM = ((CPU_D_MODEL, None),) * 2
 
 def _cpu(name: str, lstm=_CPU_LSTM, d: int = CPU_D_MODEL, **moe) -> ModelConfig:
     return ModelConfig(
-        name=name, vocab_size=CPU_VOCAB, d_model=d, lstm_layers=lstm,
-        softmax_samples=None, **moe,
-    )  # fmt: skip
+        name=name,
+        vocab_size=CPU_VOCAB,
+        d_model=d,
+        lstm_layers=lstm,
+        softmax_samples=None,
+        **moe,
+    )
 
 
 def _cpu_flat(n: int) -> ModelConfig:
@@ -140,9 +144,17 @@ def _cpu_hier(
     a: int, b: int, *, name: str = "", d: int = CPU_D_MODEL, h: int = CPU_D_HIDDEN, lstm=_CPU_LSTM
 ) -> ModelConfig:
     return _cpu(
-        name or f"MoE-{a * b}-h", lstm=lstm, d=d, moe="hierarchical", num_experts=a * b,
-        d_hidden=h, num_groups=a, group_size=b, k_primary=2, k_secondary=2,
-    )  # fmt: skip
+        name or f"MoE-{a * b}-h",
+        lstm=lstm,
+        d=d,
+        moe="hierarchical",
+        num_experts=a * b,
+        d_hidden=h,
+        num_groups=a,
+        group_size=b,
+        k_primary=2,
+        k_secondary=2,
+    )
 
 
 # Fig. 2-right's budgets (Table 7, App. C.2), scaled as the CPU family (no gpu/ twins): the LSTM
@@ -248,9 +260,13 @@ _GPU_LSTM = ((GPU_D_MODEL, None),) * 2
 
 def _gpu(name: str, lstm=_GPU_LSTM, **moe) -> ModelConfig:
     return ModelConfig(
-        name=name, vocab_size=GPU_VOCAB, d_model=GPU_D_MODEL, lstm_layers=lstm,
-        softmax_samples=None, **moe,
-    )  # fmt: skip
+        name=name,
+        vocab_size=GPU_VOCAB,
+        d_model=GPU_D_MODEL,
+        lstm_layers=lstm,
+        softmax_samples=None,
+        **moe,
+    )
 
 
 def gpu_d_hidden(num_experts: int) -> int:
@@ -268,9 +284,15 @@ def _gpu_flat(n: int) -> ModelConfig:
 
 def _gpu_hier(a: int, b: int) -> ModelConfig:
     return _gpu(
-        f"MoE-{a * b}-h", moe="hierarchical", num_experts=a * b, d_hidden=gpu_d_hidden(a * b),
-        num_groups=a, group_size=b, k_primary=2, k_secondary=2,
-    )  # fmt: skip
+        f"MoE-{a * b}-h",
+        moe="hierarchical",
+        num_experts=a * b,
+        d_hidden=gpu_d_hidden(a * b),
+        num_groups=a,
+        group_size=b,
+        k_primary=2,
+        k_secondary=2,
+    )
 
 
 GPU_PRESETS: dict[str, ModelConfig] = {
@@ -335,16 +357,31 @@ class PaperRow:
 
 def _t7(row: str, ppl10, final, ops, params, total, drop, tflops, gpus=None) -> PaperRow:
     return PaperRow(
-        source="Table 7", row=row, ppl_10_epochs=ppl10, ppl_final=final, ops_M=ops,
-        params_M=params, total_B=total, drop_prob=drop, tflops_per_gpu=tflops, num_gpus=gpus,
-    )  # fmt: skip
+        source="Table 7",
+        row=row,
+        ppl_10_epochs=ppl10,
+        ppl_final=final,
+        ops_M=ops,
+        params_M=params,
+        total_B=total,
+        drop_prob=drop,
+        tflops_per_gpu=tflops,
+        num_gpus=gpus,
+    )
 
 
 def _t8(row: str, ppl10b, ppl100b, ops, params, total, tflops, gpus=32) -> PaperRow:
     return PaperRow(
-        source="Table 8", row=row, ppl_10B_words=ppl10b, ppl_100B_words=ppl100b, ops_M=ops,
-        params_M=params, total_B=total, tflops_per_gpu=tflops, num_gpus=gpus,
-    )  # fmt: skip
+        source="Table 8",
+        row=row,
+        ppl_10B_words=ppl10b,
+        ppl_100B_words=ppl100b,
+        ops_M=ops,
+        params_M=params,
+        total_B=total,
+        tflops_per_gpu=tflops,
+        num_gpus=gpus,
+    )
 
 
 # GPUs: 16 K40s for App. C.1 (text), 32 for C.2 and 2xLSTM-8192-1024 (Table 1), 32/64/128 (App. D).

@@ -106,9 +106,11 @@ class DistributedMoE(MoELayer):
         )
         local_M = expert_M - self.experts.first_expert
         plan = make_plan(
-            local_M, torch.arange(local_M.numel(), device=x.device), self.experts.w_in.shape[0],
+            local_M,
+            torch.arange(local_M.numel(), device=x.device),
+            self.experts.w_in.shape[0],
             grouped=grouped_experts(x_BD, cfg),
-        )  # fmt: skip
+        )
         y_recv_MD = self.experts.slot_outputs(x_recv_MD, plan, 1)
         (y_back_ND,) = exchange([y_recv_MD], r.recv, r.send, self.group)
         y_BD = combine(y_back_ND, r, gate_N, k, x_BD.dtype)

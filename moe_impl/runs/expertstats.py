@@ -231,8 +231,13 @@ def _row(tally: ExpertTally, step: int, metrics: dict, names: list[str]) -> np.n
     values = {"step": step, "steps": tally.steps, **metrics}
     for level, load, importance in _levels(tally):
         for what, v in (("load", load), ("importance", importance)):
-            values |= dict(zip((f"{level}_{what}_{q}" for q in QUANTILE_NAMES),
-                               np.quantile(v, QUANTILES), strict=True))  # fmt: skip
+            values |= dict(
+                zip(
+                    (f"{level}_{what}_{q}" for q in QUANTILE_NAMES),
+                    np.quantile(v, QUANTILES),
+                    strict=True,
+                )
+            )
         values[f"{level}_zero_load"] = int(np.sum(load == 0))
     return np.asarray([values.get(name, math.nan) for name in names], dtype=_ROW)
 

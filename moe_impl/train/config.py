@@ -168,9 +168,14 @@ class TrainSection:
         _check_choice("train.expert_optimizer", self.expert_optimizer, ("auto", "adam", "factored"))
         _check_choice("train.progress", self.progress, ("auto", "bar", "lines", "none"))
         positive = (
-            "batch_size", "micro_batches", "seq_len", "log_every", "dead_expert_window",
-            "checkpoint_every", "keep_checkpoints",
-        )  # fmt: skip
+            "batch_size",
+            "micro_batches",
+            "seq_len",
+            "log_every",
+            "dead_expert_window",
+            "checkpoint_every",
+            "keep_checkpoints",
+        )
         for key in positive:
             _check_positive_int(f"train.{key}", getattr(self, key))
         if self.batch_size % self.micro_batches:
@@ -516,5 +521,6 @@ def _check_number(key: str, value, *, low=None, high=None, low_open=False) -> No
     if not ok:
         lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
         hi = "" if high is None else f"< {high}"
-        raise ValueError(f"{key} must be a finite number {' and '.join(filter(None, [lo, hi]))}, "
-                         f"got {value!r}")  # fmt: skip
+        raise ValueError(
+            f"{key} must be a finite number {' and '.join(filter(None, [lo, hi]))}, got {value!r}"
+        )

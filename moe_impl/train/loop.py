@@ -140,18 +140,27 @@ class Trainer:
         # the batches by step: inline, or made ahead by worker processes while run trains
         workers = resolve_workers(train.prefetch_workers, self.corpus.name, self.device.type)
         self.batches = TrainBatches(
-            self.corpus, train.batch_size, train.seq_len, workers=workers,
+            self.corpus,
+            train.batch_size,
+            train.seq_len,
+            workers=workers,
             pin=self.device.type == "cuda",
-        )  # fmt: skip
+        )
         self.loop = LoopState()
         self._stop, self._stop_agreed = StopSignals(), False  # SIGTERM / SIGINT (interrupt.py)
         # only now, with everything built and checked, touch the run directory
         # what the run is, in words (MLflow's run name, description, dataset): rank 0 writes it
         card = run_card(cfg, self.model_cfg, self.corpus.describe()) if self.ctx.is_main else None
         prepare_run_dir(
-            self.run_dir, cfg, resume=resume, ctx=self.ctx, name=self.name,
-            experiment=cfg.experiment, replace_changed=replace_changed, card=card,
-        )  # fmt: skip
+            self.run_dir,
+            cfg,
+            resume=resume,
+            ctx=self.ctx,
+            name=self.name,
+            experiment=cfg.experiment,
+            replace_changed=replace_changed,
+            card=card,
+        )
         if resume and not rundir.is_finished(self.run_dir):  # finished: run() returns its summary
             self.loop = resumed_state(
                 self.run_dir, self.model, self.optimizers, self.ctx, self.device, cfg=cfg
@@ -218,9 +227,11 @@ class Trainer:
             tally = self.loop.expert_tally = expertstats.ExpertTally.new(counts.size, groups)
         entropy = [getattr(stats, name) for name in expertstats.ENTROPIES]
         tally.add(
-            step, counts, stats.importance.detach().double().cpu().numpy(),
+            step,
+            counts,
+            stats.importance.detach().double().cpu().numpy(),
             tuple(None if h is None else float(h) for h in entropy),
-        )  # fmt: skip
+        )
 
     def _forward_backward(self, inputs, targets, scored) -> tuple:
         """Forward and backward of the step's rows in train.micro_batches micro-batches, gradients
@@ -383,9 +394,12 @@ class Trainer:
         done = {s["step"] for s in loop.snapshots}
         main = self.ctx.is_main
         progress = Progress(
-            train.progress if main else "none", self.total_steps, loop.step, self.name,
+            train.progress if main else "none",
+            self.total_steps,
+            loop.step,
+            self.name,
             every=train.log_every,
-        )  # fmt: skip
+        )
         self.batches.start(loop.step, self.total_steps)  # the workers, if any (closed below)
         try:
             while loop.step < self.total_steps:
@@ -417,14 +431,22 @@ class Trainer:
                     if tracker is not None:
                         tracker.flush()  # what MLflow has then covers the checkpoint
                     save_checkpoint(
-                        self.run_dir, loop, self._wall_time(), self.model, self.optimizers,
-                        self.ctx, keep=train.keep_checkpoints, config=self.cfg.to_dict(),
-                    )  # fmt: skip
+                        self.run_dir,
+                        loop,
+                        self._wall_time(),
+                        self.model,
+                        self.optimizers,
+                        self.ctx,
+                        keep=train.keep_checkpoints,
+                        config=self.cfg.to_dict(),
+                    )
                 if stop:  # the tracker ends the MLflow run as KILLED (run)
                     raise TrainingInterrupted(
-                        self._stop.signum or signal.SIGTERM, loop.step, self.run_dir,
+                        self._stop.signum or signal.SIGTERM,
+                        loop.step,
+                        self.run_dir,
                         checkpoint.latest(self.run_dir),
-                    )  # fmt: skip
+                    )
         finally:
             self.batches.close()  # every worker ended and reaped, whatever ended the loop
             progress.close()
@@ -435,23 +457,37 @@ class Trainer:
         balance metrics, for the step's metrics record."""
         assert self.loop.expert_tally is not None  # the caller checks
         return expertstats.record(
-            self.run_dir if self.ctx.is_main else None, self.loop.expert_tally, self.loop.step,
-            self.total_steps, self.cfg.train.dead_expert_window,
-        )  # fmt: skip
+            self.run_dir if self.ctx.is_main else None,
+            self.loop.expert_tally,
+            self.loop.step,
+            self.total_steps,
+            self.cfg.train.dead_expert_window,
+        )
 
     def _summary(self, final: dict, sampler, diverged: str | None) -> dict:
         """summary.json's contents (build_summary) for the final evaluation `final`."""
         summary = build_summary(
-            name=self.name, preset=self.cfg.model.preset, sweep=self.cfg.sweep,
-            corpus=self.corpus, evaluation=self.cfg.eval, model=self.model_cfg,
-            final=final, loop=self.loop, tokens_per_step=self.tokens_per_step,
-            wall_time=self._wall_time(), peak_flops=self.peak_flops,
+            name=self.name,
+            preset=self.cfg.model.preset,
+            sweep=self.cfg.sweep,
+            corpus=self.corpus,
+            evaluation=self.cfg.eval,
+            model=self.model_cfg,
+            final=final,
+            loop=self.loop,
+            tokens_per_step=self.tokens_per_step,
+            wall_time=self._wall_time(),
+            peak_flops=self.peak_flops,
             peak_flops_source=self.peak_flops_source,
             peak_memory_mb=self.ctx.max(peak_memory_mb(self.device), self.device),  # over ranks
-            expert_optimizer=self.expert_optimizer, device=self.device,
-            world_size=self.ctx.world_size, backend=self.ctx.backend, dtype=self.cfg.train.dtype,
-            diverged=diverged, prefetch_workers=self.batches.workers,
-        )  # fmt: skip
+            expert_optimizer=self.expert_optimizer,
+            device=self.device,
+            world_size=self.ctx.world_size,
+            backend=self.ctx.backend,
+            dtype=self.cfg.train.dtype,
+            diverged=diverged,
+            prefetch_workers=self.batches.workers,
+        )
         if sampler is not None:
             summary.update(sampler.summary())
             summary.update({f"gpu_{k}": v for k, v in sampler.info.items()})

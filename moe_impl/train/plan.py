@@ -136,9 +136,12 @@ def plan_row(run: runtable.Run, measured: dict, cpu_rates: dict) -> PlanRow:
         if entry is not None:
             entry = {**entry, "source": proxy + entry["source"]}
             device_peak = resources.device_peak_gib(
-                entry, params=params, num_experts=model.num_experts, tokens_per_pass=per_pass,
+                entry,
+                params=params,
+                num_experts=model.num_experts,
+                tokens_per_pass=per_pass,
                 micro_batches=micro,
-            )  # fmt: skip
+            )
             step = resources.step_seconds(
                 entry,
                 tokens_per_step=per_step,
@@ -155,19 +158,30 @@ def plan_row(run: runtable.Run, measured: dict, cpu_rates: dict) -> PlanRow:
         source = step.source
         hours = resources.run_hours(steps, step.value, eval_positions(cfg, steps), per_step)
     return PlanRow(
-        sweep=run.sweep, run=run.run, preset=run.preset, device=train.device,
-        num_experts=model.num_experts, params=params, batch_positions=per_step,
-        micro_batches=micro, steps=steps, train_tokens=steps * per_step,
+        sweep=run.sweep,
+        run=run.run,
+        preset=run.preset,
+        device=train.device,
+        num_experts=model.num_experts,
+        params=params,
+        batch_positions=per_step,
+        micro_batches=micro,
+        steps=steps,
+        train_tokens=steps * per_step,
         tokens_per_expert_per_step=reg["tokens_per_expert_per_step"],
         tokens_per_parameter=reg["tokens_per_parameter"],
-        paper_batch_positions=reg["paper_batch_positions"], paper_steps=reg["paper_steps"],
+        paper_batch_positions=reg["paper_batch_positions"],
+        paper_steps=reg["paper_steps"],
         paper_tokens_per_expert_per_step=reg["paper_tokens_per_expert_per_step"],
         paper_tokens_per_parameter=reg["paper_tokens_per_parameter"],
-        host_mem_mb=run.mem_mb, host_mem_source=host.source,
+        host_mem_mb=run.mem_mb,
+        host_mem_source=host.source,
         device_peak_gib=None if device_peak is None else device_peak.value,
         device_peak_source=None if device_peak is None else device_peak.source,
-        step_s=None if step is None else step.value, hours=hours, time_source=source,
-    )  # fmt: skip
+        step_s=None if step is None else step.value,
+        hours=hours,
+        time_source=source,
+    )
 
 
 def prefetch_workers(cfg) -> int:
