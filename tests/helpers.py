@@ -52,6 +52,16 @@ TINY = [
     "eval.seq_len=32",
     "tracking.enabled=false",  # tests of MLflow logging turn it on with their own store
 ]
+# a hierarchical MoE of 16 experts (4 groups of 4, k = 2 + 2) on the cpu/MoE-256-h preset
+HIER_16 = [
+    "model.preset=cpu/MoE-256-h",
+    "model.num_experts=16",
+    "model.num_groups=4",
+    "model.group_size=4",
+    "model.k_primary=2",
+    "model.k_secondary=2",
+    "model.k=null",
+]
 
 
 def tiny(*more: str) -> RunConfig:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
+    HIER_16,
     TINY,
     lm1b_overrides,
     losses,
@@ -40,15 +41,7 @@ from moe_impl.train.loop import Trainer
 from moe_impl.train.optim import clip_gradients
 from moe_impl.train.schedule import lr_factor, step_seeds
 
-HIER = [
-    "model.preset=cpu/MoE-256-h",
-    "model.num_experts=16",
-    "model.num_groups=4",
-    "model.group_size=4",
-    "model.k_primary=2",
-    "model.k_secondary=2",
-    "model.k=null",
-]
+HIER = HIER_16
 LSTM = [
     "model.preset=cpu/4xLSTM-64",
     "model.lstm_layers=[[16, null], [16, null]]",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, losses, run_until_killed, set_args
+from helpers import HIER_16, TINY, losses, run_until_killed, set_args
 from parallel_workers import train_run
 
 from moe_impl.parallel import spawn
@@ -23,16 +23,7 @@ from moe_impl.train.loop import Trainer
 
 pytestmark = pytest.mark.integration  # every test spawns a process group
 
-HIER = [
-    "model.preset=cpu/MoE-256-h",
-    "model.num_experts=16",
-    "model.num_groups=4",
-    "model.group_size=4",
-    "model.k_primary=2",
-    "model.k_secondary=2",
-    "model.k=null",
-    "model.sparse_grad=true",
-]
+HIER = [*HIER_16, "model.sparse_grad=true"]
 REPLICATE = ["distributed.replicate_noise=true"]
 
 

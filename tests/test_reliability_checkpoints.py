@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, losses, run_until_killed, set_args, tiny
+from helpers import HIER_16, TINY, losses, run_until_killed, set_args, tiny
 
 from moe_impl.cli import main
 from moe_impl.runs import lock
@@ -139,13 +139,7 @@ def test_a_two_rank_run_falls_back_from_a_damaged_rank_file(tmp_path, capsys):
 
     overrides = [
         *TINY,
-        "model.preset=cpu/MoE-256-h",
-        "model.num_experts=16",
-        "model.num_groups=4",
-        "model.group_size=4",
-        "model.k_primary=2",
-        "model.k_secondary=2",
-        "model.k=null",
+        *HIER_16,
         "model.sparse_grad=true",
         "distributed.replicate_noise=true",
     ]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import TINY, Killed, lm1b_overrides, losses, run_until_killed, set_args, tiny
+from helpers import HIER_16, TINY, Killed, lm1b_overrides, losses, run_until_killed, set_args, tiny
 
 from moe_impl.cli import main
 from moe_impl.data.synthetic import TopicMarkov
@@ -161,15 +161,7 @@ def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
 
 @pytest.mark.parametrize("preset_args", [[], ["model.preset=cpu/MoE-256-h", *[]]])
 def test_resume_equals_an_uninterrupted_run(tmp_path, preset_args):
-    extra = preset_args and [
-        "model.num_experts=16",
-        "model.num_groups=4",
-        "model.group_size=4",
-        "model.k_primary=2",
-        "model.k_secondary=2",
-        "model.k=null",
-        "model.sparse_grad=true",
-    ]
+    extra = preset_args and [*HIER_16[1:], "model.sparse_grad=true"]
     cfg = tiny(*preset_args, *(extra or []))
     whole = Trainer(cfg, tmp_path / "whole").run()
 
