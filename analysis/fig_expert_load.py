@@ -55,14 +55,15 @@ def lorenz(load: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     return frac, cum, 1.0 - 2.0 * area
 
 
-def _heatmap(ax, stats: dict, title: str) -> None:
+def _heatmap(ax, stats: dict, title: str, vmax: float | None = None) -> None:
+    """`vmax`: the colour scale's top (default: this run's largest load / mean load)."""
     rel, steps = shares(stats)
     image = ax.imshow(
         np.maximum(rel, FLOOR),
         aspect="auto",
         interpolation="nearest",
         cmap="viridis",
-        norm=LogNorm(vmin=FLOOR, vmax=max(float(rel.max()), 1.0)),
+        norm=LogNorm(vmin=FLOOR, vmax=vmax or max(float(rel.max()), 1.0)),
         extent=(-0.5, len(steps) - 0.5, rel.shape[0] - 0.5, -0.5),
     )
     ax.set_xticks(range(len(steps)), [f"{s:,}" for s in steps], rotation=45, fontsize=7)
@@ -126,10 +127,11 @@ def sweep_figure(summary: pd.DataFrame, sweep: str) -> Figure:
 @style.styled
 def balance_figure(panels: list[tuple[str, dict]]) -> Figure:
     """The balance sweep's heatmaps side by side: (label, stats) per run, e.g. without and with
-    the balancing losses."""
+    the balancing losses, on one colour scale so that the panels compare."""
     fig, axes = style.new_figure(1, max(len(panels), 1), (5.6 * max(len(panels), 1), 4.4))
     if not panels:
         style.empty_panel(axes[0][0], "balance", f"{style.NOT_RUN}: no expert statistics")
+    vmax = max([1.0, *(float(shares(stats)[0].max()) for _, stats in panels)])
     for ax, (label, stats) in zip(axes[0], panels, strict=False):
-        _heatmap(ax, stats, label)
+        _heatmap(ax, stats, label, vmax)
     return fig

@@ -85,6 +85,10 @@ def test_the_balance_figure_puts_the_runs_without_and_with_the_losses_side_by_si
     ]
     fig = fig_expert_load.balance_figure(panels)
     assert [ax.get_title() for ax in fig.axes if ax.get_title()][:2] == [p[0] for p in panels]
+    # one colour scale for both panels: the largest load / mean load of either run
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    want = max(float(fig_expert_load.shares(st)[0].max()) for _, st in panels)
+    assert [im.norm.vmax for im in images] == [max(want, 1.0)] * 2
 
 
 @pytest.mark.integration  # an MLflow store
