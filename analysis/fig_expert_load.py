@@ -96,9 +96,13 @@ def run_figure(stats: dict, name: str) -> Figure:
 
 @style.styled
 def sweep_figure(summary: pd.DataFrame, sweep: str) -> Figure:
-    """A sweep's dead-expert share and MaxVio against the number of experts (model means)."""
+    """A sweep's dead-expert share and MaxVio against the number of experts (model means), the
+    models trained for the sweep's full token count."""
     runs = collect.sweep(summary, sweep)
     runs = runs[runs["num_experts"].fillna(0) > 1] if not runs.empty else runs
+    if not runs.empty and "train_tokens" in runs:  # one line per family: the sweep's full budget
+        # (Fig. 2-right's larger models train fewer tokens at the same expert counts)
+        runs = runs[runs["train_tokens"] >= runs["train_tokens"].max()]
     fig, axes = style.new_figure(1, 2, (10.0, 4.0))
     titles = {"dead_expert_fraction": "dead experts (share)", "max_violation": "MaxVio"}
     for ax, (col, title) in zip(axes[0], titles.items(), strict=True):
@@ -119,6 +123,7 @@ def sweep_figure(summary: pd.DataFrame, sweep: str) -> Figure:
         ax.set_xscale("log", base=2)
         style.sparse_log2_ticks(ax, m["num_experts"])
         ax.set(xlabel=style.EXPERTS_LABEL, ylabel=title)
+        ax.set_ylim(bottom=0)  # shares and MaxVio are >= 0
         ax.set_title(f"sweep {sweep}: {title} at the end of training")
         style.legend(ax)
     return fig
