@@ -25,8 +25,9 @@ DEFAULT_K = 4
 DEFAULT_K_PRIMARY = 2
 DEFAULT_K_SECONDARY = 2
 
-_FLAT_FIELDS = ("num_experts", "k")
-_HIERARCHICAL_FIELDS = ("num_groups", "group_size", "k_primary", "k_secondary")
+# the fields that give each layout its shape, beside d_model and d_hidden
+FLAT_FIELDS = ("num_experts", "k")
+HIERARCHICAL_FIELDS = ("num_groups", "group_size", "k_primary", "k_secondary")
 
 
 def _check_positive_int(**values: Any) -> None:
@@ -97,7 +98,7 @@ class MoEConfig:
                 "num_experts must be given (a flat layer), or num_groups and group_size (a "
                 "hierarchical one), got num_experts=None"
             )
-        for name in _HIERARCHICAL_FIELDS[2:]:  # k_primary, k_secondary without the groups
+        for name in HIERARCHICAL_FIELDS[2:]:  # k_primary, k_secondary without the groups
             if getattr(self, name) is not None:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} applies to a hierarchical layer only: "
@@ -157,7 +158,7 @@ class MoEConfig:
 
     def layout_fields(self) -> dict[str, int]:
         """The fields that give the layer its shape: d_model, d_hidden and the layout's sizes."""
-        names = _HIERARCHICAL_FIELDS if self.hierarchical else _FLAT_FIELDS
+        names = HIERARCHICAL_FIELDS if self.hierarchical else FLAT_FIELDS
         return {name: getattr(self, name) for name in ("d_model", "d_hidden", *names)}
 
     def check_layer(self, layer: str, *, hierarchical: bool, dropless: bool) -> None:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from moe_impl.layer.config import LayerOptions, MoEConfig
+from moe_impl.layer.config import FLAT_FIELDS, HIERARCHICAL_FIELDS, LayerOptions, MoEConfig
 
 # Dropout between the layers (App. C.1 used 0.1-0.4 over 10 epochs of LM1B); the LM's default and
 # the run config's (moe_impl/train/config.py), one pass over an endless stream needs none
@@ -129,25 +129,11 @@ class ModelConfig:
             w_load=w_load,
             sparse_grad=sparse_grad,
         )
-        if self.moe == "flat":
-            return MoEConfig(
-                d_model=self.d_model,
-                d_hidden=self.d_hidden,
-                num_experts=self.num_experts,
-                k=self.k,
-                **options,
-            )
-        if self.moe == "hierarchical":
-            return MoEConfig(
-                d_model=self.d_model,
-                d_hidden=self.d_hidden,
-                num_groups=self.num_groups,
-                group_size=self.group_size,
-                k_primary=self.k_primary,
-                k_secondary=self.k_secondary,
-                **options,
-            )
-        return None
+        if self.moe not in ("flat", "hierarchical"):
+            return None
+        names = FLAT_FIELDS if self.moe == "flat" else HIERARCHICAL_FIELDS
+        layout = {name: getattr(self, name) for name in names}
+        return MoEConfig(d_model=self.d_model, d_hidden=self.d_hidden, **layout, **options)
 
 
 def _check_positive(field: str, value: int | None) -> None:
