@@ -43,8 +43,9 @@ class RoutingStats(NamedTuple):
     gate_entropy: Tensor | None = None
     primary_gate_entropy: Tensor | None = None
     secondary_gate_entropy: Tensor | None = None
-    # (5,) float64 sums behind the means, which add over ranks and micro-batches: Σ_x H(G(x)),
-    # Σ_x H(G_primary(x)), Σ_pairs H(G_i(x)), tokens, pairs (the last three 0 for a flat layer)
+    # the float64 sums behind the means, which add over ranks and micro-batches: (Σ_x H(G(x)),
+    # tokens) for a flat layer; (Σ_x H(G(x)), Σ_x H(G_primary(x)), Σ_pairs H(G_i(x)), tokens,
+    # pairs) for a hierarchical one
     entropy_sums: Tensor | None = None
 
 
@@ -86,22 +87,21 @@ def entropy_sums(
     """RoutingStats.entropy_sums of one pass: the whole gates `gates_BK` (one row per token), and
     for a hierarchical layer the primary gates (one row per token) and the secondary gates (one
     row per (token, group) pair)."""
-    out = torch.zeros(5, dtype=torch.float64, device=gates_BK.device)
-    out[0] = token_entropy(gates_BK).sum()
-    out[3] = gates_BK.shape[0]
-    if primary_BK is not None and secondary_PK is not None:
-        out[1] = token_entropy(primary_BK).sum()
-        out[2] = token_entropy(secondary_PK).sum()
-        out[4] = secondary_PK.shape[0]
-    return out
+    whole = token_entropy(gates_BK).sum()
+    if primary_BK is None or secondary_PK is None:
+        return torch.stack([whole, whole.new_tensor(gates_BK.shape[0])])
+    parts = [whole, token_entropy(primary_BK).sum(), token_entropy(secondary_PK).sum()]
+    counts = whole.new_tensor([gates_BK.shape[0], secondary_PK.shape[0]])
+    return torch.cat([torch.stack(parts), counts])
 
 
 def _entropy_means(sums: Tensor | None) -> tuple[Tensor | None, ...]:
-    """(gate, primary, secondary) mean entropies from entropy_sums; None where nothing was summed."""
-    if sums is None or sums[3] <= 0:
+    """(gate, primary, secondary) mean entropies from entropy_sums (NaN without tokens), told
+    apart by the sums' length, not their values: no read back from the device."""
+    if sums is None:
         return None, None, None
-    if sums[4] <= 0:
-        return sums[0] / sums[3], None, None
+    if sums.numel() == 2:
+        return sums[0] / sums[1], None, None
     return sums[0] / sums[3], sums[1] / sums[3], sums[2] / sums[4]
 
 
