@@ -17,7 +17,6 @@ Nothing here draws or judges; reading and writing files is analysis/io.py's.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -118,7 +117,7 @@ def resolved_model(run: dict) -> dict:
     vocab = corpus.get("vocab_size") if isinstance(corpus, dict) else None
     section = cfg.get("model") or {}
     overrides = {k: section.get(k) for k in MODEL_FIELDS}
-    return dataclasses.asdict(resolve_model(section["preset"], overrides, int(vocab or 1000)))
+    return resolve_model(section["preset"], overrides, int(vocab or 1000)).flat()
 
 
 # summary.json's values that are not numbers (rundir.SUMMARY_KEYS: the others are numbers or null)

@@ -5,7 +5,6 @@ claim holds; `bench_frame`, a layer benchmark's rows."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import uuid
 
@@ -54,7 +53,7 @@ def make_run(
     summary.update(
         name=model.name,
         preset=preset,
-        model=dataclasses.asdict(model),  # the resolved model, as training writes it
+        model=model.flat(),  # the resolved model, as training writes it
         corpus={"corpus": "synthetic", "vocab_size": VOCAB}
         | ({} if unigram is None else {"unigram_perplexity": unigram}),
         test_perplexity=ppl,

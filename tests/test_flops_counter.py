@@ -59,7 +59,7 @@ CASES = [  # (moe kwargs for ModelConfig, layer factory)
 @pytest.mark.parametrize(("moe_kwargs", "layer_fn"), CASES)
 def test_ops_per_timestep_matches_flop_counter(moe_kwargs, layer_fn):
     d, vocab, batch, steps = 16, 50, 3, 5
-    cfg = ModelConfig(
+    cfg = ModelConfig.build(
         name="tiny",
         vocab_size=vocab,
         d_model=d,

@@ -34,7 +34,9 @@ KINDS = {
 
 
 def config(kind: str, samples: int | None = None) -> ModelConfig:
-    return ModelConfig(name=kind, vocab_size=V, d_model=D, softmax_samples=samples, **KINDS[kind])
+    return ModelConfig.build(
+        name=kind, vocab_size=V, d_model=D, softmax_samples=samples, **KINDS[kind]
+    )
 
 
 def batch(b: int = 3, t: int = 7):
@@ -59,7 +61,7 @@ def test_builds_trains_and_counts_like_the_accounting(kind):
 
 
 def test_eval_uses_the_full_softmax_and_is_deterministic():
-    model = MoELanguageModel(config("flat", samples=5), dropout=0.3).eval()
+    model = MoELanguageModel(config("flat", samples=5).replace(dropout=0.3)).eval()
     inputs, targets, scored = batch()
     a, b = model(inputs, targets, scored), model(inputs, targets, scored)
     assert torch.equal(a.nll_sum, b.nll_sum)
@@ -117,9 +119,9 @@ def test_carried_state_continues_the_sequence_exactly(kind):
     torch.testing.assert_close(second.state, whole.state)
 
 
-def test_bad_dropout_names_the_key():
-    with pytest.raises(ValueError, match=r"model\.dropout"):
-        MoELanguageModel(config("flat"), dropout=1.0)
+def test_bad_dropout_names_the_field():
+    with pytest.raises(ValueError, match=r"^dropout must be in \[0, 1\), got 1.0"):
+        config("flat").replace(dropout=1.0)
 
 
 def test_a_tiny_run_on_the_synthetic_corpus_lowers_the_loss():
@@ -130,14 +132,14 @@ def test_a_tiny_run_on_the_synthetic_corpus_lowers_the_loss():
     torch.manual_seed(0)
     data_cfg = TopicMarkovConfig(vocab_size=40, num_topics=4, fanout=2, eos_prob=0.1, max_len=30)
     corpus = TopicMarkov(data_cfg)
-    cfg = ModelConfig(
+    cfg = ModelConfig.build(
         name="tiny",
         vocab_size=data_cfg.num_tokens,
         d_model=D,
         softmax_samples=None,
         **KINDS["flat"],
     )
-    model = MoELanguageModel(cfg, dropout=0.0).train()
+    model = MoELanguageModel(cfg).train()
     experts = [model.moe.experts.w_in, model.moe.experts.w_out]
     rest = [p for n, p in model.named_parameters() if not n.startswith("moe.experts")]
     opts = [FactoredAdam(experts, lr=1e-2), torch.optim.Adam(rest, lr=1e-2)]

@@ -14,8 +14,6 @@ Shape suffixes: B = batch, T = time steps, D = d_model, V = vocabulary, E = expe
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,8 +29,8 @@ _CONFIGS = {  # name -> ModelConfig: the cpu presets (d = 64), plus an MoE with 
     for name in ("cpu/MoE-4", "cpu/MoE-256-h", "cpu/MoE-1-Deep", "cpu/MoE-1-Wide",
                  "cpu/4xLSTM-64", "cpu/LSTM-256-64")
 }
-_CONFIGS["projected MoE-16-h"] = dataclasses.replace(  # MoE-143M's shape: 4·d units projected to d
-    ALL_PRESETS["cpu/MoE-256-h"], name="MoE-16-h", num_experts=16, num_groups=4, group_size=4,
+_CONFIGS["projected MoE-16-h"] = ALL_PRESETS["cpu/MoE-256-h"].replace(  # MoE-143M's shape
+    name="MoE-16-h", num_experts=16, num_groups=4, group_size=4,
     lstm_layers=((4 * CPU_D_MODEL, CPU_D_MODEL),) * 2,
 )
 # fmt: on
@@ -124,7 +122,7 @@ class SeededDropout:
 def make_model(cfg, p: float, noisy_gating: bool) -> MoELanguageModel:
     """A float64 model whose gates are random (they start at zero, which makes every logit tie)."""
     torch.manual_seed(0)
-    model = MoELanguageModel(cfg, dropout=p, noisy_gating=noisy_gating).double()
+    model = MoELanguageModel(cfg.replace(dropout=p, noisy_gating=noisy_gating)).double()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, w in model.named_parameters():

@@ -147,21 +147,33 @@ def test_a_config_and_arguments_together_are_refused():
 
 
 def test_the_defaults_are_written_once():
-    """The layers' options default to MoEConfig's fields; the LM's and the run config's
-    keyword defaults are the same values, read from MoEConfig."""
-    import inspect
-
-    from moe_impl.model.lm import MoELanguageModel
-    from moe_impl.train.config import ModelSection
+    """The layers' options default to MoEConfig's fields; a model's layer (ModelConfig.layer) is a
+    MoEConfig, and the run config's model section defaults to the same values, read from it."""
+    from moe_impl.model.config import ModelConfig
+    from moe_impl.model.presets import ALL_PRESETS
+    from moe_impl.train.config import TRAINING_FIELDS, ModelSection
 
     config, section = MoEConfig(**FLAT), ModelSection()
     assert MoE(8, 16, 4).config == config and HierarchicalMoE(8, 16, 4, 3).config == MoEConfig(
         **HIER
     )
-    lm = inspect.signature(MoELanguageModel).parameters
+    model = ALL_PRESETS[section.preset]
+    assert isinstance(model.layer, MoEConfig)
     for name in ("noisy_gating", "w_importance", "w_load", "sparse_grad"):
-        assert lm[name].default == getattr(config, name) == getattr(section, name)
-    assert lm["dropout"].default == section.dropout
+        assert getattr(model.layer, name) == getattr(config, name) == getattr(section, name)
+    assert model.dropout == section.dropout == ModelConfig.dropout
+    # the section's training options reach the resolved model's layer
+    assert set(TRAINING_FIELDS) == {
+        "dropout",
+        "noisy_gating",
+        "w_importance",
+        "w_load",
+        "sparse_grad",
+    }
+    resolved = ModelSection(w_load=0.3, dropout=0.2, sparse_grad=True).resolve(577)
+    assert resolved.dropout == 0.2 and resolved.layer == dataclasses.replace(
+        model.layer, w_load=0.3, sparse_grad=True
+    )
 
 
 def test_an_unknown_option_is_one_line_naming_it():

@@ -183,7 +183,6 @@ def time_lm_step(
     seq_len: int,
     warmup: int,
     reps: int,
-    dropout: float = 0.0,
     micro_batches: int = 1,
 ) -> dict:
     """Seconds per training step of the language model `cfg` (forward, backward, clipping, the
@@ -191,7 +190,7 @@ def time_lm_step(
     with `micro_batches` the step's rows go through in that many forward and backward passes
     before the one update, as the trainer accumulates them (moe_impl/train/micro.py)."""
     free_memory(device)
-    model = on_device(lambda: MoELanguageModel(cfg, dropout=dropout), device).train()
+    model = on_device(lambda: MoELanguageModel(cfg), device).train()
     optimizers, _ = build_optimizers(model, train)
     gen = torch.Generator(device=device).manual_seed(0)
     inputs = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device, generator=gen)

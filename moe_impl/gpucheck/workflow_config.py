@@ -78,7 +78,7 @@ def project_workflow(
         vocab = corpus.vocab_size if corpus is not None else ALL_PRESETS[planned.preset].vocab_size
         model = model_config(cfg, vocab_size=vocab)
         train = cfg.train
-        key = (model, cfg.model.sparse_grad, *_step_shape(train))
+        key = (model, *_step_shape(train))  # the model holds its gate options
         row = {
             "sweep": planned.sweep,
             "run": planned.run,
@@ -174,7 +174,6 @@ def _time_model(model, cfg, device: torch.device, sizes: Sizes) -> dict:
             seq_len=train.seq_len,
             warmup=sizes.workflow_warmup,
             reps=sizes.workflow_steps,
-            dropout=cfg.model.dropout,
             micro_batches=train.micro_batches,
         )
     except Exception as err:

@@ -8,9 +8,10 @@ through a sigmoid first. The MoE is applied convolutionally: the lower LSTM runs
 then the MoE sees all B·T positions as one batch (Sec. 3.1). Input embedding and softmax weights are
 separate (untied), as the paper's total parameter counts imply (App. C.1, Table 7).
 
-The architecture comes from a `ModelConfig` (moe_impl/model/config.py), so the model and the accounting describe the same
-thing: kind 'none' stacks the LSTMs (4xLSTM-512, LSTM-2048-512, ...), 'dense' puts one always-active
-FFN where the MoE goes (MoE-1-Wide, MoE-1-Deep), 'flat' / 'hierarchical' the MoE layers. Biases: the
+Everything about the model comes from one `ModelConfig` (moe_impl/model/config.py), so the model
+and the accounting describe the same thing: without a layer ('none') it stacks the LSTMs
+(4xLSTM-512, LSTM-2048-512, ...); a `DenseConfig` puts one always-active FFN where the MoE goes
+(MoE-1-Wide, MoE-1-Deep); a `MoEConfig` builds the flat or hierarchical MoE layer from it as it is. Biases: the
 LSTMs keep torch's (the paper's counts leave them out); experts, FFN and softmax have none.
 
 Shape suffixes: B = batch, T = time steps, D = d_model, V = vocabulary, S = softmax samples.
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from moe_impl.layer.config import MoEConfig
 from moe_impl.layer.flat import MoE, RoutingStats
 from moe_impl.layer.hierarchical import HierarchicalMoE
-from moe_impl.model.config import DEFAULT_DROPOUT, ModelConfig
+from moe_impl.model.config import DenseConfig, ModelConfig
 
 
 class LMOutput(NamedTuple):
@@ -82,19 +83,12 @@ class MoELanguageModel(nn.Module):
         self,
         cfg: ModelConfig,
         *,
-        dropout: float = DEFAULT_DROPOUT,
-        w_importance: float = MoEConfig.w_importance,
-        w_load: float = MoEConfig.w_load,
-        noisy_gating: bool = MoEConfig.noisy_gating,
-        sparse_grad: bool | None = None,
         proposal_log_probs: Tensor | None = None,
         expert_parallel: bool = False,
         replicate_noise: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {dropout!r}")
-        if cfg.moe != "none" and len(cfg.lstm_layers) < 1:
+        if cfg.layer is not None and len(cfg.lstm_layers) < 1:
             raise ValueError(f"model {cfg.name!r}: an MoE needs an LSTM before it")
         self.cfg = cfg
         d, v = cfg.d_model, cfg.vocab_size
@@ -103,26 +97,20 @@ class MoELanguageModel(nn.Module):
             nn.LSTM(d, units, batch_first=True, proj_size=projection or 0)
             for units, projection in cfg.lstm_layers
         )
-        layer_cfg = cfg.layer_config(
-            noisy_gating=noisy_gating,
-            w_importance=w_importance,
-            w_load=w_load,
-            sparse_grad=sparse_grad,
-        )
-        if layer_cfg is not None and expert_parallel:  # experts sharded over the ranks
+        layer = cfg.layer
+        self.moe: nn.Module | None = None
+        if isinstance(layer, MoEConfig) and expert_parallel:  # experts sharded over the ranks
             from moe_impl.parallel import DistributedHierarchicalMoE, DistributedMoE
 
-            cls = DistributedHierarchicalMoE if layer_cfg.hierarchical else DistributedMoE
-            self.moe: nn.Module | None = cls(layer_cfg, replicate_noise=replicate_noise)
-        elif layer_cfg is not None:
-            self.moe = (HierarchicalMoE if layer_cfg.hierarchical else MoE)(layer_cfg)
-        elif cfg.moe == "dense":
-            self.moe = DenseFFN(d, cfg.d_hidden, cfg.expert_hidden_layers)
-        else:
-            self.moe = None
+            cls = DistributedHierarchicalMoE if layer.hierarchical else DistributedMoE
+            self.moe = cls(layer, replicate_noise=replicate_noise)
+        elif isinstance(layer, MoEConfig):
+            self.moe = (HierarchicalMoE if layer.hierarchical else MoE)(layer)
+        elif isinstance(layer, DenseConfig):
+            self.moe = DenseFFN(d, layer.d_hidden, layer.hidden_layers)
         self.softmax_weight = nn.Parameter(torch.empty(v, d))
         nn.init.normal_(self.softmax_weight, std=d**-0.5)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
         if proposal_log_probs is None:
             proposal_log_probs = log_uniform_log_probs(v)
         if proposal_log_probs.shape != (v,):

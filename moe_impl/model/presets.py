@@ -9,7 +9,6 @@ is explicit; PAPER_EXCEPTIONS lists the few that are not our count rounded to th
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from moe_impl.model.config import ModelConfig
@@ -28,7 +27,7 @@ _LSTM_512 = ((512, None), (512, None))  # App. C.1: two 512-unit LSTMs around th
 
 
 def _lm(name: str, vocab: int, d: int, lstm: tuple, **moe) -> ModelConfig:
-    return ModelConfig(
+    return ModelConfig.build(
         name=name,
         vocab_size=vocab,
         d_model=d,
@@ -126,7 +125,7 @@ _CPU_LSTM = ((CPU_D_MODEL, None),) * 2
 
 
 def _cpu(name: str, lstm=_CPU_LSTM, d: int = CPU_D_MODEL, **moe) -> ModelConfig:
-    return ModelConfig(
+    return ModelConfig.build(
         name=name,
         vocab_size=CPU_VOCAB,
         d_model=d,
@@ -226,7 +225,7 @@ CPU_H16_PRESETS: dict[str, ModelConfig] = {
         expert_hidden_layers=4,
     ),
     **{
-        name.replace("cpu/", "cpu-h16/"): dataclasses.replace(cfg, d_hidden=CPU_H16_D_HIDDEN)
+        name.replace("cpu/", "cpu-h16/"): cfg.replace(d_hidden=CPU_H16_D_HIDDEN)
         for name, cfg in CPU_PRESETS.items()
         if cfg.moe in ("flat", "hierarchical") and name not in CPU_BUDGET_PRESETS
     },
@@ -259,7 +258,7 @@ _GPU_LSTM = ((GPU_D_MODEL, None),) * 2
 
 
 def _gpu(name: str, lstm=_GPU_LSTM, **moe) -> ModelConfig:
-    return ModelConfig(
+    return ModelConfig.build(
         name=name,
         vocab_size=GPU_VOCAB,
         d_model=GPU_D_MODEL,
@@ -320,7 +319,7 @@ GPU_PRESETS: dict[str, ModelConfig] = {
 GPU_H64_D_HIDDEN = GPU_D_MODEL // 4
 GPU_H64_PRESETS: dict[str, ModelConfig] = {
     name.replace("gpu/", "gpu-h64/"): (
-        dataclasses.replace(cfg, d_hidden=GPU_H64_D_HIDDEN) if cfg.num_experts > 1 else cfg
+        cfg.replace(d_hidden=GPU_H64_D_HIDDEN) if cfg.num_experts > 1 else cfg
     )
     for name, cfg in GPU_PRESETS.items()
 }

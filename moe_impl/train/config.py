@@ -28,12 +28,14 @@ import yaml
 
 from moe_impl.data.synthetic import TopicMarkovConfig
 from moe_impl.layer.config import MoEConfig
-from moe_impl.model.config import DEFAULT_DROPOUT, ModelConfig
+from moe_impl.model.config import DEFAULT_DROPOUT, FLAT_KEYS, ModelConfig
 from moe_impl.model.presets import ALL_PRESETS
 
-# ModelConfig fields a config may override on top of its preset (`model.num_experts=1024`);
+# ModelConfig's flat keys a config may override on top of its preset (`model.num_experts=1024`);
 # vocab_size always comes from the corpus.
-MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size")
+MODEL_FIELDS = tuple(k for k in FLAT_KEYS if k != "vocab_size")
+# how the model trains: ModelConfig's dropout and the gate's options (MoEConfig's fields)
+TRAINING_FIELDS = ("dropout", "w_importance", "w_load", "noisy_gating", "sparse_grad")
 
 _STRUCTURE_VOCAB = 10**9  # checking a model section's structure before the corpus is known
 
@@ -99,9 +101,10 @@ class ModelSection:
         self.resolve(_STRUCTURE_VOCAB)  # the structure; the corpus fixes the vocabulary
 
     def resolve(self, vocab_size: int) -> ModelConfig:
-        """The preset with this section's overrides and the corpus's vocabulary."""
+        """The preset with this section's overrides, how it trains, and the corpus's vocabulary."""
         overrides = {k: getattr(self, k) for k in MODEL_FIELDS}
-        return resolve_model(self.preset, overrides, vocab_size)
+        options = {k: getattr(self, k) for k in TRAINING_FIELDS}
+        return resolve_model(self.preset, overrides, vocab_size, options)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -367,16 +370,22 @@ def dump(cfg: RunConfig) -> str:
 
 def model_config(cfg: RunConfig | Mapping, vocab_size: int) -> ModelConfig:
     """The run's ModelConfig: `cfg.model.resolve(vocab_size)`. A plain dict (a config.yaml read
-    back) works too: only its `model` section's preset and ModelConfig fields are read."""
+    back) works too: its `model` section's preset, overrides and training options are read (those
+    it lacks take their defaults)."""
     if isinstance(cfg, RunConfig):
         return cfg.model.resolve(vocab_size)
     section = cfg["model"]
-    return resolve_model(section["preset"], {k: section[k] for k in MODEL_FIELDS}, vocab_size)
+    overrides = {k: section.get(k) for k in MODEL_FIELDS}
+    options = {k: section[k] for k in TRAINING_FIELDS if section.get(k) is not None}
+    return resolve_model(section["preset"], overrides, vocab_size, options)
 
 
-def resolve_model(preset: str, overrides: Mapping, vocab_size: int) -> ModelConfig:
-    """ALL_PRESETS[preset] with the overrides that are not None; a new expert count renames a
-    flat or hierarchical model (`MoE-1024-h`). ValueError names the preset and the overrides."""
+def resolve_model(
+    preset: str, overrides: Mapping, vocab_size: int, options: Mapping | None = None
+) -> ModelConfig:
+    """ALL_PRESETS[preset] with the overrides of its flat form that are not None (a new expert
+    count renames a flat or hierarchical model, `MoE-1024-h`) and how it trains, `options`
+    (TRAINING_FIELDS; the defaults where not given). ValueError names the preset and the overrides."""
     changes = {k: v for k, v in overrides.items() if v is not None}
     if "lstm_layers" in changes:
         changes["lstm_layers"] = tuple(
@@ -388,11 +397,9 @@ def resolve_model(preset: str, overrides: Mapping, vocab_size: int) -> ModelConf
     if "num_experts" in changes and kind in ("flat", "hierarchical"):
         changes["name"] = f"MoE-{changes['num_experts']}" + ("-h" if kind == "hierarchical" else "")
     try:
-        return dataclasses.replace(base, vocab_size=vocab_size, **changes)
+        return base.replace(vocab_size=vocab_size, **changes, **(options or {}))
     except ValueError as err:
         raise ValueError(f"model ({preset} with {changes or 'no overrides'}): {err}") from None
-    except TypeError as err:
-        raise ValueError(f"model: {err}") from None
 
 
 # --- building a RunConfig from nested mappings ---------------------------------------------------

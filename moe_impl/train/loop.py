@@ -123,11 +123,6 @@ class Trainer:
             proposal = torch.full((self.corpus.vocab_size,), -math.log(self.corpus.vocab_size))
         self.model = MoELanguageModel(
             self.model_cfg,
-            dropout=cfg.model.dropout,
-            w_importance=cfg.model.w_importance,
-            w_load=cfg.model.w_load,
-            noisy_gating=cfg.model.noisy_gating,
-            sparse_grad=cfg.model.sparse_grad,
             proposal_log_probs=proposal,
             expert_parallel=self.ctx.distributed,
             replicate_noise=cfg.distributed.replicate_noise,

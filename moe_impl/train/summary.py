@@ -14,7 +14,6 @@ so large that exp() overflows) still gets a summary.json: `diverged` gives the r
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 from datetime import UTC, datetime
@@ -44,8 +43,9 @@ def perplexity(nll: float) -> float:
 
 
 def model_dict(model: ModelConfig) -> dict:
-    """The resolved model as summary.json holds it: dataclasses.asdict, lists for tuples."""
-    out = dataclasses.asdict(model)
+    """The resolved model as summary.json holds it: its flat form (ModelConfig.flat), lists for
+    tuples."""
+    out = model.flat()
     out["lstm_layers"] = [list(layer) for layer in model.lstm_layers]
     return out
 
