@@ -16,8 +16,8 @@ experts), and plain autograd through `_grouped_mm` is not available on CPU.
 
 No host synchronisation with dense weight gradients: all E experts are groups (offsets = cumsum of
 the kept counts, on the device; an idle expert is an empty group, its weight gradient masked to 0),
-so nothing is read back per step and the path runs under CUDA graphs and
-`torch.compile(fullgraph=True)`. This replaced, rather than sits beside, the earlier gathering of
+so nothing is read back per step, as CUDA graphs and `torch.compile(fullgraph=True)` need (the
+latter tested on CPU; neither run on a GPU yet). This replaced, rather than sits beside, the earlier gathering of
 the active experts' weights (a `nonzero` read back in every forward, a `tolist` of the offsets
 beyond MAX_GROUPS groups): one path is simpler, an empty group has no rows to multiply, and the
 dense gradient comes out in place instead of being scattered into a zeroed (E, D, H) buffer. Beyond
@@ -337,7 +337,7 @@ def grouped_expert_mlp(
     in the weights' dtype: dense (E, ...), or coalesced sparse COO tensors over the experts with
     rows (sparse_dim 1, indices sorted) when `sparse_grad`, as `expert_mlp.block_expert_mlp`.
 
-    Without `sparse_grad` nothing is read back to the host (module docstring): it runs under
-    CUDA graphs and `torch.compile(fullgraph=True)`. With it, the active experts are found with
-    one host read per forward (`nonzero`: the sparse gradient's row count depends on the data)."""
+    Without `sparse_grad` nothing is read back to the host (module docstring), so it traces
+    under `torch.compile(fullgraph=True)`. With it, the active experts are found with one host
+    read per forward (`nonzero`: the sparse gradient's row count depends on the data)."""
     return _GroupedExpertMLP.apply(x_RD, w_in_EDH, w_out_EHD, counts_E, sparse_grad)
