@@ -17,7 +17,10 @@ A third layout, `make_plan(..., grouped=True)`, is for a grouped GEMM (moe_impl/
 `torch._grouped_mm`), which takes groups of any size: one run of the kept slots sorted by expert,
 no padding (one "block" of R = kept slots rows, C = R, no block map), expert e owning the next
 kept_E[e] rows. It is used where `grouped.choose_kernel` picks the grouped kernel (CUDA, Hopper or
-later, bf16); capacity and dropping behave as in the blocked layouts.
+later, bf16); capacity and dropping behave as in the blocked layouts. Dropless, it reads nothing
+back to the host (its sizes are the slot count, its counts come from the sorted ids); with a
+capacity the number of kept rows is read back once (`num_dropped`). The blocked layouts read the
+counts back to choose their blocks.
 
 Shape suffixes: N = slots, E = experts, L = blocks, C = rows per block, R = L*C buffer rows,
 D = d_model, H = expert hidden.
@@ -94,13 +97,17 @@ def make_plan(
 
     `capacity` (not in the paper, which drops nothing) keeps at most that many slots per expert, in
     batch order, and drops the rest: their gate contributes nothing, as in t2t's TruncatingDispatcher.
-    `grouped` lays the kept slots out as one unpadded run sorted by expert (module docstring); else
-    the blocked layout `choose_block_size` picks.
+    `grouped` lays the kept slots out as one unpadded run sorted by expert (module docstring),
+    without a read back to the host when dropless; else the blocked layout `choose_block_size` picks.
     """
     num_slots = expert_N.numel()
     device = expert_N.device
-    counts_E = torch.bincount(expert_N, minlength=num_experts)
     sorted_N, order_N = torch.sort(expert_N, stable=True)
+    if grouped:  # from the sorted ids: bincount reads the largest id back to size its output
+        bounds = torch.arange(num_experts + 1, device=device)
+        counts_E = torch.diff(torch.searchsorted(sorted_N, bounds))
+    else:
+        counts_E = torch.bincount(expert_N, minlength=num_experts)
     start_E = torch.cumsum(counts_E, 0) - counts_E
     rank_N = torch.arange(num_slots, device=device) - start_E[sorted_N]
     kept_E = counts_E

@@ -121,7 +121,11 @@ class ExpertBank(nn.Module):
         token b are b·k ... b·k+k-1."""
         num_tokens, d_model = x_BD.shape
         y_BKD = self.slot_outputs(x_BD, plan, k).view(num_tokens, k, d_model)
-        y_BD = _Combine.apply(y_BKD, gate_N.view(num_tokens, k), self.workspace)
+        # NOTE: a grouped plan's tensors take fresh memory (the workspace reads storage reference
+        # counts on the host, which torch.compile cannot trace; on a GPU the caching allocator
+        # reuses memory anyway)
+        workspace = None if plan.grouped else self.workspace
+        y_BD = _Combine.apply(y_BKD, gate_N.view(num_tokens, k), workspace)
         return y_BD.to(x_BD.dtype)
 
 
