@@ -28,9 +28,10 @@ from moe_impl.gpucheck.report import CheckFailed
 from moe_impl.gpucheck.sizes import Sizes
 from moe_impl.gpucheck.timing import free_memory, time_steps
 from moe_impl.layer.config import GATE_PRECISIONS
+from moe_impl.layer.flat import MoE
 from moe_impl.layer.gate_precision import round_to_bf16
 from moe_impl.layer.gating import GatingNetwork, gate_matmul
-from moe_impl.layer.hierarchical import block_gate_matmul
+from moe_impl.layer.hierarchical import HierarchicalMoE, block_gate_matmul
 from moe_impl.layer.routing_flips import routing_flips
 from moe_impl.train.flips import measure_run
 
@@ -58,6 +59,7 @@ def logit_errors(device: torch.device, sizes: Sizes) -> dict:
     w_GDS = torch.randn(a, d, b, generator=gen) / math.sqrt(d)
     blocked = block_gate_matmul(x_LCD.to(device), w_GDS.to(device), None, None, "bf16")
     tf32 = gate_matmul(x_dev, w_dev.detach(), "tf32")
+    assert w_dev.grad is not None  # the backward just ran
     errors = {
         "bf16 logits": rel_error(logits.detach().cpu().double(), _bf16_reference(x, w)),
         "bf16 weight gradient": rel_error(w_dev.grad.cpu().double(), _bf16_reference(x.t(), g)),
@@ -67,7 +69,9 @@ def logit_errors(device: torch.device, sizes: Sizes) -> dict:
         "tf32 logits": rel_error(tf32.cpu().double(), x.double() @ w.double()),
     }
     tf32_differs = not torch.equal(tf32, gate_matmul(x_dev, w_dev.detach(), "float32"))
-    bad = [k for k, e in errors.items() if e > (TOL_TF32_LOGITS if "tf32" in k else TOL_BF16_LOGITS)]
+    bad = [
+        k for k, e in errors.items() if e > (TOL_TF32_LOGITS if "tf32" in k else TOL_BF16_LOGITS)
+    ]
     if bad:
         raise CheckFailed(f"gate logits out of tolerance: {', '.join(bad)} ({errors})")
     if device.type == "cuda" and not tf32_differs:
@@ -75,7 +79,7 @@ def logit_errors(device: torch.device, sizes: Sizes) -> dict:
     return {**errors, "tf32 differs from float32": tf32_differs}
 
 
-def set_gate_precision(layer: torch.nn.Module, precision: str) -> None:
+def set_gate_precision(layer: MoE | HierarchicalMoE, precision: str) -> None:
     """Switch a built layer's gate matmuls (and its config) to `precision`, weights kept."""
     for module in layer.modules():
         if isinstance(module, GatingNetwork):
@@ -103,6 +107,7 @@ def layer_rows(device: torch.device, sizes: Sizes) -> list[dict]:
         k = K_PRIMARY * K_SECONDARY if spec.hierarchical else 4
         free_memory(device)
         layer = on_device(lambda spec=spec, k=k: build_moe(spec, d, h, k), device)  # type: ignore[misc]
+        assert isinstance(layer, MoE | HierarchicalMoE)  # build_moe builds one of ours
         randomize_gates(layer, seed=1)
         tokens = math.ceil(m * spec.num_experts / k)
         x_BD = torch.randn(tokens, d, generator=torch.Generator().manual_seed(2)).to(device)
@@ -127,7 +132,10 @@ def check_gate_precision(
 ) -> dict:
     """The section: exactness, flips and cost of the gate precisions on `device` (module
     docstring); `run_dirs`: trained runs whose held-out routing is measured too."""
-    result: dict = {"logit_errors": logit_errors(device, sizes), "layers": layer_rows(device, sizes)}
+    result: dict = {
+        "logit_errors": logit_errors(device, sizes),
+        "layers": layer_rows(device, sizes),
+    }
     result["runs"] = [
         measure_run(Path(r), ["bf16", "tf32"], device, tokens=sizes.trainer_eval_tokens)
         for r in run_dirs

@@ -100,9 +100,7 @@ class GroupGates(GatingNetwork):
         self, x_RD: Tensor, w_GDS: Tensor, plan: DispatchPlan, precision: str
     ) -> Tensor:
         x_LCD = x_RD.view(plan.num_blocks, plan.block_size, x_RD.shape[-1])
-        logits_LCS = block_gate_matmul(
-            x_LCD, w_GDS, plan.block_expert_L, self.workspace, precision
-        )
+        logits_LCS = block_gate_matmul(x_LCD, w_GDS, plan.block_expert_L, self.workspace, precision)
         return from_rows(logits_LCS.reshape(-1, w_GDS.shape[-1]), plan, self.workspace)
 
 

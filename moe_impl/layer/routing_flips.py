@@ -77,6 +77,4 @@ def count_flips(reference_BK: Tensor, other_BK: Tensor) -> FlipCount:
 
 def routing_flips(layer: MoE | HierarchicalMoE, x: Tensor, precision: str) -> FlipCount:
     """The flips of x's routing at `precision` against float32 (module docstring)."""
-    return count_flips(
-        routing_choices(layer, x, "float32"), routing_choices(layer, x, precision)
-    )
+    return count_flips(routing_choices(layer, x, "float32"), routing_choices(layer, x, precision))

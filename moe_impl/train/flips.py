@@ -22,7 +22,9 @@ from moe_impl.train.corpus import build_corpus
 from moe_impl.train.device import autocast
 
 
-def load_trained(run_dir: Path, device: torch.device) -> tuple[MoELanguageModel, RunConfig, int, Any]:
+def load_trained(
+    run_dir: Path, device: torch.device
+) -> tuple[MoELanguageModel, RunConfig, int, Any]:
     """(the model of the run's newest checkpoint, in eval mode on `device`, the config it carries,
     its step, the run's corpus); ValueError for a run without one, an expert-parallel one or an
     old checkpoint."""
