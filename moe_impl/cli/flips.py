@@ -8,8 +8,9 @@ as final experts) that change when its gate matmuls run at another precision tha
 
 Each run's newest checkpoint (one process's) is loaded with the config it carries; the model
 evaluates the split (`eval.split` by default) in its training dtype, without dropout or gate
-noise, and the MoE layer's input is measured as it arrives (moe_impl/train/flips.py). On a CPU
-only bf16 can differ: TF32 is a CUDA mode ("tf32" is float32 there).
+noise, and the MoE layer's input is measured as it arrives, at the scored positions
+(moe_impl/train/flips.py). On a CPU only bf16 can differ: TF32 is a CUDA mode ("tf32" is float32
+there).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The routing-flip meter (moe_impl/layer/routing_flips.py) on a trained run: its newest checkpoint
 (one process's) loaded with the config it carries, evaluated on held-out batches of its own corpus
 in its training dtype, without dropout or gate noise, the MoE layer's input measured as it arrives
-(a forward pre-hook): every position the layer sees, padding included. `python -m moe_impl flips`
-prints it; gpu-check measures it on the device (moe_impl/gpucheck/gate_precision.py).
+(a forward pre-hook) at the scored positions only: the tokens perplexity counts, not the padding,
+whose repeated inputs would weigh one routing many times. `python -m moe_impl flips` prints it;
+gpu-check measures it on the device (moe_impl/gpucheck/gate_precision.py).
 """
 
 from __future__ import annotations
@@ -63,11 +64,13 @@ def measure_run(
     if not isinstance(layer, MoE | HierarchicalMoE):
         raise ValueError(f"run {str(run_dir)!r} ({model.cfg.name}) has no MoE layer")
     flips = {p: FlipCount(0, 0) for p in precisions}
+    scored_N: list[torch.Tensor] = []  # the batch's scored positions, (B, T) flattened as the MoE's
 
     def measure(_module, args) -> None:
-        reference = routing_choices(layer, args[0], "float32")
+        x_ND = args[0].reshape(-1, args[0].shape[-1])[scored_N[0]]
+        reference = routing_choices(layer, x_ND, "float32")
         for p in precisions:
-            flips[p] += count_flips(reference, routing_choices(layer, args[0], p))
+            flips[p] += count_flips(reference, routing_choices(layer, x_ND, p))
 
     split = split or cfg.eval.split
     tokens = tokens or cfg.eval.tokens
@@ -79,6 +82,7 @@ def measure_run(
             inputs, targets, scored = (
                 torch.from_numpy(a).to(device) for a in (batch.inputs, batch.targets, batch.scored)
             )
+            scored_N[:] = [scored.reshape(-1)]
             with autocast(device, cfg.train.dtype):
                 state = model(inputs, targets, scored, state=state).state
     finally:
