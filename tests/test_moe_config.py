@@ -40,6 +40,7 @@ BAD_CONFIGS = [
     ({**FLAT, "capacity_factor": -1}, "capacity_factor", "-1"),
     ({**FLAT, "noisy_gating": "yes"}, "noisy_gating", "'yes'"),
     ({**FLAT, "sparse_grad": 1}, "sparse_grad", "1"),
+    ({**HIER, "gate_precision": "fp16"}, "gate_precision", "'fp16'"),
     ({"d_model": 8, "d_hidden": 16}, "num_experts", "None"),  # no layout at all
 ]
 

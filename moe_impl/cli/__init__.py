@@ -15,6 +15,7 @@ from moe_impl import runtime
 # command -> module implementing it
 COMMANDS = {
     "bench": "moe_impl.cli.bench",
+    "flips": "moe_impl.cli.flips",
     "flops": "moe_impl.cli.flops",
     "gpu-check": "moe_impl.cli.gpu_check",
     "plan": "moe_impl.cli.plan",

@@ -28,6 +28,9 @@ DEFAULT_K_SECONDARY = 2
 # the fields that give each layout its shape, beside d_model and d_hidden
 FLAT_FIELDS = ("num_experts", "k")
 HIERARCHICAL_FIELDS = ("num_groups", "group_size", "k_primary", "k_secondary")
+# The precision of the gate logits' matmuls (gate_precision.py): float32 routes as the float64
+# reference does; tf32 and bf16 run them on tensor cores.
+GATE_PRECISIONS = ("float32", "tf32", "bf16")
 
 
 def _check_positive_int(**values: Any) -> None:
@@ -51,8 +54,9 @@ class MoEConfig:
     Fields left at None are filled in by the constructor: k = 4 (flat), k_primary = k_secondary = 2
     and num_experts = num_groups · group_size (hierarchical), so a built config always holds the
     layer's effective values. The fields of the other layout stay None. `sparse_grad=None` means
-    "sparse from SPARSE_GRAD_MIN_EXPERTS experts on" (see `use_sparse_grad`). Every bad value raises
-    a ValueError that names the field and the value.
+    "sparse from SPARSE_GRAD_MIN_EXPERTS experts on" (see `use_sparse_grad`). `gate_precision` is
+    the precision of the gate logits' matmuls (layer/gate_precision.py; float32 by default). Every
+    bad value raises a ValueError that names the field and the value.
     """
 
     d_model: int
@@ -72,6 +76,7 @@ class MoEConfig:
     w_load: float = 0.1  # Eq. 11, 0.1 in App. C.1
     capacity_factor: float | None = None  # not in the paper: None = dropless (the paper's layer)
     sparse_grad: bool | None = None  # sparse expert gradients; None = by the number of experts
+    gate_precision: str = "float32"  # not in the paper: the gate matmuls' (GATE_PRECISIONS)
 
     def __post_init__(self) -> None:
         _check_positive_int(d_model=self.d_model, d_hidden=self.d_hidden)
@@ -91,6 +96,11 @@ class MoEConfig:
             raise ValueError(f"noisy_gating must be True or False, got {self.noisy_gating!r}")
         if self.sparse_grad is not None and not isinstance(self.sparse_grad, bool):
             raise ValueError(f"sparse_grad must be True, False or None, got {self.sparse_grad!r}")
+        if self.gate_precision not in GATE_PRECISIONS:
+            raise ValueError(
+                f"gate_precision must be one of {', '.join(GATE_PRECISIONS)}, got "
+                f"{self.gate_precision!r}"
+            )
 
     def _check_flat(self) -> None:
         if self.num_experts is None:
@@ -176,7 +186,7 @@ class MoEConfig:
         """The layout fields and the loss weights, then every option that differs from its default
         (for a layer's extra_repr)."""
         parts = {**self.layout_fields(), "w_importance": self.w_importance, "w_load": self.w_load}
-        for field in ("noisy_gating", "capacity_factor", "sparse_grad"):
+        for field in ("noisy_gating", "capacity_factor", "sparse_grad", "gate_precision"):
             value = getattr(self, field)
             if value != _DEFAULTS[field]:
                 parts[field] = value
@@ -195,6 +205,7 @@ class LayerOptions(TypedDict, total=False):
     w_load: float
     capacity_factor: float | None
     sparse_grad: bool | None
+    gate_precision: str
 
 
 OPTIONS = tuple(LayerOptions.__annotations__)

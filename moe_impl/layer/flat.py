@@ -181,8 +181,9 @@ class MoE(MoELayer):
 
     Built as `MoE(config)` from a MoEConfig, or from the paper's arguments, whose defaults are
     MoEConfig's: k = 4 (App. C), noisy gating, w_importance = w_load = 0.1 (App. C.1). Non-paper
-    options: `capacity_factor` (None = dropless, the paper's behaviour) and `sparse_grad` (None =
-    sparse expert gradients from SPARSE_GRAD_MIN_EXPERTS experts on). The arguments are checked
+    options: `capacity_factor` (None = dropless, the paper's behaviour), `sparse_grad` (None =
+    sparse expert gradients from SPARSE_GRAD_MIN_EXPERTS experts on) and `gate_precision` (the gate
+    matmuls': "float32", "tf32" or "bf16", gate_precision.py). The arguments are checked
     and kept as `self.config`. forward(x, generator=None) takes x of shape (..., d_model) and
     returns an MoEOutput whose first two fields are y and the auxiliary loss; `generator` seeds
     the gate noise.
@@ -204,7 +205,11 @@ class MoE(MoELayer):
         cfg = self.config
         assert cfg.num_experts is not None and cfg.k is not None  # set when the config was built
         self.gate = NoisyTopKGate(
-            cfg.d_model, cfg.num_experts, cfg.k, noisy_gating=cfg.noisy_gating
+            cfg.d_model,
+            cfg.num_experts,
+            cfg.k,
+            noisy_gating=cfg.noisy_gating,
+            precision=cfg.gate_precision,
         )
         self.experts = expert_bank(cfg)
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from moe_impl.layer.balancing import prob_in_top_k_from_top
 from moe_impl.layer.fused_gate import noisy_top_k_with_load
+from moe_impl.layer.gate_precision import effective_precision, low_precision_gate_matmul
 
 # tensor2tensor adds 1e-2 to the softplus (noisy_top_k_gating, tensor2tensor/utils/expert_utils.py)
 # so the load estimator never divides by 0.
@@ -94,17 +95,22 @@ def gate_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
-def gate_matmul(x: Tensor, w: Tensor) -> Tensor:
-    """x @ w in at least float32 (gate_dtype), autocast off."""
+def gate_matmul(x: Tensor, w: Tensor, precision: str = "float32") -> Tensor:
+    """x @ w in at least float32 (gate_dtype), autocast off; `precision` (MoEConfig.gate_precision,
+    gate_precision.py) says how the matmul rounds its operands. x is 2-D unless precision is
+    float32."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         dtype = gate_dtype(x)
-        return torch.matmul(x.to(dtype), w.to(dtype))
+        if effective_precision(precision, x.device) == "float32":
+            return torch.matmul(x.to(dtype), w.to(dtype))
+        return low_precision_gate_matmul(x.to(dtype), w.to(dtype), precision)
 
 
 class GatingNetwork(nn.Module):
-    """W_g and W_noise of a gating network (paper Eq. 4) with its k and noise settings. Both start
-    at zero (paper App. A): no signal and some noise, so routing starts uniformly at random.
-    Subclasses compute the logits; `select` turns them into gates (Eq. 3-5)."""
+    """W_g and W_noise of a gating network (paper Eq. 4) with its k, noise settings and the
+    precision of its matmuls (`precision`, MoEConfig.gate_precision). Both start at zero (paper
+    App. A): no signal and some noise, so routing starts uniformly at random. Subclasses compute
+    the logits; `select` turns them into gates (Eq. 3-5)."""
 
     def __init__(
         self,
@@ -113,11 +119,13 @@ class GatingNetwork(nn.Module):
         *,
         noisy_gating: bool = True,
         noise_epsilon: float = NOISE_EPSILON,
+        precision: str = "float32",
     ) -> None:
         super().__init__()
         self.k = k
         self.noisy_gating = noisy_gating
         self.noise_epsilon = noise_epsilon
+        self.precision = precision
         self.w_gate = nn.Parameter(torch.zeros(shape))
         self.w_noise = nn.Parameter(torch.zeros(shape))
 
@@ -156,15 +164,22 @@ class NoisyTopKGate(GatingNetwork):
         *,
         noisy_gating: bool = True,
         noise_epsilon: float = NOISE_EPSILON,
+        precision: str = "float32",
     ) -> None:
         super().__init__(
-            (d_model, num_experts), k, noisy_gating=noisy_gating, noise_epsilon=noise_epsilon
+            (d_model, num_experts),
+            k,
+            noisy_gating=noisy_gating,
+            noise_epsilon=noise_epsilon,
+            precision=precision,
         )
 
     def forward(self, x_BD: Tensor, generator: torch.Generator | None = None) -> GateOutput:
         return self.select(*self.logits(x_BD), generator=generator)
 
-    def logits(self, x_BD: Tensor) -> tuple[Tensor, Tensor | None]:
-        """x W_g and, when noise applies, x W_noise (else None)."""
-        noise_BE = gate_matmul(x_BD, self.w_noise) if self.uses_noise else None
-        return gate_matmul(x_BD, self.w_gate), noise_BE
+    def logits(self, x_BD: Tensor, precision: str | None = None) -> tuple[Tensor, Tensor | None]:
+        """x W_g and, when noise applies, x W_noise (else None), at `precision` (None: the
+        network's own)."""
+        precision = precision or self.precision
+        noise_BE = gate_matmul(x_BD, self.w_noise, precision) if self.uses_noise else None
+        return gate_matmul(x_BD, self.w_gate, precision), noise_BE

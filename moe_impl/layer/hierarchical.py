@@ -44,6 +44,7 @@ from moe_impl.layer.flat import (
     grouped_experts,
     moe_output,
 )
+from moe_impl.layer.gate_precision import effective_precision, precision_matmul
 from moe_impl.layer.gating import GateOutput, GatingNetwork, NoisyTopKGate, gate_dtype
 from moe_impl.layer.workspace import Workspace, bmm, empty
 
@@ -54,9 +55,18 @@ class GroupGates(GatingNetwork):
     groups of d = 64) live in a workspace reused across steps (workspace.py)."""
 
     def __init__(
-        self, num_groups: int, d_model: int, group_size: int, k: int, *, noisy_gating: bool
+        self,
+        num_groups: int,
+        d_model: int,
+        group_size: int,
+        k: int,
+        *,
+        noisy_gating: bool,
+        precision: str = "float32",
     ) -> None:
-        super().__init__((num_groups, d_model, group_size), k, noisy_gating=noisy_gating)
+        super().__init__(
+            (num_groups, d_model, group_size), k, noisy_gating=noisy_gating, precision=precision
+        )
         self.workspace = Workspace()
 
     def forward(
@@ -70,53 +80,69 @@ class GroupGates(GatingNetwork):
         return self.select(*self.logits(x_BD, plan, groups_per_token), generator=generator)
 
     def logits(
-        self, x_BD: Tensor, plan: DispatchPlan, groups_per_token: int
+        self,
+        x_BD: Tensor,
+        plan: DispatchPlan,
+        groups_per_token: int,
+        precision: str | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Each pair's clean logits over its group and, when noise applies, its noise logits."""
+        """Each pair's clean logits over its group and, when noise applies, its noise logits, at
+        `precision` (None: the network's own)."""
+        precision = precision or self.precision
         x_RD = dispatch(x_BD, plan, groups_per_token, self.workspace)
-        clean_PS = self._pair_logits(x_RD, self.w_gate, plan)
+        clean_PS = self._pair_logits(x_RD, self.w_gate, plan, precision)
         noise_PS = None
         if self.uses_noise:
-            noise_PS = self._pair_logits(x_RD, self.w_noise, plan)
+            noise_PS = self._pair_logits(x_RD, self.w_noise, plan, precision)
         return clean_PS, noise_PS
 
-    def _pair_logits(self, x_RD: Tensor, w_GDS: Tensor, plan: DispatchPlan) -> Tensor:
+    def _pair_logits(
+        self, x_RD: Tensor, w_GDS: Tensor, plan: DispatchPlan, precision: str
+    ) -> Tensor:
         x_LCD = x_RD.view(plan.num_blocks, plan.block_size, x_RD.shape[-1])
-        logits_LCS = block_gate_matmul(x_LCD, w_GDS, plan.block_expert_L, self.workspace)
+        logits_LCS = block_gate_matmul(x_LCD, w_GDS, plan.block_expert_L, self.workspace, precision)
         return from_rows(logits_LCS.reshape(-1, w_GDS.shape[-1]), plan, self.workspace)
 
 
+def _block_bmm(workspace: Workspace | None, a: Tensor, b: Tensor, precision: str) -> Tensor:
+    """a @ b (batched) into workspace memory at `precision` (gate_precision.py)."""
+    if effective_precision(precision, a.device) == "float32":
+        return bmm(workspace, a, b)
+    return precision_matmul(a, b, precision, workspace)
+
+
 class _BlockGateMatmul(torch.autograd.Function):
-    """x_LCD @ w[block l's group], as gate_matmul computes it (gate_dtype, autocast off), the
-    backward written by hand so that every large tensor, the weights' dense gradient included,
-    goes into the workspace (autograd's gave a fresh (a, d, b) tensor per step)."""
+    """x_LCD @ w[block l's group], as gate_matmul computes it (gate_dtype, autocast off, the
+    matmuls at `precision`), the backward written by hand so that every large tensor, the weights'
+    dense gradient included, goes into the workspace (autograd's gave a fresh (a, d, b) tensor per
+    step)."""
 
     @staticmethod
-    def forward(ctx, x_LCD, w_GDS, block_group_L, workspace):
+    def forward(ctx, x_LCD, w_GDS, block_group_L, workspace, precision):
         dtype = gate_dtype(x_LCD)
         with torch.autocast(device_type=x_LCD.device.type, enabled=False):
             x_c, w_c = x_LCD.to(dtype), w_GDS.to(dtype)
             w_LDS = w_c if block_group_L is None else select_rows(w_c, block_group_L)
-            out = bmm(workspace, x_c, w_LDS)
+            out = _block_bmm(workspace, x_c, w_LDS, precision)
         ctx.save_for_backward(x_c, w_LDS, block_group_L)
-        ctx.workspace = workspace
+        ctx.workspace, ctx.precision = workspace, precision
         ctx.dtypes, ctx.w_shape = (x_LCD.dtype, w_GDS.dtype), w_GDS.shape
         return out
 
     @staticmethod
     def backward(ctx, g_LCS: Tensor):
         x_c, w_LDS, block_group_L = ctx.saved_tensors
-        ws = ctx.workspace
+        ws, precision = ctx.workspace, ctx.precision
         g_LCS = g_LCS.to(x_c.dtype).contiguous()
         g_x = g_w = None
         if ctx.needs_input_grad[0]:
-            g_x = bmm(ws, g_LCS, w_LDS.transpose(1, 2)).to(ctx.dtypes[0])
+            g_x = _block_bmm(ws, g_LCS, w_LDS.transpose(1, 2), precision).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            g_w = bmm(ws, x_c.transpose(1, 2), g_LCS)
+            g_w = _block_bmm(ws, x_c.transpose(1, 2), g_LCS, precision)
             if block_group_L is not None:
                 g_w = add_rows(ctx.w_shape, block_group_L, g_w, out=empty(ws, ctx.w_shape, g_w))
             g_w = g_w.to(ctx.dtypes[1])
-        return g_x, g_w, None, None
+        return g_x, g_w, None, None, None
 
 
 def block_gate_matmul(
@@ -124,10 +150,12 @@ def block_gate_matmul(
     w_GDS: Tensor,
     block_group_L: Tensor | None,
     workspace: Workspace | None = None,
+    precision: str = "float32",
 ) -> Tensor:
     """The logits of every block's rows under its group's gate weights (block l is group l where
-    block_group_L is None), in at least float32; `workspace` holds the large tensors."""
-    return _BlockGateMatmul.apply(x_LCD, w_GDS, block_group_L, workspace)
+    block_group_L is None), in at least float32, the matmuls at `precision` (gate_precision.py);
+    `workspace` holds the large tensors."""
+    return _BlockGateMatmul.apply(x_LCD, w_GDS, block_group_L, workspace, precision)
 
 
 def expert_index(group_P: Tensor, group_size: int, top_idx_PK: Tensor) -> Tensor:
@@ -168,12 +196,17 @@ class HierarchicalMoE(MoELayer):
         cfg = self.config
         assert cfg.num_groups is not None and cfg.group_size is not None  # set when built
         assert cfg.k_primary is not None and cfg.k_secondary is not None
-        noisy = cfg.noisy_gating
+        noisy, precision = cfg.noisy_gating, cfg.gate_precision
         self.primary_gate = NoisyTopKGate(
-            cfg.d_model, cfg.num_groups, cfg.k_primary, noisy_gating=noisy
+            cfg.d_model, cfg.num_groups, cfg.k_primary, noisy_gating=noisy, precision=precision
         )
         self.secondary_gate = GroupGates(
-            cfg.num_groups, cfg.d_model, cfg.group_size, cfg.k_secondary, noisy_gating=noisy
+            cfg.num_groups,
+            cfg.d_model,
+            cfg.group_size,
+            cfg.k_secondary,
+            noisy_gating=noisy,
+            precision=precision,
         )
         self.experts = expert_bank(cfg)
 

@@ -88,17 +88,26 @@ class DistributedHierarchicalMoE(MoELayer):
         assert cfg.num_groups is not None and cfg.group_size is not None
         assert cfg.k_primary is not None and cfg.k_secondary is not None
         assert cfg.num_experts is not None
-        noisy_gating = cfg.noisy_gating
+        noisy_gating, precision = cfg.noisy_gating, cfg.gate_precision
         rank, world = rank_and_size(group)
         self.group, self.replicate_noise = group, replicate_noise
         self.bounds = shard_bounds(cfg.num_groups, world)
         self.first_group = self.bounds[rank]
         local_groups = self.bounds[rank + 1] - self.first_group
         self.primary_gate = NoisyTopKGate(
-            cfg.d_model, cfg.num_groups, cfg.k_primary, noisy_gating=noisy_gating
+            cfg.d_model,
+            cfg.num_groups,
+            cfg.k_primary,
+            noisy_gating=noisy_gating,
+            precision=precision,
         )
         self.secondary_gate = GroupGates(
-            local_groups, cfg.d_model, cfg.group_size, cfg.k_secondary, noisy_gating=noisy_gating
+            local_groups,
+            cfg.d_model,
+            cfg.group_size,
+            cfg.k_secondary,
+            noisy_gating=noisy_gating,
+            precision=precision,
         )
         self.experts = expert_bank(
             cfg, self.first_group * cfg.group_size, local_groups * cfg.group_size

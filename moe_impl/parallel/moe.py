@@ -78,7 +78,11 @@ class DistributedMoE(MoELayer):
         self.bounds = shard_bounds(cfg.num_experts, world)
         first, stop = self.bounds[rank], self.bounds[rank + 1]
         self.gate = NoisyTopKGate(
-            cfg.d_model, cfg.num_experts, cfg.k, noisy_gating=cfg.noisy_gating
+            cfg.d_model,
+            cfg.num_experts,
+            cfg.k,
+            noisy_gating=cfg.noisy_gating,
+            precision=cfg.gate_precision,
         )
         self.experts = expert_bank(cfg, first, stop - first)
         mark_sharded(self.experts.w_in, first, cfg.num_experts)
