@@ -63,6 +63,8 @@ model:
   w_load: 0.1
   noisy_gating: true
   sparse_grad: null
+  gate_precision: float32
+  compile: false
 data:
   corpus: synthetic
   path: null

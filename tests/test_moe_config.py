@@ -11,7 +11,7 @@ import torch
 from parallel_workers import config_round_trip
 
 from moe_impl import HierarchicalMoE, MoE, MoEConfig
-from moe_impl.layer.config import SPARSE_GRAD_MIN_EXPERTS
+from moe_impl.layer.config import OPTIONS, SPARSE_GRAD_MIN_EXPERTS
 from moe_impl.parallel import DistributedMoE, spawn
 
 FLAT = dict(d_model=8, d_hidden=16, num_experts=4)
@@ -164,16 +164,11 @@ def test_the_defaults_are_written_once():
         assert getattr(model.layer, name) == getattr(config, name) == getattr(section, name)
     assert model.dropout == section.dropout == ModelConfig.dropout
     # the section's training options reach the resolved model's layer
-    assert set(TRAINING_FIELDS) == {
-        "dropout",
-        "noisy_gating",
-        "w_importance",
-        "w_load",
-        "sparse_grad",
-    }
-    resolved = ModelSection(w_load=0.3, dropout=0.2, sparse_grad=True).resolve(577)
+    assert set(TRAINING_FIELDS) == {"dropout", *OPTIONS} - {"capacity_factor"}
+    section = ModelSection(w_load=0.3, dropout=0.2, sparse_grad=True, gate_precision="bf16")
+    resolved = section.resolve(577)
     assert resolved.dropout == 0.2 and resolved.layer == dataclasses.replace(
-        model.layer, w_load=0.3, sparse_grad=True
+        model.layer, w_load=0.3, sparse_grad=True, gate_precision="bf16"
     )
 
 

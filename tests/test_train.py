@@ -58,6 +58,8 @@ def test_config_layers_files_and_overrides(tmp_path):
         (["data.synthetic.seed=-1"], r"data\.synthetic\.seed must be an integer"),
         (["data.synthetic.zipf_s=.inf"], r"data\.synthetic\.zipf_s must be finite"),
         (["model.noisy_gating=maybe"], r"model\.noisy_gating must be true or false"),
+        (["model.gate_precision=fp8"], r"model\.gate_precision must be one of .*'fp8'"),
+        (["model.compile=maybe"], r"model\.compile must be true or false"),
         (["train.lr=.inf"], r"train\.lr must be a finite number"),
         (["data.corpus=text", "data.path=5"], r"data\.path must be a string"),
     ],

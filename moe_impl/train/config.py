@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from moe_impl.data.synthetic import TopicMarkovConfig
-from moe_impl.layer.config import MoEConfig
+from moe_impl.layer.config import GATE_PRECISIONS, MoEConfig
 from moe_impl.model.config import DEFAULT_DROPOUT, FLAT_KEYS, ModelConfig
 from moe_impl.model.presets import ALL_PRESETS
 
@@ -35,7 +35,14 @@ from moe_impl.model.presets import ALL_PRESETS
 # vocab_size always comes from the corpus.
 MODEL_FIELDS = tuple(k for k in FLAT_KEYS if k != "vocab_size")
 # how the model trains: ModelConfig's dropout and the gate's options (MoEConfig's fields)
-TRAINING_FIELDS = ("dropout", "w_importance", "w_load", "noisy_gating", "sparse_grad")
+TRAINING_FIELDS = (
+    "dropout",
+    "w_importance",
+    "w_load",
+    "noisy_gating",
+    "sparse_grad",
+    "gate_precision",
+)
 
 _STRUCTURE_VOCAB = 10**9  # checking a model section's structure before the corpus is known
 
@@ -67,12 +74,17 @@ class ModelSection:
     w_load: float = MoEConfig.w_load
     noisy_gating: bool = MoEConfig.noisy_gating
     sparse_grad: bool | None = None  # None: sparse from SPARSE_GRAD_MIN_EXPERTS experts on
+    gate_precision: str = MoEConfig.gate_precision  # the gate matmuls' (GATE_PRECISIONS)
+    # the gates' routing and the experts' combine through torch.compile (MoELayer.compile_routing)
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check_number("model.dropout", self.dropout, low=0.0, high=1.0)
         for key in ("w_importance", "w_load"):
             _check_number(f"model.{key}", getattr(self, key), low=0.0)
         _check_bool("model.noisy_gating", self.noisy_gating)
+        _check_choice("model.gate_precision", self.gate_precision, GATE_PRECISIONS)
+        _check_bool("model.compile", self.compile)
         if self.sparse_grad not in (None, True, False):
             raise ValueError(
                 f"model.sparse_grad must be true, false or null, got {self.sparse_grad!r}"

@@ -43,7 +43,7 @@ def load_trained(
     cfg = RunConfig.from_dict(saved["config"])
     corpus = build_corpus(cfg)
     model_cfg = cfg.model.resolve(corpus.vocab_size)
-    model = MoELanguageModel(model_cfg, dropout=cfg.model.dropout, sparse_grad=False)
+    model = MoELanguageModel(model_cfg.replace(sparse_grad=False))  # dense, for load_state_dict
     model.load_state_dict({k: v.to_dense() for k, v in saved["model"].items()})
     return model.to(device).eval(), cfg, int(saved["step"]), corpus
 

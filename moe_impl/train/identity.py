@@ -32,6 +32,9 @@ ADDED_KEYS: dict[str, object] = {
     "train.micro_batches": 1,  # issue 28: gradient accumulation; 1 = the whole batch at once
     # issue 31: the window of dead_expert_fraction (recorded only; every value trains the same)
     "train.dead_expert_window": 100,
+    # issue 29: the gate matmuls' precision (float32: the gate as before) and compiled routing
+    "model.gate_precision": "float32",
+    "model.compile": False,
 }
 
 ASIDE_MARK = rundir.ASIDE_MARK  # D -> D.parent / ".{D.name}.replaced-<UTC time>"
