@@ -26,6 +26,7 @@ SECTIONS = (  # name -> title, in the order they run
     ("layer_speed", "the layer against a FLOP-matched dense FFN (bf16)"),
     ("lm_step", "the paper's 1B-word models' training step, TFLOPS per GPU beside Table 7"),
     ("trainer", "the real trainer with NVML telemetry"),
+    ("gate_precision", "bf16 and TF32 gate matmuls: exactness, routing flips, step time"),
     ("distributed", "bench --distributed under torchrun, one process"),
     ("workflow", "the one-GPU reproduction: timed steps of each model, projected wall time"),
 )
@@ -112,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
         "layer_speed": ("speed", "layer_speed", (device, sizes)),
         "lm_step": ("speed", "lm_step_speed", (device, sizes)),
         "trainer": ("processes", "check_trainer", (device, sizes, out)),
+        "gate_precision": (
+            "gate_precision",
+            "check_gate_precision_after_trainer",
+            (device, sizes, out),
+        ),
         "distributed": ("processes", "check_distributed", (device, sizes, out)),
         "workflow": (
             "workflow_config",

@@ -33,6 +33,7 @@ from moe_impl.layer.gate_precision import round_to_bf16
 from moe_impl.layer.gating import GatingNetwork, gate_matmul
 from moe_impl.layer.hierarchical import HierarchicalMoE, block_gate_matmul
 from moe_impl.layer.routing_flips import routing_flips
+from moe_impl.train import checkpoint
 from moe_impl.train.flips import measure_run
 
 TOL_BF16_LOGITS = 1e-5  # max norm: float32 accumulation of exact bf16 products, another order
@@ -141,3 +142,11 @@ def check_gate_precision(
         for r in run_dirs
     ]
     return result
+
+
+def check_gate_precision_after_trainer(device: torch.device, sizes: Sizes, out_dir: Path) -> dict:
+    """The section as gpu-check runs it: `check_gate_precision`, with the trainer section's run
+    (out_dir / "trainer_run") measured too where it left a checkpoint."""
+    run_dir = Path(out_dir) / "trainer_run"
+    runs = [run_dir] if checkpoint.latest(run_dir) is not None else []
+    return check_gate_precision(device, sizes, runs)
