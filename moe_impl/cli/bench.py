@@ -169,7 +169,8 @@ def make_row(spec: ExpertSpec, args: argparse.Namespace, implementation: str = O
         "max_tokens": None if m is None else args.max_tokens or 131072,
         "tokens_per_expert": tokens * k / spec.num_experts,
         "est_mem_mb": estimate_peak_bytes(spec, d, h, k, tokens) / 2**20 if ours else math.nan,
-        "compile": bool(getattr(args, "compile", False)) and ours,  # routing and combine compiled (--compile)
+        "compile": bool(getattr(args, "compile", False))
+        and ours,  # routing and combine compiled (--compile)
         "compile_s": math.nan,
         "train_gflop": train_flops(tokens, d, h, k, gate_outputs(spec)) / 1e9,
         **{key: getattr(args, key) for key in ("reps", "warmup", "optimizer", "device", "dtype")},

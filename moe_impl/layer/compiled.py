@@ -111,7 +111,9 @@ class CompiledRouting(NamedTuple):
             normal_BE = torch.randn(
                 clean_BE.shape, generator=generator, device=clean_BE.device, dtype=clean_BE.dtype
             )
-        return GateOutput(*self.gate(clean_BE, noise_BE, normal_BE, network.k, network.noise_epsilon))
+        return GateOutput(
+            *self.gate(clean_BE, noise_BE, normal_BE, network.k, network.noise_epsilon)
+        )
 
     def combine(
         self, values_RD: Tensor, gate_BK: Tensor, row_of_slot_N: Tensor, slot_of_row_R: Tensor
