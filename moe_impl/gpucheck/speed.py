@@ -21,8 +21,8 @@ from moe_impl import telemetry
 from moe_impl.bench.peers import build_moe
 from moe_impl.bench.spec import K_PRIMARY, K_SECONDARY, gate_outputs, parse_experts, train_flops
 from moe_impl.gpucheck.build import on_device
-from moe_impl.gpucheck.sizes import Sizes
 from moe_impl.gpucheck.profile import PROFILE_RULE, profile_step
+from moe_impl.gpucheck.sizes import Sizes
 from moe_impl.gpucheck.timing import free_memory, is_oom, peak_gib, time_first_steps, time_steps
 from moe_impl.layer.base import MoELayer
 from moe_impl.layer.grouped import choose_kernel, expert_kernel, grouped_mm_available
