@@ -49,8 +49,8 @@ def measure(cfg: dict) -> dict:
     d, h, tokens = cfg["d_model"], cfg["d_hidden"], cfg["tokens"]
     built = peers.build(cfg.get("implementation", peers.OURS), spec, d, h, cfg["k"])
     moe = built.module.to(device).train()
-    compiled = bool(cfg.get("compile")) and isinstance(moe, MoELayer)
-    if compiled:
+    compiled = bool(cfg.get("compile")) and isinstance(moe, MoELayer)  # ours, not a peer
+    if compiled and isinstance(moe, MoELayer):
         moe.compile_routing()  # torch.compile's defaults (inductor), fullgraph
     k = built.k
     dense = peers.relu_expert(d, k * h).to(device).train()  # k experts' FLOPs in one FFN
