@@ -3,6 +3,7 @@ CLI, one process; each configuration's MoE and its FLOP-matched dense FFN timed 
 
     python examples/library_speed.py                       # 4,32,256-h,1024-h,4096-h at 4096 tokens
     python examples/library_speed.py --experts 4,16-h --tokens 256 --threads 2
+    python examples/library_speed.py --compile             # routing and combine compiled
 
 Compare with `python -m moe_impl bench --experts ... --tokens ... --threads 1`, which runs each
 configuration in a fresh child process (docs/performance.md, "The layer as a library").
@@ -20,7 +21,7 @@ from torch import nn
 from moe_impl import HierarchicalMoE, MoE
 
 
-def build(entry: str, d: int, h: int) -> tuple[nn.Module, int]:
+def build(entry: str, d: int, h: int) -> tuple[MoE | HierarchicalMoE, int]:
     """`N` (flat, k = 4) or `N-h` (hierarchical a x b, a = 2**floor(log2(N) / 2), k = 2 + 2)."""
     if entry.endswith("-h"):
         n = int(entry[:-2])
@@ -36,14 +37,23 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="layer.compile_routing(): gates and combine through torch.compile (the first "
+        "warm-up steps compile)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     d, h = 64, 128
-    print(f"tokens={args.tokens} threads={args.threads} d_model={d} d_hidden={h}")
+    routing = "compiled" if args.compile else "eager"
+    print(f"tokens={args.tokens} threads={args.threads} d_model={d} d_hidden={h} routing={routing}")
     print(f"{'experts':>8} {'MoE ms':>8} {'dense ms':>9} {'us/token':>9} {'ratio':>6}")
     for entry in args.experts.split(","):
         torch.manual_seed(0)
         moe, k = build(entry, d, h)
+        if args.compile:
+            moe.compile_routing()
         dense = nn.Sequential(
             nn.Linear(d, k * h, bias=False), nn.ReLU(), nn.Linear(k * h, d, bias=False)
         )

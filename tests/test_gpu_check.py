@@ -169,7 +169,8 @@ def test_quick_check_on_the_cpu_writes_every_section(tmp_path):
     speed = sections["layer_speed"]["results"]["rows"]
     assert {r["kernel"] for r in speed} == {"blocked", "grouped"}
     assert all(r["ratio_to_dense"] > 0 for r in speed)
-    lm = sections["lm_step"]["results"]["rows"]
+    assert {r["routing"] for r in speed} == {"eager", "compiled"}
+    lm = [r for r in sections["lm_step"]["results"]["rows"] if r["routing"] == "eager"]
     assert [r["paper_tflops_per_gpu"] for r in lm] == ["0.52", "0.89"]  # Table 7
     workflow = sections["workflow"]["results"]
     assert workflow["runs"] == len(workflow["rows"]) and workflow["projected_total_hours"] > 0

@@ -38,6 +38,7 @@ COLUMNS = (
     ("CV count", "cv_tokens_per_expert", "{:.3f}"),
     ("max/mean", "max_over_mean_load", "{:.2f}"),
     ("params", "params", "{:,d}"),
+    ("compile s", "compile_s", "{:.1f}"),
 )
 
 
@@ -62,6 +63,7 @@ def describe(rows: list[dict]) -> str:
         m, cap = r["target_tokens_per_expert"], r["max_tokens"]
         mode = f"fixed tokens per expert m={m:g} (T = ceil(m·n/k) <= {cap})"
     opt = ", SGD step" if r["optimizer"] else ""
+    opt += ", routing and combine compiled (--compile)" if r.get("compile") else ""
     return (
         f"d_model={r['d_model']} d_hidden={r['d_hidden']}, {mode}; {r['device']} {r['dtype']}, "
         f"threads={r['threads']}, median of {r['reps']} after {r['warmup']} warm-up{opt}"

@@ -20,8 +20,12 @@ from moe_impl import runtime, telemetry
 from moe_impl.bench import peers
 from moe_impl.bench.spec import ExpertSpec, gate_outputs, train_flops
 from moe_impl.layer import balancing
+from moe_impl.layer.base import MoELayer
 
 EXIT_TOO_SLOW = 86  # a child's exit code when its first step exceeds --max-seconds-per-step
+# with --compile the first steps also compile the routing (inductor's C++ or Triton build): the
+# watchdog allows this many seconds more
+COMPILE_ALLOWANCE_S = 600.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MEASURED = (  # noqa: SIM905 (what the child process reports; NaN in a skipped row)
     "moe_ms_median moe_ms_min dense_ms_median dense_ms_min moe_us_per_token dense_us_per_token "
@@ -45,6 +49,9 @@ def measure(cfg: dict) -> dict:
     d, h, tokens = cfg["d_model"], cfg["d_hidden"], cfg["tokens"]
     built = peers.build(cfg.get("implementation", peers.OURS), spec, d, h, cfg["k"])
     moe = built.module.to(device).train()
+    compiled = bool(cfg.get("compile")) and isinstance(moe, MoELayer)  # ours, not a peer
+    if compiled and isinstance(moe, MoELayer):
+        moe.compile_routing()  # torch.compile's defaults (inductor), fullgraph
     k = built.k
     dense = peers.relu_expert(d, k * h).to(device).train()  # k experts' FLOPs in one FFN
     x_BD = torch.randn(tokens, d, device=device, requires_grad=True)
@@ -70,11 +77,12 @@ def measure(cfg: dict) -> dict:
         return time.perf_counter() - start, stats
 
     # The first MoE step estimates the step time: a watchdog ends the child if it runs too long.
-    watchdog = threading.Timer(cfg["max_seconds"], os._exit, args=(EXIT_TOO_SLOW,))
+    limit = cfg["max_seconds"] + (COMPILE_ALLOWANCE_S if compiled else 0.0)
+    watchdog = threading.Timer(limit, os._exit, args=(EXIT_TOO_SLOW,))
     watchdog.daemon = True
     watchdog.start()
     times: dict[str, list[float]] = {"moe": [], "dense": []}
-    stats = []
+    warmup_s, stats = [], []
     for i in range(cfg["warmup"] + cfg["reps"]):
         moe_s, moe_stats = step(moe, built.forward)
         watchdog.cancel()
@@ -83,8 +91,22 @@ def measure(cfg: dict) -> dict:
             times["moe"].append(moe_s)
             times["dense"].append(dense_s)
             stats.append(moe_stats)
+        else:
+            warmup_s.append(moe_s)
     params = sum(p.numel() for p in moe.parameters())
-    return {**summarize({**cfg, "k": k}, gate_outputs(spec), times, stats, peak), "params": params}
+    row = summarize({**cfg, "k": k}, gate_outputs(spec), times, stats, peak)
+    compile_s = compile_seconds(warmup_s, times["moe"]) if compiled else math.nan
+    return {**row, "params": params, "compile_s": compile_s}
+
+
+def compile_seconds(warmup_s: list[float], timed_s: list[float]) -> float:
+    """The compile time of the routing: what the warm-up steps took beyond the timed steps'
+    median (the first step compiles; a second may recompile with dynamic shapes, as the buffer's
+    rows change with the routing); NaN without warm-up steps."""
+    if not warmup_s:
+        return math.nan
+    median = statistics.median(timed_s)
+    return sum(max(0.0, s - median) for s in warmup_s)
 
 
 def summarize(

@@ -131,6 +131,8 @@ def check_args(args: argparse.Namespace) -> None:
     rss = args.max_rss_gb
     if args.warmup < 0 or not args.max_seconds_per_step > 0 or (rss is not None and not rss > 0):
         raise ValueError("--warmup must be >= 0; --max-seconds-per-step, --max-rss-gb > 0")
+    if getattr(args, "compile", False) and args.warmup < 1:
+        raise ValueError("--compile needs --warmup >= 1 (the warm-up steps compile)")
     if args.tokens_per_expert is not None and not args.tokens_per_expert > 0:
         raise ValueError(f"--tokens-per-expert must be > 0, got {args.tokens_per_expert}")
     if args.tokens_per_expert is None and args.max_tokens is not None:
@@ -167,6 +169,9 @@ def make_row(spec: ExpertSpec, args: argparse.Namespace, implementation: str = O
         "max_tokens": None if m is None else args.max_tokens or 131072,
         "tokens_per_expert": tokens * k / spec.num_experts,
         "est_mem_mb": estimate_peak_bytes(spec, d, h, k, tokens) / 2**20 if ours else math.nan,
+        "compile": bool(getattr(args, "compile", False))
+        and ours,  # routing and combine compiled (--compile)
+        "compile_s": math.nan,
         "train_gflop": train_flops(tokens, d, h, k, gate_outputs(spec)) / 1e9,
         **{key: getattr(args, key) for key in ("reps", "warmup", "optimizer", "device", "dtype")},
         "threads": args.threads or torch.get_num_threads(),
@@ -212,6 +217,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if any")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="bf16 = autocast")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run our layer's routing and combine through torch.compile (MoELayer."
+        "compile_routing; the expert matmuls, the dispatch and the dense FFN stay eager); the "
+        "compile time is reported (what the warm-up steps took beyond the median), so --warmup "
+        "must be >= 1",
+    )
     p.add_argument(
         "--default-malloc",
         action="store_true",

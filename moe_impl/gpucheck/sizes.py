@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 # the paper's 1-Billion-Word MoE models that fit one GPU (Table 7), smallest to largest
 LM1B_ONE_GPU = (
@@ -41,6 +42,11 @@ class Sizes:
     speed_h: int = 1024
     speed_tokens_per_expert: tuple[int, ...] = (256, 1024)
     profile_experts: tuple[str, ...] = ("256", "4096-h")  # where one step's time goes
+    # also timed (and profiled) with the routing compiled (MoELayer.compile_routing), at the
+    # largest tokens per expert with the first kernel: each compile costs tens of seconds
+    compile_experts: tuple[str, ...] = ("256", "4096-h")
+    # torch.compile's arguments there; {} = its defaults (inductor, mode default)
+    compile_kwargs: dict[str, Any] = field(default_factory=dict)
     warmup: int = 3
     reps: int = 10
     # the language models' training step
@@ -48,6 +54,7 @@ class Sizes:
     lm_batch: int = 1024  # x lm_seq = 262,144 positions: the paper's step of ~300K words (§3.1)
     lm_seq: int = 256
     lm_reps: int = 5
+    lm_compile_presets: tuple[str, ...] = ("lm1b/MoE-256-h",)  # also timed compiled
     # the real trainer, about a minute
     trainer_preset: str = "cpu/MoE-256-h"
     trainer_batch: int = 128
@@ -80,12 +87,16 @@ QUICK = Sizes(
     speed_h=32,
     speed_tokens_per_expert=(8, 32),
     profile_experts=("16-h",),
+    compile_experts=("16-h",),
+    # the compiled path's code at toy size without inductor's C++ build (tens of seconds)
+    compile_kwargs={"backend": "aot_eager"},
     warmup=1,
     reps=2,
     lm_presets=("cpu/MoE-4", "cpu/MoE-256-h"),
     lm_batch=4,
     lm_seq=16,
     lm_reps=2,
+    lm_compile_presets=("cpu/MoE-4",),
     trainer_preset="cpu/MoE-4",
     trainer_batch=8,
     trainer_seq=16,

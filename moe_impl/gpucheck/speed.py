@@ -11,6 +11,7 @@ Achieved TFLOPS count the analytic FLOPs (moe_impl/model/flops.py), as training 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,8 +21,10 @@ from moe_impl import telemetry
 from moe_impl.bench.peers import build_moe
 from moe_impl.bench.spec import K_PRIMARY, K_SECONDARY, gate_outputs, parse_experts, train_flops
 from moe_impl.gpucheck.build import on_device
+from moe_impl.gpucheck.profile import PROFILE_RULE, profile_step
 from moe_impl.gpucheck.sizes import Sizes
-from moe_impl.gpucheck.timing import free_memory, is_oom, peak_gib, sync, time_steps
+from moe_impl.gpucheck.timing import free_memory, is_oom, peak_gib, time_first_steps, time_steps
+from moe_impl.layer.base import MoELayer
 from moe_impl.layer.grouped import choose_kernel, expert_kernel, grouped_mm_available
 from moe_impl.model import flops
 from moe_impl.model.config import ModelConfig
@@ -41,8 +44,12 @@ def bf16_peak(device: torch.device) -> float | None:
 
 
 def _layer_step(layer: nn.Module, x: torch.Tensor, is_moe: bool):
+    """One training step of `layer` on `x`; x requires grad, so the input gradient is computed
+    (as in a model, and as the TFLOPS count it)."""
+
     def step() -> None:
         layer.zero_grad(set_to_none=True)
+        x.grad = None
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
             out = layer(x)
         y = out.y if is_moe else out
@@ -50,35 +57,6 @@ def _layer_step(layer: nn.Module, x: torch.Tensor, is_moe: bool):
         (loss + out.aux_loss if is_moe else loss).backward()
 
     return step
-
-
-def profile_step(step, device: torch.device, rows: int = 15) -> list[dict]:
-    """Where one step's time goes: the GPU kernels with the most time (on a CPU, the ops with the
-    most self time), per step over 3 profiled steps after one warm-up."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    step()
-    with profile(activities=activities) as prof:
-        for _ in range(3):
-            step()
-        sync(device)
-    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
-    if cuda:  # the kernels themselves (an op's "self" device time repeats its kernels')
-        events = [e for e in events if e.device_type.name == "CUDA"]
-    total = sum(getattr(e, attr) for e in events) or 1.0
-    events.sort(key=lambda e: getattr(e, attr), reverse=True)
-    return [
-        {
-            "op": e.key[:60],
-            "calls_per_step": e.count / 3,
-            "ms_per_step": getattr(e, attr) / 3e3,
-            "share": getattr(e, attr) / total,
-        }
-        for e in events[:rows]
-    ]
 
 
 def _speed_row(
@@ -101,21 +79,104 @@ def _speed_row(
     }
 
 
+def _routing_rows(row: dict, moe: nn.Module, x: torch.Tensor, kernel: str, ctx: dict) -> list:
+    """The layer's rows at one size and kernel: eager, then compiled where `ctx["compile"]`
+    (MoELayer.compile_routing with ctx's compile kwargs; its compile time beside it)."""
+    sizes, device = ctx["sizes"], ctx["device"]
+    step = _layer_step(moe, x, True)
+    rows = []
+    with expert_kernel(kernel):
+        moe_s = time_steps(step, device, warmup=sizes.warmup, reps=sizes.reps)["median_s"]
+        rows.append(_speed_row({**row, "routing": "eager"}, kernel, moe_s, *ctx["rest"]))
+        if ctx["compile"]:
+            moe_s, compile_s = time_compiled(moe, step, device, sizes)
+            compiled = {**row, "routing": "compiled", "compile_s": compile_s}
+            rows.append(_speed_row(compiled, kernel, moe_s, *ctx["rest"]))
+    return rows
+
+
+def time_compiled(
+    layer: nn.Module, step, device: torch.device, sizes: Sizes
+) -> tuple[float, float]:
+    """(median seconds per step, compile seconds) of `step` with every MoE layer in `layer` compiled
+    (sizes.compile_kwargs), then eager again: the compile time is what its first two steps took
+    beyond two timed medians (the second may recompile with dynamic shapes)."""
+    layers = [m for m in layer.modules() if isinstance(m, MoELayer)]
+    for m in layers:
+        m.compile_routing(**sizes.compile_kwargs)
+    try:
+        first_s = time_first_steps(step, device, 2)
+        median_s = time_steps(step, device, warmup=sizes.warmup, reps=sizes.reps)["median_s"]
+    finally:
+        for m in layers:
+            m.eager_routing()
+    return median_s, max(0.0, first_s - 2 * median_s)
+
+
+def _layer_rows(spec, moe, dense, m: int, kernels: list[str], ctx: dict) -> list[dict]:
+    """layer_speed's rows of one layer at m tokens per expert (and its profiles into ctx)."""
+    sizes, device = ctx["sizes"], ctx["device"]
+    d, h, k = sizes.speed_d, sizes.speed_h, ctx["k"]
+    tokens = math.ceil(m * spec.num_experts / k)
+    row = {
+        "experts": spec.config,
+        "tokens": tokens,
+        "tokens_per_expert": m,
+        "auto_picks": choose_kernel(device, torch.bfloat16, d, h, spec.num_experts),
+    }
+    try:
+        x = torch.randn(tokens, d, device=device, requires_grad=True)
+        dense_s = time_steps(
+            _layer_step(dense, x, False), device, warmup=sizes.warmup, reps=sizes.reps
+        )["median_s"]
+        largest = m == max(sizes.speed_tokens_per_expert)
+        shape = (tokens, d, h, k, gate_outputs(spec))
+        rows = []
+        for kernel in kernels:
+            compiled = largest and kernel == kernels[0] and spec.config in sizes.compile_experts
+            sub = {**ctx, "compile": compiled, "rest": (dense_s, shape, ctx["peak"], device)}
+            rows += _routing_rows(row, moe, x, kernel, sub)
+        if spec.config in sizes.profile_experts and largest:
+            name = f"{spec.config} at {m} tokens per expert, {kernels[0]}"
+            _profiles(moe, x, name, spec.config in sizes.compile_experts, ctx)
+        return rows
+    except Exception as err:
+        if not is_oom(err):
+            raise
+        free_memory(device)
+        return [{**row, "status": "out of memory"}]
+
+
+def _profiles(moe, x, name: str, compiled: bool, ctx: dict) -> None:
+    """Profiles of one step, eager and (where it is compiled at this size) compiled."""
+    sizes, device, kernel = ctx["sizes"], ctx["device"], ctx["kernels"][0]
+    step = _layer_step(moe, x, True)
+    with expert_kernel(kernel):
+        ctx["profiles"][f"{name}, eager"] = profile_step(step, device)
+        if compiled:
+            moe.compile_routing(**sizes.compile_kwargs)
+            try:
+                ctx["profiles"][f"{name}, compiled"] = profile_step(step, device)
+            finally:
+                moe.eager_routing()
+
+
 def layer_speed(device: torch.device, sizes: Sizes) -> dict:
-    """One row per (experts, tokens per expert, kernel); a configuration that runs out of memory
-    is recorded as such and the others go on."""
+    """One row per (experts, tokens per expert, kernel, routing eager or compiled); a configuration
+    that runs out of memory is recorded as such and the others go on."""
     d, h = sizes.speed_d, sizes.speed_h
     peak = bf16_peak(device)
     auto = choose_kernel(device, torch.bfloat16, d, h)
     # both kernels where torch has the grouped one (on a CPU it runs too, slowly: toy size only);
-    # the first is the one the profiles and worst_ratio_to_dense use
+    # the first is the one the profiles, the compiled rows and worst_ratio_to_dense use
     kernels = ["grouped", "blocked"] if device.type == "cuda" else ["blocked", "grouped"]
     if not grouped_mm_available():
         kernels = ["blocked"]
     rows: list[dict[str, Any]] = []
-    profiles: dict[str, Any] = {}
+    ctx: dict[str, Any] = {"sizes": sizes, "device": device, "peak": peak, "kernels": kernels}
+    ctx["profiles"] = {}
     for spec in parse_experts(",".join(sizes.speed_experts)):
-        k = K_PRIMARY * K_SECONDARY if spec.hierarchical else 4
+        ctx["k"] = k = K_PRIMARY * K_SECONDARY if spec.hierarchical else 4
         free_memory(device)
         try:
             # (mypy cannot infer the type of a lambda with defaults)
@@ -129,48 +190,19 @@ def layer_speed(device: torch.device, sizes: Sizes) -> dict:
             nn.Linear(d, k * h, bias=False), nn.ReLU(), nn.Linear(k * h, d, bias=False)
         ).to(device)
         for m in sizes.speed_tokens_per_expert:
-            tokens = math.ceil(m * spec.num_experts / k)
-            row = {
-                "experts": spec.config,
-                "tokens": tokens,
-                "tokens_per_expert": m,
-                "auto_picks": choose_kernel(device, torch.bfloat16, d, h, spec.num_experts),
-            }
-            try:
-                x = torch.randn(tokens, d, device=device)
-                dense_s = time_steps(
-                    _layer_step(dense, x, False), device, warmup=sizes.warmup, reps=sizes.reps
-                )["median_s"]
-                for kernel in kernels:
-                    with expert_kernel(kernel):
-                        moe_s = time_steps(
-                            _layer_step(moe, x, True),
-                            device,
-                            warmup=sizes.warmup,
-                            reps=sizes.reps,
-                        )["median_s"]
-                    shape = (tokens, d, h, k, gate_outputs(spec))
-                    rows.append(_speed_row(row, kernel, moe_s, dense_s, shape, peak, device))
-                if spec.config in sizes.profile_experts and m == max(sizes.speed_tokens_per_expert):
-                    with expert_kernel(kernels[0]):
-                        name = f"{spec.config} at {m} tokens per expert, {kernels[0]}"
-                        profiles[name] = profile_step(_layer_step(moe, x, True), device)
-                del x
-            except Exception as err:
-                if not is_oom(err):
-                    raise
-                rows.append({**row, "status": "out of memory"})
-                free_memory(device)
+            rows += _layer_rows(spec, moe, dense, m, kernels, ctx)
         del moe, dense
-    best = [r for r in rows if r.get("kernel") == kernels[0]]
+    best = [r for r in rows if r.get("kernel") == kernels[0] and r.get("routing") == "eager"]
     return {
         "d_model": d,
         "d_hidden": h,
         "auto_kernel": auto,
         "peak_tflops": None if peak is None else peak / 1e12,
         "worst_ratio_to_dense": max((r["ratio_to_dense"] for r in best), default=None),
+        "input_gradient": "computed (x requires grad), and counted in the TFLOPS",
+        "profile_rule": PROFILE_RULE,
         "rows": rows,
-        **{f"profile: {name}": table for name, table in profiles.items()},
+        **{f"profile: {name}": table for name, table in ctx["profiles"].items()},
     }
 
 
@@ -184,11 +216,14 @@ def time_lm_step(
     warmup: int,
     reps: int,
     micro_batches: int = 1,
+    compile_sizes: Sizes | None = None,
 ) -> dict:
     """Seconds per training step of the language model `cfg` (forward, backward, clipping, the
     optimizers training builds from `train`) on random tokens of its vocabulary, in train.dtype;
     with `micro_batches` the step's rows go through in that many forward and backward passes
-    before the one update, as the trainer accumulates them (moe_impl/train/micro.py)."""
+    before the one update, as the trainer accumulates them (moe_impl/train/micro.py). With
+    `compile_sizes`, the MoE layers' routing is compiled (time_compiled, with those sizes'
+    compile kwargs, warm-up and repetitions) and the result has its compile_s."""
     free_memory(device)
     model = on_device(lambda: MoELanguageModel(cfg), device).train()
     optimizers, _ = build_optimizers(model, train)
@@ -213,57 +248,69 @@ def time_lm_step(
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    result: dict[str, Any] = time_steps(step, device, warmup=warmup, reps=reps)
+    if compile_sizes is None:
+        result: dict[str, Any] = time_steps(step, device, warmup=warmup, reps=reps)
+    else:
+        median_s, compile_s = time_compiled(model, step, device, compile_sizes)
+        result = {"median_s": median_s, "compile_s": compile_s}
     result["peak_gib"] = peak_gib(device)
     return result
 
 
 def lm_step_speed(device: torch.device, sizes: Sizes) -> dict:
     """The training step of each preset on random tokens of its own vocabulary (sampled softmax
-    as the preset sets it), bf16 autocast, Adam / factored Adam as training builds them."""
+    as the preset sets it), bf16 autocast, Adam / factored Adam as training builds them; eager,
+    and for sizes.lm_compile_presets also with the MoE layers' routing compiled."""
     peak = bf16_peak(device)
     tokens = sizes.lm_batch * sizes.lm_seq
-    train = TrainSection(lr=1e-4, dtype="bfloat16")
     rows = []
     for name in sizes.lm_presets:
-        cfg = ALL_PRESETS[name]
-        paper = PAPER_VALUES.get("lm1b/" + name.split("/", 1)[1])
-        row = {
-            "preset": name,
-            "batch": sizes.lm_batch,
-            "seq_len": sizes.lm_seq,
-            "params_b": flops.total_params(cfg) / 1e9,
-        }
-        try:
-            timed = time_lm_step(
-                cfg,
-                train,
-                device,
-                batch=sizes.lm_batch,
-                seq_len=sizes.lm_seq,
-                warmup=2,
-                reps=sizes.lm_reps,
-            )
-        except Exception as err:
-            if not is_oom(err):
-                raise
-            rows.append({**row, "status": "out of memory"})
-            continue
-        step_s = timed["median_s"]
-        tflops = flops.train_flops_per_token(cfg) * tokens / step_s / 1e12
-        rows.append(
-            {
-                **row,
-                "step_ms": 1e3 * step_s,
-                "tokens_per_s": tokens / step_s,
-                "tflops_per_gpu": tflops,
-                "mfu": telemetry.mfu(tflops, peak),
-                "peak_gib": timed["peak_gib"],
-                "paper_tflops_per_gpu": None if paper is None else paper.tflops_per_gpu,
-            }
-        )
+        for compiled in (False, True) if name in sizes.lm_compile_presets else (False,):
+            rows.append(_lm_row(name, compiled, device, sizes, peak))
     return {
         "tokens_per_step": tokens,
         "paper_column": "Table 7 TFLOPS/GPU: 16 or 32 K40s, float32; ours: one GPU, bf16",
         "rows": rows,
+    }
+
+
+def _lm_row(name: str, compiled: bool, device: torch.device, sizes: Sizes, peak) -> dict:
+    """lm_step's row of one preset, eager or with its routing compiled."""
+    cfg = ALL_PRESETS[name]
+    paper = PAPER_VALUES.get("lm1b/" + name.split("/", 1)[1])
+    tokens = sizes.lm_batch * sizes.lm_seq
+    row = {
+        "preset": name,
+        "routing": "compiled" if compiled else "eager",
+        "batch": sizes.lm_batch,
+        "seq_len": sizes.lm_seq,
+        "params_b": flops.total_params(cfg) / 1e9,
+    }
+    train = TrainSection(lr=1e-4, dtype="bfloat16")
+    try:
+        timed = time_lm_step(
+            cfg,
+            train,
+            device,
+            batch=sizes.lm_batch,
+            seq_len=sizes.lm_seq,
+            warmup=2,
+            reps=sizes.lm_reps,
+            compile_sizes=replace(sizes, warmup=2, reps=sizes.lm_reps) if compiled else None,
+        )
+    except Exception as err:
+        if not is_oom(err):
+            raise
+        return {**row, "status": "out of memory"}
+    step_s = timed["median_s"]
+    tflops = flops.train_flops_per_token(cfg) * tokens / step_s / 1e12
+    return {
+        **row,
+        "step_ms": 1e3 * step_s,
+        "tokens_per_s": tokens / step_s,
+        "tflops_per_gpu": tflops,
+        "mfu": telemetry.mfu(tflops, peak),
+        "peak_gib": timed["peak_gib"],
+        "compile_s": timed.get("compile_s"),
+        "paper_tflops_per_gpu": None if paper is None else paper.tflops_per_gpu,
     }

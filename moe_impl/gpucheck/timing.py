@@ -31,6 +31,16 @@ def time_steps(
     return {"median_s": statistics.median(times), "min_s": min(times)}
 
 
+def time_first_steps(step: Callable[[], object], device: torch.device, steps: int) -> float:
+    """Seconds the first `steps` calls of `step` take together (a compile happens in them)."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def free_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -34,5 +34,27 @@ class MoELayer(nn.Module):
         `replicate_noise`."""
         return cls(config, **extra)
 
+    def compile_routing(self, **compile_kwargs: Any) -> Self:
+        """Run the gates' noise, top-k, softmax and load estimator and the experts' combine through
+        `torch.compile(**compile_kwargs)` (fullgraph=True unless given), the matmuls and the
+        dispatch eager (moe_impl/layer/compiled.py); equal to the eager path within float32
+        rounding. Compilation happens at the first forward. Returns self."""
+        from moe_impl.layer.compiled import compile_routing
+
+        compile_routing(self, **compile_kwargs)
+        return self
+
+    def eager_routing(self) -> Self:
+        """Undo `compile_routing`: the eager gates and combine again. Returns self."""
+        from moe_impl.layer.compiled import set_routing
+
+        set_routing(self, None)
+        return self
+
+    @property
+    def routing_compiled(self) -> bool:
+        """Whether `compile_routing` is in effect."""
+        return any(getattr(m, "compiled", None) is not None for m in self.modules())
+
     def extra_repr(self) -> str:
         return self.config.describe()

@@ -16,6 +16,7 @@ L = blocks, C = rows per block.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,9 @@ from moe_impl.layer.dispatch import DispatchPlan, dispatch, from_rows
 from moe_impl.layer.expert_mlp import block_expert_mlp
 from moe_impl.layer.grouped import grouped_expert_mlp
 from moe_impl.layer.workspace import Workspace, empty
+
+if TYPE_CHECKING:
+    from moe_impl.layer.compiled import CompiledRouting
 
 # Experts are initialised in chunks of this many, each chunk from its own generator seeded by
 # (one seed drawn from torch's global RNG, chunk index): expert i's initial weights then depend only
@@ -66,6 +70,8 @@ class ExpertBank(nn.Module):
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
         self.workspace = Workspace()  # large tensors' memory, reused across steps (workspace.py)
+        # the compiled combine (compiled.py; MoELayer.compile_routing), None for the eager one
+        self.compiled: CompiledRouting | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -95,14 +101,18 @@ class ExpertBank(nn.Module):
     def slot_outputs(self, x_BD: Tensor, plan: DispatchPlan, k: int) -> Tensor:
         """E_expert(x_token) of every slot, (N, D) in slot order; the slots of token b are
         b·k ... b·k+k-1. A grouped plan (`plan.grouped`) runs the grouped kernel, else the blocks."""
+        ws = None if plan.grouped else self.workspace
+        return from_rows(self.row_outputs(x_BD, plan, k), plan, ws)
+
+    def row_outputs(self, x_BD: Tensor, plan: DispatchPlan, k: int) -> Tensor:
+        """E_expert(x_token) of every row of the plan's buffer, (R, D), padding rows included."""
         d_model = x_BD.shape[1]
         if plan.grouped:
             assert plan.kept_E is not None  # make_plan sets it
             x_RD = dispatch(x_BD, plan, k)
-            y_RD = grouped_expert_mlp(
+            return grouped_expert_mlp(
                 x_RD, self.w_in, self.w_out, plan.kept_E, sparse_grad=self.sparse_grad
             )
-            return from_rows(y_RD, plan)
         ws = self.workspace
         x_LCD = dispatch(x_BD, plan, k, ws).view(plan.num_blocks, plan.block_size, d_model)
         y_LCD = block_expert_mlp(
@@ -114,18 +124,23 @@ class ExpertBank(nn.Module):
             sparse_grad=self.sparse_grad,
             buffers=ws,
         )
-        return from_rows(y_LCD.view(-1, d_model), plan, ws)
+        return y_LCD.view(-1, d_model)
 
     def forward(self, x_BD: Tensor, gate_N: Tensor, plan: DispatchPlan, k: int) -> Tensor:
         """y_b = Σ over the k slots of token b of gate · E_expert(x_b) (paper Eq. 1); the slots of
         token b are b·k ... b·k+k-1."""
         num_tokens, d_model = x_BD.shape
+        gate_BK = gate_N.view(num_tokens, k)
+        if self.compiled is not None and plan.slot_of_row_R.numel() > 0:
+            values_RD = self.row_outputs(x_BD, plan, k)
+            y_BD = self.compiled.combine(values_RD, gate_BK, plan.row_of_slot_N, plan.slot_of_row_R)
+            return y_BD.to(x_BD.dtype)
         y_BKD = self.slot_outputs(x_BD, plan, k).view(num_tokens, k, d_model)
         # NOTE: a grouped plan's tensors take fresh memory (the workspace reads storage reference
         # counts on the host, which torch.compile cannot trace; on a GPU the caching allocator
         # reuses memory anyway)
         workspace = None if plan.grouped else self.workspace
-        y_BD = _Combine.apply(y_BKD, gate_N.view(num_tokens, k), workspace)
+        y_BD = _Combine.apply(y_BKD, gate_BK, workspace)
         return y_BD.to(x_BD.dtype)
 
 

@@ -11,7 +11,7 @@ Shape suffixes: B = rows, D = d_model, E = experts (outputs of one gating networ
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ from torch import Tensor, nn
 from moe_impl.layer.balancing import prob_in_top_k_from_top
 from moe_impl.layer.fused_gate import noisy_top_k_with_load
 from moe_impl.layer.gate_precision import effective_precision, low_precision_gate_matmul
+
+if TYPE_CHECKING:
+    from moe_impl.layer.compiled import CompiledRouting
 
 # tensor2tensor adds 1e-2 to the softplus (noisy_top_k_gating, tensor2tensor/utils/expert_utils.py)
 # so the load estimator never divides by 0.
@@ -128,6 +131,8 @@ class GatingNetwork(nn.Module):
         self.precision = precision
         self.w_gate = nn.Parameter(torch.zeros(shape))
         self.w_noise = nn.Parameter(torch.zeros(shape))
+        # the compiled gate (compiled.py; MoELayer.compile_routing), None for the eager one
+        self.compiled: CompiledRouting | None = None
 
     @property
     def uses_noise(self) -> bool:
@@ -142,7 +147,9 @@ class GatingNetwork(nn.Module):
         generator: torch.Generator | None = None,
         normal_BE: Tensor | None = None,
     ) -> GateOutput:
-        """`noisy_top_k` with this network's k and noise epsilon."""
+        """`noisy_top_k` with this network's k and noise epsilon (compiled where set)."""
+        if self.compiled is not None:
+            return self.compiled.select(clean_BE, noise_BE, self, generator, normal_BE)
         return noisy_top_k(
             clean_BE,
             noise_BE,
