@@ -161,6 +161,21 @@ def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
     assert a["test_nll"] == b["test_nll"] != c["test_nll"]
 
 
+def test_compiled_routing_trains_as_the_eager_path(tmp_path, monkeypatch):
+    """model.compile=true: the same losses within float32 rounding (aot_eager: the graphs torch
+    would compile, without inductor's C++ build), and the layer's gates and banks switched."""
+    from moe_impl.layer import compiled
+
+    monkeypatch.setitem(compiled.DEFAULTS, "backend", "aot_eager")
+    eager = Trainer(tiny(), tmp_path / "eager").run()
+    trainer = Trainer(tiny("model.compile=true"), tmp_path / "compiled")
+    assert trainer.model.moe.gate.compiled is not None
+    assert trainer.model.moe.experts.compiled is not None
+    summary = trainer.run()
+    np.testing.assert_allclose(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rtol=1e-4)
+    assert summary["test_nll"] == pytest.approx(eager["test_nll"], rel=1e-4)
+
+
 @pytest.mark.parametrize("preset_args", [[], ["model.preset=cpu/MoE-256-h", *[]]])
 def test_resume_equals_an_uninterrupted_run(tmp_path, preset_args):
     extra = preset_args and [*HIER_16[1:], "model.sparse_grad=true"]

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from moe_impl import runtime, telemetry
+from moe_impl.layer.compiled import compile_routing
 from moe_impl.model.lm import MoELanguageModel
 from moe_impl.parallel import context as parallel_context
 from moe_impl.runs import expertstats, lock, rundir, runinfo
@@ -127,6 +128,8 @@ class Trainer:
             expert_parallel=self.ctx.distributed,
             replicate_noise=cfg.distributed.replicate_noise,
         ).to(self.device)
+        if cfg.model.compile:  # the gates' routing and the combine (layer/compiled.py)
+            compile_routing(self.model)
         self.optimizers, self.expert_optimizer = build_optimizers(self.model, train)
         self.generator = torch.Generator(device=self.device)
         self.autocast = autocast(self.device, train.dtype)
