@@ -4,6 +4,7 @@ integration tier. On a GPU the same command runs at full size (docs/gpu.md has i
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -16,6 +17,7 @@ from moe_impl.cli.gpu_check import SECTIONS
 from moe_impl.gpucheck import exactness
 from moe_impl.gpucheck.build import on_device
 from moe_impl.gpucheck.report import CheckFailed, Report, SectionSkipped
+from moe_impl.layer.flat import MoE
 from moe_impl.layer.hierarchical import HierarchicalMoE
 from moe_impl.model.lm import MoELanguageModel, log_uniform_log_probs
 from moe_impl.model.presets import ALL_PRESETS
@@ -98,16 +100,44 @@ def test_rel_error_and_compare():
         exactness.compare({"y": ref}, {"z": ref}, 1.0, "keys")
 
 
-def test_shared_noise_is_one_stream_whatever_the_generator():
-    with exactness.shared_noise(3):
-        a = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
-        b = torch.randn((2,), dtype=torch.float64)
-    with exactness.shared_noise(3):
-        c = torch.randn(4, 5, generator=torch.Generator().manual_seed(99), dtype=torch.float32)
-        d = torch.randn(2, dtype=torch.float64)
+def test_shared_noise_is_one_float64_stream_cast_as_asked():
+    first, again = exactness.SharedNoise(3), exactness.SharedNoise(3)
+    a = first((4, 5), torch.zeros((), dtype=torch.float32))
+    b = first((2,), torch.zeros((), dtype=torch.float64))
+    c, d = again((4, 5), torch.zeros(1)), again((2,), torch.zeros(1, dtype=torch.float64))
     assert torch.equal(a, c) and torch.equal(b, d)
     assert a.dtype == torch.float32 and b.dtype == torch.float64
-    assert torch.randn is exactness._randn  # restored
+    stream = torch.Generator().manual_seed(3)
+    assert torch.equal(a, torch.randn((4, 5), generator=stream, dtype=torch.float64).float())
+    assert torch.equal(b, torch.randn((2,), generator=stream, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_a_noise_source_is_the_layers_noise(hierarchical):
+    """A layer given a NoiseSource draws every sample from it, in the order and shapes it drew
+    from a generator: a source that draws from a seeded generator gives that generator's results
+    bit for bit; float64 and float32 twins given SharedNoise route alike."""
+    torch.manual_seed(0)
+    layer = HierarchicalMoE(8, 16, 3, 4) if hierarchical else MoE(8, 16, 6, 2)
+    exactness.randomize_gates(layer, seed=1)
+    x = torch.randn(32, 8)
+    seeded = torch.Generator().manual_seed(7)
+    source_stream = torch.Generator().manual_seed(7)
+    calls = []
+
+    def source(shape, like):
+        calls.append(shape)
+        return torch.randn(shape, generator=source_stream, device=like.device, dtype=like.dtype)
+
+    want, got = layer(x, generator=seeded), layer(x, generator=source)
+    assert torch.equal(want.y, got.y) and torch.equal(want.aux_loss, got.aux_loss)
+    assert len(calls) == (2 if hierarchical else 1)
+    twin = copy.deepcopy(layer).double()
+    counts = [
+        m(v, generator=exactness.SharedNoise(5)).stats.tokens_per_expert
+        for m, v in ((layer, x), (twin, x.double()))
+    ]
+    assert torch.equal(*counts)
 
 
 def test_float32_against_the_float64_reference_catches_a_wrong_expert():

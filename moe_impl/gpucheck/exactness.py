@@ -4,18 +4,17 @@ expert kernels (grouped GEMM and blocked) against each other; and 131072 experts
 with sparse expert gradients.
 
 The gate noise is what would differ between devices (each draws from its own generator), so both
-sides draw it from one seeded CPU stream in float64 (`shared_noise`), cast to each side's dtype:
-the reference and the device then route the same tokens to the same experts.
+sides draw it from one seeded CPU stream in float64 (`SharedNoise`, passed to the layer as its
+noise source), cast to each side's device and dtype: the reference and the device then route the
+same tokens to the same experts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
-from unittest import mock
 
 import torch
 from torch import Tensor, nn
@@ -38,22 +37,19 @@ TOL_FLOAT32 = 1e-4
 TOL_BF16 = 1e-1
 TOL_KERNELS_BF16 = 2e-2  # grouped vs blocked, both bf16: rounding points and summation order
 
-_randn = torch.randn
 
+class SharedNoise:
+    """A layer's noise source (layer/gating.py: NoiseSource) drawing every sample from one seeded
+    CPU stream in float64, cast to the device and dtype the layer asks for: a float64 reference on
+    the CPU and a float32 or bf16 layer on the device given `SharedNoise(seed)` each get the same
+    noise, and so route alike."""
 
-@contextlib.contextmanager
-def shared_noise(seed: int) -> Iterator[None]:
-    """Every torch.randn inside draws from one seeded CPU stream in float64 (the gates' noise),
-    cast to the device and dtype asked for; the `generator` argument is ignored."""
-    stream = torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int) -> None:
+        self.stream = torch.Generator().manual_seed(seed)
 
-    def randn(*size, generator=None, device=None, dtype=None, **kwargs):
-        shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
-        draw = _randn(shape, generator=stream, dtype=torch.float64)
-        return draw.to(device=device, dtype=dtype or torch.get_default_dtype())
-
-    with mock.patch.object(torch, "randn", randn):
-        yield
+    def __call__(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        draw = torch.randn(shape, generator=self.stream, dtype=torch.float64)
+        return draw.to(device=like.device, dtype=like.dtype)
 
 
 def _pair(value: Tensor, reference: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -111,8 +107,8 @@ def run_step(
     layer.train(train)
     layer.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(train)
-    with shared_noise(seed), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = layer(x)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = layer(x, generator=SharedNoise(seed))
     results = {"y": out.y.float(), "aux_loss": out.aux_loss.float().reshape(1)}
     results["tokens_per_expert"] = out.stats.tokens_per_expert.float()
     if train:

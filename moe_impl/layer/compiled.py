@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_impl.layer.experts import ExpertBank
-from moe_impl.layer.gating import GateOutput, GatingNetwork, noisy_top_k
+from moe_impl.layer.gating import GateOutput, GatingNetwork, Noise, noisy_top_k, standard_normal
 
 # the defaults of `compile_routing`: whole graphs only (a break raises), shapes made dynamic by
 # torch's own rule (after the first recompile)
@@ -100,7 +100,7 @@ class CompiledRouting(NamedTuple):
         clean_BE: Tensor,
         noise_BE: Tensor | None,
         network: GatingNetwork,
-        generator: torch.Generator | None = None,
+        generator: Noise = None,
         normal_BE: Tensor | None = None,
     ) -> GateOutput:
         """GatingNetwork.select through the compiled gate: the noise drawn here, as noisy_top_k
@@ -108,9 +108,7 @@ class CompiledRouting(NamedTuple):
         if noise_BE is None or clean_BE.shape[-1] == 1:
             noise_BE = normal_BE = None
         elif normal_BE is None:
-            normal_BE = torch.randn(
-                clean_BE.shape, generator=generator, device=clean_BE.device, dtype=clean_BE.dtype
-            )
+            normal_BE = standard_normal(clean_BE.shape, generator, clean_BE)
         return GateOutput(
             *self.gate(clean_BE, noise_BE, normal_BE, network.k, network.noise_epsilon)
         )

@@ -22,7 +22,7 @@ from moe_impl.layer.base import MoELayer
 from moe_impl.layer.config import LayerOptions, MoEConfig, layer_config
 from moe_impl.layer.dispatch import make_plan
 from moe_impl.layer.experts import ExpertBank
-from moe_impl.layer.gating import NoisyTopKGate
+from moe_impl.layer.gating import Noise, NoisyTopKGate
 from moe_impl.layer.grouped import choose_kernel, compute_dtype
 
 
@@ -213,7 +213,7 @@ class MoE(MoELayer):
         )
         self.experts = expert_bank(cfg)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> MoEOutput:
+    def forward(self, x: Tensor, generator: Noise = None) -> MoEOutput:
         cfg = self.config
         assert cfg.num_experts is not None and cfg.k is not None  # set when the config was built
         x_BD = flatten_input(x, cfg.d_model)

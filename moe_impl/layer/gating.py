@@ -11,7 +11,8 @@ Shape suffixes: B = rows, D = d_model, E = experts (outputs of one gating networ
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,26 @@ if TYPE_CHECKING:
 NOISE_EPSILON = 1e-2
 
 
+class NoiseSource(Protocol):
+    """Supplies the gates' standard-normal noise itself: called with the shape of the draw and a
+    tensor whose device and dtype it must have (e.g. gpucheck/exactness.py draws both sides of a
+    comparison from one float64 stream, so that two devices route alike)."""
+
+    def __call__(self, shape: tuple[int, ...], like: Tensor) -> Tensor: ...
+
+
+# what a layer's `generator` argument may be: torch's generator (None: its default one) or a source
+Noise = torch.Generator | NoiseSource | None
+
+
+def standard_normal(shape: Sequence[int], generator: Noise, like: Tensor) -> Tensor:
+    """N(0, 1) samples of `shape` on like's device, in like's dtype: torch.randn from `generator`,
+    or whatever a NoiseSource returns for them."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=like.device, dtype=like.dtype)
+    return generator(tuple(shape), like)
+
+
 class GateOutput(NamedTuple):
     top_idx_BK: Tensor  # selected experts, in descending order of noisy logit
     top_gates_BK: Tensor  # softmax over the k kept noisy logits; each row sums to 1
@@ -41,7 +62,7 @@ def noisy_top_k(
     k: int,
     *,
     noise_epsilon: float = NOISE_EPSILON,
-    generator: torch.Generator | None = None,
+    generator: Noise = None,
     normal_BE: Tensor | None = None,
     fused: bool = True,
 ) -> GateOutput:
@@ -62,9 +83,7 @@ def noisy_top_k(
         assert noise_logits_BE is not None  # for mypy: `noisy` says so
         eps_BE = normal_BE
         if eps_BE is None:
-            eps_BE = torch.randn(
-                clean_BE.shape, generator=generator, device=clean_BE.device, dtype=clean_BE.dtype
-            )
+            eps_BE = standard_normal(clean_BE.shape, generator, clean_BE)
         if fused and k < num_experts:
             flat = (-1, num_experts)
             idx, gates, prob = noisy_top_k_with_load(
@@ -144,7 +163,7 @@ class GatingNetwork(nn.Module):
         self,
         clean_BE: Tensor,
         noise_BE: Tensor | None,
-        generator: torch.Generator | None = None,
+        generator: Noise = None,
         normal_BE: Tensor | None = None,
     ) -> GateOutput:
         """`noisy_top_k` with this network's k and noise epsilon (compiled where set)."""
@@ -181,7 +200,7 @@ class NoisyTopKGate(GatingNetwork):
             precision=precision,
         )
 
-    def forward(self, x_BD: Tensor, generator: torch.Generator | None = None) -> GateOutput:
+    def forward(self, x_BD: Tensor, generator: Noise = None) -> GateOutput:
         return self.select(*self.logits(x_BD), generator=generator)
 
     def logits(self, x_BD: Tensor, precision: str | None = None) -> tuple[Tensor, Tensor | None]:

@@ -45,7 +45,7 @@ from moe_impl.layer.flat import (
     moe_output,
 )
 from moe_impl.layer.gate_precision import effective_precision, precision_matmul
-from moe_impl.layer.gating import GateOutput, GatingNetwork, NoisyTopKGate, gate_dtype
+from moe_impl.layer.gating import GateOutput, GatingNetwork, Noise, NoisyTopKGate, gate_dtype
 from moe_impl.layer.workspace import Workspace, bmm, empty
 
 
@@ -74,7 +74,7 @@ class GroupGates(GatingNetwork):
         x_BD: Tensor,
         plan: DispatchPlan,
         groups_per_token: int,
-        generator: torch.Generator | None = None,
+        generator: Noise = None,
     ) -> GateOutput:
         """Noisy top-k within the group of each (token, group) pair; rows come back in pair order."""
         return self.select(*self.logits(x_BD, plan, groups_per_token), generator=generator)
@@ -210,7 +210,7 @@ class HierarchicalMoE(MoELayer):
         )
         self.experts = expert_bank(cfg)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> MoEOutput:
+    def forward(self, x: Tensor, generator: Noise = None) -> MoEOutput:
         cfg = self.config
         x_BD = flatten_input(x, cfg.d_model)
         num_tokens, device = x_BD.shape[0], x_BD.device

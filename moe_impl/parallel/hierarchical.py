@@ -41,7 +41,7 @@ from moe_impl.layer.flat import (
     moe_output,
     token_entropy,
 )
-from moe_impl.layer.gating import NoisyTopKGate
+from moe_impl.layer.gating import Noise, NoisyTopKGate, standard_normal
 from moe_impl.layer.hierarchical import GroupGates, expert_index
 from moe_impl.parallel.comm import exchange, rank_and_size, replicated_sum
 from moe_impl.parallel.moe import global_normal
@@ -117,7 +117,7 @@ class DistributedHierarchicalMoE(MoELayer):
         for p in (self.experts.w_in, self.experts.w_out):
             mark_sharded(p, self.experts.first_expert, cfg.num_experts)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> MoEOutput:
+    def forward(self, x: Tensor, generator: Noise = None) -> MoEOutput:
         cfg = self.config
         x_BD = flatten_input(x, cfg.d_model)
         num_tokens, device = x_BD.shape[0], x_BD.device
@@ -151,9 +151,7 @@ class DistributedHierarchicalMoE(MoELayer):
         clean_MS, noise_MS = self.secondary_gate.logits(x_MD, pair_plan, 1)
         normal_MS = None
         if replicate and group_size > 1:
-            normal_MS = torch.randn(
-                (total * k1, group_size), generator=generator, device=device, dtype=clean_MS.dtype
-            )[pair_M[0]]
+            normal_MS = standard_normal((total * k1, group_size), generator, clean_MS)[pair_M[0]]
         secondary = self.secondary_gate.select(clean_MS, noise_MS, generator, normal_MS)
         expert_Q = expert_index(local_group_M, group_size, secondary.top_idx_BK)
         gate_Q = secondary.top_gates_BK.reshape(-1)

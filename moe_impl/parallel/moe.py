@@ -39,7 +39,7 @@ from moe_impl.layer.flat import (
     grouped_experts,
     moe_output,
 )
-from moe_impl.layer.gating import NoisyTopKGate
+from moe_impl.layer.gating import Noise, NoisyTopKGate, standard_normal
 from moe_impl.parallel.comm import all_gather_sizes, exchange, rank_and_size, replicated_sum
 from moe_impl.parallel.routing import combine, gather_slots, route, shard_bounds
 from moe_impl.parallel.shard import mark_sharded
@@ -53,7 +53,7 @@ def global_normal(
     rank, _ = rank_and_size(group)
     sizes = all_gather_sizes(rows, like.device, group)
     offset, total = sum(sizes[:rank]), sum(sizes)
-    normal = torch.randn((total, cols), generator=generator, device=like.device, dtype=like.dtype)
+    normal = standard_normal((total, cols), generator, like)
     # a copy of this rank's rows: the whole draw is not kept alive until the backward
     return normal[offset : offset + rows].clone(), offset, total
 
@@ -88,7 +88,7 @@ class DistributedMoE(MoELayer):
         mark_sharded(self.experts.w_in, first, cfg.num_experts)
         mark_sharded(self.experts.w_out, first, cfg.num_experts)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> MoEOutput:
+    def forward(self, x: Tensor, generator: Noise = None) -> MoEOutput:
         cfg = self.config
         x_BD = flatten_input(x, cfg.d_model)
         num_tokens, k, num_experts = x_BD.shape[0], cfg.k, cfg.num_experts
