@@ -70,13 +70,15 @@ def test_build_summary_writes_the_fields_in_their_order():
         backend=None,
         dtype="float32",
     )
-    assert list(summary) == FIELDS
-    assert list(summary["regime"]) == [f.name for f in dataclasses.fields(Regime)]
-    assert RunSummary.from_dict(summary).to_dict() == summary
-    assert summary["train_tokens"] == 40 * 512 and summary["tokens_per_second"] == 40 * 512 / 2
-    assert summary["cv_load"] == 1.0 and summary["max_violation"] == 0.25
-    assert summary["gate_entropy"] is None and summary["prefetch_workers"] == 0
-    assert summary["corpus"][UNIGRAM_PERPLEXITY] > 1
+    assert isinstance(summary, RunSummary) and isinstance(summary.regime, Regime)
+    written = summary.to_dict()
+    assert list(written) == FIELDS
+    assert list(written["regime"]) == [f.name for f in dataclasses.fields(Regime)]
+    assert RunSummary.from_dict(written) == summary
+    assert summary.train_tokens == 40 * 512 and summary.tokens_per_second == 40 * 512 / 2
+    assert summary.cv_load == 1.0 and summary.max_violation == 0.25
+    assert summary.gate_entropy is None and summary.prefetch_workers == 0
+    assert summary.corpus is not None and summary.corpus[UNIGRAM_PERPLEXITY] > 1
 
 
 def test_from_dict_reads_a_partial_summary():

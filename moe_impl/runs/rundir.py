@@ -91,7 +91,7 @@ SUMMARY_KEYS = (
     "train_tokens",  # training positions processed (batch · seq_len · steps)
     "train_scored_tokens",
     "steps",
-    "model",  # the resolved ModelConfig as a dict (dataclasses.asdict; lstm_layers as lists)
+    "model",  # the resolved ModelConfig as a dict (ModelConfig.flat(); lstm_layers as lists)
 )
 
 

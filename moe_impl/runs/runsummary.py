@@ -51,7 +51,7 @@ class RunSummary:
     name: str | None = None
     preset: str | None = None
     corpus: dict | None = None  # the corpus's describe() and UNIGRAM_PERPLEXITY
-    model: dict | None = None  # the resolved ModelConfig (dataclasses.asdict, lists for tuples)
+    model: dict | None = None  # the resolved ModelConfig's flat form (.flat(), lists for tuples)
     test_perplexity: float | None = None  # null where the evaluation diverged
     diverged: str | None = None  # why the final evaluation diverged, in one line; else null
     test_nll: float | None = None

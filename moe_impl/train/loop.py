@@ -463,7 +463,8 @@ class Trainer:
         )
 
     def _summary(self, final: dict, sampler, diverged: str | None) -> dict:
-        """summary.json's contents (build_summary) for the final evaluation `final`."""
+        """summary.json's contents for the final evaluation `final`: build_summary's RunSummary,
+        then the GPU telemetry's keys where a sampler ran."""
         summary = build_summary(
             name=self.name,
             preset=self.cfg.model.preset,
@@ -485,7 +486,7 @@ class Trainer:
             dtype=self.cfg.train.dtype,
             diverged=diverged,
             prefetch_workers=self.batches.workers,
-        )
+        ).to_dict()
         if sampler is not None:
             summary.update(sampler.summary())
             summary.update({f"gpu_{k}": v for k, v in sampler.info.items()})

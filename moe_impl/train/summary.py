@@ -82,13 +82,14 @@ def build_summary(
     dtype: str,
     diverged: str | None = None,
     prefetch_workers: int = 0,
-) -> dict:
+) -> RunSummary:
     """The summary of a run that trained `loop.step` steps of `tokens_per_step` positions (the
     global batch) and scored `final` (evaluate's dict, with the `evaluation` settings); `sweep`
     (the run's cfg.sweep) picks the paper regime its "regime" compares with (model/regime.py);
     `diverged`: why its evaluation diverged (None: it did not); `prefetch_workers`: the processes
-    that made its batches (train/prefetch.py; 0: inline). RunSummary orders the fields."""
-    summary = RunSummary(
+    that made its batches (train/prefetch.py; 0: inline). summary.json is its to_dict(), with the
+    GPU telemetry's keys after them where a sampler ran (Trainer._summary)."""
+    return RunSummary(
         name=name,
         preset=preset,
         corpus=corpus_dict(corpus, final["split"], evaluation),
@@ -112,7 +113,6 @@ def build_summary(
         **_where(device, world_size, backend, dtype),
         finished=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    return summary.to_dict()
 
 
 def _evaluation(final: dict, floor: float | None) -> dict:
