@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import NoWatchdog
 
 from moe_impl import telemetry
 from moe_impl.bench import plot as bench_plot
@@ -243,19 +244,6 @@ def test_summarize_mfu_is_telemetry_mfu(peak):
     assert row["cv_tokens_per_expert"] == pytest.approx(0.5)  # CV of [8, 8, 0, 0] is 1, of [4]*4 0
 
 
-class _NoWatchdog:
-    """threading.Timer's stand-in: in this process a failing first step must not os._exit pytest."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def start(self):
-        pass
-
-    def cancel(self):
-        pass
-
-
 def test_measure_takes_the_peak_from_telemetry(monkeypatch):
     asked = []
 
@@ -264,7 +252,7 @@ def test_measure_takes_the_peak_from_telemetry(monkeypatch):
         return 5e10, "table:fake"
 
     monkeypatch.setattr(telemetry, "resolve_peak_flops", fake_peak)
-    monkeypatch.setattr(worker.threading, "Timer", _NoWatchdog)
+    monkeypatch.setattr(worker.threading, "Timer", NoWatchdog)
     cfg = {
         "config": "4",
         "num_experts": 4,

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import NoWatchdog
 
 from moe_impl.bench import plot as bench_plot
 from moe_impl.bench import worker
@@ -16,17 +17,6 @@ from moe_impl.bench.spec import parse_experts
 from moe_impl.cli import bench, main
 from moe_impl.layer import compiled
 from moe_impl.layer.base import MoELayer
-
-
-class _NoWatchdog:
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def start(self):
-        pass
-
-    def cancel(self):
-        pass
 
 
 def test_compile_seconds_is_the_warmup_beyond_the_median():
@@ -37,7 +27,7 @@ def test_compile_seconds_is_the_warmup_beyond_the_median():
 @pytest.mark.parametrize("config", ["4", "16-h"])
 def test_measure_with_compile_routes_through_the_compiled_functions(monkeypatch, config):
     monkeypatch.setitem(compiled.DEFAULTS, "backend", "aot_eager")
-    monkeypatch.setattr(worker.threading, "Timer", _NoWatchdog)
+    monkeypatch.setattr(worker.threading, "Timer", NoWatchdog)
     seen = []
     original = MoELayer.compile_routing
 
