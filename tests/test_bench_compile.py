@@ -36,6 +36,15 @@ def test_measure_with_compile_routes_through_the_compiled_functions(monkeypatch,
         return original(self, **kwargs)
 
     monkeypatch.setattr(MoELayer, "compile_routing", spy)
+    calls = {"select": 0, "combine": 0}  # the timed steps go through the compiled functions
+    for name in calls:
+        method = getattr(compiled.CompiledRouting, name)
+
+        def counted(self, *args, _name=name, _method=method, **kwargs):
+            calls[_name] += 1
+            return _method(self, *args, **kwargs)
+
+        monkeypatch.setattr(compiled.CompiledRouting, name, counted)
     spec = parse_experts(config)[0]
     cfg = {
         **spec._asdict(),
@@ -55,8 +64,11 @@ def test_measure_with_compile_routes_through_the_compiled_functions(monkeypatch,
     }
     row = worker.measure(cfg)
     assert seen == ["HierarchicalMoE" if spec.hierarchical else "MoE"]
+    assert calls["select"] >= 2 and calls["combine"] >= 2  # warm-up and timed steps
     assert math.isfinite(row["compile_s"]) and row["compile_s"] >= 0
+    before = dict(calls)
     assert math.isnan(worker.measure({**cfg, "compile": False})["compile_s"])
+    assert calls == before  # the eager measurement never enters them
 
 
 def test_compile_flag_goes_into_the_row_and_the_table_header():

@@ -6,6 +6,9 @@ builds them with inductor."""
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 
@@ -152,3 +155,21 @@ def test_inductor_build_equals_eager():
     eager, comp = _pair("hierarchical")
     comp.compile_routing()
     _assert_same(eager, comp, torch.randn(64, 16, generator=torch.Generator().manual_seed(5)))
+
+
+def test_a_compiled_layer_pickles_and_its_copy_routes_eagerly(monkeypatch):
+    """torch.save / copy.deepcopy of a layer with compiled routing: the copy is the same layer,
+    eager (torch.compile's wrappers do not pickle), and the original stays compiled."""
+    monkeypatch.setitem(compiled.DEFAULTS, "backend", "aot_eager")
+    torch.manual_seed(0)
+    layer = HierarchicalMoE(8, 16, 3, 4).compile_routing()
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for copied in (loaded, copy.deepcopy(layer)):
+        assert not copied.routing_compiled and layer.routing_compiled
+        x = torch.randn(16, 8)
+        got = copied(x, generator=torch.Generator().manual_seed(1))
+        want = layer(x, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(got.y, want.y)

@@ -130,8 +130,9 @@ def test_a_bad_gate_precision_raises_value_error_naming_it(bad):
 def test_tf32_scope_sets_and_restores_the_cuda_matmul_setting():
     """The flags exist without a GPU: the scope allows TF32 for CUDA only and puts back what was
     there (both of torch's APIs stay consistent, else torch refuses CUDA matmuls)."""
-    matmul = torch.backends.cuda.matmul
+    matmul, mkldnn = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
     saved = matmul.fp32_precision, torch.get_float32_matmul_precision()
+    mkldnn_before = mkldnn.fp32_precision
     try:
         for before in ("ieee", "none"):
             matmul.fp32_precision = before
@@ -141,6 +142,7 @@ def test_tf32_scope_sets_and_restores_the_cuda_matmul_setting():
                 assert matmul.fp32_precision == "tf32" and matmul.allow_tf32
             assert matmul.fp32_precision == before and not matmul.allow_tf32
             assert torch.get_float32_matmul_precision() == "highest"
+            assert mkldnn.fp32_precision == mkldnn_before  # other backends untouched
     finally:
         matmul.fp32_precision = saved[0]
         torch.set_float32_matmul_precision(saved[1])

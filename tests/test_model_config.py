@@ -95,6 +95,14 @@ def test_a_nested_layer_is_checked_against_the_model():
             r"^w_load must be >= 0, got -1.0",
         ),
         ({"dropout": 1.0}, r"^dropout must be in \[0, 1\), got 1.0"),
+        ({"dropout": "x"}, r"^dropout must be in \[0, 1\), got 'x'"),
+        ({"softmax_samples": "x"}, r"^softmax_samples must be an integer or None, got 'x'"),
+        # a model without a gate takes no gate option (it would be silently ignored)
+        ({"gate_precision": "bf16"}, r"^gate_precision does not apply to moe='none'"),
+        (
+            {"moe": "dense", "num_experts": 1, "d_hidden": 5, "w_load": 0.0},
+            r"^w_load does not apply to moe='dense'; got w_load=0.0",
+        ),
         (
             {"moe": "dense", "num_experts": 1, "d_hidden": 5, "expert_hidden_layers": 0},
             r"^expert_hidden_layers must be a positive integer, got 0",
@@ -103,4 +111,4 @@ def test_a_nested_layer_is_checked_against_the_model():
 )
 def test_a_bad_flat_form_is_one_line_naming_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        ModelConfig.build(**_TINY, softmax_samples=None, **kwargs)
+        ModelConfig.build(**{**_TINY, "softmax_samples": None, **kwargs})

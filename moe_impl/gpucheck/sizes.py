@@ -43,7 +43,7 @@ class Sizes:
     speed_tokens_per_expert: tuple[int, ...] = (256, 1024)
     profile_experts: tuple[str, ...] = ("256", "4096-h")  # where one step's time goes
     # also timed (and profiled) with the routing compiled (MoELayer.compile_routing), at the
-    # largest tokens per expert with the first kernel: each compile costs tens of seconds
+    # largest tokens per expert with the first kernel (each size adds its compile time)
     compile_experts: tuple[str, ...] = ("256", "4096-h")
     # torch.compile's arguments there; {} = its defaults (inductor, mode default)
     compile_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -10,6 +10,7 @@ Achieved TFLOPS count the analytic FLOPs (moe_impl/model/flops.py), as training 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
 from typing import Any
@@ -100,17 +101,27 @@ def time_compiled(
 ) -> tuple[float, float]:
     """(median seconds per step, compile seconds) of `step` with every MoE layer in `layer` compiled
     (sizes.compile_kwargs), then eager again: the compile time is what its first two steps took
-    beyond two timed medians (the second may recompile with dynamic shapes)."""
+    beyond two timed medians (the second may recompile with dynamic shapes). Past dynamo's
+    recompile limit a function would silently run eagerly, so hitting it is an error here."""
     layers = [m for m in layer.modules() if isinstance(m, MoELayer)]
     for m in layers:
         m.compile_routing(**sizes.compile_kwargs)
     try:
-        first_s = time_first_steps(step, device, 2)
-        median_s = time_steps(step, device, warmup=sizes.warmup, reps=sizes.reps)["median_s"]
+        with _fail_on_recompile_limit():
+            first_s = time_first_steps(step, device, 2)
+            median_s = time_steps(step, device, warmup=sizes.warmup, reps=sizes.reps)["median_s"]
     finally:
         for m in layers:
             m.eager_routing()
     return median_s, max(0.0, first_s - 2 * median_s)
+
+
+def _fail_on_recompile_limit() -> contextlib.AbstractContextManager:
+    """dynamo's fail_on_recompile_limit_hit for the code inside, where this torch has it."""
+    config = torch._dynamo.config
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        return config.patch(fail_on_recompile_limit_hit=True)
+    return contextlib.nullcontext()
 
 
 def _layer_rows(spec, moe, dense, m: int, kernels: list[str], ctx: dict) -> list[dict]:

@@ -78,7 +78,8 @@ def project_workflow(
         vocab = corpus.vocab_size if corpus is not None else ALL_PRESETS[planned.preset].vocab_size
         model = model_config(cfg, vocab_size=vocab)
         train = cfg.train
-        key = (model, *_step_shape(train))  # the model holds its gate options
+        # the model holds its gate options; a compiled run is timed compiled
+        key = (model, cfg.model.compile, *_step_shape(train))
         row = {
             "sweep": planned.sweep,
             "run": planned.run,
@@ -175,6 +176,7 @@ def _time_model(model, cfg, device: torch.device, sizes: Sizes) -> dict:
             warmup=sizes.workflow_warmup,
             reps=sizes.workflow_steps,
             micro_batches=train.micro_batches,
+            compile_sizes=sizes if cfg.model.compile else None,
         )
     except Exception as err:
         if not is_oom(err):

@@ -74,6 +74,11 @@ class ExpertBank(nn.Module):
         self.compiled: CompiledRouting | None = None
         self.reset_parameters()
 
+    def __getstate__(self) -> dict:
+        """A pickled bank (torch.save, copy.deepcopy) combines eagerly: torch.compile's wrappers
+        do not pickle."""
+        return {**self.__dict__, "compiled": None}
+
     def reset_parameters(self) -> None:
         """w_in ~ U(±sqrt(6/d)), w_out ~ U(±sqrt(3/h)), drawn chunk by chunk (INIT_CHUNK)."""
         d_model, d_hidden = self.w_in.shape[1:]

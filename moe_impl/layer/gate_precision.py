@@ -3,7 +3,8 @@ gates' of App. B: `MoEConfig.gate_precision`, a trade of routing exactness for s
 the paper.
 
 - "float32" (the default): float32 operands and accumulation (float64 inputs stay float64); the
-  routing is the float64 reference's.
+  routing is the float64 reference's. It does not turn TF32 off: where the process allows TF32
+  for all float32 matmuls (torch.backends.cuda.matmul), the gate's run with it too.
 - "tf32": on CUDA the matmuls, forward and backward, run with TF32 allowed (tensor cores: operands
   rounded to a 10-bit mantissa, float32 accumulation). CPUs have no TF32: there it is float32,
   bit for bit.
@@ -54,7 +55,9 @@ def tf32_matmuls(device: torch.device) -> Iterator[None]:
     try:
         yield
     finally:
-        if legacy is not None:
+        if legacy == "highest":  # TF32 off again, leaving the other backends' settings alone
+            matmul.allow_tf32 = False
+        elif legacy is not None:
             torch.set_float32_matmul_precision(legacy)
         matmul.fp32_precision = before
 

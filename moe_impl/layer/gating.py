@@ -153,6 +153,11 @@ class GatingNetwork(nn.Module):
         # the compiled gate (compiled.py; MoELayer.compile_routing), None for the eager one
         self.compiled: CompiledRouting | None = None
 
+    def __getstate__(self) -> dict:
+        """A pickled (torch.save, copy.deepcopy) network routes eagerly: torch.compile's wrappers
+        do not pickle; compile_routing the copy again where wanted."""
+        return {**self.__dict__, "compiled": None}
+
     @property
     def uses_noise(self) -> bool:
         # Noise only in training: tensor2tensor's noisy_top_k_gating multiplies the std by

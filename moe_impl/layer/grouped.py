@@ -16,8 +16,9 @@ experts), and plain autograd through `_grouped_mm` is not available on CPU.
 
 No host synchronisation with dense weight gradients: all E experts are groups (offsets = cumsum of
 the kept counts, on the device; an idle expert is an empty group, its weight gradient masked to 0),
-so nothing is read back per step, as CUDA graphs and `torch.compile(fullgraph=True)` need (the
-latter tested on CPU; neither run on a GPU yet). This replaced, rather than sits beside, the earlier gathering of
+so nothing is read back per step, as CUDA graphs and `torch.compile(fullgraph=True)` need
+(tests/test_grouped_sync_free.py; docs/performance.md says what has run where). This replaced,
+rather than sits beside, the earlier gathering of
 the active experts' weights (a `nonzero` read back in every forward, a `tolist` of the offsets
 beyond MAX_GROUPS groups): one path is simpler, an empty group has no rows to multiply, and the
 dense gradient comes out in place instead of being scattered into a zeroed (E, D, H) buffer. Beyond
@@ -61,8 +62,8 @@ ALIGN_BYTES = 16
 # At most this many groups per call: CUDA's kernel refuses more ("Can't process more than 1024
 # groups", torch 2.11 on an H200, docs/gpu.md); more experts run as several calls.
 MAX_GROUPS = 512
-# The dtypes `torch._grouped_mm` multiplies on CPU (torch 2.13; the meta kernel that
-# torch.compile traces with accepts bfloat16 only, and the auto choice uses it only in bf16).
+# The dtypes `torch._grouped_mm` multiplies on CPU (its meta kernel, which torch.compile traces
+# with, may accept fewer: the auto choice uses the grouped kernel only in bf16).
 GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _kernel = "auto"

@@ -12,6 +12,7 @@ A config is validated where it is built; errors name the field and the value.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -103,6 +104,8 @@ class ModelConfig:
                     f"got {(units, projection)} which outputs {out}"
                 )
         s = self.softmax_samples
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int)):
+            raise ValueError(f"softmax_samples must be an integer or None, got {s!r}")
         if s is not None and not 0 <= s < self.vocab_size:
             raise ValueError(
                 f"softmax_samples must be in [0, vocab_size={self.vocab_size}), got {s}"
@@ -116,7 +119,7 @@ class ModelConfig:
                 f"the MoE layer's d_model={self.layer.d_model} must equal the model's "
                 f"d_model={self.d_model}"
             )
-        if isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
     @classmethod
@@ -231,6 +234,10 @@ def _layer(
     for key in sorted(LAYOUT_DEFAULTS.keys() - _KIND_KEYS[kind] - {"moe"}):
         if layout[key] != LAYOUT_DEFAULTS[key]:
             raise ValueError(f"{key} does not apply to moe={kind!r}; got {key}={layout[key]}")
+    if kind in ("none", "dense"):  # no gate: its options must stay at MoEConfig's defaults
+        for name, value in options.items():
+            if value != _GATE_DEFAULTS[name]:
+                raise ValueError(f"{name} does not apply to moe={kind!r}; got {name}={value!r}")
     if kind == "none":
         return None
     if kind == "dense":
@@ -269,6 +276,13 @@ def _gated(d_model: int, kind: str, layout: dict[str, Any], options: LayerOption
         k_secondary=layout["k_secondary"],
         **options,
     )
+
+
+_GATE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoEConfig) if f.name in OPTIONS}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _check_positive(field: str, value: int | None) -> None:

@@ -110,7 +110,12 @@ class ModelSection:
             raise ValueError(
                 f"model.preset {self.preset!r} is not a preset; valid: " + ", ".join(ALL_PRESETS)
             )
-        self.resolve(_STRUCTURE_VOCAB)  # the structure; the corpus fixes the vocabulary
+        model = self.resolve(_STRUCTURE_VOCAB)  # the structure; the corpus fixes the vocabulary
+        if self.compile and not isinstance(model.layer, MoEConfig):
+            raise ValueError(
+                f"model.compile compiles an MoE layer's routing; model {model.name!r} "
+                f"(model.preset={self.preset!r}) has none (moe={model.moe!r})"
+            )
 
     def resolve(self, vocab_size: int) -> ModelConfig:
         """The preset with this section's overrides, how it trains, and the corpus's vocabulary."""
@@ -410,8 +415,10 @@ def resolve_model(
         changes["name"] = f"MoE-{changes['num_experts']}" + ("-h" if kind == "hierarchical" else "")
     try:
         return base.replace(vocab_size=vocab_size, **changes, **(options or {}))
-    except ValueError as err:
-        raise ValueError(f"model ({preset} with {changes or 'no overrides'}): {err}") from None
+    except (ValueError, TypeError) as err:  # TypeError: a value of the wrong type met an operator
+        defaults = {f.name: f.default for f in dataclasses.fields(ModelSection)}
+        given = {**changes, **{k: v for k, v in (options or {}).items() if v != defaults[k]}}
+        raise ValueError(f"model ({preset} with {given or 'no overrides'}): {err}") from None
 
 
 # --- building a RunConfig from nested mappings ---------------------------------------------------
