@@ -97,11 +97,11 @@ def test_a_nested_layer_is_checked_against_the_model():
         ({"dropout": 1.0}, r"^dropout must be in \[0, 1\), got 1.0"),
         ({"dropout": "x"}, r"^dropout must be in \[0, 1\), got 'x'"),
         ({"softmax_samples": "x"}, r"^softmax_samples must be an integer or None, got 'x'"),
-        # a model without a gate takes no gate option (it would be silently ignored)
-        ({"gate_precision": "bf16"}, r"^gate_precision does not apply to moe='none'"),
+        # a model without a gate checks the gate's options too (they then have no effect)
+        ({"gate_precision": "fp8"}, r"^gate_precision must be one of float32, tf32, bf16"),
         (
-            {"moe": "dense", "num_experts": 1, "d_hidden": 5, "w_load": 0.0},
-            r"^w_load does not apply to moe='dense'; got w_load=0.0",
+            {"moe": "dense", "num_experts": 1, "d_hidden": 5, "w_load": -1.0},
+            r"^w_load must be >= 0, got -1.0",
         ),
         (
             {"moe": "dense", "num_experts": 1, "d_hidden": 5, "expert_hidden_layers": 0},

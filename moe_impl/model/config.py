@@ -12,7 +12,6 @@ A config is validated where it is built; errors name the field and the value.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -234,10 +233,10 @@ def _layer(
     for key in sorted(LAYOUT_DEFAULTS.keys() - _KIND_KEYS[kind] - {"moe"}):
         if layout[key] != LAYOUT_DEFAULTS[key]:
             raise ValueError(f"{key} does not apply to moe={kind!r}; got {key}={layout[key]}")
-    if kind in ("none", "dense"):  # no gate: its options must stay at MoEConfig's defaults
-        for name, value in options.items():
-            if value != _GATE_DEFAULTS[name]:
-                raise ValueError(f"{name} does not apply to moe={kind!r}; got {name}={value!r}")
+    if kind in ("none", "dense"):
+        # No gate: its options are checked, then have no effect, so that one set of overrides
+        # (`model.w_importance=0`) can serve a sweep's MoE models and its baselines alike.
+        MoEConfig(d_model=1, d_hidden=1, num_experts=1, k=1, **options)
     if kind == "none":
         return None
     if kind == "dense":
@@ -276,9 +275,6 @@ def _gated(d_model: int, kind: str, layout: dict[str, Any], options: LayerOption
         k_secondary=layout["k_secondary"],
         **options,
     )
-
-
-_GATE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoEConfig) if f.name in OPTIONS}
 
 
 def _is_number(value: Any) -> bool:

@@ -110,12 +110,7 @@ class ModelSection:
             raise ValueError(
                 f"model.preset {self.preset!r} is not a preset; valid: " + ", ".join(ALL_PRESETS)
             )
-        model = self.resolve(_STRUCTURE_VOCAB)  # the structure; the corpus fixes the vocabulary
-        if self.compile and not isinstance(model.layer, MoEConfig):
-            raise ValueError(
-                f"model.compile compiles an MoE layer's routing; model {model.name!r} "
-                f"(model.preset={self.preset!r}) has none (moe={model.moe!r})"
-            )
+        self.resolve(_STRUCTURE_VOCAB)  # the structure; the corpus fixes the vocabulary
 
     def resolve(self, vocab_size: int) -> ModelConfig:
         """The preset with this section's overrides, how it trains, and the corpus's vocabulary."""
