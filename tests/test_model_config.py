@@ -33,6 +33,10 @@ def test_the_flat_form_of_each_kind():
         "softmax_samples": None,
         **LAYOUT_DEFAULTS,
     }
+    # the gate's options are checked and have no effect without a gate (one sweep's overrides)
+    assert (
+        ModelConfig.build(**_TINY, softmax_samples=None, w_load=0.0, gate_precision="bf16") == lstm
+    )
     deep = ModelConfig.build(
         **_TINY,
         softmax_samples=None,
