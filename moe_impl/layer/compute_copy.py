@@ -48,6 +48,11 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+# Past this share of changed rows `rows_updated` recasts the whole copy in place (one converting
+# copy_) instead of gathering, casting and scattering the rows, which costs ~6x as much per row on
+# our CPU (docs/performance.md, "Expert weights in the compute dtype").
+FULL_RECAST_SHARE = 1 / 8
+
 # The copy of each parameter that has one, by id(parameter); the entry goes with its copy (and
 # `copy_of` checks the parameter itself, so a reused id finds nothing).
 _copies: weakref.WeakValueDictionary[int, ComputeCopy] = weakref.WeakValueDictionary()
@@ -92,8 +97,9 @@ class ComputeCopy:
 
     def rows_updated(self, param: Tensor, rows_A: Tensor, version_before: int) -> None:
         """After an in-place update of `param` that changed rows `rows_A` only (dim 0) and nothing
-        else since its version was `version_before`: recast those rows and mark the copy valid.
-        A copy already stale before the update stays stale (the next forward recasts it all)."""
+        else since its version was `version_before`: recast those rows (all of them, in place,
+        past FULL_RECAST_SHARE of the rows) and mark the copy valid. A copy already stale before
+        the update stays stale (the next forward recasts it all)."""
         with self._lock:
             if self.tensor is None or not self.holds(param):
                 return
@@ -102,8 +108,11 @@ class ComputeCopy:
                 return
             num = param.shape[0]
             with torch.no_grad():
-                rows = param.detach().reshape(num, -1).index_select(0, rows_A).to(dtype)
-                self.tensor.view(num, -1).index_copy_(0, rows_A, rows)
+                if rows_A.numel() > FULL_RECAST_SHARE * num:
+                    self.tensor.copy_(param.detach())
+                else:
+                    rows = param.detach().reshape(num, -1).index_select(0, rows_A).to(dtype)
+                    self.tensor.view(num, -1).index_copy_(0, rows_A, rows)
             self._state = _state(param, dtype)
             self.rows_cast += rows_A.numel()
 
