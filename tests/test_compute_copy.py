@@ -146,9 +146,17 @@ def test_training_with_copies_equals_training_without(factory, tokens, choice):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("share", [1.0, 0.0])  # the rows recast alone, or the whole copy in place
-def test_a_sparse_step_recasts_the_changed_rows_without_a_full_cast(share, monkeypatch):
+# (FULL_RECAST_SHARE, CPU_CHUNK_BYTES): the rows recast alone, in one chunk or in chunks of 3
+# rows (D·H float32 values each), or the whole copy in place
+RECASTS = [(1.0, 1 << 20), (1.0, 3 * D * H * 4), (0.0, 1 << 20)]
+
+
+@pytest.mark.parametrize(("share", "chunk_bytes"), RECASTS)
+def test_a_sparse_step_recasts_the_changed_rows_without_a_full_cast(
+    share, chunk_bytes, monkeypatch
+):
     monkeypatch.setattr(compute_copy, "FULL_RECAST_SHARE", share)
+    monkeypatch.setattr(compute_copy, "CPU_CHUNK_BYTES", chunk_bytes)
     layer = make(lambda: MoE(D, H, 64, k=2, sparse_grad=True))
     bank = layer.experts
     x, r = data(8)

@@ -49,9 +49,13 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # Past this share of changed rows `rows_updated` recasts the whole copy in place (one converting
-# copy_) instead of gathering, casting and scattering the rows, which costs ~6x as much per row on
+# copy_) instead of gathering, casting and scattering the rows, which costs 2-3x as much per row on
 # our CPU (docs/performance.md, "Expert weights in the compute dtype").
-FULL_RECAST_SHARE = 1 / 8
+FULL_RECAST_SHARE = 1 / 3
+# On CPU the rows go through scratch buffers of this many bytes of the parameter's rows, reused
+# chunk after chunk: a fresh buffer for all of them (tens of MB) page-faults through its memory
+# again in every step (workspace.py), which made the row recast ~3x slower.
+CPU_CHUNK_BYTES = 1 << 20
 
 # The copy of each parameter that has one, by id(parameter); the entry goes with its copy (and
 # `copy_of` checks the parameter itself, so a reused id finds nothing).
@@ -111,8 +115,7 @@ class ComputeCopy:
                 if rows_A.numel() > FULL_RECAST_SHARE * num:
                     self.tensor.copy_(param.detach())
                 else:
-                    rows = param.detach().reshape(num, -1).index_select(0, rows_A).to(dtype)
-                    self.tensor.view(num, -1).index_copy_(0, rows_A, rows)
+                    _recast_rows(param.detach().reshape(num, -1), self.tensor.view(num, -1), rows_A)
             self._state = _state(param, dtype)
             self.rows_cast += rows_A.numel()
 
@@ -135,6 +138,22 @@ class ComputeCopy:
 
     def __deepcopy__(self, memo: dict) -> ComputeCopy:
         return ComputeCopy()
+
+
+def _recast_rows(src_EW: Tensor, dst_EW: Tensor, rows_A: Tensor) -> None:
+    """dst[rows] = src[rows] in dst's dtype: gathered, cast and scattered in chunks of
+    CPU_CHUNK_BYTES on CPU (through two reused scratch buffers), in one go elsewhere."""
+    num_rows, width = rows_A.numel(), src_EW.shape[1]
+    chunk = num_rows
+    if src_EW.device.type == "cpu":
+        chunk = max(1, min(num_rows, CPU_CHUNK_BYTES // (width * src_EW.element_size())))
+    gathered = src_EW.new_empty(chunk, width)
+    cast = dst_EW.new_empty(chunk, width)
+    for start in range(0, num_rows, chunk):
+        rows = rows_A[start : start + chunk]
+        n = rows.numel()
+        torch.index_select(src_EW, 0, rows, out=gathered[:n])
+        dst_EW.index_copy_(0, rows, cast[:n].copy_(gathered[:n]))
 
 
 def copy_of(param: Tensor) -> ComputeCopy | None:
