@@ -5,7 +5,8 @@ copies (moe_impl/layer/compute_copy.py; `ExpertBank.keep_compute_copies`), on on
     python examples/compute_copy_speed.py --experts 4096-h --optimizer trainer --reps 5
 
 Two copies of the same layer (same weights, same noise) alternate steps, one keeping the copies,
-one casting the weights in every forward: forward, backward and, with `--optimizer trainer`, the
+one casting the weights in every forward, each going first every other step (the first of a pair
+ran 5-8% slower on our CPU): forward, backward and, with `--optimizer trainer`, the
 update the trainer builds (train.optim.build_optimizers: fused Adam for dense expert gradients,
 FactoredAdam for sparse ones); with `--optimizer none` the weights never change (as `bench` and
 gpu-check's layer_speed time a step). Their parameters stay bit for bit equal, which is checked.
@@ -47,7 +48,8 @@ def time_pair(entry: str, args: argparse.Namespace) -> dict:
     x = torch.randn(args.tokens, args.d_model, device=device)
     times: list[list[float]] = [[], []]
     for step in range(args.warmup + args.reps):
-        for i, (model, opts) in enumerate(zip(models, optims, strict=True)):
+        for i in (0, 1) if step % 2 else (1, 0):  # alternating which goes first (it runs slower)
+            model, opts = models[i], optims[i]
             model.zero_grad(set_to_none=True)
             xs = x.clone().requires_grad_(True)
             if device.type == "cuda":
