@@ -1,42 +1,47 @@
 """Expert weights in the compute dtype, kept from step to step instead of cast in every forward.
 
 Under autocast the experts multiply in its dtype (bf16; expert_mlp.compute_dtype) while their
-weights are float32 parameters, so every forward cast all of w_in and w_out (the in-place layout)
-or gathered float32 rows and cast them (the gathered layouts). Here an ExpertBank keeps a copy of
-each weight in the compute dtype, which stays valid while its parameter is unchanged: the same
-object, data pointer, dtype, device and in-place version counter (`Tensor._version`, bumped by
-every in-place write through the parameter or a view of it: load_state_dict's copy_, an edit under
-no_grad, a foreach optimizer's step). torch's fused optimizers (`torch.optim.Adam(fused=True)`,
-as the trainer builds it) write without bumping the counter (torch 2.13), so a global optimizer
-step hook also marks stale every copy of a parameter that any optimizer stepped, except those of
-an optimizer that keeps them itself (`keeps_compute_copies = True`: FactoredAdam). A forward with a valid copy uses it (the gathered layouts gather its rows: half the bytes of
-float32 rows); else it casts the whole parameter once and keeps the result (a full cast). An
-expert optimizer that changed only some experts' rows (FactoredAdam with sparse gradients,
-moe_impl/train/optim.py) calls `rows_updated` right after its update, which recasts those rows
-of the copy and marks it valid again: a sparse step recasts the active experts' rows only. Any
-other in-place change leaves the copy stale, and the next forward recasts everything.
+weights are float32 parameters, so every forward cast all of w_in and w_out (the in-place layout,
+the grouped kernel with dense gradients) or gathered float32 rows and cast them (the gathered
+layouts). Here an ExpertBank keeps a copy of each weight in the compute dtype, valid while its
+parameter is unchanged: the same object, data pointer, dtype, device and in-place version counter
+(`Tensor._version`, bumped by every in-place write through the parameter or a view of it:
+load_state_dict's copy_, an edit under no_grad, a foreach optimizer's step). A forward with a
+valid copy uses it (the gathered layouts gather its rows: half the bytes of float32 rows); else it
+casts the whole parameter once and keeps the result (a full cast).
+
+What keeps the copies in step with the parameters:
+- an expert optimizer that changed only some experts' rows (FactoredAdam with sparse gradients,
+  moe_impl/train/optim.py) calls `rows_updated` right after its update: those rows are recast
+  (the whole copy, in place, past FULL_RECAST_SHARE of them) and the copy is valid again, so a
+  sparse step recasts the active experts' rows only;
+- torch's fused optimizers (`torch.optim.Adam(fused=True)`, as the trainer builds it) write
+  without bumping the version counter (torch 2.13), so a global optimizer step hook marks stale
+  the copies of every parameter any optimizer stepped, except an optimizer's that keeps them
+  itself (`keeps_compute_copies = True`: FactoredAdam);
+- any other in-place change bumps the counter and the next forward recasts everything.
 
 Why a copy beside float32 parameters, not bf16 parameters with float32 master weights in the
 optimizer: the copy changes nothing outside the layer and one call in the expert optimizer. The
 parameters, their gradients (float32, summed in float32 over micro-batches), the state_dict, the
 checkpoints, gradient clipping, the expert-parallel gradient sums and every optimizer (torch's
 fused Adam among them) stay as they are, and the layer's outputs and gradients stay bit for bit
-those of the per-forward cast, since the copy holds exactly `param.to(dtype)` (tests/
-test_compute_copy.py). Master weights would need an optimizer that owns a float32 copy of every
-expert weight and writes the bf16 one back, i.e. each optimizer (and SparseAdam) rewritten.
+those of the per-forward cast, since the copy holds exactly `param.to(dtype)`
+(tests/test_compute_copy.py). Master weights would need an optimizer that owns a float32 copy of
+every expert weight and writes the bf16 one back: each optimizer (SparseAdam too) rewritten.
 
 Memory: 2 bytes per weight in bf16, for as long as the bank keeps them. The in-place layout held
 a cast of all the weights from each forward to its backward already; the gathered layouts held only
-their blocks'. Copies are made only where the compute dtype differs from the parameters' (never in
-float32, so never outside autocast with float32 inputs) and never while torch.compile traces;
-`ExpertBank.keep_compute_copies = False` turns them off and frees them.
+their blocks'. Copies are made only under autocast, where its dtype differs from the parameters',
+and never while torch.compile traces; `ExpertBank.keep_compute_copies = False` turns them off and
+frees them.
 
-NOTE: a write through `param.data` bumps no counter the copy can see (nothing in moe_impl does
-that); call `ExpertBank.drop_compute_copies()` after one. In the in-place layout the copy itself is saved for the backward, so an optimizer step
-between a forward and its backward (which would also have changed the weights the backward uses)
-makes autograd raise on the copy's version instead of computing with other weights.
+NOTE: a write through `param.data` bumps no counter the copy can see (nothing in moe_impl writes
+so); call `ExpertBank.drop_compute_copies()` after one. In the in-place layout the copy itself is
+saved for the backward, so an update between a forward and its backward (which would also have
+changed the weights the backward uses) makes autograd raise on the copy's version.
 
-Shape suffixes: E = experts, A = rows (experts) an optimizer changed.
+Shape suffixes: E = experts, A = rows (experts) an optimizer changed, W = a row's values.
 """
 
 from __future__ import annotations

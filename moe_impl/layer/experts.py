@@ -107,7 +107,7 @@ class ExpertBank(nn.Module):
     def _weight_copies(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """(w_in, w_out) in autocast's compute dtype, from the kept copies; None where the kernels
         cast them themselves: copies off, no autocast, the weights already in that dtype, or
-        torch.compile tracing (a copy's validity is read on the host: pointers, version counters)."""
+        torch.compile tracing (a copy's validity is read on the host: pointers, versions)."""
         dtype = compute_dtype(x)
         if (
             not self._keep_compute_copies
