@@ -184,13 +184,14 @@ def test_forwards_within_a_step_cast_once():
     with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
         layer.eval()(x)
     assert [c.full_casts for c in bank.compute_copies] == [1, 1]
-    # a fused step bumps no version counter: the optimizer step hook marks the copies stale
+    # a fused step bumps no version counter: the optimizer step pre-hook frees the copies
     adam = torch.optim.Adam(layer.parameters(), lr=0.01, fused=True)
     version = bank.w_in._version
     with torch.autocast("cpu", dtype=BF16):
         layer.train()(x).y.float().sum().backward()
     adam.step()
     assert bank.w_in._version == version
+    assert all(c.tensor is None for c in bank.compute_copies)
     want = [bank.w_in.detach().to(BF16), bank.w_out.detach().to(BF16)]
     forward_backward(layer, x, r)
     assert [c.full_casts for c in bank.compute_copies] == [2, 2]

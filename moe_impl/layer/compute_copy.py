@@ -16,9 +16,10 @@ What keeps the copies in step with the parameters:
   (the whole copy, in place, past FULL_RECAST_SHARE of them) and the copy is valid again, so a
   sparse step recasts the active experts' rows only;
 - torch's fused optimizers (`torch.optim.Adam(fused=True)`, as the trainer builds it) write
-  without bumping the version counter (torch 2.13), so a global optimizer step hook marks stale
-  the copies of every parameter any optimizer stepped, except an optimizer's that keeps them
-  itself (`keeps_compute_copies = True`: FactoredAdam);
+  without bumping the version counter (torch 2.13), so a global optimizer step pre-hook frees
+  the copies of every parameter an optimizer is about to step, except an optimizer's that keeps
+  them itself (`keeps_compute_copies = True`: FactoredAdam); freed before the step, a copy takes
+  no memory while that optimizer works, as the per-forward cast did not;
 - any other in-place change bumps the counter and the next forward recasts everything.
 
 Why a copy beside float32 parameters, not bf16 parameters with float32 master weights in the
@@ -32,7 +33,8 @@ every expert weight and writes the bf16 one back: each optimizer (SparseAdam too
 
 Memory: 2 bytes per weight in bf16, for as long as the bank keeps them. The in-place layout held
 a cast of all the weights from each forward to its backward already; the gathered layouts held only
-their blocks'. Copies are made only under autocast, where its dtype differs from the parameters',
+their blocks'. Under FactoredAdam the copy also lives through the optimizer's step and between
+steps; under any other optimizer it is freed before the step. Copies are made only under autocast, where its dtype differs from the parameters',
 and never while torch.compile traces; `ExpertBank.keep_compute_copies = False` turns them off and
 frees them.
 
@@ -51,7 +53,7 @@ import weakref
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 # Past this share of changed rows `rows_updated` recasts the whole copy in place (one converting
 # copy_) instead of gathering, casting and scattering the rows, which costs 2-3x as much per row on
@@ -124,13 +126,8 @@ class ComputeCopy:
             self._state = _state(param, dtype)
             self.rows_cast += rows_A.numel()
 
-    def invalidate(self) -> None:
-        """Mark the copy stale: the next `get` recasts the whole parameter."""
-        with self._lock:
-            self._state = None
-
     def clear(self) -> None:
-        """Free the copy (the counters stay)."""
+        """Free the copy (the counters stay): the next `get` recasts the whole parameter."""
         with self._lock:
             self.tensor, self._param, self._state = None, None, None
 
@@ -167,16 +164,16 @@ def copy_of(param: Tensor) -> ComputeCopy | None:
     return copy if copy is not None and copy.holds(param) else None
 
 
-def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Every optimizer's step hook: the copies of the parameters it stepped go stale (a fused
-    step bumps no version counter), unless the optimizer keeps them (FactoredAdam)."""
+def _before_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Every optimizer's step pre-hook: the copies of the parameters it is about to step are freed
+    (a fused step bumps no version counter), unless the optimizer keeps them (FactoredAdam)."""
     if not _copies or getattr(optimizer, "keeps_compute_copies", False):
         return
     for group in optimizer.param_groups:
         for param in group["params"]:
             copy = copy_of(param)
             if copy is not None:
-                copy.invalidate()
+                copy.clear()
 
 
-register_optimizer_step_post_hook(_after_optimizer_step)
+register_optimizer_step_pre_hook(_before_optimizer_step)
