@@ -89,6 +89,9 @@ def test_layer_speed_takes_the_input_gradient_and_reports_both_paths(monkeypatch
     assert [r["routing"] for r in rows if r["kernel"] == rows[0]["kernel"]] == (
         ["eager", "compiled"] if compiled else ["eager"]
     )
+    # the step with the expert weights cast in every forward, beside the kept bf16 copies'
+    assert rows[0]["weights_cast_ms"] > 0
+    assert all("weights_cast_ms" not in r for r in rows[1:])
     assert results["profile_rule"] == profile.PROFILE_RULE
     if compiled:
         assert rows[1]["compile_s"] >= 0

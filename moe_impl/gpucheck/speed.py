@@ -2,7 +2,8 @@
 - the MoE layer against a FLOP-matched dense FFN `Linear(d, k·h) -> ReLU -> Linear(k·h, d)` at
   the paper's expert shape (d_model 512, d_hidden 1024), at fixed tokens per expert, with each
   expert kernel (bench's protocol, moe_impl/cli/bench.py: forward + backward, gradients set to
-  None between steps);
+  None between steps); the expert weights kept in bf16 between steps (compute_copy.py), the first
+  kernel's eager step also timed with them cast in every forward (`weights_cast_ms`);
 - the language models' training step (forward, backward, clipping, optimizer) of the paper's
   1-Billion-Word presets that fit one GPU, TFLOPS per GPU and MFU beside Table 7's column.
 Achieved TFLOPS count the analytic FLOPs (moe_impl/model/flops.py), as training does.
@@ -26,6 +27,7 @@ from moe_impl.gpucheck.profile import PROFILE_RULE, profile_step
 from moe_impl.gpucheck.sizes import Sizes
 from moe_impl.gpucheck.timing import free_memory, is_oom, peak_gib, time_first_steps, time_steps
 from moe_impl.layer.base import MoELayer
+from moe_impl.layer.experts import ExpertBank
 from moe_impl.layer.grouped import choose_kernel, expert_kernel, grouped_mm_available
 from moe_impl.model import flops
 from moe_impl.model.config import ModelConfig
@@ -80,15 +82,34 @@ def _speed_row(
     }
 
 
+def time_weights_cast(layer: nn.Module, step, device: torch.device, sizes: Sizes) -> float:
+    """Median seconds per step of `step` with the experts' weights cast to bf16 in every forward
+    (ExpertBank.keep_compute_copies off, as before the banks kept them; moe_impl/layer/
+    compute_copy.py), then the copies kept again."""
+    banks = [m for m in layer.modules() if isinstance(m, ExpertBank)]
+    for bank in banks:
+        bank.keep_compute_copies = False
+    try:
+        return time_steps(step, device, warmup=sizes.warmup, reps=sizes.reps)["median_s"]
+    finally:
+        for bank in banks:
+            bank.keep_compute_copies = True
+
+
 def _routing_rows(row: dict, moe: nn.Module, x: torch.Tensor, kernel: str, ctx: dict) -> list:
     """The layer's rows at one size and kernel: eager, then compiled where `ctx["compile"]`
-    (MoELayer.compile_routing with ctx's compile kwargs; its compile time beside it)."""
+    (MoELayer.compile_routing with ctx's compile kwargs; its compile time beside it). The first
+    kernel's eager row also has `weights_cast_ms`: the step with the expert weights cast in every
+    forward instead of kept in bf16 (the steps here change no weight, so the kept copies are never
+    recast; a training step recasts the rows its optimizer changed)."""
     sizes, device = ctx["sizes"], ctx["device"]
     step = _layer_step(moe, x, True)
     rows = []
     with expert_kernel(kernel):
         moe_s = time_steps(step, device, warmup=sizes.warmup, reps=sizes.reps)["median_s"]
         rows.append(_speed_row({**row, "routing": "eager"}, kernel, moe_s, *ctx["rest"]))
+        if kernel == ctx["kernels"][0]:
+            rows[-1]["weights_cast_ms"] = 1e3 * time_weights_cast(moe, step, device, sizes)
         if ctx["compile"]:
             moe_s, compile_s = time_compiled(moe, step, device, sizes)
             compiled = {**row, "routing": "compiled", "compile_s": compile_s}

@@ -37,14 +37,19 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 class _BlockExpertMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_LCD, w_in_EDH, w_out_EHD, block_expert_L, counts_E, sparse_grad, buffers):
+    def forward(
+        ctx, x_LCD, w_in_EDH, w_out_EHD, block_expert_L, counts_E, sparse_grad, buffers, copies
+    ):
         device = x_LCD.device.type
         dtype = compute_dtype(x_LCD)
+        # the weights in the compute dtype where the bank keeps them (compute_copy.py): the
+        # casts below are then no-ops, and a gathered block copies half the bytes
+        w_in_c, w_out_c = (w_in_EDH, w_out_EHD) if copies is None else copies
         if block_expert_L is None:  # in place: block l is expert l
-            w_in_LDH, w_out_LHD = w_in_EDH, w_out_EHD
+            w_in_LDH, w_out_LHD = w_in_c, w_out_c
         else:
-            w_in_LDH = select_rows(w_in_EDH, block_expert_L, buffers)
-            w_out_LHD = select_rows(w_out_EHD, block_expert_L, buffers)
+            w_in_LDH = select_rows(w_in_c, block_expert_L, buffers)
+            w_out_LHD = select_rows(w_out_c, block_expert_L, buffers)
         with torch.autocast(device, enabled=False):
             x_LCD_c = x_LCD.to(dtype)
             w_in_LDH, w_out_LHD = w_in_LDH.to(dtype), w_out_LHD.to(dtype)
@@ -72,7 +77,7 @@ class _BlockExpertMLP(torch.autograd.Function):
             gw_in, gw_out = _weight_grads(
                 ctx, x_LCD, h_LCH, gh_LCH, gy_LCD, block_expert_L, counts_E
             )
-        return gx_LCD, gw_in, gw_out, None, None, None, None
+        return gx_LCD, gw_in, gw_out, None, None, None, None, None
 
 
 def relu_backward_(grad: Tensor, h: Tensor) -> Tensor:
@@ -143,10 +148,13 @@ def block_expert_mlp(
     *,
     sparse_grad: bool,
     buffers: Workspace | None = None,
+    copies: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """relu(x · w_in) · w_out per block; `block_expert_L=None` means block l is expert l (in place).
     `counts_E` (slots per expert) tells which experts received tokens, for in-place sparse grads.
-    `buffers` (the bank's Workspace) holds the memory of activations and weight gradients."""
+    `buffers` (the bank's Workspace) holds the memory of activations and weight gradients.
+    `copies`: (w_in, w_out) already in the compute dtype (compute_copy.py), used in their place
+    (not differentiated: the weight gradients go to w_in_EDH and w_out_EHD, in their dtype)."""
     return _BlockExpertMLP.apply(
-        x_LCD, w_in_EDH, w_out_EHD, block_expert_L, counts_E, sparse_grad, buffers
+        x_LCD, w_in_EDH, w_out_EHD, block_expert_L, counts_E, sparse_grad, buffers, copies
     )

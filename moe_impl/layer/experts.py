@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from moe_impl.layer.compute_copy import ComputeCopy
 from moe_impl.layer.dispatch import DispatchPlan, dispatch, from_rows
-from moe_impl.layer.expert_mlp import block_expert_mlp
+from moe_impl.layer.expert_mlp import block_expert_mlp, compute_dtype
 from moe_impl.layer.grouped import grouped_expert_mlp
 from moe_impl.layer.workspace import Workspace, empty
 
@@ -46,6 +47,10 @@ class ExpertBank(nn.Module):
 
     A shard of a larger bank holds experts first_expert ... first_expert + num_experts - 1 of
     `total_experts` and is initialised exactly as those rows of the whole bank would be.
+
+    Under autocast the bank keeps w_in and w_out in the compute dtype between forwards, recast
+    where they changed (compute_copy.py: 2 bytes per weight in bf16); `keep_compute_copies =
+    False` casts them in every forward instead. Outputs and gradients are the same either way.
     """
 
     def __init__(
@@ -72,12 +77,47 @@ class ExpertBank(nn.Module):
         self.workspace = Workspace()  # large tensors' memory, reused across steps (workspace.py)
         # the compiled combine (compiled.py; MoELayer.compile_routing), None for the eager one
         self.compiled: CompiledRouting | None = None
+        # w_in's and w_out's copies in the compute dtype (compute_copy.py); not state
+        self.compute_copies = (ComputeCopy(), ComputeCopy())
+        self._keep_compute_copies = True
         self.reset_parameters()
 
     def __getstate__(self) -> dict:
         """A pickled bank (torch.save, copy.deepcopy) combines eagerly: torch.compile's wrappers
         do not pickle."""
         return {**self.__dict__, "compiled": None}
+
+    @property
+    def keep_compute_copies(self) -> bool:
+        """Whether forwards under autocast keep the weights' compute-dtype copies (default)."""
+        return self._keep_compute_copies
+
+    @keep_compute_copies.setter
+    def keep_compute_copies(self, keep: bool) -> None:
+        self._keep_compute_copies = bool(keep)
+        if not keep:
+            self.drop_compute_copies()
+
+    def drop_compute_copies(self) -> None:
+        """Free the compute-dtype copies; the next forward under autocast recasts the weights
+        (needed only after a write the copies cannot see: through `w_in.data`, compute_copy.py)."""
+        for copy in self.compute_copies:
+            copy.clear()
+
+    def _weight_copies(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(w_in, w_out) in autocast's compute dtype, from the kept copies; None where the kernels
+        cast them themselves: copies off, no autocast, the weights already in that dtype, or
+        torch.compile tracing (a copy's validity is read on the host: pointers, versions)."""
+        dtype = compute_dtype(x)
+        if (
+            not self._keep_compute_copies
+            or not torch.is_autocast_enabled(x.device.type)
+            or dtype == self.w_in.dtype
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        copy_in, copy_out = self.compute_copies
+        return copy_in.get(self.w_in, dtype), copy_out.get(self.w_out, dtype)
 
     def reset_parameters(self) -> None:
         """w_in ~ U(±sqrt(6/d)), w_out ~ U(±sqrt(3/h)), drawn chunk by chunk (INIT_CHUNK)."""
@@ -112,11 +152,17 @@ class ExpertBank(nn.Module):
     def row_outputs(self, x_BD: Tensor, plan: DispatchPlan, k: int) -> Tensor:
         """E_expert(x_token) of every row of the plan's buffer, (R, D), padding rows included."""
         d_model = x_BD.shape[1]
+        copies = self._weight_copies(x_BD)
         if plan.grouped:
             assert plan.kept_E is not None  # make_plan sets it
             x_RD = dispatch(x_BD, plan, k)
             return grouped_expert_mlp(
-                x_RD, self.w_in, self.w_out, plan.kept_E, sparse_grad=self.sparse_grad
+                x_RD,
+                self.w_in,
+                self.w_out,
+                plan.kept_E,
+                sparse_grad=self.sparse_grad,
+                copies=copies,
             )
         ws = self.workspace
         x_LCD = dispatch(x_BD, plan, k, ws).view(plan.num_blocks, plan.block_size, d_model)
@@ -128,6 +174,7 @@ class ExpertBank(nn.Module):
             plan.counts_E,
             sparse_grad=self.sparse_grad,
             buffers=ws,
+            copies=copies,
         )
         return y_LCD.view(-1, d_model)
 

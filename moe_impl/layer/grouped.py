@@ -250,13 +250,15 @@ def _active_groups(
 
 class _GroupedExpertMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_RD, w_in_EDH, w_out_EHD, counts_E, sparse_grad):
+    def forward(ctx, x_RD, w_in_EDH, w_out_EHD, counts_E, sparse_grad, copies):
         device = x_RD.device.type
         dtype = compute_dtype(x_RD)
+        # the weights in the compute dtype where the bank keeps them (compute_copy.py)
+        w_in_c, w_out_c = (w_in_EDH, w_out_EHD) if copies is None else copies
         if sparse_grad:  # the active experts only (a host read), and host offsets beyond MAX_GROUPS
-            rows_G, sizes_G, w_in_GDH, w_out_GHD = _active_groups(counts_E, w_in_EDH, w_out_EHD)
+            rows_G, sizes_G, w_in_GDH, w_out_GHD = _active_groups(counts_E, w_in_c, w_out_c)
         else:  # all E experts as groups, the idle ones empty: nothing read back to the host
-            rows_G, sizes_G, w_in_GDH, w_out_GHD = None, counts_E, w_in_EDH, w_out_EHD
+            rows_G, sizes_G, w_in_GDH, w_out_GHD = None, counts_E, w_in_c, w_out_c
         offs_G = torch.cumsum(sizes_G, 0, dtype=torch.int32)
         ends = _host_ends(offs_G) if sparse_grad else None
         with torch.autocast(device, enabled=False):
@@ -305,7 +307,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
                         g_in, g_out = _zero_empty_(g_in, sizes_G), _zero_empty_(g_out, sizes_G)
         if need_w:
             gw_in, gw_out = _weight_grads(ctx, rows_G, g_in, g_out)
-        return gx_RD, gw_in, gw_out, None, None
+        return gx_RD, gw_in, gw_out, None, None, None
 
 
 def _zero_empty_(g_GKN: Tensor, sizes_G: Tensor) -> Tensor:
@@ -330,7 +332,13 @@ def _weight_grads(ctx, rows_G: Tensor | None, g_in_GDH: Tensor, g_out_GHD: Tenso
 
 
 def grouped_expert_mlp(
-    x_RD: Tensor, w_in_EDH: Tensor, w_out_EHD: Tensor, counts_E: Tensor, *, sparse_grad: bool
+    x_RD: Tensor,
+    w_in_EDH: Tensor,
+    w_out_EHD: Tensor,
+    counts_E: Tensor,
+    *,
+    sparse_grad: bool,
+    copies: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """relu(x · w_in[e]) · w_out[e] for rows x_RD sorted by expert, expert e owning the next
     counts_E[e] rows (no padding; sum(counts_E) = R). Computes in `compute_dtype(x_RD)` (bf16 under
@@ -340,5 +348,6 @@ def grouped_expert_mlp(
 
     Without `sparse_grad` nothing is read back to the host (module docstring), so it traces
     under `torch.compile(fullgraph=True)`. With it, the active experts are found with one host
-    read per forward (`nonzero`: the sparse gradient's row count depends on the data)."""
-    return _GroupedExpertMLP.apply(x_RD, w_in_EDH, w_out_EHD, counts_E, sparse_grad)
+    read per forward (`nonzero`: the sparse gradient's row count depends on the data).
+    `copies`: (w_in, w_out) already in the compute dtype, used in their place (block_expert_mlp's)."""
+    return _GroupedExpertMLP.apply(x_RD, w_in_EDH, w_out_EHD, counts_E, sparse_grad, copies)

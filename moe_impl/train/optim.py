@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from moe_impl.layer.compute_copy import copy_of
 from moe_impl.parallel import global_grad_norm, sum_replicated_grads
 
 if TYPE_CHECKING:
@@ -84,7 +85,13 @@ def clip_gradients(model: nn.Module, clip_norm: float | None, *, distributed: bo
 
 
 class FactoredAdam(torch.optim.Optimizer):
-    """β1 = 0 Adam with factored second moments; accepts dense and sparse (COO, sparse_dim 1) grads."""
+    """β1 = 0 Adam with factored second moments; accepts dense and sparse (COO, sparse_dim 1) grads.
+
+    It keeps the expert banks' compute-dtype weight copies (moe_impl/layer/compute_copy.py) valid
+    itself: its writes bump the parameters' version counters, and a sparse step recasts the rows
+    it changed (`ComputeCopy.rows_updated`)."""
+
+    keeps_compute_copies = True
 
     def __init__(
         self, params: Iterable[Tensor], lr: float = 1e-3, beta2: float = 0.98, eps: float = 1e-10
@@ -160,4 +167,10 @@ class FactoredAdam(torch.optim.Optimizer):
             state["v_col"].index_copy_(0, idx, v_col)
             state["step"].index_copy_(0, idx, step)
             flat = bank.view(num, rows * cols)
+            version = p._version
             flat.index_add_(0, idx, update.view(-1, rows * cols), alpha=-lr)
+            # only the active experts' rows changed: recast just those in the bank's
+            # compute-dtype copy (moe_impl/layer/compute_copy.py), if it keeps one of p
+            copy = copy_of(p)
+            if copy is not None and p.dim() == 3:
+                copy.rows_updated(p, idx, version)
