@@ -16,7 +16,8 @@ What keeps the copies in step with the parameters:
   (the whole copy, in place, past FULL_RECAST_SHARE of them) and the copy is valid again, so a
   sparse step recasts the active experts' rows only;
 - torch's fused optimizers (`torch.optim.Adam(fused=True)`, as the trainer builds it) write
-  without bumping the version counter (torch 2.13), so a global optimizer step pre-hook frees
+  without bumping the version counter, so a global optimizer step pre-hook (registered when the
+  first copy is made) frees
   the copies of every parameter an optimizer is about to step, except an optimizer's that keeps
   them itself (`keeps_compute_copies = True`: FactoredAdam); freed before the step, a copy takes
   no memory while that optimizer works, as the per-forward cast did not;
@@ -104,6 +105,7 @@ class ComputeCopy:
             self.tensor, self._state, self._param = tensor, state, weakref.ref(param)
             self.full_casts += 1
             _copies[id(param)] = self
+            _hook_optimizers()
             return tensor
 
     def rows_updated(self, param: Tensor, rows_A: Tensor, version_before: int) -> None:
@@ -176,4 +178,12 @@ def _before_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> No
                 copy.clear()
 
 
-register_optimizer_step_pre_hook(_before_optimizer_step)
+_hooked: list[bool] = []  # [True] once the pre-hook is registered
+
+
+def _hook_optimizers() -> None:
+    """Register `_before_optimizer_step` with torch, once, when the first copy is made (importing
+    moe_impl touches no optimizer)."""
+    if not _hooked:
+        register_optimizer_step_pre_hook(_before_optimizer_step)
+        _hooked.append(True)
