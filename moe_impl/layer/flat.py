@@ -111,18 +111,22 @@ def routing_stats(
     load_E: Tensor,
     num_dropped: int,
     entropy: Tensor | None = None,
+    cv_squared: tuple[Tensor, Tensor] | None = None,
 ) -> RoutingStats:
     """The statistics of a pass (or of passes whose counts, Importance, Load and `entropy`
-    sums were added)."""
+    sums were added). `cv_squared`: CV² of (Importance, Load) where the caller computed them
+    already (the losses), else computed here."""
     with torch.no_grad():
         counts_f = counts_E.to(importance_E.dtype)
         entropy = None if entropy is None else entropy.detach()
+        if cv_squared is None:
+            cv_squared = balancing.cv_squared(importance_E), balancing.cv_squared(load_E)
         return RoutingStats(
             tokens_per_expert=counts_E.detach(),
             importance=importance_E.detach(),
             load=load_E.detach(),
-            cv_importance=balancing.cv_squared(importance_E.detach()).sqrt(),
-            cv_load=balancing.cv_squared(load_E.detach()).sqrt(),
+            cv_importance=cv_squared[0].detach().sqrt(),
+            cv_load=cv_squared[1].detach().sqrt(),
             max_over_mean_load=counts_f.max() / (counts_f.mean() + balancing.EPS),
             num_dropped=num_dropped,
             gate_entropy=(means := _entropy_means(entropy))[0],
@@ -143,9 +147,12 @@ def moe_output(
 ) -> MoEOutput:
     """The losses (paper Eq. 7 and 11) and statistics of a forward pass, packed with its output;
     `entropy`: the pass's entropy_sums."""
-    importance_loss = config.w_importance * balancing.cv_squared(importance_E)
-    load_loss = config.w_load * balancing.cv_squared(load_E)
-    stats = routing_stats(counts_E, importance_E, load_E, num_dropped, entropy)
+    cv2_importance, cv2_load = balancing.cv_squared(importance_E), balancing.cv_squared(load_E)
+    importance_loss = config.w_importance * cv2_importance
+    load_loss = config.w_load * cv2_load
+    stats = routing_stats(
+        counts_E, importance_E, load_E, num_dropped, entropy, (cv2_importance, cv2_load)
+    )
     return MoEOutput(y, importance_loss + load_loss, importance_loss, load_loss, stats)
 
 
