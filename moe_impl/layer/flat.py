@@ -20,7 +20,7 @@ from torch import Tensor
 from moe_impl.layer import balancing
 from moe_impl.layer.base import MoELayer
 from moe_impl.layer.config import LayerOptions, MoEConfig, layer_config
-from moe_impl.layer.dispatch import make_plan
+from moe_impl.layer.dispatch import every_expert_plan, make_plan
 from moe_impl.layer.experts import ExpertBank
 from moe_impl.layer.gating import Noise, NoisyTopKGate
 from moe_impl.layer.grouped import choose_kernel, compute_dtype
@@ -228,10 +228,13 @@ class MoE(MoELayer):
         gate = self.gate(x_BD, generator=generator)
         expert_N = gate.top_idx_BK.reshape(-1)
         gate_N = gate.top_gates_BK.reshape(-1)
-        token_N = torch.arange(num_tokens, device=x.device).repeat_interleave(cfg.k)
         capacity = expert_capacity(expert_N.numel(), cfg.num_experts, cfg.capacity_factor)
         grouped = grouped_experts(x_BD, cfg)
-        plan = make_plan(expert_N, token_N, cfg.num_experts, capacity=capacity, grouped=grouped)
+        if cfg.k == cfg.num_experts and capacity is None and not grouped and num_tokens > 0:
+            plan = every_expert_plan(gate.top_idx_BK)  # make_plan's, without its sort
+        else:
+            token_N = torch.arange(num_tokens, device=x.device).repeat_interleave(cfg.k)
+            plan = make_plan(expert_N, token_N, cfg.num_experts, capacity=capacity, grouped=grouped)
         y_BD = self.experts(x_BD, gate_N, plan, cfg.k)
 
         importance_E = balancing.importance(expert_N, gate_N, cfg.num_experts)
