@@ -156,3 +156,50 @@ def test_make_plan_follows_the_cost_model(counts):
     if not in_place:
         expected = [e for e, c in enumerate(counts) for _ in range(-(-c // size))]
         assert plan.block_expert_L.tolist() == expected
+
+
+@pytest.mark.parametrize(("num_experts", "tokens"), [(1, 1), (1, 5), (2, 3), (4, 64), (8, 33)])
+def test_every_expert_plan_is_make_plans_plan(num_experts, tokens):
+    """k = E, dropless: every_expert_plan builds, from the gate's choices alone, the very tensors
+    make_plan builds from the sorted slots."""
+    torch.manual_seed(num_experts * 100 + tokens)
+    top_idx = torch.stack([torch.randperm(num_experts) for _ in range(tokens)])
+    token_N = torch.arange(tokens).repeat_interleave(num_experts)
+    want = make_plan(top_idx.reshape(-1), token_N, num_experts)
+    got = dispatch.every_expert_plan(top_idx)
+    assert want.block_expert_L is None and got.block_expert_L is None  # in place, both
+    for name in ("block_size", "num_dropped", "grouped", "num_blocks"):
+        assert getattr(got, name) == getattr(want, name), name
+    for name in ("slot_of_row_R", "token_of_row_R", "row_of_slot_N", "counts_E", "kept_E"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_a_layer_with_k_equal_to_the_experts_routes_as_through_make_plan(monkeypatch):
+    """The flat layer with k = num_experts takes every_expert_plan; with it patched back to
+    make_plan the output, losses and every gradient are the same bit for bit."""
+    from moe_impl import MoE
+    from moe_impl.layer import flat
+
+    def run():
+        torch.manual_seed(0)
+        layer = MoE(8, 12, 4, k=4)
+        x = torch.randn(50, 8, requires_grad=True)
+        out = layer(x, generator=torch.Generator().manual_seed(1))
+        (out.y.square().sum() + out.aux_loss).backward()
+        return [out.y, out.aux_loss, x.grad, *(p.grad for p in layer.parameters())]
+
+    calls = []
+    real = flat.every_expert_plan
+    monkeypatch.setattr(flat, "every_expert_plan", lambda idx: calls.append(1) or real(idx))
+    new = run()
+    assert calls  # the layer took the k = E plan
+
+    def general(top_idx):
+        tokens, k = top_idx.shape
+        return make_plan(top_idx.reshape(-1), torch.arange(tokens).repeat_interleave(k), k)
+
+    monkeypatch.setattr(flat, "every_expert_plan", general)
+    old = run()
+    pairs = zip(new, old, strict=True)
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in pairs)

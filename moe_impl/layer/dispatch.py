@@ -165,6 +165,31 @@ def make_plan(
     )
 
 
+def every_expert_plan(top_idx_BK: Tensor) -> DispatchPlan:
+    """make_plan's plan, the same tensors, when every token is routed to every expert (k = E,
+    dropless, blocked: the flat layer with k = num_experts, e.g. the paper's MoE-4 with k = 4),
+    from the gate's choices alone. Expert e then receives every token, in batch order (the stable
+    sort), so the in-place layout has one block of B rows per expert and slot b·k+j sits at row
+    top_idx[b, j]·B + b: no sort, no counts and no read back. Needs at least one token."""
+    num_tokens, num_experts = top_idx_BK.shape
+    device = top_idx_BK.device
+    tokens_B = torch.arange(num_tokens, device=device)
+    row_of_slot_N = (top_idx_BK * num_tokens + tokens_B[:, None]).reshape(-1)
+    slot_of_row_R = torch.empty_like(row_of_slot_N)
+    slot_of_row_R[row_of_slot_N] = torch.arange(row_of_slot_N.numel(), device=device)
+    counts_E = torch.full((num_experts,), num_tokens, dtype=torch.long, device=device)
+    return DispatchPlan(
+        slot_of_row_R,
+        tokens_B.repeat(num_experts),
+        row_of_slot_N,
+        None,
+        num_tokens,
+        counts_E,
+        0,
+        counts_E,
+    )
+
+
 def select_rows(t: Tensor, idx: Tensor, workspace: Workspace | None = None) -> Tensor:
     """t[idx] along dim 0 for a tensor of any rank, into `workspace` memory where given (then not
     differentiable: for the expert functions' own forward and backward). NOTE: index_select on a

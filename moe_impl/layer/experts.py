@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from moe_impl.layer.combine import combine_rows
 from moe_impl.layer.compute_copy import ComputeCopy
 from moe_impl.layer.dispatch import DispatchPlan, dispatch, from_rows
 from moe_impl.layer.expert_mlp import block_expert_mlp, compute_dtype
@@ -187,6 +188,9 @@ class ExpertBank(nn.Module):
             values_RD = self.row_outputs(x_BD, plan, k)
             y_BD = self.compiled.combine(values_RD, gate_BK, plan.row_of_slot_N, plan.slot_of_row_R)
             return y_BD.to(x_BD.dtype)
+        if not plan.grouped and plan.slot_of_row_R.numel() > 0:
+            values_RD = self.row_outputs(x_BD, plan, k)
+            return combine_rows(values_RD, gate_BK, plan, self.workspace).to(x_BD.dtype)
         y_BKD = self.slot_outputs(x_BD, plan, k).view(num_tokens, k, d_model)
         # NOTE: a grouped plan's tensors take fresh memory (the workspace reads storage reference
         # counts on the host, which torch.compile cannot trace; on a GPU the caching allocator

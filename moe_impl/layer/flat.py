@@ -20,7 +20,7 @@ from torch import Tensor
 from moe_impl.layer import balancing
 from moe_impl.layer.base import MoELayer
 from moe_impl.layer.config import LayerOptions, MoEConfig, layer_config
-from moe_impl.layer.dispatch import make_plan
+from moe_impl.layer.dispatch import every_expert_plan, make_plan
 from moe_impl.layer.experts import ExpertBank
 from moe_impl.layer.gating import Noise, NoisyTopKGate
 from moe_impl.layer.grouped import choose_kernel, compute_dtype
@@ -111,18 +111,22 @@ def routing_stats(
     load_E: Tensor,
     num_dropped: int,
     entropy: Tensor | None = None,
+    cv_squared: tuple[Tensor, Tensor] | None = None,
 ) -> RoutingStats:
     """The statistics of a pass (or of passes whose counts, Importance, Load and `entropy`
-    sums were added)."""
+    sums were added). `cv_squared`: CV² of (Importance, Load) where the caller computed them
+    already (the losses), else computed here."""
     with torch.no_grad():
         counts_f = counts_E.to(importance_E.dtype)
         entropy = None if entropy is None else entropy.detach()
+        if cv_squared is None:
+            cv_squared = balancing.cv_squared(importance_E), balancing.cv_squared(load_E)
         return RoutingStats(
             tokens_per_expert=counts_E.detach(),
             importance=importance_E.detach(),
             load=load_E.detach(),
-            cv_importance=balancing.cv_squared(importance_E.detach()).sqrt(),
-            cv_load=balancing.cv_squared(load_E.detach()).sqrt(),
+            cv_importance=cv_squared[0].detach().sqrt(),
+            cv_load=cv_squared[1].detach().sqrt(),
             max_over_mean_load=counts_f.max() / (counts_f.mean() + balancing.EPS),
             num_dropped=num_dropped,
             gate_entropy=(means := _entropy_means(entropy))[0],
@@ -143,9 +147,12 @@ def moe_output(
 ) -> MoEOutput:
     """The losses (paper Eq. 7 and 11) and statistics of a forward pass, packed with its output;
     `entropy`: the pass's entropy_sums."""
-    importance_loss = config.w_importance * balancing.cv_squared(importance_E)
-    load_loss = config.w_load * balancing.cv_squared(load_E)
-    stats = routing_stats(counts_E, importance_E, load_E, num_dropped, entropy)
+    cv2_importance, cv2_load = balancing.cv_squared(importance_E), balancing.cv_squared(load_E)
+    importance_loss = config.w_importance * cv2_importance
+    load_loss = config.w_load * cv2_load
+    stats = routing_stats(
+        counts_E, importance_E, load_E, num_dropped, entropy, (cv2_importance, cv2_load)
+    )
     return MoEOutput(y, importance_loss + load_loss, importance_loss, load_loss, stats)
 
 
@@ -221,10 +228,13 @@ class MoE(MoELayer):
         gate = self.gate(x_BD, generator=generator)
         expert_N = gate.top_idx_BK.reshape(-1)
         gate_N = gate.top_gates_BK.reshape(-1)
-        token_N = torch.arange(num_tokens, device=x.device).repeat_interleave(cfg.k)
         capacity = expert_capacity(expert_N.numel(), cfg.num_experts, cfg.capacity_factor)
         grouped = grouped_experts(x_BD, cfg)
-        plan = make_plan(expert_N, token_N, cfg.num_experts, capacity=capacity, grouped=grouped)
+        if cfg.k == cfg.num_experts and capacity is None and not grouped and num_tokens > 0:
+            plan = every_expert_plan(gate.top_idx_BK)  # make_plan's, without its sort
+        else:
+            token_N = torch.arange(num_tokens, device=x.device).repeat_interleave(cfg.k)
+            plan = make_plan(expert_N, token_N, cfg.num_experts, capacity=capacity, grouped=grouped)
         y_BD = self.experts(x_BD, gate_N, plan, cfg.k)
 
         importance_E = balancing.importance(expert_N, gate_N, cfg.num_experts)
