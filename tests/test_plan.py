@@ -37,8 +37,9 @@ def test_host_memory_follows_the_measurement_where_it_holds():
     other = resources.train_mem_mb(peaks, "p/M", params=11, num_experts=4, tokens_per_pass=64)
     assert other == (resources.analytic_mem_mb(11, 4), "analytic")
     # 16 B a parameter with dense Adam, 5 B with sparse gradients from 4096 experts, + 1.5 GB
-    assert resources.analytic_mem_mb(2**20, 4) == 1500 + 16
-    assert resources.analytic_mem_mb(2**20, 4096) == 1500 + 5
+    assert resources.analytic_mem_mb(10**6, 4) == 1500 + 16  # MB: 10^6 bytes, as mem_mb
+    assert resources.analytic_mem_mb(2**20, 4) == 1500 + 16  # 16.78 MB, rounded down
+    assert resources.analytic_mem_mb(10**6, 4096) == 1500 + 5
 
 
 def test_device_memory_scales_the_activations_not_the_parameters():

@@ -57,8 +57,9 @@ def bytes_per_param(num_experts: int) -> int:
 
 
 def analytic_mem_mb(params: int, num_experts: int) -> int:
-    """Host memory of a run without a measurement (MB): its parameter state plus BASE_MB."""
-    return int(BASE_MB + params * bytes_per_param(num_experts) / 2**20)
+    """Host memory of a run without a measurement (MB = 10^6 bytes, Snakemake's mem_mb): its
+    parameter state plus BASE_MB."""
+    return int(BASE_MB + params * bytes_per_param(num_experts) / 1e6)
 
 
 def measured_mem_mb(peak_mib: float, margin: float) -> int:
