@@ -49,6 +49,7 @@ Shape suffixes: E = experts, A = rows (experts) an optimizer changed, W = a row'
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 
@@ -178,12 +179,8 @@ def _before_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> No
                 copy.clear()
 
 
-_hooked: list[bool] = []  # [True] once the pre-hook is registered
-
-
+@functools.cache  # once per process
 def _hook_optimizers() -> None:
-    """Register `_before_optimizer_step` with torch, once, when the first copy is made (importing
+    """Register `_before_optimizer_step` with torch when the first copy is made (importing
     moe_impl touches no optimizer)."""
-    if not _hooked:
-        register_optimizer_step_pre_hook(_before_optimizer_step)
-        _hooked.append(True)
+    register_optimizer_step_pre_hook(_before_optimizer_step)
