@@ -19,6 +19,7 @@ from moe_impl.bench import plot as bench_plot
 from moe_impl.bench import worker
 from moe_impl.bench.spec import ExpertSpec, gate_outputs, parse_experts, train_flops
 from moe_impl.cli import bench, main
+from moe_impl.layer import experts as experts_module
 from moe_impl.model import flops
 from moe_impl.model.presets import ALL_PRESETS
 
@@ -125,6 +126,8 @@ def test_gate_outputs_flat_is_n_hierarchical_is_a_plus_k1_b():
         (["--experts", "4", "--reps", "0"], "--reps"),
         (["--experts", "4", "--peers", "nope"], "--peers: unknown peer 'nope'"),
         (["--experts", "4", "--peers-max-experts", "0"], "--peers-max-experts"),
+        (["--experts", "4,32", "--kernel", "wide"], "--kernel wide runs flat entries with k = n"),
+        (["--experts", "4-h", "--kernel", "wide"], "'4-h' has k=4"),
     ],
 )
 def test_cli_errors_are_one_line_with_exit_code_2(argv, message, capsys):
@@ -275,6 +278,26 @@ def test_measure_takes_the_peak_from_telemetry(monkeypatch):
     assert asked == [("cpu", "float32")]
     assert row["peak_gflops"] == 50.0
     assert row["mfu"] == pytest.approx(telemetry.mfu(row["moe_gflops"] / 1e3, 5e10), rel=1e-12)
+
+
+@pytest.mark.parametrize(("kernel", "wide_calls"), [("wide", 2), ("auto", 0)])
+def test_measure_runs_the_kernel_asked_for(monkeypatch, kernel, wide_calls):
+    calls = []
+    real = experts_module.wide_expert_mlp
+
+    def spy(*args, **kwargs):
+        calls.append(kernel)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experts_module, "wide_expert_mlp", spy)
+    monkeypatch.setattr(worker.threading, "Timer", NoWatchdog)
+    cfg = {
+        **dict(config="4", num_experts=4, num_groups=None, group_size=None, d_model=4),
+        **dict(d_hidden=8, k=4, tokens=16, seed=0, reps=1, warmup=1, optimizer=False),
+        **dict(device="cpu", dtype="float32", threads=1, max_seconds=60.0, kernel=kernel),
+    }
+    row = worker.measure(cfg)
+    assert len(calls) == wide_calls and row["moe_ms_median"] > 0
 
 
 @pytest.mark.integration

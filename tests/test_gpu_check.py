@@ -197,7 +197,10 @@ def test_quick_check_on_the_cpu_writes_every_section(tmp_path):
     sections = data["sections"]
     assert sections["scale"]["results"]["layer"]["experts"] == 131072
     speed = sections["layer_speed"]["results"]["rows"]
-    assert {r["kernel"] for r in speed} == {"blocked", "grouped"}
+    assert {r["kernel"] for r in speed} == {"blocked", "grouped", "wide"}
+    # the wide FFN is timed for the k = E layer only (4 experts, k = 4), and not picked on a CPU
+    assert {r["experts"] for r in speed if r["kernel"] == "wide"} == {"4"}
+    assert {r["auto_picks"] for r in speed} == {"blocked"}
     assert all(r["ratio_to_dense"] > 0 for r in speed)
     assert {r["routing"] for r in speed} == {"eager", "compiled"}
     lm = [r for r in sections["lm_step"]["results"]["rows"] if r["routing"] == "eager"]

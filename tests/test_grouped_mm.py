@@ -32,7 +32,7 @@ SEED = 1234
 
 
 def test_kernels_and_default():
-    assert KERNELS == ("auto", "blocked", "grouped")
+    assert KERNELS == ("auto", "blocked", "grouped", "wide")
     assert current_kernel() == "auto"
 
 

@@ -64,6 +64,11 @@ def describe(rows: list[dict]) -> str:
         mode = f"fixed tokens per expert m={m:g} (T = ceil(m·n/k) <= {cap})"
     opt = ", SGD step" if r["optimizer"] else ""
     opt += ", routing and combine compiled (--compile)" if r.get("compile") else ""
+    opt += (
+        f", expert kernel {r['kernel']} (--kernel)"
+        if r.get("kernel") not in (None, "", "auto")
+        else ""
+    )
     return (
         f"d_model={r['d_model']} d_hidden={r['d_hidden']}, {mode}; {r['device']} {r['dtype']}, "
         f"threads={r['threads']}, median of {r['reps']} after {r['warmup']} warm-up{opt}"

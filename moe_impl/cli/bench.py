@@ -45,6 +45,7 @@ from moe_impl.bench.spec import (
 from moe_impl.bench.worker import DTYPES, EXIT_TOO_SLOW, MEASURED, run_worker
 from moe_impl.data import synthetic_reference
 from moe_impl.data.base import Batch
+from moe_impl.layer.grouped import KERNELS
 from moe_impl.train.config import load_config
 from moe_impl.train.corpus import build_corpus
 from moe_impl.train.prefetch import TrainBatches, resolve_workers
@@ -148,6 +149,12 @@ def make_row(spec: ExpertSpec, args: argparse.Namespace, implementation: str = O
     if k > spec.num_experts:
         raise ValueError(f"--k={k} must be <= the experts of --experts entry {spec.config!r}")
     ours = implementation == OURS
+    kernel = getattr(args, "kernel", "auto")
+    if ours and kernel == "wide" and (spec.hierarchical or k != spec.num_experts):
+        raise ValueError(
+            f"--kernel wide runs flat entries with k = n only; --experts entry {spec.config!r} "
+            f"has k={k}"
+        )
     peer = None if ours else PEERS[implementation]
     if peer is not None:
         k = peer.k(spec, args.k)
@@ -172,6 +179,7 @@ def make_row(spec: ExpertSpec, args: argparse.Namespace, implementation: str = O
         "compile": bool(getattr(args, "compile", False))
         and ours,  # routing and combine compiled (--compile)
         "compile_s": math.nan,
+        "kernel": kernel if ours else "",
         "train_gflop": train_flops(tokens, d, h, k, gate_outputs(spec)) / 1e9,
         **{key: getattr(args, key) for key in ("reps", "warmup", "optimizer", "device", "dtype")},
         "threads": args.threads or torch.get_num_threads(),
@@ -209,22 +217,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="torch threads, at most the CPUs this process may run on (default: "
         "torch.get_num_threads())",
     )
-    p.add_argument(
-        "--optimizer",
-        action="store_true",
-        help="include torch.optim.SGD(lr=1e-3) in each step (it accepts sparse expert gradients)",
-    )
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if any")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="bf16 = autocast")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="run our layer's routing and combine through torch.compile (MoELayer."
-        "compile_routing; the expert matmuls, the dispatch and the dense FFN stay eager); the "
-        "compile time is reported (what the warm-up steps took beyond the median), so --warmup "
-        "must be >= 1",
-    )
+    add_step_arguments(p)
     p.add_argument(
         "--default-malloc",
         action="store_true",
@@ -263,6 +256,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # internal: one child config
     add_distributed_arguments(p)
     add_data_arguments(p)
+
+
+def add_step_arguments(p: argparse.ArgumentParser) -> None:
+    """How each timed step runs: optimizer, device, dtype, seed, compiled routing, expert kernel."""
+    p.add_argument(
+        "--optimizer",
+        action="store_true",
+        help="include torch.optim.SGD(lr=1e-3) in each step (it accepts sparse expert gradients)",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if any")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="bf16 = autocast")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run our layer's routing and combine through torch.compile (MoELayer."
+        "compile_routing; the expert matmuls, the dispatch and the dense FFN stay eager); the "
+        "compile time is reported (what the warm-up steps took beyond the median), so --warmup "
+        "must be >= 1",
+    )
+    p.add_argument(
+        "--kernel",
+        choices=KERNELS,
+        default="auto",
+        help="our layer's expert kernel (moe_impl/layer/grouped.py expert_kernel): auto (default), "
+        "blocked, grouped, or wide (flat entries with k = n only: one FFN of width n·h, "
+        "moe_impl/layer/wide.py)",
+    )
 
 
 def add_distributed_arguments(p: argparse.ArgumentParser) -> None:

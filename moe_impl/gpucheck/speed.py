@@ -154,7 +154,9 @@ def _layer_rows(spec, moe, dense, m: int, kernels: list[str], ctx: dict) -> list
         "experts": spec.config,
         "tokens": tokens,
         "tokens_per_expert": m,
-        "auto_picks": choose_kernel(device, torch.bfloat16, d, h, spec.num_experts),
+        "auto_picks": "wide"
+        if kernels[0] == "wide"
+        else choose_kernel(device, torch.bfloat16, d, h, spec.num_experts),
     }
     try:
         x = torch.randn(tokens, d, device=device, requires_grad=True)
@@ -193,6 +195,14 @@ def _profiles(moe, x, name: str, compiled: bool, ctx: dict) -> None:
                 moe.eager_routing()
 
 
+def layer_kernels(spec, k: int, kernels: list[str], device: torch.device) -> list[str]:
+    """The kernels to time for one layer, the automatic choice first: with k = E (flat) also the
+    wide FFN (moe_impl/layer/wide.py), which the automatic choice takes on CUDA."""
+    if spec.hierarchical or k != spec.num_experts:
+        return kernels
+    return ["wide", *kernels] if device.type == "cuda" else [*kernels, "wide"]
+
+
 def layer_speed(device: torch.device, sizes: Sizes) -> dict:
     """One row per (experts, tokens per expert, kernel, routing eager or compiled); a configuration
     that runs out of memory is recorded as such and the others go on."""
@@ -209,6 +219,7 @@ def layer_speed(device: torch.device, sizes: Sizes) -> dict:
     ctx["profiles"] = {}
     for spec in parse_experts(",".join(sizes.speed_experts)):
         ctx["k"] = k = K_PRIMARY * K_SECONDARY if spec.hierarchical else 4
+        ctx["kernels"] = layer_kernels(spec, k, kernels, device)
         free_memory(device)
         try:
             # (mypy cannot infer the type of a lambda with defaults)
@@ -222,9 +233,9 @@ def layer_speed(device: torch.device, sizes: Sizes) -> dict:
             nn.Linear(d, k * h, bias=False), nn.ReLU(), nn.Linear(k * h, d, bias=False)
         ).to(device)
         for m in sizes.speed_tokens_per_expert:
-            rows += _layer_rows(spec, moe, dense, m, kernels, ctx)
+            rows += _layer_rows(spec, moe, dense, m, ctx["kernels"], ctx)
         del moe, dense
-    best = [r for r in rows if r.get("kernel") == kernels[0] and r.get("routing") == "eager"]
+    best = [r for r in rows if r.get("kernel") == r["auto_picks"] and r.get("routing") == "eager"]
     return {
         "d_model": d,
         "d_hidden": h,

@@ -26,6 +26,7 @@ from moe_impl.layer.compute_copy import ComputeCopy
 from moe_impl.layer.dispatch import DispatchPlan, dispatch, from_rows
 from moe_impl.layer.expert_mlp import block_expert_mlp, compute_dtype
 from moe_impl.layer.grouped import grouped_expert_mlp
+from moe_impl.layer.wide import wide_expert_mlp
 from moe_impl.layer.workspace import Workspace, empty
 
 if TYPE_CHECKING:
@@ -178,6 +179,13 @@ class ExpertBank(nn.Module):
             copies=copies,
         )
         return y_LCD.view(-1, d_model)
+
+    def wide(self, x_BD: Tensor, gate_BE: Tensor) -> Tensor:
+        """y_b = Σ_e gate[b, e] · E_e(x_b) over all experts, as one wide FFN (wide.py): the
+        layer's output when every token is routed to every expert (k = E, dropless)."""
+        copies = self._weight_copies(x_BD)
+        ws = self.workspace
+        return wide_expert_mlp(x_BD, gate_BE, self.w_in, self.w_out, workspace=ws, copies=copies)
 
     def forward(self, x_BD: Tensor, gate_N: Tensor, plan: DispatchPlan, k: int) -> Tensor:
         """y_b = Σ over the k slots of token b of gate · E_expert(x_b) (paper Eq. 1); the slots of

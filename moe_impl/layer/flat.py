@@ -20,10 +20,10 @@ from torch import Tensor
 from moe_impl.layer import balancing
 from moe_impl.layer.base import MoELayer
 from moe_impl.layer.config import LayerOptions, MoEConfig, layer_config
-from moe_impl.layer.dispatch import every_expert_plan, make_plan
+from moe_impl.layer.dispatch import DispatchPlan, every_expert_plan, make_plan
 from moe_impl.layer.experts import ExpertBank
 from moe_impl.layer.gating import Noise, NoisyTopKGate
-from moe_impl.layer.grouped import choose_kernel, compute_dtype
+from moe_impl.layer.grouped import choose_kernel, compute_dtype, current_kernel
 
 
 class RoutingStats(NamedTuple):
@@ -174,6 +174,24 @@ def expert_bank(
     )
 
 
+def wide_path(config: MoEConfig, capacity: int | None, device: torch.device) -> bool:
+    """Whether the flat layer runs as one wide FFN (wide.py), which needs every token routed to
+    every expert (k = E), none dropped, and dense weight gradients: where forced with
+    `grouped.expert_kernel("wide")` (an error on any other layer), and by the automatic choice on
+    CUDA. On CPU the automatic choice keeps the blocked path, which the wide one does not beat by
+    more than the spread between runs (docs/performance.md, "The wide FFN for k = E")."""
+    applies = config.k == config.num_experts and capacity is None and not config.use_sparse_grad
+    kernel = current_kernel()
+    if kernel == "wide" and not applies:
+        raise ValueError(
+            "expert_kernel('wide') runs only flat layers with k = num_experts, no capacity limit "
+            f"and dense expert gradients; this one has k={config.k}, "
+            f"num_experts={config.num_experts}, capacity_factor={config.capacity_factor}, "
+            f"sparse_grad={config.use_sparse_grad}"
+        )
+    return applies and (kernel == "wide" or (kernel == "auto" and device.type == "cuda"))
+
+
 def grouped_experts(x_BD: Tensor, config: MoEConfig) -> bool:
     """Whether the experts run as grouped matmuls on this input (grouped.choose_kernel): the
     expert plan is then made with `make_plan(..., grouped=True)`."""
@@ -229,22 +247,37 @@ class MoE(MoELayer):
         expert_N = gate.top_idx_BK.reshape(-1)
         gate_N = gate.top_gates_BK.reshape(-1)
         capacity = expert_capacity(expert_N.numel(), cfg.num_experts, cfg.capacity_factor)
-        grouped = grouped_experts(x_BD, cfg)
-        if cfg.k == cfg.num_experts and capacity is None and not grouped and num_tokens > 0:
-            plan = every_expert_plan(gate.top_idx_BK)  # make_plan's, without its sort
+        if wide_path(cfg, capacity, x_BD.device):
+            gate_BE = gate_N.new_zeros(num_tokens, cfg.num_experts)
+            gate_BE = gate_BE.scatter(1, gate.top_idx_BK, gate.top_gates_BK)
+            y_BD = self.experts.wide(x_BD, gate_BE)
+            counts_E = torch.full((cfg.num_experts,), num_tokens, dtype=torch.long, device=x.device)
+            num_dropped = 0
         else:
-            token_N = torch.arange(num_tokens, device=x.device).repeat_interleave(cfg.k)
-            plan = make_plan(expert_N, token_N, cfg.num_experts, capacity=capacity, grouped=grouped)
-        y_BD = self.experts(x_BD, gate_N, plan, cfg.k)
+            plan = self._plan(gate.top_idx_BK, x_BD, capacity)
+            y_BD = self.experts(x_BD, gate_N, plan, cfg.k)
+            counts_E, num_dropped = plan.counts_E, plan.num_dropped
 
         importance_E = balancing.importance(expert_N, gate_N, cfg.num_experts)
-        load_E = balancing.load(gate.prob_in_top_k_BE, plan.counts_E.to(gate_N.dtype))
+        load_E = balancing.load(gate.prob_in_top_k_BE, counts_E.to(gate_N.dtype))
         return moe_output(
             y_BD.view(x.shape),
             importance_E,
             load_E,
-            plan.counts_E,
-            plan.num_dropped,
+            counts_E,
+            num_dropped,
             cfg,
             entropy_sums(gate.top_gates_BK),
         )
+
+    def _plan(self, top_idx_BK: Tensor, x_BD: Tensor, capacity: int | None) -> DispatchPlan:
+        """Where each (token, choice) slot goes among the experts' rows (dispatch.py)."""
+        cfg = self.config
+        assert cfg.num_experts is not None and cfg.k is not None  # set when the config was built
+        num_tokens = x_BD.shape[0]
+        grouped = grouped_experts(x_BD, cfg)
+        if cfg.k == cfg.num_experts and capacity is None and not grouped and num_tokens > 0:
+            return every_expert_plan(top_idx_BK)  # make_plan's, without its sort
+        token_N = torch.arange(num_tokens, device=x_BD.device).repeat_interleave(cfg.k)
+        expert_N = top_idx_BK.reshape(-1)
+        return make_plan(expert_N, token_N, cfg.num_experts, capacity=capacity, grouped=grouped)

@@ -10,6 +10,9 @@ block cost model. `choose_kernel` picks the path per forward pass; `expert_kerne
     with expert_kernel("grouped"):   # or "blocked"; "auto" restores the automatic choice
         out = layer(x)
 
+A flat layer whose every token goes to every expert (k = E) has a third path, "wide" (wide.py: one
+FFN of width E·H, no dispatch); flat.wide_path says when it runs.
+
 Like expert_mlp.py, the backward is written by hand: the expert weight gradients come back dense or
 as sparse COO tensors over the active experts (never a dense (E, D, H) temporary for 131072
 experts), and plain autograd through `_grouped_mm` is not available on CPU.
@@ -54,7 +57,7 @@ __all__ = [
     "grouped_mm_available",
 ]
 
-KERNELS = ("auto", "blocked", "grouped")
+KERNELS = ("auto", "blocked", "grouped", "wide")
 # `torch._grouped_mm`'s fast kernels need compute capability 9.0 (Hopper) or later.
 MIN_CAPABILITY = (9, 0)
 # Every stride of its operands must be a multiple of 16 bytes: 8 bf16 elements.
@@ -117,6 +120,11 @@ def choose_kernel(
     calls and concatenates their outputs; docs/gpu.md); everywhere else (CPU included, where
     `_grouped_mm` is far slower than the blocks: docs/performance.md) "blocked"."""
     device = torch.device(device)
+    if _kernel == "wide":
+        raise ValueError(
+            "expert_kernel('wide') runs only flat layers with k = num_experts, no capacity limit "
+            "and dense expert gradients; this layer runs blocked or grouped: use 'auto'"
+        )
     if _kernel == "blocked":
         return "blocked"
     if _kernel == "grouped":
