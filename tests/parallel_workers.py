@@ -86,6 +86,8 @@ def distributed_case(rank: int, world: int, case: dict) -> dict:
     layer = layer.double()
     load_full_state_dict(layer, single.state_dict())
     layer.train(case.get("train", True))
+    if case.get("compile"):  # model.compile: the gates (and combine) through torch.compile
+        layer.compile_routing()
     x, r = global_inputs(case)
     lo = sum(case["sizes"][:rank])
     hi = lo + case["sizes"][rank]
@@ -106,6 +108,7 @@ def distributed_case(rank: int, world: int, case: dict) -> dict:
         "x_grad": x_local.grad,
         "grads": grads,
         "world": dist.get_world_size(),
+        "compiled": layer.routing_compiled,
     }
 
 

@@ -1,6 +1,6 @@
 """Expert parallelism (moe_impl.parallel) against the single-process layers, in spawned gloo
 processes: outputs, aux loss, counts and every gradient equal (float64), with 2 and 4 ranks, ranks
-without tokens and ranks whose experts receive none."""
+without tokens and ranks whose experts receive none, and with the routing compiled on every rank."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ CASES = {
         dict(kind="hier", seed=2, shape=(4, 3), k=(2, 2), sizes=[5, 4]),
         dict(kind="flat", seed=3, experts=4, k=1, sizes=[3, 6], noisy=False),  # true-count load
         dict(kind="hier", seed=4, shape=(3, 4), k=(1, 3), sizes=[7, 2], train=False),
+        # routing compiled (model.compile) on every rank: equal to the eager single process
+        dict(kind="flat", seed=12, experts=6, k=2, sizes=[6, 5], compile=True),
+        dict(kind="hier", seed=13, shape=(4, 3), k=(2, 2), sizes=[5, 4], compile=True),
     ],
     4: [
         dict(kind="flat", seed=5, experts=6, k=2, sizes=[5, 0, 7, 3]),  # a rank without tokens
@@ -57,6 +60,7 @@ def test_distributed_layer_equals_single_process(results, world, index):
         for name, grad in ref["grads"].items():
             torch.testing.assert_close(r["grads"][name], grad, msg=lambda m, n=name: f"{n}: {m}")
     assert all(r["world"] == world for r in ranks)
+    assert all(r["compiled"] == case.get("compile", False) for r in ranks)
 
 
 def test_cases_cover_idle_ranks():
