@@ -33,7 +33,7 @@ HIERARCHICAL_FIELDS = ("num_groups", "group_size", "k_primary", "k_secondary")
 GATE_PRECISIONS = ("float32", "tf32", "bf16")
 
 
-def _check_positive_int(**values: Any) -> None:
+def check_positive_int(**values: Any) -> None:
     """ValueError naming the argument unless each value is an int >= 1."""
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -41,7 +41,7 @@ def _check_positive_int(**values: Any) -> None:
 
 
 def _check_k(k_name: str, k: Any, n_name: str, n: int) -> None:
-    _check_positive_int(**{k_name: k})
+    check_positive_int(**{k_name: k})
     if k > n:
         raise ValueError(f"{k_name}={k} must be <= {n_name}={n}")
 
@@ -79,7 +79,7 @@ class MoEConfig:
     gate_precision: str = "float32"  # not in the paper: the gate matmuls' (GATE_PRECISIONS)
 
     def __post_init__(self) -> None:
-        _check_positive_int(d_model=self.d_model, d_hidden=self.d_hidden)
+        check_positive_int(d_model=self.d_model, d_hidden=self.d_hidden)
         if self.hierarchical:
             self._check_hierarchical()
         else:
@@ -114,7 +114,7 @@ class MoEConfig:
                     f"{name}={getattr(self, name)!r} applies to a hierarchical layer only: "
                     "give num_groups and group_size, or leave it None"
                 )
-        _check_positive_int(num_experts=self.num_experts)
+        check_positive_int(num_experts=self.num_experts)
         k = DEFAULT_K if self.k is None else self.k
         _check_k("k", k, "num_experts", self.num_experts)
         object.__setattr__(self, "k", k)  # frozen: filling in a default is construction
@@ -126,7 +126,7 @@ class MoEConfig:
                 "k_primary and k_secondary"
             )
         a, b = self.num_groups, self.group_size
-        _check_positive_int(num_groups=a, group_size=b)
+        check_positive_int(num_groups=a, group_size=b)
         assert a is not None and b is not None  # for mypy: checked just above
         k_primary = DEFAULT_K_PRIMARY if self.k_primary is None else self.k_primary
         k_secondary = DEFAULT_K_SECONDARY if self.k_secondary is None else self.k_secondary

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from moe_impl.layer.config import OPTIONS, LayerOptions, MoEConfig
+from moe_impl.layer.config import OPTIONS, LayerOptions, MoEConfig, check_positive_int
 
 # Dropout between the layers (App. C.1 used 0.1-0.4 over 10 epochs of LM1B); the LM's default and
 # the run config's (moe_impl/train/config.py), one pass over an endless stream needs none
@@ -60,8 +60,8 @@ class DenseConfig:
     hidden_layers: int = 1
 
     def __post_init__(self) -> None:
-        _check_positive("d_hidden", self.d_hidden)
-        _check_positive("expert_hidden_layers", self.hidden_layers)
+        check_positive_int(d_hidden=self.d_hidden)
+        check_positive_int(expert_hidden_layers=self.hidden_layers)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,10 +92,10 @@ class ModelConfig:
     dropout: float = DEFAULT_DROPOUT
 
     def __post_init__(self) -> None:
-        _check_positive("vocab_size", self.vocab_size)
-        _check_positive("d_model", self.d_model)
+        check_positive_int(vocab_size=self.vocab_size)
+        check_positive_int(d_model=self.d_model)
         for i, (units, projection) in enumerate(self.lstm_layers):
-            _check_positive(f"lstm_layers[{i}].units", units)
+            check_positive_int(**{f"lstm_layers[{i}].units": units})
             out = units if projection is None else projection
             if out != self.d_model:
                 raise ValueError(
@@ -249,8 +249,8 @@ def _layer(
 
 
 def _gated(d_model: int, kind: str, layout: dict[str, Any], options: LayerOptions) -> MoEConfig:
-    _check_positive("d_hidden", layout["d_hidden"])
-    _check_positive("num_experts", layout["num_experts"])
+    check_positive_int(d_hidden=layout["d_hidden"])
+    check_positive_int(num_experts=layout["num_experts"])
     if kind == "flat":
         return MoEConfig(
             d_model=d_model,
@@ -260,8 +260,8 @@ def _gated(d_model: int, kind: str, layout: dict[str, Any], options: LayerOption
             **options,
         )
     a, b = layout["num_groups"], layout["group_size"]
-    _check_positive("num_groups", a)
-    _check_positive("group_size", b)
+    check_positive_int(num_groups=a)
+    check_positive_int(group_size=b)
     if a * b != layout["num_experts"]:
         raise ValueError(
             f"num_groups x group_size must equal num_experts={layout['num_experts']}, got {a} x {b}"
@@ -279,8 +279,3 @@ def _gated(d_model: int, kind: str, layout: dict[str, Any], options: LayerOption
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _check_positive(field: str, value: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{field} must be a positive integer, got {value!r}")
