@@ -227,3 +227,11 @@ def test_max_minutes_skips_what_would_start_late(tmp_path):
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     assert data["sections"]["exactness"]["status"] == "skipped"
     assert "--max-minutes" in data["sections"]["exactness"]["reason"]
+
+
+def test_kernels_section_compares_the_wide_ffn_on_the_cpu():
+    from moe_impl.gpucheck.sizes import QUICK
+
+    results = exactness.check_kernels(CPU, QUICK)
+    cases = {r["case"].split(", ")[1] for r in results["comparisons"] if "n=4 k=4" in r["case"]}
+    assert cases == {"wide vs blocked"}

@@ -201,8 +201,9 @@ def check_against_reference(device: torch.device, sizes: Sizes) -> dict:
 
 
 def check_kernels(device: torch.device, sizes: Sizes) -> dict:
-    """The grouped-GEMM and blocked expert kernels on `device` in bf16 autocast: same routing,
-    outputs and gradients within TOL_KERNELS_BF16; and which one `auto` picks here."""
+    """The grouped-GEMM and blocked expert kernels on `device` in bf16 autocast, and the wide FFN
+    against the blocked one on a flat layer with k = E: same routing, outputs and gradients within
+    TOL_KERNELS_BF16; and which one `auto` picks here."""
     if not grouped_mm_available():
         raise SectionSkipped(f"torch {torch.__version__} has no torch._grouped_mm")
     d, h = sizes.kernel_d, sizes.kernel_h
@@ -218,6 +219,8 @@ def check_kernels(device: torch.device, sizes: Sizes) -> dict:
             lambda: MoE(d, h, sizes.kernel_experts, k=4, sparse_grad=True),
         ),
     ]
+    # the wide FFN (moe_impl/layer/wide.py) where it applies: a flat layer with k = E
+    factories.append(("MoE n=4 k=4", lambda: MoE(d, h, 4, k=4)))
     for i, (label, factory) in enumerate(factories):
         torch.manual_seed(i)
         layer = factory().to(device)
@@ -227,12 +230,11 @@ def check_kernels(device: torch.device, sizes: Sizes) -> dict:
         probe = torch.randn(sizes.kernel_tokens, d, generator=gen).to(device)
         with expert_kernel("blocked"):
             blocked = run_step(layer, x, probe, train=True, bf16=True, seed=i)
-        with expert_kernel("grouped"):
-            grouped = run_step(layer, x, probe, train=True, bf16=True, seed=i)
+        other = "wide" if label == "MoE n=4 k=4" else "grouped"
+        with expert_kernel(other):
+            out = run_step(layer, x, probe, train=True, bf16=True, seed=i)
         try:
-            rows += compare(
-                grouped, blocked, TOL_KERNELS_BF16, f"{label}, grouped vs blocked", "l2"
-            )
+            rows += compare(out, blocked, TOL_KERNELS_BF16, f"{label}, {other} vs blocked", "l2")
         except CheckFailed as err:
             failures.append(str(err))
     if failures:
