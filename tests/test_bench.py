@@ -127,7 +127,9 @@ def test_gate_outputs_flat_is_n_hierarchical_is_a_plus_k1_b():
         (["--experts", "4", "--peers", "nope"], "--peers: unknown peer 'nope'"),
         (["--experts", "4", "--peers-max-experts", "0"], "--peers-max-experts"),
         (["--experts", "4,32", "--kernel", "wide"], "--kernel wide runs flat entries with k = n"),
-        (["--experts", "4-h", "--kernel", "wide"], "'4-h' has k=4"),
+        (["--experts", "4-h", "--kernel", "wide"], "'4-h' is hierarchical"),
+        (["--experts", "4096", "--k", "4096", "--kernel", "wide"], "sparse expert gradients"),
+        (["--experts", "4", "--kernel", "wide", "--distributed"], "--kernel applies to the single"),
     ],
 )
 def test_cli_errors_are_one_line_with_exit_code_2(argv, message, capsys):

@@ -98,3 +98,22 @@ def test_layer_speed_takes_the_input_gradient_and_reports_both_paths(monkeypatch
         for path in ("eager", "compiled"):
             table = results[f"profile: 8-h at 8 tokens per expert, {rows[0]['kernel']}, {path}"]
             assert sum(r["share"] for r in table) == pytest.approx(1.0)
+
+
+def test_layer_speed_goes_on_past_a_layer_that_cannot_be_built(monkeypatch):
+    real = speed.build_moe
+
+    def build(spec, *args):
+        if spec.config == "8-h":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(spec, *args)
+
+    monkeypatch.setattr(speed, "build_moe", build)
+    sizes = replace(_TINY, speed_experts=("8-h", "4"), profile_experts=(), compile_experts=())
+    results = speed.layer_speed(CPU, sizes)
+    rows = results["rows"]
+    assert rows[0] == {"experts": "8-h", "status": "out of memory building the layer"}
+    # the k = E layer: the blocked and grouped kernels and the wide FFN, auto's pick first
+    assert [r["kernel"] for r in rows[1:]] == ["blocked", "grouped", "wide"]
+    assert {r["auto_picks"] for r in rows[1:]} == {"blocked"}
+    assert results["worst_ratio_to_dense"] == rows[1]["ratio_to_dense"]

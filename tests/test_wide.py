@@ -113,6 +113,9 @@ def test_forced_wide_is_refused_where_it_does_not_apply():
     capped = MoE(12, 20, 4, k=4, capacity_factor=1.0)
     with expert_kernel("wide"), pytest.raises(ValueError, match=r"capacity_factor=1\.0"):
         capped(x)
+    sparse = MoE(12, 20, 4, k=4, sparse_grad=True)
+    with expert_kernel("wide"), pytest.raises(ValueError, match="sparse_grad=True"):
+        sparse(x)
     hierarchical = HierarchicalMoE(12, 20, 2, 2)
     with expert_kernel("wide"), pytest.raises(ValueError, match="expert_kernel\\('wide'\\)"):
         hierarchical(x)
@@ -125,6 +128,8 @@ def test_no_tokens():
         out = layer(x)
     (out.y.sum() + out.aux_loss).backward()
     assert out.y.shape == (0, 12) and x.grad.shape == (0, 12)
+    assert torch.equal(layer.experts.w_in.grad, torch.zeros_like(layer.experts.w_in))
+    assert torch.equal(layer.experts.w_out.grad, torch.zeros_like(layer.experts.w_out))
 
 
 def test_a_second_forward_before_backward_keeps_the_first():
@@ -146,3 +151,16 @@ def test_a_second_forward_before_backward_keeps_the_first():
     with expert_kernel("wide"):
         layer(a2).y.square().sum().backward()
     torch.testing.assert_close(reference_grad, a2.grad, rtol=0, atol=0)
+
+
+def test_kept_compute_copies_change_nothing():
+    """Under autocast the bank's bf16 copies of the weights (compute_copy.py) give the bits a cast
+    in every forward gives."""
+    layer = _layer(4, torch.float32)
+    x = torch.randn(48, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = _run(layer, x, "wide")
+        layer.experts.keep_compute_copies = False
+        cast = _run(layer, x, "wide")
+    for a, b in zip(kept, cast, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)

@@ -235,7 +235,9 @@ def layer_speed(device: torch.device, sizes: Sizes) -> dict:
         for m in sizes.speed_tokens_per_expert:
             rows += _layer_rows(spec, moe, dense, m, ctx["kernels"], ctx)
         del moe, dense
-    best = [r for r in rows if r.get("kernel") == r["auto_picks"] and r.get("routing") == "eager"]
+    best = [
+        r for r in rows if r.get("kernel") == r.get("auto_picks") and r.get("routing") == "eager"
+    ]
     return {
         "d_model": d,
         "d_hidden": h,

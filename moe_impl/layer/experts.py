@@ -184,7 +184,10 @@ class ExpertBank(nn.Module):
         """y_b = Σ_e gate[b, e] · E_e(x_b) over all experts, as one wide FFN (wide.py): the
         layer's output when every token is routed to every expert (k = E, dropless)."""
         copies = self._weight_copies(x_BD)
-        ws = self.workspace
+        # NOTE: the workspace only on CPU, where glibc would otherwise map and unmap these large
+        # temporaries every step; on a GPU the caching allocator reuses memory without keeping
+        # the activations' buffers between steps
+        ws = self.workspace if x_BD.device.type == "cpu" else None
         return wide_expert_mlp(x_BD, gate_BE, self.w_in, self.w_out, workspace=ws, copies=copies)
 
     def forward(self, x_BD: Tensor, gate_N: Tensor, plan: DispatchPlan, k: int) -> Tensor:

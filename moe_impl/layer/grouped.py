@@ -79,8 +79,8 @@ def _check_name(name: str) -> None:
 
 @contextmanager
 def expert_kernel(name: str) -> Iterator[None]:
-    """Force the experts' kernel ("blocked" or "grouped"; "auto" = `choose_kernel`'s rule) for the
-    code inside; nestable, the previous choice is restored on exit. Module-level state: it holds
+    """Force the experts' kernel ("blocked", "grouped", or "wide" for flat layers with k = E,
+    flat.wide_path; "auto" = the automatic choice) for the code inside; nestable, the previous choice is restored on exit. Module-level state: it holds
     for every layer and thread while inside."""
     global _kernel
     _check_name(name)
@@ -113,7 +113,8 @@ def choose_kernel(
     num_experts: int | None = None,
 ) -> str:
     """ "grouped" or "blocked" for `num_experts` experts d_model -> d_hidden -> d_model computing in
-    `dtype` on `device`. A kernel forced by `expert_kernel` wins; "auto" picks "grouped" only
+    `dtype` on `device`. A kernel forced by `expert_kernel` wins ("wide" raises ValueError here:
+    a layer that asks for a plan runs blocked or grouped); "auto" picks "grouped" only
     where torch has `_grouped_mm`, on CUDA with compute capability >= 9.0, in bfloat16, with
     d_model and d_hidden multiples of 8 (16-byte strides) and at most MAX_GROUPS experts (one call:
     on an H200 the blocks were faster from 1024 experts on, where the grouped path needs several

@@ -86,7 +86,8 @@ class _WideExpertMLP(torch.autograd.Function):
             g_in = g_in.to(w_dtype).contiguous()
         if ctx.needs_input_grad[3]:  # as (gyᵀ · (g ⊙ h))ᵀ, the orientation MKL runs faster
             g_out_DF = _mm(ws, gy_BD.t(), scaled_BF)
-            g_out = g_out_DF.t().reshape(num_experts, d_hidden, d_model).to(w_dtype)
+            g_out = g_out_DF.t().reshape(num_experts, d_hidden, d_model)
+            g_out = g_out.to(dtype=w_dtype, memory_format=torch.contiguous_format)
         return g_x, g_gate, g_in, g_out, None, None
 
 
