@@ -74,6 +74,19 @@ def test_gradcheck():
     )
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_weight_gradients_come_back_contiguous_in_the_weights_dtype(autocast):
+    """So that autograd can keep them as .grad without a copy of its own."""
+    torch.manual_seed(2)
+    x, gate = torch.randn(16, 4), torch.rand(16, 3)
+    w_in = torch.randn(3, 4, 6, requires_grad=True)
+    w_out = torch.randn(3, 6, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = wide_expert_mlp(x, gate, w_in, w_out)
+    for g in torch.autograd.grad(y.float().square().sum(), (w_in, w_out)):
+        assert g.dtype == torch.float32 and g.is_contiguous()
+
+
 def test_closed_form_against_a_loop():
     """y_b = Σ_e gate[b, e] · relu(x_b w_in[e]) w_out[e], written out."""
     torch.manual_seed(1)

@@ -29,12 +29,13 @@ import torch
 from torch import Tensor
 
 from moe_impl.layer.expert_mlp import compute_dtype, relu_backward_
-from moe_impl.layer.workspace import Workspace, empty
+from moe_impl.layer.workspace import Workspace, empty, mm
 
 
-def _mm(workspace: Workspace | None, a: Tensor, b: Tensor) -> Tensor:
-    """a @ b (2-D), into `workspace` memory where there is one."""
-    return torch.mm(a, b, out=empty(workspace, (a.shape[0], b.shape[1]), a))
+def _contiguous(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t as a contiguous tensor of `dtype`, in one copy (Tensor.to keeps t's strides, and returns t
+    itself when the dtype is already t's)."""
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
 class _WideExpertMLP(torch.autograd.Function):
@@ -49,14 +50,14 @@ class _WideExpertMLP(torch.autograd.Function):
             w_in_DF = w_in_c.to(dtype).permute(1, 0, 2).reshape(d_model, -1)
             w_out_FD = w_out_c.to(dtype).reshape(-1, d_model)
             gate_BE1 = gate_BE.to(dtype)[:, :, None]
-            h_BF = _mm(workspace, x_c, w_in_DF).relu_()
+            h_BF = mm(workspace, x_c, w_in_DF).relu_()
             scaled_BF = empty(workspace, h_BF.shape, h_BF)
             torch.mul(
                 h_BF.view(-1, num_experts, d_hidden),
                 gate_BE1,
                 out=scaled_BF.view(-1, num_experts, d_hidden),
             )
-            y_BD = _mm(workspace, scaled_BF, w_out_FD)
+            y_BD = mm(workspace, scaled_BF, w_out_FD)
         ctx.save_for_backward(x_c, gate_BE1, h_BF, scaled_BF, w_in_DF, w_out_FD)
         ctx.workspace = workspace
         ctx.dtypes = (x_BD.dtype, gate_BE.dtype, w_in_EDH.dtype)
@@ -70,7 +71,7 @@ class _WideExpertMLP(torch.autograd.Function):
         x_dtype, gate_dtype, w_dtype = ctx.dtypes
         num_experts, d_model, d_hidden = ctx.w_shape
         gy_BD = gy_BD.to(h_BF.dtype).contiguous()
-        g_scaled_BF = _mm(ws, gy_BD, w_out_FD.t())
+        g_scaled_BF = mm(ws, gy_BD, w_out_FD.t())
         g_gate = None
         if ctx.needs_input_grad[1]:  # Σ_j s_j h_j per (token, expert): a batch of dot products
             rows = h_BF.numel() // d_hidden
@@ -78,16 +79,16 @@ class _WideExpertMLP(torch.autograd.Function):
             g_gate = dots.view(-1, num_experts).to(gate_dtype)
         g_h_BEH = g_scaled_BF.view(-1, num_experts, d_hidden).mul_(gate_BE1)
         g_pre_BF = relu_backward_(g_h_BEH.view_as(h_BF), h_BF)
-        g_x = _mm(ws, g_pre_BF, w_in_DF.t()).to(x_dtype) if ctx.needs_input_grad[0] else None
+        g_x = mm(ws, g_pre_BF, w_in_DF.t()).to(x_dtype) if ctx.needs_input_grad[0] else None
         g_in = g_out = None
         if ctx.needs_input_grad[2]:
-            g_in_DF = _mm(ws, x_c.t(), g_pre_BF)
-            g_in = g_in_DF.view(d_model, num_experts, d_hidden).permute(1, 0, 2)
-            g_in = g_in.to(w_dtype).contiguous()
+            g_in_DF = mm(ws, x_c.t(), g_pre_BF)
+            g_in = _contiguous(
+                g_in_DF.view(d_model, num_experts, d_hidden).permute(1, 0, 2), w_dtype
+            )
         if ctx.needs_input_grad[3]:  # as (gyᵀ · (g ⊙ h))ᵀ, the orientation MKL runs faster
-            g_out_DF = _mm(ws, gy_BD.t(), scaled_BF)
-            g_out = g_out_DF.t().reshape(num_experts, d_hidden, d_model)
-            g_out = g_out.to(dtype=w_dtype, memory_format=torch.contiguous_format)
+            g_out_DF = mm(ws, gy_BD.t(), scaled_BF)
+            g_out = _contiguous(g_out_DF.t().reshape(num_experts, d_hidden, d_model), w_dtype)
         return g_x, g_gate, g_in, g_out, None, None
 
 

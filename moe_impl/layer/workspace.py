@@ -110,6 +110,11 @@ def empty(workspace: Workspace | None, shape: tuple[int, ...], like: Tensor) -> 
     return workspace.take(shape, like)
 
 
+def mm(workspace: Workspace | None, a: Tensor, b: Tensor) -> Tensor:
+    """a @ b (2-D), written into `workspace` memory where there is one."""
+    return torch.mm(a, b, out=empty(workspace, (a.shape[0], b.shape[1]), a))
+
+
 def bmm(workspace: Workspace | None, a: Tensor, b: Tensor) -> Tensor:
     """a @ b (batched), written into `workspace` memory where there is one."""
     return torch.bmm(a, b, out=empty(workspace, (a.shape[0], a.shape[1], b.shape[2]), a))
