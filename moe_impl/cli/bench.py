@@ -45,7 +45,7 @@ from moe_impl.bench.spec import (
 from moe_impl.bench.worker import DTYPES, EXIT_TOO_SLOW, MEASURED, run_worker
 from moe_impl.data import synthetic_reference
 from moe_impl.data.base import Batch
-from moe_impl.layer.config import SPARSE_GRAD_MIN_EXPERTS
+from moe_impl.layer.flat import wide_refusal
 from moe_impl.layer.grouped import KERNELS
 from moe_impl.train.config import load_config
 from moe_impl.train.corpus import build_corpus
@@ -143,23 +143,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--device cuda: no CUDA device is available")
 
 
-def check_wide(spec: ExpertSpec, k: int) -> None:
-    """ValueError unless --kernel wide applies to the entry: a flat layer with k = n and dense
-    expert gradients (moe_impl/layer/flat.py wide_path)."""
-    why = None
-    if spec.hierarchical:
-        why = "is hierarchical"
-    elif k != spec.num_experts:
-        why = f"has k={k}"
-    elif spec.num_experts >= SPARSE_GRAD_MIN_EXPERTS:
-        why = f"has sparse expert gradients (from {SPARSE_GRAD_MIN_EXPERTS} experts on)"
-    if why is not None:
-        raise ValueError(
-            f"--kernel wide runs flat entries with k = n and dense expert gradients only; "
-            f"--experts entry {spec.config!r} {why}"
-        )
-
-
 def make_row(spec: ExpertSpec, args: argparse.Namespace, implementation: str = OURS) -> dict:
     """One row with every key, measurements NaN; it is also the child process's config. A peer's
     row (moe_impl/bench/peers.py) has its k and configuration; its memory is not estimated."""
@@ -168,8 +151,14 @@ def make_row(spec: ExpertSpec, args: argparse.Namespace, implementation: str = O
         raise ValueError(f"--k={k} must be <= the experts of --experts entry {spec.config!r}")
     ours = implementation == OURS
     kernel = getattr(args, "kernel", "auto")
+    why = None
     if ours and kernel == "wide":
-        check_wide(spec, k)
+        why = wide_refusal(spec.layer_config(args.d_model, args.d_hidden, k))
+    if why is not None:
+        raise ValueError(
+            "--kernel wide runs flat entries with k = n and dense expert gradients only; "
+            f"--experts entry {spec.config!r} {why}"
+        )
     peer = None if ours else PEERS[implementation]
     if peer is not None:
         k = peer.k(spec, args.k)

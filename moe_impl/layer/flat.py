@@ -174,22 +174,35 @@ def expert_bank(
     )
 
 
+def wide_refusal(config: MoEConfig, capacity: int | None = None) -> str | None:
+    """Why the wide FFN (wide.py) cannot run a layer of `config` with `capacity` slots per expert,
+    e.g. "has k=2, num_experts=8"; None where it can: a flat layer whose every token goes to every
+    expert (k = E), none dropped (no capacity limit), with dense weight gradients."""
+    if config.hierarchical:
+        return "is hierarchical"
+    if config.k != config.num_experts:
+        return f"has k={config.k}, num_experts={config.num_experts}"
+    if capacity is not None:
+        return f"has capacity_factor={config.capacity_factor}"
+    if config.use_sparse_grad:
+        return f"has sparse expert gradients (sparse_grad={config.use_sparse_grad})"
+    return None
+
+
 def wide_path(config: MoEConfig, capacity: int | None, device: torch.device) -> bool:
-    """Whether the flat layer runs as one wide FFN (wide.py), which needs every token routed to
-    every expert (k = E), none dropped, and dense weight gradients: where forced with
-    `grouped.expert_kernel("wide")` (an error on any other layer), and by the automatic choice on
-    CUDA. On CPU the automatic choice keeps the blocked path, which the wide one does not beat by
-    more than the spread between runs (docs/performance.md, "The wide FFN for k = E")."""
-    applies = config.k == config.num_experts and capacity is None and not config.use_sparse_grad
+    """Whether the flat layer runs as one wide FFN (wide.py; `wide_refusal` says where it can):
+    where forced with `grouped.expert_kernel("wide")` (an error on any other layer), and by the
+    automatic choice on CUDA. On CPU the automatic choice keeps the blocked path, which the wide
+    one does not beat by more than the spread between runs (docs/performance.md, "The wide FFN for
+    k = E")."""
+    why = wide_refusal(config, capacity)
     kernel = current_kernel()
-    if kernel == "wide" and not applies:
+    if kernel == "wide" and why is not None:
         raise ValueError(
             "expert_kernel('wide') runs only flat layers with k = num_experts, no capacity limit "
-            f"and dense expert gradients; this one has k={config.k}, "
-            f"num_experts={config.num_experts}, capacity_factor={config.capacity_factor}, "
-            f"sparse_grad={config.use_sparse_grad}"
+            f"and dense expert gradients; this one {why}"
         )
-    return applies and (kernel == "wide" or (kernel == "auto" and device.type == "cuda"))
+    return why is None and (kernel == "wide" or (kernel == "auto" and device.type == "cuda"))
 
 
 def grouped_experts(x_BD: Tensor, config: MoEConfig) -> bool:
