@@ -83,40 +83,27 @@ def measure(cfg: dict) -> dict:
     watchdog.daemon = True
     watchdog.start()
     times: dict[str, list[float]] = {"moe": [], "dense": []}
-    warmup_s: list[float] = []
-    stats: list = []
+    warmup_s, stats = [], []
     kernel = cfg.get("kernel") or "auto"  # ours only ("" for a peer)
-    with expert_kernel(kernel):
-        _timed_steps(
-            cfg,
-            step,
-            (moe, dense),
-            (built.forward, dense_forward),
-            watchdog,
-            times,
-            warmup_s,
-            stats,
-        )
-    params = sum(p.numel() for p in moe.parameters())
-    row = summarize({**cfg, "k": k}, gate_outputs(spec), times, stats, peak)
-    compile_s = compile_seconds(warmup_s, times["moe"]) if compiled else math.nan
-    return {**row, "params": params, "compile_s": compile_s}
 
+    def moe_forward(x: Tensor) -> tuple:
+        with expert_kernel(kernel):  # the layers choose their kernel in the forward
+            return built.forward(x)
 
-def _timed_steps(cfg, step, models, forwards, watchdog, times, warmup_s, stats) -> None:
-    """cfg's warm-up and timed steps, a layer step then a dense one, into times, warmup_s (the
-    layer's warm-up seconds) and stats (the timed steps' routing statistics); the watchdog is
-    cancelled once the first layer step is done."""
     for i in range(cfg["warmup"] + cfg["reps"]):
-        moe_s, moe_stats = step(models[0], forwards[0])
+        moe_s, moe_stats = step(moe, moe_forward)
         watchdog.cancel()
-        dense_s, _ = step(models[1], forwards[1])
+        dense_s, _ = step(dense, dense_forward)
         if i >= cfg["warmup"]:
             times["moe"].append(moe_s)
             times["dense"].append(dense_s)
             stats.append(moe_stats)
         else:
             warmup_s.append(moe_s)
+    params = sum(p.numel() for p in moe.parameters())
+    row = summarize({**cfg, "k": k}, gate_outputs(spec), times, stats, peak)
+    compile_s = compile_seconds(warmup_s, times["moe"]) if compiled else math.nan
+    return {**row, "params": params, "compile_s": compile_s}
 
 
 def compile_seconds(warmup_s: list[float], timed_s: list[float]) -> float:

@@ -211,17 +211,16 @@ def check_kernels(device: torch.device, sizes: Sizes) -> dict:
     auto = choose_kernel(device, torch.bfloat16, d, h)
     rows: list[dict] = []
     failures: list[str] = []
+    # (label, the kernel held to the blocked one, layer): the wide FFN (moe_impl/layer/wide.py)
+    # where it applies, a flat layer with k = E
+    n = sizes.kernel_experts
     factories = [
-        (f"MoE n={sizes.kernel_experts}", lambda: MoE(d, h, sizes.kernel_experts, k=4)),
-        (f"HierarchicalMoE {a}x{b}", lambda: HierarchicalMoE(d, h, a, b)),
-        (
-            f"MoE n={sizes.kernel_experts} sparse grads",
-            lambda: MoE(d, h, sizes.kernel_experts, k=4, sparse_grad=True),
-        ),
+        (f"MoE n={n}", "grouped", lambda: MoE(d, h, n, k=4)),
+        (f"HierarchicalMoE {a}x{b}", "grouped", lambda: HierarchicalMoE(d, h, a, b)),
+        (f"MoE n={n} sparse grads", "grouped", lambda: MoE(d, h, n, k=4, sparse_grad=True)),
+        ("MoE n=4 k=4", "wide", lambda: MoE(d, h, 4, k=4)),
     ]
-    # the wide FFN (moe_impl/layer/wide.py) where it applies: a flat layer with k = E
-    factories.append(("MoE n=4 k=4", lambda: MoE(d, h, 4, k=4)))
-    for i, (label, factory) in enumerate(factories):
+    for i, (label, other, factory) in enumerate(factories):
         torch.manual_seed(i)
         layer = factory().to(device)
         randomize_gates(layer, seed=300 + i)
@@ -230,7 +229,6 @@ def check_kernels(device: torch.device, sizes: Sizes) -> dict:
         probe = torch.randn(sizes.kernel_tokens, d, generator=gen).to(device)
         with expert_kernel("blocked"):
             blocked = run_step(layer, x, probe, train=True, bf16=True, seed=i)
-        other = "wide" if label == "MoE n=4 k=4" else "grouped"
         with expert_kernel(other):
             out = run_step(layer, x, probe, train=True, bf16=True, seed=i)
         try:
